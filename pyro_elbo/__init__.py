@@ -1,0 +1,20 @@
+"""pyro_elbo: better variational objectives, KL-gap diagnostics, fast training and ArviZ export for Pyro."""
+
+from pyro_elbo.elbo import CUBO, DReG, ELBO, IWAE, STL, VIMCO, Objective, RenyiELBO, make_objective
+from pyro_elbo.weights import LogWeights, log_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CUBO",
+    "DReG",
+    "ELBO",
+    "IWAE",
+    "LogWeights",
+    "Objective",
+    "RenyiELBO",
+    "STL",
+    "VIMCO",
+    "log_weights",
+    "make_objective",
+]

@@ -1,0 +1,229 @@
+"""Estimators: pure functions of :class:`~pyro_elbo.weights.LogWeights`.
+
+Each estimator reduces the particle dim 0 of ``[S, *B]`` log-weights to a ``[*B]`` tensor whose
+**value is the bound** and whose **gradient is the estimator's**, through :func:`replace_grad`.
+This module imports no Pyro. A new estimator is one function plus one :data:`ESTIMATORS` entry;
+the contract tests pick it up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from pyro_elbo.weights import LogWeights
+
+
+# --------------------------------------------------------------------------------------------
+# tensor helpers
+
+
+def logmeanexp(x: Tensor, dim: int = 0) -> Tensor:
+    """:math:`\\log \\frac{1}{S} \\sum_s e^{x_s}` along ``dim``, stable in float32 and float64."""
+    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+
+
+def replace_grad(value: Tensor, surrogate: Tensor) -> Tensor:
+    """A tensor equal to ``value`` whose gradient is the gradient of ``surrogate``."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def normalized_weights(log_w: Tensor) -> Tensor:
+    """Self-normalized importance weights :math:`\\tilde w_s = w_s / \\sum_t w_t` along dim 0."""
+    return torch.softmax(log_w, dim=0)
+
+
+def leave_one_out_mean(x: Tensor) -> Tensor:
+    """For each particle ``s``, the mean of the other ``S - 1`` particles (``S >= 2``)."""
+    num = x.shape[0]
+    return (x.sum(0, keepdim=True) - x) / (num - 1)
+
+
+def _stopped_log_q(lw: LogWeights, name: str) -> Tensor:
+    if lw.log_q_stopped is None:
+        raise ValueError(f"{name} needs log_weights(..., need={{'log_q_stopped'}})")
+    return lw.log_q_stopped
+
+
+def _check_shape(result: Tensor, lw: LogWeights) -> Tensor:
+    if result.shape != lw.log_p.shape[1:]:  # an internal invariant, not user input
+        raise RuntimeError(f"estimator returned shape {tuple(result.shape)}, expected {tuple(lw.log_p.shape[1:])}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# estimators
+
+
+def elbo(lw: LogWeights, *, baseline: Tensor | float | None = None) -> Tensor:
+    """The evidence lower bound :math:`\\frac1S \\sum_s \\log w_s`.
+
+    Reparameterized sites get the pathwise gradient. Non-reparameterized guide sites add the score
+    term :math:`(\\log w_s - b_s) \\nabla \\log q(z_s)` with a leave-one-out baseline
+    :math:`b_s = \\frac{1}{S-1}\\sum_{t \\ne s} \\log w_t` when ``S >= 2``, else the given
+    ``baseline`` (a running mean kept by :class:`~pyro_elbo.ELBO`). In plated models each data
+    point's score term sees only its own log-weight (local Rao-Blackwellization).
+
+    References:
+        | Black Box Variational Inference (Ranganath et al., 2014)
+        | https://arxiv.org/abs/1401.0118
+    """
+    log_w = lw.log_w
+    value = log_w.mean(0)
+    if lw.score_sites:
+        if log_w.shape[0] > 1:
+            b = leave_one_out_mean(log_w.detach())
+        else:
+            b = baseline if baseline is not None else 0.0
+        score = ((log_w.detach() - b) * lw.log_q_score).mean(0)
+        value = replace_grad(value, value + score)
+    return _check_shape(value, lw)
+
+
+def iwae(lw: LogWeights) -> Tensor:
+    """The importance-weighted bound :math:`\\log \\frac1S \\sum_s w_s` (reparameterized gradient).
+
+    References:
+        | Importance Weighted Autoencoders (Burda et al., 2016)
+        | https://arxiv.org/abs/1509.00519
+    """
+    return _check_shape(logmeanexp(lw.log_w, 0), lw)
+
+
+def renyi(lw: LogWeights, *, alpha: float) -> Tensor:
+    """The variational Rényi bound :math:`\\frac{1}{1-\\alpha}\\log\\frac1S\\sum_s w_s^{1-\\alpha}`.
+
+    ``alpha = 0`` is IWAE; ``alpha -> 1`` is the ELBO; ``alpha < 0`` gives upper bounds (CUBO).
+
+    References:
+        | Rényi Divergence Variational Inference (Li & Turner, 2016)
+        | https://arxiv.org/abs/1602.02311
+    """
+    if alpha == 1:
+        raise ValueError("alpha=1 is the ELBO limit of the Rényi bound; use pyro_elbo.ELBO instead")
+    return _check_shape(logmeanexp((1.0 - alpha) * lw.log_w, 0) / (1.0 - alpha), lw)
+
+
+def stl(lw: LogWeights) -> Tensor:
+    """The ELBO with the "sticking the landing" path-derivative gradient.
+
+    The value is :func:`elbo`'s; the gradient drops the score term of :math:`\\log q`, which has
+    zero mean, so the gradient is exactly zero when :math:`q` equals the posterior.
+
+    References:
+        | Sticking the Landing (Roeder, Wu & Duvenaud, 2017)
+        | https://arxiv.org/abs/1703.09194
+    """
+    value = lw.log_w.mean(0)
+    surrogate = (lw.log_p - _stopped_log_q(lw, "stl")).mean(0)
+    return _check_shape(replace_grad(value, surrogate), lw)
+
+
+def dreg(lw: LogWeights) -> Tensor:
+    """IWAE with doubly reparameterized gradients for the guide.
+
+    Guide parameters get :math:`\\sum_s \\tilde w_s^2 \\nabla_\\phi \\log w_s` through the path
+    only; model parameters keep IWAE's :math:`\\sum_s \\tilde w_s \\nabla_\\theta \\log p(x,z_s)`
+    (unlike TFP's surrogate, which weights them by :math:`\\tilde w^2`). Its guide-gradient
+    variance is lower than IWAE's unless the guide is much narrower than the posterior (below
+    :math:`1/\\sqrt2` of its width, where :math:`E_q[w^2]` is infinite).
+
+    References:
+        | Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives (Tucker et al., 2018)
+        | https://arxiv.org/abs/1810.04152
+    """
+    log_w = lw.log_w
+    value = logmeanexp(log_w, 0)
+    weights = normalized_weights(log_w.detach())
+    surrogate = (weights**2 * (lw.log_p - _stopped_log_q(lw, "dreg"))).sum(0)
+    if lw.log_p_stopped_z is not None:
+        surrogate = surrogate + ((weights - weights**2) * lw.log_p_stopped_z).sum(0)
+    return _check_shape(replace_grad(value, surrogate), lw)
+
+
+def cubo(lw: LogWeights, *, n: float = 2.0) -> Tensor:
+    """The χ upper bound :math:`\\mathrm{CUBO}_n = \\frac1n \\log \\frac1S \\sum_s w_s^n`.
+
+    An upper bound on :math:`\\log p(x)` in the limit of many particles (its Monte Carlo estimate
+    is biased low). The gradient is that of the estimate itself, which per batch points the same
+    way as Dieng et al.'s :math:`\\nabla \\exp(n\\,\\mathrm{CUBO}_n)` and stays finite in float32.
+    :class:`~pyro_elbo.CUBO` trains only the guide.
+
+    References:
+        | Variational Inference via χ Upper Bound Minimization (Dieng et al., 2017)
+        | https://arxiv.org/abs/1611.00328
+    """
+    if n <= 1:
+        raise ValueError(f"CUBO needs n > 1 to be an upper bound, got n={n}")
+    return _check_shape(logmeanexp(n * lw.log_w, 0) / n, lw)
+
+
+def vimco(lw: LogWeights) -> Tensor:
+    """IWAE with VIMCO's leave-one-out score-function gradient, for discrete latents.
+
+    The score term of particle ``s`` is weighted by :math:`\\hat L - \\hat L_{-s}`, where
+    :math:`\\hat L_{-s}` replaces :math:`\\log w_s` by the mean of the other log-weights. Needs
+    ``S >= 2``.
+
+    References:
+        | Variational Inference for Monte Carlo Objectives (Mnih & Rezende, 2016)
+        | https://arxiv.org/abs/1602.06725
+    """
+    log_w = lw.log_w
+    num = log_w.shape[0]
+    value = logmeanexp(log_w, 0)
+    if not lw.score_sites:
+        return _check_shape(value, lw)
+    detached = log_w.detach()
+    loo = leave_one_out_mean(detached)
+    eye = torch.eye(num, dtype=torch.bool, device=log_w.device).reshape((num, num) + (1,) * (log_w.dim() - 1))
+    replaced = torch.where(eye, loo.unsqueeze(0), detached.unsqueeze(1))  # [s, t, *B]
+    value_loo = logmeanexp(replaced, 1)  # [s, *B]
+    signal = value.detach().unsqueeze(0) - value_loo
+    surrogate = value + (signal * lw.log_q_score).sum(0)
+    return _check_shape(replace_grad(value, surrogate), lw)
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator and what it needs.
+
+    Attributes:
+        fn: ``LogWeights -> [*B]`` bound with the estimator's gradient.
+        bound: ``"lower"`` (loss = -bound) or ``"upper"`` (loss = +bound).
+        reparameterized_only: refuses non-reparameterized guide sites.
+        linear: the value is linear in ``log_w`` (subsampled non-batch plates are then valid).
+        min_particles: the smallest ``num_particles`` that makes sense.
+        needs: optional :class:`LogWeights` fields to compute.
+        trains_model: whether model parameters receive gradients.
+        reference: the paper, for messages.
+    """
+
+    fn: Callable[..., Tensor]
+    bound: Literal["lower", "upper"] = "lower"
+    reparameterized_only: bool = True
+    linear: bool = False
+    min_particles: int = 1
+    needs: frozenset[str] = field(default_factory=frozenset)
+    trains_model: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "elbo": Estimator(elbo, reparameterized_only=False, linear=True),
+    "iwae": Estimator(iwae),
+    "dreg": Estimator(dreg, needs=frozenset({"log_q_stopped", "log_p_stopped_z"})),
+    "stl": Estimator(stl, linear=True, needs=frozenset({"log_q_stopped"})),
+    "renyi": Estimator(renyi, options={"alpha": 0.5}),
+    "cubo": Estimator(cubo, bound="upper", trains_model=False, options={"n": 2.0}),
+    "vimco": Estimator(vimco, reparameterized_only=False, min_particles=2),
+}
