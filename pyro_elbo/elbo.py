@@ -222,12 +222,16 @@ class RenyiELBO(Objective):
 class CUBO(Objective):
     """The χ upper bound :math:`\\frac1n\\log\\frac1S\\sum_s w_s^n` (loss = +CUBO); trains the guide only.
 
+    Its gradient is biased for few particles (see :func:`pyro_elbo.objectives.cubo`), hence the
+    default of 64. Model parameters receive no gradient: minimizing an upper bound on the evidence
+    over the model would fit the model *worse*.
+
     References:
         | Variational Inference via χ Upper Bound Minimization (Dieng et al., 2017)
         | https://arxiv.org/abs/1611.00328
     """
 
-    def __init__(self, n: float = 2.0, *, num_particles: int = 8, **kwargs: Any) -> None:
+    def __init__(self, n: float = 2.0, *, num_particles: int = 64, **kwargs: Any) -> None:
         if not n > 1:
             raise ValueError(f"CUBO needs n > 1 to be an upper bound, got n={n}")
         super().__init__("cubo", num_particles=num_particles, n=float(n), **kwargs)

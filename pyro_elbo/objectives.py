@@ -44,8 +44,23 @@ def leave_one_out_mean(x: Tensor) -> Tensor:
     return (x.sum(0, keepdim=True) - x) / (num - 1)
 
 
+def logsumexp_leave_one_out(x: Tensor) -> Tensor:
+    """For each ``s`` along dim 0, :math:`\\log \\sum_{t \\ne s} e^{x_t}` in O(S) memory (``S >= 2``).
+
+    ``lse + log1p(-exp(x_s - lse))`` is stable except for the largest term, whose share can be
+    close to 1; that one is computed directly with the maximum masked out.
+    """
+    total = torch.logsumexp(x, 0, keepdim=True)
+    is_max = torch.zeros_like(x, dtype=torch.bool).scatter_(0, x.argmax(0, keepdim=True), True)
+    without_max = torch.logsumexp(x.masked_fill(is_max, -math.inf), 0, keepdim=True)
+    share = torch.exp(x - total).clamp(max=0.5)  # <= 1/2 for every non-maximal term
+    return torch.where(is_max, without_max, total + torch.log1p(-share))
+
+
 def _stopped_log_q(lw: LogWeights, name: str) -> Tensor:
     if lw.log_q_stopped is None:
+        if not torch.is_grad_enabled():  # value only: the stopped log q has the same value
+            return lw.log_q
         raise ValueError(f"{name} needs log_weights(..., need={{'log_q_stopped'}})")
     return lw.log_q_stopped
 
@@ -149,10 +164,15 @@ def dreg(lw: LogWeights) -> Tensor:
 def cubo(lw: LogWeights, *, n: float = 2.0) -> Tensor:
     """The χ upper bound :math:`\\mathrm{CUBO}_n = \\frac1n \\log \\frac1S \\sum_s w_s^n`.
 
-    An upper bound on :math:`\\log p(x)` in the limit of many particles (its Monte Carlo estimate
-    is biased low). The gradient is that of the estimate itself, which per batch points the same
-    way as Dieng et al.'s :math:`\\nabla \\exp(n\\,\\mathrm{CUBO}_n)` and stays finite in float32.
-    :class:`~pyro_elbo.CUBO` trains only the guide.
+    An upper bound on :math:`\\log p(x)` in expectation over many particles; its Monte Carlo
+    estimate is biased low, badly so when :math:`w` is heavy-tailed (PSIS k̂ > 0.5). The gradient
+    is that of the estimate, :math:`\\sum_s \\tilde w^{(n)}_s \\nabla \\log w_s` with
+    self-normalized weights :math:`\\tilde w^{(n)} \\propto w^n` (Rényi's estimator at
+    :math:`\\alpha = 1 - n`): finite in float32, vanishing at the exact posterior, but biased for
+    small ``S``. With a guide far from the posterior and ``S = 8`` we measured it pointing the wrong
+    way (a leave-one-out form of Dieng et al.'s unbiased :math:`\\nabla E_q[w^n]` had an error
+    bar 1000 times its mean there), so :class:`~pyro_elbo.CUBO` defaults to 64 particles and
+    trains only the guide.
 
     References:
         | Variational Inference via χ Upper Bound Minimization (Dieng et al., 2017)
@@ -180,10 +200,9 @@ def vimco(lw: LogWeights) -> Tensor:
     if not lw.score_sites:
         return _check_shape(value, lw)
     detached = log_w.detach()
-    loo = leave_one_out_mean(detached)
-    eye = torch.eye(num, dtype=torch.bool, device=log_w.device).reshape((num, num) + (1,) * (log_w.dim() - 1))
-    replaced = torch.where(eye, loo.unsqueeze(0), detached.unsqueeze(1))  # [s, t, *B]
-    value_loo = logmeanexp(replaced, 1)  # [s, *B]
+    # L_{-s}: log w_s replaced by the mean of the others
+    replaced = torch.logaddexp(logsumexp_leave_one_out(detached), leave_one_out_mean(detached))
+    value_loo = replaced - math.log(num)
     signal = value.detach().unsqueeze(0) - value_loo
     surrogate = value + (signal * lw.log_q_score).sum(0)
     return _check_shape(replace_grad(value, surrogate), lw)

@@ -154,10 +154,18 @@ def guess_max_plate_nesting(model: Model, guide: Guide, *args: Any, **kwargs: An
     """
     with _forked_rng(), torch.no_grad(), poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        try:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        except Exception as error:
+            _diagnose_model_failure(model, guide_trace, args, kwargs, None, 1, error)
+            raise
+    return _plate_nesting(guide_trace, model_trace)
+
+
+def _plate_nesting(*traces: Trace) -> int:
     dims = [
         -frame.dim
-        for trace in (guide_trace, model_trace)
+        for trace in traces
         for site in trace.nodes.values()
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]
@@ -202,10 +210,16 @@ def _traces(
     plated_model = _particle_plated(model, num_particles, dim)
     try:
         guide_trace = poutine.trace(plated_guide).get_trace(*args, **kwargs)
-        with _params_stopped() if detach_model_params else contextlib.nullcontext():
-            model_trace = poutine.trace(poutine.replay(plated_model, trace=guide_trace)).get_trace(*args, **kwargs)
+        try:
+            with _params_stopped() if detach_model_params else contextlib.nullcontext():
+                model_trace = poutine.trace(poutine.replay(plated_model, trace=guide_trace)).get_trace(
+                    *args, **kwargs
+                )
+        except Exception as error:
+            _diagnose_model_failure(plated_model, guide_trace, args, kwargs, max_plate_nesting, num_particles, error)
+            raise
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
-        if num_particles == 1:
+        if num_particles == 1 or isinstance(error, _NamedMismatch):
             raise
         raise ValueError(
             f"The model or guide failed when its {num_particles} particles were drawn in one "
@@ -215,6 +229,33 @@ def _traces(
             "particles one at a time (correct, slower), or use num_particles=1."
         ) from error
     return model_trace, guide_trace
+
+
+class _NamedMismatch(ValueError):
+    """A model/guide mismatch found after the model failed on the guide's values."""
+
+
+def _diagnose_model_failure(
+    plated_model: Any,
+    guide_trace: Trace,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    max_plate_nesting: int | None,
+    num_particles: int,
+    error: Exception,
+) -> None:
+    """The model failed on the guide's values: if its own prior draws run, name the mismatch."""
+    try:
+        with _forked_rng(), torch.no_grad(), poutine.block():
+            prior_trace = poutine.trace(plated_model).get_trace(*args, **kwargs)
+    except Exception:
+        return
+    if max_plate_nesting is None:
+        max_plate_nesting = _plate_nesting(guide_trace, prior_trace)
+    try:
+        checks.check_model_guide(prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
+    except ValueError as mismatch:
+        raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {error})") from error
 
 
 def _log_weights_vectorized(
@@ -267,8 +308,8 @@ def _log_weights_vectorized(
     if "log_p_stopped_z" in need and not detach_model_params and _has_trainable_params(model_trace):
         detached = Trace()
         for name, site in guide_trace.nodes.items():
-            value = site["value"]
-            detached.add_node(name, **{**site, "value": value.detach() if isinstance(value, Tensor) else value})
+            if site["type"] == "sample":
+                detached.add_node(name, **{**site, "value": site["value"].detach()})
         plated_model = _particle_plated(model, num_particles, -max_plate_nesting - 1)
         replayed = poutine.trace(poutine.replay(plated_model, trace=detached)).get_trace(*args, **kwargs)
         log_p_stopped_z = reducer.total(reducer(site) for site in _scored_sites(replayed))
