@@ -1,5 +1,6 @@
 """pyro_elbo: better variational objectives, KL-gap diagnostics, fast training and ArviZ export for Pyro."""
 
+from pyro_elbo.diagnostics import GapDecomposition, KLGapReport, gap_decomposition, gradient_snr, kl_gap
 from pyro_elbo.elbo import CUBO, DReG, ELBO, IWAE, STL, VIMCO, Objective, RenyiELBO, make_objective
 from pyro_elbo.weights import LogWeights, log_weights
 
@@ -9,12 +10,17 @@ __all__ = [
     "CUBO",
     "DReG",
     "ELBO",
+    "GapDecomposition",
     "IWAE",
+    "KLGapReport",
     "LogWeights",
     "Objective",
     "RenyiELBO",
     "STL",
     "VIMCO",
+    "gap_decomposition",
+    "gradient_snr",
+    "kl_gap",
     "log_weights",
     "make_objective",
 ]
