@@ -2,6 +2,7 @@
 
 from pyro_elbo.diagnostics import GapDecomposition, KLGapReport, gap_decomposition, gradient_snr, kl_gap
 from pyro_elbo.elbo import CUBO, DReG, ELBO, IWAE, STL, VIMCO, Objective, RenyiELBO, make_objective
+from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load_checkpoint
 from pyro_elbo.weights import LogWeights, log_weights
 
 __version__ = "0.1.0"
@@ -10,17 +11,21 @@ __all__ = [
     "CUBO",
     "DReG",
     "ELBO",
+    "FitResult",
     "GapDecomposition",
     "IWAE",
     "KLGapReport",
     "LogWeights",
+    "NonFiniteLossError",
     "Objective",
     "RenyiELBO",
     "STL",
     "VIMCO",
     "gap_decomposition",
     "gradient_snr",
+    "fit",
     "kl_gap",
+    "load_checkpoint",
     "log_weights",
     "make_objective",
 ]

@@ -367,7 +367,11 @@ class _Reducer:
 
     def __call__(self, site: Any) -> Tensor:
         fn = site["fn"]
-        log_prob = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
+        try:
+            log_prob = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as error:  # distribution validation: say which site
+            kind = "observed" if site["is_observed"] else "latent"
+            raise ValueError(f"{kind} site '{site['name']}': {error}") from error
         scale = site["scale"] / self.batch_scale if self.batch_scale != 1.0 else site["scale"]
         log_prob = scale_and_mask(log_prob, scale, site["mask"])
         self.like = log_prob

@@ -1,0 +1,157 @@
+"""Data-parallel training with ``torch.distributed`` (launched by ``torchrun``).
+
+:func:`pyro_elbo.fit` calls these helpers. When the script runs under ``torchrun`` (the
+``WORLD_SIZE``/``RANK`` environment) or inside a process group the user already initialized, each
+process trains on its shard of the ``DataLoader`` and gradients are averaged, so ``N`` processes
+with batch ``B`` follow the trajectory of one process with batch ``N * B``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
+
+
+@dataclass(frozen=True)
+class Context:
+    """The process group as ``fit`` sees it (``active=False`` for ordinary single-process runs)."""
+
+    active: bool = False
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def setup(device: str | torch.device | None) -> Context:
+    """Join (or initialize) the process group if this process is one of several.
+
+    The backend is NCCL when CUDA is available and Gloo otherwise. Each process uses
+    ``cuda:LOCAL_RANK`` on GPU machines unless ``device`` says otherwise.
+    """
+    if not dist.is_available():
+        return Context()
+    if not dist.is_initialized():
+        if not _launched_by_torchrun():
+            return Context()
+        use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return Context()
+    rank = dist.get_rank()
+    if device is None:
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Context(active=True, rank=rank, world_size=world_size, device=device)
+
+
+def broadcast_params(params: dict[str, Tensor], ctx: Context) -> None:
+    """Copy rank 0's (lazily created, then materialized) parameters to every rank."""
+    with torch.no_grad():
+        for param in params.values():
+            dist.broadcast(param.data, src=0)
+
+
+def seed_rank(ctx: Context) -> None:
+    """Give each rank its own reproducible random stream for particle draws: rank 0's current
+    stream picks a base seed, shared by all ranks, and rank ``r`` continues from ``base + r``."""
+    base = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    base = base.to(ctx.device) if dist.get_backend() == "nccl" else base
+    dist.broadcast(base, src=0)
+    pyro.set_rng_seed(int(base.item()) + ctx.rank)
+
+
+def average_gradients(params: list[Tensor], ctx: Context) -> None:
+    """All-reduce the gradients (one flat buffer) and divide by the world size."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= ctx.world_size
+    offset = 0
+    for param, grad in zip(params, grads):
+        n = grad.numel()
+        param.grad = flat[offset : offset + n].view_as(param).clone()
+        offset += n
+
+
+def average_scalar(value: Tensor, ctx: Context) -> Tensor:
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / ctx.world_size
+
+
+def shard_loader(loader: DataLoader, ctx: Context) -> DataLoader:
+    """The same loader over this rank's shard (``DistributedSampler``; shuffled if the original was).
+
+    Raises:
+        ValueError: an ``IterableDataset`` or a custom ``batch_sampler``, which cannot be sharded
+            by index; shard such data yourself and pass per-rank loaders.
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        raise ValueError(
+            "a DataLoader over an IterableDataset cannot be sharded across processes by index; "
+            "make the dataset yield each rank's part (torch.distributed.get_rank()) yourself"
+        )
+    if loader.batch_size is None:
+        raise ValueError("a DataLoader with a custom batch_sampler cannot be sharded; pass batch_size and shuffle instead")
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    seed = seed.to(ctx.device) if dist.get_backend() == "nccl" else seed
+    dist.broadcast(seed, src=0)
+    sampler = DistributedSampler(
+        loader.dataset,
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        seed=int(seed.item()),
+        drop_last=loader.drop_last,
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle a distributed loader consistently across ranks for this epoch."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+
+
+def gather_rng_states(ctx: Context, get_state: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's random state, in rank order (a collective call: all ranks must call it)."""
+    states: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(states, get_state())
+    return states
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.active:
+        dist.barrier()
