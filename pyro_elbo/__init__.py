@@ -1,5 +1,6 @@
 """pyro_elbo: better variational objectives, KL-gap diagnostics, fast training and ArviZ export for Pyro."""
 
+from pyro_elbo.arviz import to_inference_data
 from pyro_elbo.diagnostics import GapDecomposition, KLGapReport, gap_decomposition, gradient_snr, kl_gap
 from pyro_elbo.elbo import CUBO, DReG, ELBO, IWAE, STL, VIMCO, Objective, RenyiELBO, make_objective
 from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load_checkpoint
@@ -27,5 +28,6 @@ __all__ = [
     "kl_gap",
     "load_checkpoint",
     "log_weights",
+    "to_inference_data",
     "make_objective",
 ]
