@@ -117,7 +117,8 @@ def shard_loader(loader: DataLoader, ctx: Context) -> DataLoader:
         raise ValueError("a DataLoader with a custom batch_sampler cannot be sharded; pass batch_size and shuffle instead")
     if isinstance(loader.sampler, DistributedSampler):
         return loader
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's stream where it was
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     seed = seed.to(ctx.device) if dist.get_backend() == "nccl" else seed
     dist.broadcast(seed, src=0)
     sampler = DistributedSampler(

@@ -1,0 +1,99 @@
+"""Data-parallel fit with torch.distributed: 2 processes (Gloo, CPU) started by torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CHILD = Path(__file__).parent / "distributed_child.py"
+
+
+def launch(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(CHILD), str(out), *args] if nproc > 1 else [sys.executable, str(CHILD), str(out), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def map_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    single = launch(1, root / "single", "--batch", "16")
+    assert single.returncode == 0, single.stderr
+    double = launch(2, root / "double", "--batch", "8", "--checkpoint", str(root / "double" / "ckpt.pt"))
+    assert double.returncode == 0, double.stderr
+    return {"single": root / "single", "double": root / "double", "root": root}
+
+
+def test_two_processes_follow_one_process_with_the_combined_batch(map_runs: dict[str, Path]) -> None:
+    """MAP (AutoDelta) has deterministic gradients: 2 x batch 8 == 1 x batch 16 to float tolerance."""
+    one = load(map_runs["single"] / "rank0.pt")
+    two = [load(map_runs["double"] / f"rank{r}.pt") for r in (0, 1)]
+    assert len(one["history"]) == len(two[0]["history"]) == 40
+    for name, value in one["params"].items():
+        assert torch.allclose(two[0]["params"][name], value, rtol=1e-9, atol=1e-12), name
+        assert torch.equal(two[0]["params"][name], two[1]["params"][name]), name
+    assert two[0]["history"] == pytest.approx(one["history"], rel=1e-9)
+    assert two[0]["history"] == two[1]["history"]  # the averaged loss is reported on every rank
+
+
+def test_only_rank_0_writes_the_checkpoint(map_runs: dict[str, Path]) -> None:
+    assert (map_runs["double"] / "wrote_checkpoint_rank0").exists()
+    assert not (map_runs["double"] / "wrote_checkpoint_rank1").exists()
+    assert (map_runs["double"] / "ckpt.pt").exists()
+
+
+def test_ranks_draw_different_reproducible_particles_and_resume(map_runs: dict[str, Path]) -> None:
+    root = map_runs["root"]
+    first = launch(2, root / "iwae_a", "--batch", "8", "--objective", "stochastic", "--epochs", "6")
+    again = launch(2, root / "iwae_b", "--batch", "8", "--objective", "stochastic", "--epochs", "6")
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    a = [load(root / "iwae_a" / f"rank{r}.pt") for r in (0, 1)]
+    b = [load(root / "iwae_b" / f"rank{r}.pt") for r in (0, 1)]
+    assert not torch.equal(a[0]["draws"][0], a[1]["draws"][0])  # each rank its own stream
+    assert torch.equal(a[0]["draws"][0], b[0]["draws"][0]) and torch.equal(a[1]["draws"][0], b[1]["draws"][0])
+    for name in a[0]["params"]:  # gradients averaged: every rank holds the same parameters
+        assert torch.equal(a[0]["params"][name], a[1]["params"][name])
+        assert torch.equal(a[0]["params"][name], b[0]["params"][name])
+    # resume: 3 epochs, then 3 more from the checkpoint == 6 straight
+    ckpt = str(root / "iwae_c" / "ckpt.pt")
+    part = launch(2, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "3", "--checkpoint", ckpt)
+    assert part.returncode == 0, part.stderr
+    rest = launch(2, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "6", "--checkpoint", ckpt,
+                  "--resume")
+    assert rest.returncode == 0, rest.stderr
+    c = load(root / "iwae_c" / "rank0.pt")
+    assert c["history"] == a[0]["history"]
+    for name in a[0]["params"]:
+        assert torch.equal(c["params"][name], a[0]["params"][name]), name
+    # a different world size refuses to resume
+    wrong = launch(1, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "8", "--checkpoint", ckpt,
+                   "--resume")
+    assert wrong.returncode != 0 and "world size" in wrong.stderr
+
+
+def test_loaders_that_cannot_be_sharded_are_refused() -> None:
+    from pyro_elbo import distributed
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+    ctx = distributed.Context(active=True, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="IterableDataset cannot be sharded"):
+        distributed.shard_loader(torch.utils.data.DataLoader(Stream(), batch_size=2), ctx)
+    dataset = torch.utils.data.TensorDataset(torch.arange(8))
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), 2, False)
+    with pytest.raises(ValueError, match="custom batch_sampler cannot be sharded"):
+        distributed.shard_loader(torch.utils.data.DataLoader(dataset, batch_sampler=sampler), ctx)
