@@ -26,6 +26,7 @@ from torch import Tensor
 
 from pyro_elbo import distributed
 from pyro_elbo._typing import Guide, Model
+from pyro_elbo.compiled import CompiledLoss
 from pyro_elbo.elbo import ELBO, Objective
 from pyro_elbo.weights import _forked_rng, log_weights
 
@@ -60,6 +61,7 @@ class FitResult:
     params: dict[str, Tensor] = field(default_factory=dict)
     objective: Objective | None = None
     resumed_from_step: int | None = None
+    compile_seconds: float | None = None
 
     @property
     def num_steps(self) -> int:
@@ -115,6 +117,8 @@ def fit(
     validation: Any = None,
     validate_every: int = 100,
     seed: int | None = None,
+    compile: bool = False,
+    compile_backend: str = "inductor",
     **kwargs: Any,
 ) -> FitResult:
     """Train a guide (and the model's parameters) by stochastic variational inference.
@@ -149,6 +153,10 @@ def fit(
         validation: args (a tuple) or a ``DataLoader`` on which the loss is evaluated every
             ``validate_every`` steps.
         seed: seeds torch, CUDA, Python and NumPy; same seed, same device -> identical runs.
+        compile: capture the whole step (particles, guide, model, objective, gradients) as one graph
+            compiled with ``compile_backend`` (see :mod:`pyro_elbo.compiled`). The first step pays
+            the compilation (seconds; reported in ``FitResult.compile_seconds``), so it pays off on
+            long runs. Models that cannot be captured fall back to eager with one warning.
         **kwargs: keyword arguments of model and guide.
 
     Returns:
@@ -185,7 +193,7 @@ def fit(
         _check_devices(params, first_args, device)
         if dist_ctx.active:
             distributed.broadcast_params(params, dist_ctx)
-        opt = optimizer(list(params.values()), lr=lr, **(optimizer_options or {}))
+        opt = _make_optimizer(optimizer, list(params.values()), lr, optimizer_options)
         sched = scheduler(opt) if scheduler is not None else None
         result = FitResult(objective=objective)
         state = _LoopState()
@@ -199,13 +207,19 @@ def fit(
         bar = _progress_bar(progress and dist_ctx.is_main, data.total_steps, state.step)
         plateau = _Plateau(patience, min_delta) if patience is not None else None
         consecutive_skips = 0
+        in_graph_adam = compile and _plain_adam(opt) and clip_norm is None and not dist_ctx.active
+        compiled = CompiledLoss(objective, model, guide, backend=compile_backend, adam=in_graph_adam) if compile else None
         try:
             for step_args in data.batches(state):
-                rng_before = _rng_state()
+                rng_before = _torch_rng_state()
                 start = time.perf_counter()
                 loss_value, ok = _step(
-                    objective, model, guide, step_args, kwargs, params, opt, clip_norm, dist_ctx
+                    objective, model, guide, step_args, kwargs, params, opt, clip_norm, dist_ctx, compiled
                 )
+                if compiled is not None and result.compile_seconds is None and compiled.capture_seconds:
+                    result.compile_seconds = sum(compiled.capture_seconds.values())
+                    if bar is not None:
+                        bar.write(f"compiled the step in {result.compile_seconds:.1f} s")
                 if not ok:
                     if on_nonfinite == "raise":
                         culprit = _find_nonfinite_site(objective, model, guide, step_args, kwargs, rng_before)
@@ -272,21 +286,33 @@ def _step(
     opt: torch.optim.Optimizer,
     clip_norm: float | None,
     dist_ctx: distributed.Context,
+    compiled: CompiledLoss | None = None,
 ) -> tuple[float, bool]:
     """One optimizer step; returns (loss, finite). Nothing is updated unless everything is finite."""
-    with poutine.trace(param_only=True) as capture:
-        loss = objective.differentiable_loss(model, guide, *args, **kwargs)
-    _add_new_params(capture.trace, params, opt)
-    opt.zero_grad(set_to_none=True)
-    if loss.requires_grad:
-        loss.backward()
-    grads = [p.grad for p in params.values() if p.grad is not None]
+    if compiled is not None and compiled.adam:
+        done = _compiled_adam_step(compiled, params, opt, args, kwargs)
+        if done is not None:
+            return done
+    out = compiled(params, args, kwargs) if compiled is not None and not compiled.adam else None
+    finite: Tensor | None = None
+    if out is not None:
+        loss, finite, param_grads = out
+        for param, grad in zip(params.values(), param_grads):
+            param.grad = grad
+    else:
+        with poutine.trace(param_only=True) as capture:
+            loss = objective.differentiable_loss(model, guide, *args, **kwargs)
+        _add_new_params(capture.trace, params, opt)
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
     if dist_ctx.active:
         distributed.average_gradients(list(params.values()), dist_ctx)
         loss = distributed.average_scalar(loss.detach(), dist_ctx)
-    finite = torch.isfinite(loss.detach())
-    for grad in grads:
-        finite = finite & torch.isfinite(grad).all()
+        finite = None
+    if finite is None:
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(loss.detach()).all()] + [torch.isfinite(g).all() for g in grads]).all()
     loss_value = float(loss.detach())
     if not bool(finite):
         opt.zero_grad(set_to_none=True)
@@ -295,6 +321,70 @@ def _step(
         torch.nn.utils.clip_grad_norm_(list(params.values()), clip_norm)
     opt.step()
     return loss_value, True
+
+
+def _plain_adam(opt: torch.optim.Optimizer) -> bool:
+    """Adam with one parameter group and no weight decay, amsgrad or maximize: its update can run
+    inside the compiled graph."""
+    if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+        return False
+    group = opt.param_groups[0]
+    return not (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group.get("differentiable"))
+
+
+def _compiled_adam_step(
+    compiled: CompiledLoss,
+    params: dict[str, Tensor],
+    opt: torch.optim.Optimizer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[float, bool] | None:
+    """Loss, gradient and Adam update in one graph call; the optimizer's own state tensors are
+    read and written, so checkpoints, schedulers (the learning rate is an input) and resume work
+    unchanged. Nothing is written when the step is not finite."""
+    group = opt.param_groups[0]
+    tensors = list(params.values())
+    states = []
+    for p in tensors:
+        state = opt.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states.append(state)
+    device, dtype = tensors[0].device, tensors[0].dtype
+    beta1, beta2 = group["betas"]
+    scalars = [torch.tensor(v, dtype=dtype, device=device) for v in (group["lr"], beta1, beta2, group["eps"])]
+    step = states[0]["step"].to(dtype=dtype, device=device)
+    adam_inputs = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states] + [step, *scalars]
+    out = compiled(params, args, kwargs, adam_inputs)
+    if out is None:
+        return None
+    loss, finite, updated = out
+    ok = bool(finite)
+    if ok:
+        n = len(tensors)
+        with torch.no_grad():
+            for i, (p, state) in enumerate(zip(tensors, states)):
+                p.copy_(updated[i])
+                state["exp_avg"] = updated[n + i]
+                state["exp_avg_sq"] = updated[2 * n + i]
+                state["step"] = updated[3 * n].to(state["step"].dtype)
+    return float(loss), ok
+
+
+def _make_optimizer(
+    optimizer: type[torch.optim.Optimizer], params: list[Tensor], lr: float, options: dict[str, Any] | None
+) -> torch.optim.Optimizer:
+    """Adam/AdamW use their fused kernel (one call per step for all parameters) unless told
+    otherwise; it computes the same update as the default loop up to rounding."""
+    options = dict(options or {})
+    if optimizer in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in options and "foreach" not in options:
+        try:
+            return optimizer(params, lr=lr, fused=True, **options)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return optimizer(params, lr=lr, **options)
 
 
 def _add_new_params(trace: Any, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> None:
@@ -380,9 +470,9 @@ def _find_nonfinite_site(
     rng: dict[str, Any],
 ) -> str:
     """Replay the failed step's draws and name the first site whose log-density is not finite."""
-    saved = _rng_state()
+    saved = _torch_rng_state()
     try:
-        _set_rng_state(rng)
+        _set_torch_rng_state(rng)
         with torch.no_grad():
             lw = log_weights(
                 model,
@@ -397,7 +487,7 @@ def _find_nonfinite_site(
     except Exception as error:  # the replay itself failed: report that
         return f" (replaying the step raised {type(error).__name__}: {error})"
     finally:
-        _set_rng_state(saved)
+        _set_torch_rng_state(saved)
     for role, sites in (("model", lw.site_log_p), ("guide", lw.site_log_q)):
         for name, value in sites.items():
             if not torch.isfinite(value).all():
@@ -539,6 +629,18 @@ class _Data:
 
 # --------------------------------------------------------------------------------------------
 # random state
+
+
+def _torch_rng_state() -> dict[str, Any]:
+    """The torch (and CUDA) random state only: cheap enough to take every step."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}
+
+
+def _set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _rng_state() -> dict[str, Any]:

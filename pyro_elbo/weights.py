@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+from torch.distributions import constraints, transform_to
 
 from pyro_elbo import checks
 from pyro_elbo._typing import Guide, Model
@@ -421,70 +422,120 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
 
 
 # --------------------------------------------------------------------------------------------
-# evaluating a program with its parameters detached
+# evaluating a program with its parameters replaced (detached, or by other tensors)
+
+ParamMap = Callable[[str | None, Tensor], Tensor]
 
 
-class _DetachParams(Messenger):
-    """Detaches the value of every ``pyro.param`` statement (param store and PyroModule params)."""
+class _ParamValues(Messenger):
+    """Replaces the value of every ``pyro.param`` statement (param store and PyroModule params)
+    by ``fn(name, value)``. A value already set by an inner handler is passed on to ``fn``."""
+
+    def __init__(self, fn: ParamMap) -> None:
+        super().__init__()
+        self.fn = fn
 
     def _pyro_post_param(self, msg: Any) -> None:
         if isinstance(msg["value"], Tensor):
-            msg["value"] = msg["value"].detach()
+            msg["value"] = self.fn(msg["name"], msg["value"])
+
+
+class _SubstituteParams(Messenger):
+    """Answers ``pyro.param`` statements named in ``values`` with ``transform_to(constraint)`` of
+    the given unconstrained tensors, without reading the param store's tensors."""
+
+    def __init__(self, values: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_param(self, msg: Any) -> None:
+        name = msg["name"]
+        if name in self.values:
+            store = pyro.get_param_store()
+            constraint = store._constraints.get(name) or msg["kwargs"].get("constraint") or constraints.real
+            msg["value"] = transform_to(constraint)(self.values[name])
+            msg["done"] = True
+
+
+#: replacement functions for module parameters, innermost last; composed by one pair of hooks
+_MODULE_PARAM_MAPS: list[Callable[[Tensor, Tensor], Tensor]] = []
+_SWAPPED: dict[int, tuple[torch.nn.Module, int, dict[str, Tensor]]] = {}
+
+
+def _swap_pre_hook(module: torch.nn.Module, inputs: Any) -> None:
+    key = id(module)
+    if key in _SWAPPED:
+        mod, depth, originals = _SWAPPED[key]
+        _SWAPPED[key] = (mod, depth + 1, originals)
+        return
+    originals = {n: p for n, p in module._parameters.items() if p is not None}
+    for name, param in originals.items():
+        value: Tensor = param
+        for fn in _MODULE_PARAM_MAPS:
+            value = fn(param, value)
+        if value is not param:
+            module._parameters[name] = value  # type: ignore[assignment]
+    _SWAPPED[key] = (module, 1, originals)
+
+
+def _swap_post_hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+    key = id(module)
+    if key not in _SWAPPED:
+        return
+    mod, depth, originals = _SWAPPED[key]
+    if depth > 1:
+        _SWAPPED[key] = (mod, depth - 1, originals)
+        return
+    module._parameters.update(originals)  # type: ignore[arg-type]
+    del _SWAPPED[key]
+
+
+@contextlib.contextmanager
+def _module_params_replaced(fn: Callable[[Tensor, Tensor], Tensor]) -> Iterator[None]:
+    """While each ``nn.Module``'s ``forward`` runs, its parameters are ``fn(param, current)``.
+
+    Covers ``pyro.module`` networks; parameters read outside a module's ``forward`` are not.
+    Nested uses compose (the innermost applies last)."""
+    handles = []
+    if not _MODULE_PARAM_MAPS:
+        handles = [
+            torch.nn.modules.module.register_module_forward_pre_hook(_swap_pre_hook),
+            torch.nn.modules.module.register_module_forward_hook(_swap_post_hook, always_call=True),
+        ]
+    _MODULE_PARAM_MAPS.append(fn)
+    try:
+        yield
+    finally:
+        _MODULE_PARAM_MAPS.pop()
+        if not _MODULE_PARAM_MAPS:
+            for handle in handles:
+                handle.remove()
+            for mod, _, originals in list(_SWAPPED.values()):  # a forward that raised
+                mod._parameters.update(originals)  # type: ignore[arg-type]
+            _SWAPPED.clear()
 
 
 @contextlib.contextmanager
 def _params_stopped() -> Iterator[None]:
-    """Run a Pyro program with all of its parameters detached from the autograd graph.
+    """Run a Pyro program with all of its parameters detached from the autograd graph."""
+    with _module_params_replaced(lambda param, value: value.detach()), _ParamValues(lambda name, value: value.detach()):
+        yield
 
-    ``pyro.param`` values (including autoguides' and ``PyroModule`` parameters) are detached by a
-    handler; ``torch.nn.Module`` parameters (``pyro.module`` networks) are swapped for detached
-    copies while each module's ``forward`` runs, through global module hooks. Parameters read
-    outside a module's ``forward`` by user code are not covered.
-    """
-    saved: dict[int, tuple[int, dict[str, Tensor]]] = {}
 
-    def pre_hook(module: torch.nn.Module, inputs: Any) -> None:
-        key = id(module)
-        if key in saved:
-            depth, originals = saved[key]
-            saved[key] = (depth + 1, originals)
-            return
-        originals = {n: p for n, p in module._parameters.items() if p is not None and p.requires_grad}
-        for name, param in originals.items():
-            module._parameters[name] = param.detach()  # type: ignore[assignment]
-        saved[key] = (1, originals)
+@contextlib.contextmanager
+def substituted_params(values: dict[str, Tensor]) -> Iterator[None]:
+    """Run a Pyro program with the named parameters' *unconstrained* tensors replaced by
+    ``values`` (``pyro.param`` statements and the ``nn.Module`` parameters the param store knows
+    under those names): the program becomes a pure function of ``values``, as a whole-step
+    capture needs."""
+    store = pyro.get_param_store()
+    by_id = {id(store._params[name]): tensor for name, tensor in values.items() if name in store._params}
 
-    def restore(module: torch.nn.Module) -> None:
-        depth, originals = saved[id(module)]
-        if depth > 1:
-            saved[id(module)] = (depth - 1, originals)
-            return
-        module._parameters.update(originals)  # type: ignore[arg-type]
-        del saved[id(module)]
+    def module_value(param: Tensor, value: Tensor) -> Tensor:
+        return by_id.get(id(param), value)
 
-    modules: dict[int, torch.nn.Module] = {}
-
-    def pre_hook_tracking(module: torch.nn.Module, inputs: Any) -> None:
-        modules[id(module)] = module
-        pre_hook(module, inputs)
-
-    def post_hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if id(module) in saved:
-            restore(module)
-
-    handles = [
-        torch.nn.modules.module.register_module_forward_pre_hook(pre_hook_tracking),
-        torch.nn.modules.module.register_module_forward_hook(post_hook, always_call=True),
-    ]
-    try:
-        with _DetachParams():
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for key in list(saved):  # a forward that raised before its post-hook ran
-            module = modules[key]
-            module._parameters.update(saved.pop(key)[1])  # type: ignore[arg-type]
+    with _module_params_replaced(module_value), _SubstituteParams(values):
+        yield
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""Whole-step capture: an objective's loss and gradients as one compiled graph.
+
+Pyro's per-step cost on small and medium models is Python: handlers rebuilt every step, traces,
+distribution objects. :class:`CompiledLoss` runs the whole computation once under
+``make_fx(tracing_mode="fake")`` with every parameter answered by a function input
+(:func:`~pyro_elbo.weights.substituted_params`), which records only the tensor operations of
+particles, guide, model, objective and ``autograd.grad``. The graph is then compiled by inductor
+(``torch._inductor.compile_fx.compile_fx``, a private API that skips Dynamo's per-call guards;
+``torch.compile`` is the fallback). Random operations stay operations, so every call draws fresh
+randomness. One graph is kept per input signature (shapes, dtypes, devices, non-tensor args).
+
+A model that cannot be captured (``.item()``, ``float(tensor)`` or a tensor-valued ``if`` in the
+model, NumPy randomness, data-dependent shapes) falls back to the ordinary eager path with one
+warning that says why.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_elbo._typing import Guide, Model
+from pyro_elbo.weights import substituted_params
+
+Signature = tuple[Any, ...]
+
+
+class CaptureError(RuntimeError):
+    """The model/guide could not be captured as one graph."""
+
+
+class CompiledLoss:
+    """``(params, args, kwargs) -> (loss, grads)`` for one objective, model and guide.
+
+    Args:
+        objective: a :class:`~pyro_elbo.Objective`.
+        model, guide: the Pyro program.
+        backend: ``"inductor"`` (default), any ``torch.compile`` backend, or ``"eager"`` to run the
+            captured graph without compiling it (same random draws as the eager path: for tests).
+    """
+
+    def __init__(
+        self, objective: Any, model: Model, guide: Guide, *, backend: str = "inductor", adam: bool = False
+    ) -> None:
+        self.adam = adam
+        self.objective = objective
+        self.model = model
+        self.guide = guide
+        self.backend = backend
+        self.graphs: dict[Signature, Callable[..., Any]] = {}
+        self.capture_seconds: dict[Signature, float] = {}
+        self.failed: str | None = None
+
+    def __call__(
+        self,
+        params: dict[str, Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        adam_inputs: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+        """The loss, whether it and every gradient are finite, and the gradient of each parameter;
+        or ``None`` if capture failed (warned once). With ``adam=True`` the last list holds the
+        updated parameters, first moments, second moments and step instead of the gradients, given
+        ``adam_inputs = [*exp_avg, *exp_avg_sq, step, lr, beta1, beta2, eps]``."""
+        if self.failed is not None:
+            return None
+        names = list(params)
+        tensors = [a for a in args if isinstance(a, Tensor)] + list(adam_inputs or [])
+        signature = _signature(params, args, kwargs)
+        graph = self.graphs.get(signature)
+        new = graph is None
+        start = time.perf_counter()
+        if graph is None:
+            try:
+                graph = self._capture(names, params, args, kwargs, adam_inputs)
+            except CaptureError as error:
+                self.failed = str(error)
+                warnings.warn(
+                    f"compile=True: falling back to the eager path because the model/guide cannot be "
+                    f"captured as one graph: {error}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return None
+            self.graphs[signature] = graph
+        try:
+            outputs = graph(*[p.detach() for p in params.values()], *tensors)
+        except Exception as error:
+            if not new:
+                raise
+            del self.graphs[signature]
+            self.failed = f"compiling the captured graph failed: {type(error).__name__}: {error}"
+            warnings.warn(f"compile=True: falling back to the eager path; {self.failed}", RuntimeWarning, stacklevel=3)
+            return None
+        if new:  # capture + compilation (torch.compile compiles on the first call)
+            self.capture_seconds[signature] = time.perf_counter() - start
+        return outputs[0], outputs[1], list(outputs[2:])
+
+    def _capture(
+        self,
+        names: list[str],
+        params: dict[str, Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        adam_inputs: list[Tensor] | None,
+    ) -> Callable[..., Any]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        objective, model, guide = self.objective, self.model, self.guide
+        objective._plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
+
+        num_params, num_data = len(names), len(tensor_positions)
+        adam = self.adam
+
+        def step(*flat: Tensor) -> tuple[Tensor, ...]:
+            inputs = dict(zip(names, flat[:num_params]))
+            call_args = list(args)
+            for position, tensor in zip(tensor_positions, flat[num_params : num_params + num_data]):
+                call_args[position] = tensor
+            with substituted_params(inputs):
+                loss = objective.differentiable_loss(model, guide, *call_args, **kwargs)
+            wanted = [t for t in inputs.values()]
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+            finite = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]).all()
+            if not adam:
+                return (loss.detach(), finite, *grads)
+            state = flat[num_params + num_data :]
+            return (loss.detach(), finite, *_adam_update(list(inputs.values()), grads, state))
+
+        example = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()]
+        example += [args[i] for i in tensor_positions] + list(adam_inputs or [])
+        try:
+            with pyro.validation_enabled(False), _no_distribution_validation():
+                graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        except Exception as error:
+            raise CaptureError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+        _check_no_baked_parameters(graph)
+        if self.backend == "eager":
+            return graph
+        if self.backend == "inductor":
+            real = [p.detach() for p in params.values()] + [args[i] for i in tensor_positions] + list(adam_inputs or [])
+            try:  # inductor on the captured graph directly: no Dynamo guards on every call
+                from torch._inductor.compile_fx import compile_fx
+
+                return compile_fx(graph, real)
+            except Exception:  # a private API: fall back to the public entry point
+                pass
+        return torch.compile(graph, backend=self.backend, dynamic=False)
+
+
+def _adam_update(params: list[Tensor], grads: list[Tensor], state: tuple[Tensor, ...]) -> list[Tensor]:
+    """torch.optim.Adam's update (no weight decay, no amsgrad), as graph operations:
+    returns the new parameters, first moments, second moments and step count."""
+    n = len(params)
+    exp_avg, exp_avg_sq = state[:n], state[n : 2 * n]
+    step, lr, beta1, beta2, eps = state[2 * n :]
+    step = step + 1
+    bias1 = 1 - beta1**step
+    bias2_sqrt = (1 - beta2**step).sqrt()
+    new_params, new_m, new_v = [], [], []
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        m = m * beta1 + g * (1 - beta1)
+        v = v * beta2 + g * g * (1 - beta2)
+        denom = v.sqrt() / bias2_sqrt + eps
+        new_params.append((p - (lr / bias1) * m / denom).detach())
+        new_m.append(m)
+        new_v.append(v)
+    return [*new_params, *new_m, *new_v, step]
+
+
+class _no_distribution_validation:
+    """Distribution argument checks are data-dependent branches: off while capturing."""
+
+    def __enter__(self) -> None:
+        self.previous = torch.distributions.Distribution._validate_args
+        torch.distributions.Distribution.set_default_validate_args(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.distributions.Distribution.set_default_validate_args(self.previous)
+
+
+def _signature(params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
+    def describe(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device)
+        if isinstance(value, (int, float, str, bool, type(None))):
+            return ("value", value)
+        return ("object", id(value))
+
+    return (
+        tuple((name, describe(p)) for name, p in params.items()),
+        tuple(describe(a) for a in args),
+        tuple(sorted((k, describe(v)) for k, v in kwargs.items())),
+    )
+
+
+def _check_no_baked_parameters(graph: torch.fx.GraphModule) -> None:
+    """A trainable tensor captured as a constant would silently stop training: refuse."""
+    for name, value in graph.named_buffers():
+        if value.requires_grad:
+            raise CaptureError(f"a trainable tensor ({name}) was captured as a constant; register it with pyro.module")
+    for name in dir(graph):
+        if name.startswith("_tensor_constant"):
+            value = getattr(graph, name)
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise CaptureError(
+                    "a trainable tensor not known to the param store was captured as a constant; register "
+                    "its module with pyro.module (or use a PyroModule)"
+                )

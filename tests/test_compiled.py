@@ -1,0 +1,190 @@
+"""The compiled whole-step path: equal to eager on the same draws, fresh randomness, trains module
+parameters, recompiles on new shapes, falls back with one warning, and keeps fit's features."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_elbo
+from pyro_elbo.compiled import CompiledLoss
+from pyro_elbo.elbo import OBJECTIVES, make_objective
+
+from models import default_conjugate
+
+
+def test_fit_compile_is_available() -> None:
+    c = default_conjugate()
+    result = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, num_steps=3, compile=True, compile_backend="eager",
+                           progress=False)
+    assert result.compile_seconds is not None and len(result.history) == 3
+
+
+def _params() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {name: store._params[name] for name in store.keys()}
+
+
+@pytest.mark.parametrize("name", sorted(set(OBJECTIVES) - {"vimco"}))
+def test_compiled_equals_eager_on_the_same_draws(name: str) -> None:
+    c = default_conjugate()
+    guide = c.guide_at(0.2, 0.8)
+    objective = make_objective(name, num_particles=4)
+    objective.loss(c.model, guide, 3)  # create the parameters
+    params = _params()
+    compiled = CompiledLoss(objective, c.model, guide, backend="eager")
+    pyro.set_rng_seed(5)
+    loss, finite, grads = compiled(params, (3,), {})
+    pyro.set_rng_seed(5)
+    eager = objective.differentiable_loss(c.model, guide, 3)
+    eager_grads = torch.autograd.grad(eager, list(params.values()), allow_unused=True)
+    assert bool(finite)
+    assert float(loss) == pytest.approx(float(eager.detach()), rel=1e-12, abs=1e-12)
+    for g, e in zip(grads, eager_grads):
+        expected = torch.zeros_like(g) if e is None else e
+        assert torch.allclose(g, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_vimco_and_score_function_sites_compile() -> None:
+    probs = torch.tensor([0.3, 0.7])
+
+    def model():
+        k = pyro.sample("k", dist.Categorical(probs))
+        pyro.sample("x", dist.Normal(torch.tensor([0.0, 2.0])[k], 1.0), obs=torch.tensor(1.5))
+
+    def guide():
+        pyro.sample("k", dist.Categorical(logits=pyro.param("logits", torch.zeros(2))))
+
+    objective = pyro_elbo.VIMCO(num_particles=4)
+    objective.loss(model, guide)
+    compiled = CompiledLoss(objective, model, guide, backend="eager")
+    pyro.set_rng_seed(1)
+    loss, _, grads = compiled(_params(), (), {})
+    pyro.set_rng_seed(1)
+    eager = objective.differentiable_loss(model, guide)
+    assert float(loss) == pytest.approx(float(eager.detach()), rel=1e-12)
+    assert torch.allclose(grads[0], torch.autograd.grad(eager, [_params()["logits"]])[0])
+
+
+def test_compiled_step_draws_fresh_randomness_and_recompiles_on_new_shapes() -> None:
+    c = default_conjugate()
+    guide = c.guide_at(0.2, 0.8)
+    objective = pyro_elbo.ELBO(num_particles=2)
+    objective.loss(c.model, guide, 3)
+    compiled = CompiledLoss(objective, c.model, guide, backend="eager")
+    first = float(compiled(_params(), (3,), {})[0])
+    second = float(compiled(_params(), (3,), {})[0])
+    assert first != second
+    assert len(compiled.graphs) == 1
+    data = torch.linspace(0, 1, 4)
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def g(x):
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    objective.loss(model, g, data)
+    compiled = CompiledLoss(objective, model, g, backend="eager")
+    compiled({"m": pyro.get_param_store()._params["m"]}, (data,), {})
+    compiled({"m": pyro.get_param_store()._params["m"]}, (torch.linspace(0, 1, 7),), {})
+    assert len(compiled.graphs) == 2
+
+
+def test_module_parameters_train_when_compiled() -> None:
+    """pyro.module networks: their weights are graph inputs, not constants baked in."""
+    encoder = torch.nn.Linear(1, 2)
+    decoder = torch.nn.Linear(1, 1)
+    x = torch.linspace(-1, 1, 8)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(decoder(z.unsqueeze(-1)).squeeze(-1), 0.5), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        out = encoder(x.unsqueeze(-1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+    objective = pyro_elbo.DReG(num_particles=3)
+    objective.loss(model, guide, x)
+    params = _params()
+    compiled = CompiledLoss(objective, model, guide, backend="eager")
+    pyro.set_rng_seed(2)
+    _, _, grads = compiled(params, (x,), {})
+    pyro.set_rng_seed(2)
+    eager = torch.autograd.grad(objective.differentiable_loss(model, guide, x), list(params.values()))
+    assert set(params) == {"encoder$$$weight", "encoder$$$bias", "decoder$$$weight", "decoder$$$bias"}
+    for g, e in zip(grads, eager):
+        assert torch.allclose(g, e, rtol=1e-10, atol=1e-12) and float(g.abs().sum()) > 0
+    before = encoder.weight.detach().clone()
+    pyro_elbo.fit(model, guide, x, objective=objective, num_steps=5, compile=True, compile_backend="eager",
+                  progress=False)
+    assert not torch.equal(before, encoder.weight.detach())
+    assert isinstance(encoder.weight, torch.nn.Parameter)
+
+
+def test_uncapturable_model_falls_back_with_one_warning() -> None:
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if float(z) > 0:  # a data-dependent Python branch cannot be captured
+            pyro.factor("bonus", torch.tensor(0.1))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pyro_elbo.fit(model, guide, num_steps=20, compile=True, compile_backend="eager", progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "falling back to the eager path" in messages[0]
+    assert len(result.history) == 20 and all(math.isfinite(v) for v in result.history)
+
+
+def test_in_graph_adam_matches_torch_adam_and_resume_is_exact(tmp_path: Path) -> None:
+    c = default_conjugate()
+    runs = {}
+    for compile_ in (False, True):
+        pyro.clear_param_store()
+        runs[compile_] = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=4),
+                                       num_steps=30, seed=3, compile=compile_, compile_backend="eager",
+                                       progress=False, optimizer_options={"foreach": False})
+    for name in runs[False].params:
+        assert torch.allclose(runs[True].params[name], runs[False].params[name], rtol=1e-9, atol=1e-12)
+    assert runs[True].history == pytest.approx(runs[False].history, rel=1e-9)
+    # checkpoint + resume on the compiled path: identical to the straight compiled run
+    pyro.clear_param_store()
+    path = tmp_path / "c.pt"
+    pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=4), num_steps=30, seed=3,
+                  compile=True, compile_backend="eager", checkpoint=path, checkpoint_every=5, progress=False,
+                  optimizer_options={"foreach": False}, callbacks=[lambda step, loss: step < 17])
+    pyro.clear_param_store()
+    resumed = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=4),
+                            num_steps=30, seed=3, compile=True, compile_backend="eager", checkpoint=path,
+                            resume=True, checkpoint_every=5, progress=False, optimizer_options={"foreach": False})
+    assert resumed.resumed_from_step == 17  # the stopped run saved its last step
+    assert resumed.history == runs[True].history
+    for name in resumed.params:
+        assert torch.equal(resumed.params[name], runs[True].params[name])
+
+
+def test_inductor_compiles_and_trains() -> None:
+    """The real backend (a few seconds of compilation): same objective trajectory as eager."""
+    c = default_conjugate()
+    result = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.STL(), num_steps=300, lr=0.05,
+                           seed=0, compile=True, progress=False)
+    assert result.compile_seconds is not None
+    assert torch.allclose(result.params["loc"], torch.full((2,), c.post_loc), atol=0.02)
+    assert torch.allclose(result.params["scale"], torch.full((2,), c.post_scale), atol=0.02)
