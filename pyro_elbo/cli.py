@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--diagnostic-particles", type=int, default=10_000, help="particles for the KL-gap report (default: 10000)"
     )
+    run.add_argument("--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=max(1, args.steps // 20),
         resume=args.resume,
         progress=not args.no_progress,
+        compile=args.compile,
     )
     if result.resumed_from_step is not None:
         print(f"resumed from step {result.resumed_from_step}")

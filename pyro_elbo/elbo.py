@@ -33,6 +33,9 @@ class Objective(pyro.infer.ELBO):
         max_plate_nesting: plate dims used by the model; guessed once per model/guide if ``None``.
         vectorize_particles: ``False`` evaluates particles one at a time, for models that cannot
             broadcast over a leading particle dim.
+        compile: in ``loss_and_grads`` (what ``pyro.infer.SVI`` calls), run loss and gradients as one
+            captured, compiled graph (:mod:`pyro_elbo.compiled`) after a first eager step; falls back
+            to eager with one warning if the model cannot be captured.
         **options: estimator options (``alpha`` for Rényi, ``n`` for CUBO).
     """
 
@@ -43,6 +46,7 @@ class Objective(pyro.infer.ELBO):
         num_particles: int = 1,
         max_plate_nesting: int | None = None,
         vectorize_particles: bool = True,
+        compile: bool = False,
         **options: Any,
     ) -> None:
         if estimator not in ESTIMATORS:
@@ -67,7 +71,9 @@ class Objective(pyro.infer.ELBO):
         self.options = {**spec.options, **options}
         self._estimator = functools.partial(spec.fn, **self.options)
         self._user_max_plate_nesting = max_plate_nesting
-        self._plate_nesting_cache: dict[tuple[int, int], int] = {}
+        self._plate_nesting_cache: dict[tuple[Any, ...], int] = {}
+        self.compile = compile
+        self._compiled: dict[tuple[Any, ...], tuple[Any, list[str]] | None] = {}
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
@@ -121,10 +127,43 @@ class Objective(pyro.infer.ELBO):
 
     def loss_and_grads(self, model: Model, guide: Guide, *args: Any, **kwargs: Any) -> float:
         """The loss as a float, after accumulating its gradient into the parameters' ``.grad``."""
+        if self.compile:
+            compiled = self._compiled_loss_and_grads(model, guide, args, kwargs)
+            if compiled is not None:
+                return compiled
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward(retain_graph=bool(self.retain_graph))
         return float(loss.detach())
+
+    def _compiled_loss_and_grads(
+        self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> float | None:
+        from pyro_elbo.compiled import CompiledLoss
+
+        key = _program_key(model, guide)
+        store = pyro.get_param_store()
+        if key not in self._compiled:  # the first step runs eagerly and names the parameters
+            with pyro.poutine.trace(param_only=True) as capture:
+                loss = self.differentiable_loss(model, guide, *args, **kwargs)
+            if loss.requires_grad:
+                loss.backward(retain_graph=bool(self.retain_graph))
+            names = [n for n, site in capture.trace.nodes.items() if site["type"] == "param"]
+            self._compiled[key] = (CompiledLoss(self, model, guide), names) if all(n in store for n in names) else None
+            return float(loss.detach())
+        entry = self._compiled[key]
+        if entry is None:  # parameters outside the param store (module-local): eager
+            return None
+        compiled, names = entry
+        params = {name: store._params[name] for name in names}
+        out = compiled(params, args, kwargs)
+        if out is None:
+            return None
+        loss, _, grads = out
+        for name, param, grad in zip(names, params.values(), grads):
+            param.grad = grad if param.grad is None else param.grad + grad
+            pyro.param(name)  # let SVI's parameter trace see it
+        return float(loss)
 
     def _get_trace(self, model: Model, guide: Guide, args: Any, kwargs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not expose single traces; use log_weights()")
@@ -134,10 +173,29 @@ class Objective(pyro.infer.ELBO):
     def _plate_nesting(self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         if self._user_max_plate_nesting is not None:
             return self._user_max_plate_nesting
-        key = (id(model), id(guide))
+        key = _program_key(model, guide)
         if key not in self._plate_nesting_cache:
             self._plate_nesting_cache[key] = guess_max_plate_nesting(model, guide, *args, **kwargs)
         return self._plate_nesting_cache[key]
+
+
+_KEEP_ALIVE: dict[int, Any] = {}
+
+
+def _program_key(model: Model, guide: Guide) -> tuple[int, ...]:
+    """A cache key for a model/guide pair that survives re-created bound methods (``obj.model``
+    is a new object on every access). The objects behind the ids are kept alive, so an id is never
+    reused by another program while a cache holds it."""
+
+    def part(fn: Any) -> tuple[int, int]:
+        owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+        objects = (owner, func) if owner is not None and func is not None else (fn, None)
+        for obj in objects:
+            if obj is not None:
+                _KEEP_ALIVE[id(obj)] = obj
+        return id(objects[0]), id(objects[1])
+
+    return part(model) + part(guide)
 
 
 class ELBO(Objective):

@@ -188,3 +188,19 @@ def test_inductor_compiles_and_trains() -> None:
     assert result.compile_seconds is not None
     assert torch.allclose(result.params["loc"], torch.full((2,), c.post_loc), atol=0.02)
     assert torch.allclose(result.params["scale"], torch.full((2,), c.post_scale), atol=0.02)
+
+
+def test_compiled_objective_in_pyro_svi() -> None:
+    """Objective(compile=True) under pyro.infer.SVI: the first step runs eagerly, the rest as one
+    graph; parameters still train to the posterior."""
+    c = default_conjugate()
+    guide = c.guide_at(0.0, 1.0)
+    objective = pyro_elbo.STL(compile=True)
+    svi = pyro.infer.SVI(c.model, guide, pyro.optim.Adam({"lr": 0.05}), loss=objective)
+    for _ in range(400):
+        svi.step(2)
+    (compiled, names), = objective._compiled.values()
+    assert set(names) == {"loc", "scale"} and len(compiled.graphs) == 1
+    store = pyro.get_param_store()
+    assert torch.allclose(store["loc"].detach(), torch.full((2,), c.post_loc), atol=0.02)
+    assert torch.allclose(store["scale"].detach(), torch.full((2,), c.post_scale), atol=0.02)
