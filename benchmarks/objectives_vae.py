@@ -107,7 +107,7 @@ def main() -> None:
     # a short warm-up fit so gradients are measured away from the initialization
     warm = pyro_elbo.IWAE(num_particles=8)(vae.model, vae.guide)
     warm_step = make_step(warm, params)
-    for i in range(300):
+    for _ in range(300):
         warm_step(images[torch.randint(len(images), (128,))])
     state = {k: v.clone() for k, v in {**vae.encoder.state_dict(), **{"d" + k: v for k, v in vae.decoder.state_dict().items()}}.items()}
 

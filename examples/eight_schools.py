@@ -16,7 +16,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-
 #: standard errors of the eight effects (Rubin 1981, Table 2; ArviZ's bundled copy of the data set
 #: stores only the effects and school names)
 SIGMA = [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0]
@@ -67,8 +66,9 @@ coords = {"school": load()[2]}
 
 
 def main(steps: int = 3000, particles: int = 100_000) -> None:
-    import pyro_elbo
     from pyro.infer.autoguide import AutoNormal
+
+    import pyro_elbo
 
     y, sigma, _ = load()
     for name, m in (("centered", centered_model), ("non-centered", noncentered_model)):

@@ -38,8 +38,9 @@ dims = {"w": ["feature"]}
 
 
 def main(steps: int = 1500) -> None:
-    import pyro_elbo
     from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+    import pyro_elbo
 
     x, y = make_data()
     for guide_cls in (AutoNormal, AutoMultivariateNormal):

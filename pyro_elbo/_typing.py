@@ -7,7 +7,8 @@ the guide (one bound per data point in amortized models, empty for a joint bound
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 Model = Callable[..., Any]
 Guide = Callable[..., Any]

@@ -55,12 +55,7 @@ def to_inference_data(
     import arviz as az
 
     groups = _collect(model, guide, args, kwargs, num_samples, chunk_size, predictive)
-    dims = dict(dims or {})
-    for name, value in groups["observed_data"].items():  # observations share the data dims
-        if name in dims:
-            for group in ("log_likelihood", "posterior_predictive"):
-                if name in groups[group]:
-                    dims.setdefault(name, dims[name])
+    dims = dict(dims or {})  # a name's dims apply in every group (observed, predictive, log-lik)
     history = None
     if fit_result is not None:
         history = {

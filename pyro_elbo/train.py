@@ -354,7 +354,12 @@ def _compiled_adam_step(
         states.append(state)
     device, dtype = tensors[0].device, tensors[0].dtype
     beta1, beta2 = group["betas"]
-    scalars = [torch.tensor(v, dtype=dtype, device=device) for v in (group["lr"], beta1, beta2, group["eps"])]
+    values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
+    cached = getattr(compiled, "_adam_scalars", None)
+    if cached is None or cached[0] != (values, dtype, device):  # new tensors only when lr etc. change
+        cached = ((values, dtype, device), [torch.tensor(v, dtype=dtype, device=device) for v in values])
+        compiled._adam_scalars = cached  # type: ignore[attr-defined]
+    scalars = cached[1]
     step = states[0]["step"].to(dtype=dtype, device=device)
     adam_inputs = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states] + [step, *scalars]
     out = compiled(params, args, kwargs, adam_inputs)

@@ -18,7 +18,6 @@ from pyro_elbo.elbo import make_objective
 from models import Z_TWO_SIDED, default_conjugate
 
 
-
 def regression_data() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)).to(torch.get_default_dtype())
     noise = torch.randn(20, generator=torch.Generator().manual_seed(1)).to(x.dtype)
