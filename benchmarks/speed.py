@@ -1,7 +1,8 @@
 """Seconds per SVI step: pyro_elbo's compiled step against Pyro, NumPyro and hand-written PyTorch.
 
-Everything is measured side by side in this one process, on one CPU thread, as medians of
-interleaved blocks (the machine is shared and noisy: read the ratios, not the absolute times).
+Everything is measured side by side in this one process, on one CPU thread: the median step
+latency of each block, blocks interleaved across methods, median over blocks (the machine is shared
+and noisy: read the ratios, not the absolute times).
 
     python benchmarks/speed.py               # all tables
     python benchmarks/speed.py --quick       # fewer steps (a smoke run)
@@ -41,8 +42,18 @@ import logistic_regression  # noqa: E402
 import pyro_elbo  # noqa: E402
 
 
+def median_step(step: Callable[[], object], n: int) -> float:
+    """Median wall-clock seconds of ``n`` calls (the same statistic as fit's ``step_seconds``)."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def interleaved(runners: dict[str, Callable[[int], float]], steps: int, repeats: int) -> dict[str, float]:
-    """Median seconds per step of each runner, measured in interleaved blocks of ``steps``."""
+    """Per runner: the median over interleaved blocks of each block's median seconds per step."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
@@ -62,10 +73,7 @@ def pyro_runner(model, guide_cls, args, jit: bool) -> Callable[[int], float]:
     def run(n: int) -> float:
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            start = time.perf_counter()
-            for _ in range(n):
-                svi.step(*args)
-            return (time.perf_counter() - start) / n
+            return median_step(lambda: svi.step(*args), n)
 
     return run
 
@@ -140,13 +148,11 @@ def numpyro_runner(name: str) -> Callable[[int], float] | None:
     holder = {"state": state}
 
     def run(n: int) -> float:
-        s = holder["state"]
-        start = time.perf_counter()
-        for _ in range(n):
-            s, loss = update(s, *args)
-        loss.block_until_ready()
-        holder["state"] = s
-        return (time.perf_counter() - start) / n
+        def one() -> None:
+            holder["state"], loss = update(holder["state"], *args)
+            loss.block_until_ready()
+
+        return median_step(one, n)
 
     return run
 
@@ -206,8 +212,8 @@ def table_b(steps: int, repeats: int) -> list[str]:
                 compiled_step(x)
             pyro.clear_param_store()
             runners = {
-                "eager": lambda n, s=eager_step: bench.time_steps(s, x, n),
-                "torch.compile": lambda n, s=compiled_step: bench.time_steps(s, x, n),
+                "eager": lambda n, s=eager_step: median_step(lambda: s(x), n),
+                "torch.compile": lambda n, s=compiled_step: median_step(lambda: s(x), n),
                 "ours": pyro_elbo_runner(vae.model, vae.guide, (x,), pyro_elbo.make_objective(name, num_particles=k),
                                          compile=True),
             }

@@ -360,7 +360,7 @@ def _compiled_adam_step(
         cached = ((values, dtype, device), [torch.tensor(v, dtype=dtype, device=device) for v in values])
         compiled._adam_scalars = cached  # type: ignore[attr-defined]
     scalars = cached[1]
-    step = states[0]["step"].to(dtype=dtype, device=device)
+    step = states[0]["step"]  # float32, as torch's Adam keeps it; promoted inside the graph
     adam_inputs = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states] + [step, *scalars]
     out = compiled(params, args, kwargs, adam_inputs)
     if out is None:
@@ -370,11 +370,12 @@ def _compiled_adam_step(
     if ok:
         n = len(tensors)
         with torch.no_grad():
-            for i, (p, state) in enumerate(zip(tensors, states)):
-                p.copy_(updated[i])
-                state["exp_avg"] = updated[n + i]
-                state["exp_avg_sq"] = updated[2 * n + i]
-                state["step"] = updated[3 * n].to(state["step"].dtype)
+            torch._foreach_copy_(tensors, updated[:n])
+        new_step = updated[3 * n]
+        for i, state in enumerate(states):
+            state["exp_avg"] = updated[n + i]
+            state["exp_avg_sq"] = updated[2 * n + i]
+            state["step"] = new_step if i == 0 else new_step.clone()  # never shared: eager Adam steps in place
     return float(loss), ok
 
 
