@@ -100,3 +100,13 @@ def param_grad(name: str) -> Tensor:
 def mean_se(x: Tensor) -> tuple[float, float]:
     x = x.double().flatten()
     return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
+
+
+def rounding_tolerance() -> float:
+    """What rounding leaves of an exact zero in the default dtype (sums of O(10) terms)."""
+    return 1e-12 if torch.get_default_dtype() == torch.float64 else 1e-5
+
+
+def relative_tolerance() -> float:
+    """Relative agreement expected between two float computations of the same quantity."""
+    return 1e-9 if torch.get_default_dtype() == torch.float64 else 1e-4

@@ -15,7 +15,7 @@ from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
 import pyro_elbo
 from pyro_elbo.elbo import make_objective
 
-from models import Z_TWO_SIDED, default_conjugate
+from models import Z_TWO_SIDED, default_conjugate, rounding_tolerance
 
 
 def regression_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def test_stl_and_dreg_stop_autoguide_parameters(name: str) -> None:
         guide.scales.z = torch.tensor(c.post_scale)
     make_objective(name, num_particles=4).differentiable_loss(model, guide).backward()
     for param in guide.parameters():
-        assert float(param.grad.abs().max()) < 1e-12
+        assert float(param.grad.abs().max()) < rounding_tolerance()
 
 
 def test_stl_stops_pyro_module_networks() -> None:
@@ -106,13 +106,13 @@ def test_stl_stops_pyro_module_networks() -> None:
             pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
 
     pyro_elbo.STL(num_particles=3).differentiable_loss(model, guide, x).backward()
-    assert float(encoder.weight.grad.abs().max()) < 1e-12
-    assert float(encoder.bias.grad.abs().max()) < 1e-12
+    assert float(encoder.weight.grad.abs().max()) < rounding_tolerance()
+    assert float(encoder.bias.grad.abs().max()) < rounding_tolerance()
     assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in encoder.parameters())
     # the total-gradient ELBO does move the network there
     encoder.zero_grad()
     pyro_elbo.ELBO(num_particles=3).differentiable_loss(model, guide, x).backward()
-    assert float(encoder.weight.grad.abs().max()) > 1e-6
+    assert float(encoder.weight.grad.abs().max()) > 100 * rounding_tolerance()
 
 
 def test_module_form_with_local_params_and_torch_optim() -> None:
