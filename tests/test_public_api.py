@@ -1,0 +1,31 @@
+"""The public names of DESIGN.md §2 are exported flat, and nothing else sneaks into __all__."""
+
+from __future__ import annotations
+
+import pyro.infer
+
+import pyro_elbo
+
+CONTRACT = {
+    "ELBO", "IWAE", "DReG", "STL", "RenyiELBO", "CUBO", "VIMCO",
+    "log_weights", "kl_gap", "gap_decomposition", "gradient_snr", "fit", "to_inference_data",
+}
+
+
+def test_contract_names_are_exported() -> None:
+    assert CONTRACT <= set(pyro_elbo.__all__)
+    for name in pyro_elbo.__all__:
+        assert getattr(pyro_elbo, name) is not None, name
+    assert pyro_elbo.__all__ == sorted(pyro_elbo.__all__)
+
+
+def test_objectives_are_pyro_elbos() -> None:
+    for name in ("ELBO", "IWAE", "DReG", "STL", "RenyiELBO", "CUBO", "VIMCO"):
+        assert issubclass(getattr(pyro_elbo, name), pyro.infer.ELBO), name
+
+
+def test_console_script_is_declared() -> None:
+    from pathlib import Path
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
+    assert "pyro-elbo = pyro_elbo.cli:main" in setup
