@@ -270,6 +270,12 @@ def kl_gap(
                 need={"per_site"} if factors else set(),
                 **kwargs,
             )
+            if lw.batch_scale != 1.0 or lw.subsampled_plates:
+                plates = list(lw.subsampled_plates) or list(lw.batch_plates)
+                raise ValueError(
+                    f"kl_gap needs the full data set, but plate(s) {plates} are subsampled: each chunk of "
+                    "particles would see different data points. Pass subsample_size=None / all the data."
+                )
             dtype = lw.log_p.dtype
             log_w_chunks.append(lw.log_w.double().reshape(size, -1).cpu())
             abs_terms += float(lw.log_p.abs().sum() + lw.log_q.abs().sum())

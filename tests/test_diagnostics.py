@@ -180,3 +180,19 @@ def test_gap_decomposition_needs_local_latents() -> None:
 
     with pytest.raises(ValueError, match="amortized guide"):
         pyro_elbo.gap_decomposition(model, lambda: pyro.sample("z", dist.Normal(0.0, 1.0)))
+
+
+def test_kl_gap_refuses_subsampled_plates() -> None:
+    data = torch.linspace(-1, 1, 8)
+
+    def model(x):
+        with pyro.plate("data", len(x), subsample_size=3) as idx:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+    def guide(x):
+        with pyro.plate("data", len(x), subsample_size=3):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"kl_gap needs the full data set, but plate\(s\) \['data'\]"):
+        pyro_elbo.kl_gap(model, guide, data, num_particles=100)
