@@ -217,19 +217,28 @@ def _plots(result: Any, report: Any, idata: Any, out: Path) -> None:
         warnings.simplefilter("ignore")
         import arviz as az
 
-        # a compact forest of the (up to 40) smallest-dimensional variables, with 94% HDIs
+        # a compact forest of the (up to 40 rows) smallest variables, with 94% HDIs; if even the
+        # smallest is larger (a VAE's local latents), its first entries
         sized = sorted(idata.posterior.data_vars.items(), key=lambda kv: kv[1].size)
-        names, rows = [], 0
+        names, rows, coords, title = [], 0, None, "posterior (guide draws): median, 50% and 94% HDI"
         for name, var in sized:
             width = var.size // (var.sizes["chain"] * var.sizes["draw"])
-            if rows + width > 40:
-                continue
-            names.append(name)
-            rows += width
-        axes = az.plot_forest(idata, var_names=names or None, combined=True, hdi_prob=0.94,
+            if rows + width <= 40:
+                names.append(name)
+                rows += width
+        if not names and sized:
+            name, var = sized[0]
+            coords, rows = {}, 1
+            for dim in reversed([d for d in var.dims if d not in ("chain", "draw")]):
+                take = max(1, min(var.sizes[dim], 40 // rows))
+                coords[dim] = var[dim].values[:take]
+                rows *= take
+            names = [name]
+            title = f"posterior of {name}: first {rows} of {var.size // (var.sizes['chain'] * var.sizes['draw'])} entries"
+        axes = az.plot_forest(idata, var_names=names or None, coords=coords, combined=True, hdi_prob=0.94,
                               figsize=(6, 1.0 + 0.28 * max(rows, 1)), textsize=9)
     fig = axes.ravel()[0].figure if hasattr(axes, "ravel") else axes.figure
-    fig.suptitle("posterior (guide draws): median, 50% and 94% HDI", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.savefig(out / "posterior.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 

@@ -56,3 +56,34 @@ def test_mistakes_exit_nonzero_with_one_line_and_no_traceback(tmp_path: Path, ar
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_posterior_plot_of_a_large_local_latent_shows_its_first_entries(tmp_path: Path) -> None:
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    import pyro_elbo
+    from pyro_elbo import cli
+
+    x = torch.randn(100)
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    idata = pyro_elbo.to_inference_data(model, guide, x, num_samples=50)
+
+    class Figure:
+        def plot(self):
+            import matplotlib.pyplot as plt
+
+            return plt.figure()
+
+    cli._plots(Figure(), Figure(), idata, tmp_path)
+    assert (tmp_path / "posterior.png").stat().st_size > 0  # 300 entries: the first 40 are drawn
