@@ -29,3 +29,12 @@ def test_console_script_is_declared() -> None:
 
     setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
     assert "pyro-elbo = pyro_elbo.cli:main" in setup
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command.startswith("python -m pip install torch==2.13.0")
+    assert command in (root / "README.md").read_text()
