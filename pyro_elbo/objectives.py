@@ -225,7 +225,7 @@ class Estimator:
         min_particles: the smallest ``num_particles`` that makes sense.
         needs: optional :class:`LogWeights` fields to compute.
         trains_model: whether model parameters receive gradients.
-        reference: the paper, for messages.
+        options: default estimator options (``alpha`` for Rényi, ``n`` for CUBO).
     """
 
     fn: Callable[..., Tensor]
