@@ -58,10 +58,15 @@ def to_inference_data(
     dims = dict(dims or {})  # a name's dims apply in every group (observed, predictive, log-lik)
     history = None
     if fit_result is not None:
-        history = {
-            "loss": np.asarray(fit_result.history, dtype=float),
-            "step_seconds": np.asarray(fit_result.step_seconds, dtype=float),
-        }
+        import xarray as xr
+
+        history = xr.Dataset(
+            {
+                "loss": ("step", np.asarray(fit_result.history, dtype=float)),
+                "step_seconds": ("step", np.asarray(fit_result.step_seconds, dtype=float)),
+            },
+            coords={"step": np.arange(len(fit_result.history))},
+        )
     if int(az.__version__.split(".")[0]) >= 1:
         return _to_datatree(az, groups, coords, dims, history)
     return _to_inference_data_0x(az, groups, coords, dims, history)
@@ -122,7 +127,7 @@ def _to_inference_data_0x(
     groups: dict[str, dict[str, np.ndarray]],
     coords: dict[str, Any] | None,
     dims: dict[str, list[str]],
-    history: dict[str, np.ndarray] | None,
+    history: Any,
 ) -> Any:
     data = az.from_dict(
         posterior=groups["posterior"],
@@ -134,12 +139,9 @@ def _to_inference_data_0x(
         dims=dims,
     )
     if history is not None:
-        import xarray as xr
-
-        dataset = xr.Dataset({k: ("step", v) for k, v in history.items()}, coords={"step": np.arange(len(history["loss"]))})
         with warnings.catch_warnings():  # a group outside ArviZ's schema, by design
             warnings.simplefilter("ignore", UserWarning)
-            data.add_groups({"fit_history": dataset})
+            data.add_groups({"fit_history": history})
     return data
 
 
@@ -148,13 +150,11 @@ def _to_datatree(
     groups: dict[str, dict[str, np.ndarray]],
     coords: dict[str, Any] | None,
     dims: dict[str, list[str]],
-    history: dict[str, np.ndarray] | None,
+    history: Any,
 ) -> Any:
     """ArviZ 1.x: ``from_dict`` takes the groups as one nested dict. Not exercised on this
     project's CI (ArviZ 1.x needs Python >= 3.12)."""
     tree = az.from_dict({k: v for k, v in groups.items() if v}, coords=coords, dims=dims)
     if history is not None:
-        import xarray as xr
-
-        tree["fit_history"] = xr.Dataset({k: ("step", v) for k, v in history.items()})
+        tree["fit_history"] = history
     return tree

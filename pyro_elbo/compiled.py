@@ -133,17 +133,17 @@ class CompiledLoss:
                 call_args[position] = tensor
             with substituted_params(inputs):
                 loss = objective.differentiable_loss(model, guide, *call_args, **kwargs)
-            wanted = [t for t in inputs.values()]
+            wanted = list(inputs.values())
             grads = torch.autograd.grad(loss, wanted, allow_unused=True)
             grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
-            finite = torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]).all()
+            finite = all_finite(loss, grads)
             if not adam:
                 return (loss.detach(), finite, *grads)
             state = flat[num_params + num_data :]
-            return (loss.detach(), finite, *_adam_update(list(inputs.values()), grads, state))
+            return (loss.detach(), finite, *_adam_update(wanted, grads, state))
 
-        example = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()]
-        example += [args[i] for i in tensor_positions] + list(adam_inputs or [])
+        inputs = [args[i] for i in tensor_positions] + list(adam_inputs or [])
+        example = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()] + inputs
         try:
             with pyro.validation_enabled(False), _no_distribution_validation():
                 graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
@@ -153,7 +153,7 @@ class CompiledLoss:
         if self.backend == "eager":
             return graph
         if self.backend == "inductor":
-            real = [p.detach() for p in params.values()] + [args[i] for i in tensor_positions] + list(adam_inputs or [])
+            real = [p.detach() for p in params.values()] + inputs
             try:  # inductor on the captured graph directly: no Dynamo guards on every call
                 from torch._inductor.compile_fx import compile_fx
 
@@ -161,6 +161,11 @@ class CompiledLoss:
             except Exception:  # a private API: fall back to the public entry point
                 pass
         return torch.compile(graph, backend=self.backend, dynamic=False)
+
+
+def all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:
+    """A boolean scalar: the loss and every gradient are finite (no host sync)."""
+    return torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]).all()
 
 
 def _adam_update(params: list[Tensor], grads: list[Tensor], state: tuple[Tensor, ...]) -> list[Tensor]:

@@ -26,12 +26,13 @@ import pyro.poutine as poutine
 import torch
 from pyro.ops.stats import fit_generalized_pareto
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Independent, constraints, transform_to
 
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.elbo import ELBO, STL, Objective
-from pyro_elbo.weights import LogWeights, guess_max_plate_nesting, log_weights
+from pyro_elbo.weights import LogWeights, _forked_rng, guess_max_plate_nesting, log_weights, trainable_params
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,7 @@ def kl_gap(
     if any(k < 1 or k > num_particles for k in ladder):
         raise ValueError(f"ladder values must be in [1, {num_particles}], got {ladder}")
 
-    elbo = _sum_points(log_w.mean(0), log_w.var(0) / num_particles)
+    elbo = _elbo_estimate(log_w)
     iwae = {1: elbo}
     for k in ladder:
         if k > 1:
@@ -345,6 +346,11 @@ def _sum_points(values: Tensor, variances: Tensor) -> Estimate:
     return Estimate(float(values.sum()), float(variances.sum().clamp_min(0).sqrt()))
 
 
+def _elbo_estimate(log_w: Tensor) -> Estimate:
+    """Mean log-weight per point ([S, points]), summed over points, with its standard error."""
+    return _sum_points(log_w.mean(0), log_w.var(0) / log_w.shape[0])
+
+
 def _iwae_estimate(log_w: Tensor, k: int) -> Estimate:
     num = log_w.shape[0]
     groups = num // k
@@ -371,9 +377,9 @@ def _site_factors(model: Model, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     try:
         from pyro.infer.inspect import get_dependencies
 
-        with torch.random.fork_rng(), poutine.block():
+        with _forked_rng(), poutine.block():
             deps = get_dependencies(model, args, kwargs)["prior_dependencies"]
-        with torch.random.fork_rng(), poutine.block(), torch.no_grad():
+        with _forked_rng(), poutine.block(), torch.no_grad():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
     except Exception as error:  # analysis is best effort; the report still has overall k-hat
         warnings.warn(f"per-site k-hat skipped: could not analyse the model's dependencies ({error})", stacklevel=3)
@@ -381,7 +387,7 @@ def _site_factors(model: Model, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     latent = [
         name
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not type(site["fn"]).__name__ == "_Subsample"
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
     ]
     return {z: [c for c, parents in deps.items() if c != z and z in parents] for z in latent}
 
@@ -417,12 +423,7 @@ def gradient_snr(
     for _ in range(num_samples):
         with poutine.trace(param_only=True) as param_capture:
             loss = objective.differentiable_loss(model, guide, *args, **kwargs)
-        params = {
-            name: site["value"].unconstrained()
-            for name, site in param_capture.trace.nodes.items()
-            if site["type"] == "param"
-        }
-        params = {n: p for n, p in params.items() if p.requires_grad}
+        params = trainable_params(param_capture.trace)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for name, param, grad in zip(params, params.values(), grads):
             draws.setdefault(name, []).append(torch.zeros_like(param) if grad is None else grad.detach())
@@ -519,7 +520,7 @@ def gap_decomposition(
         with torch.no_grad():
             lw = log_weights(model, g, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
         log_w = lw.log_w.double().reshape(num_particles, -1).cpu()
-        return _sum_points(log_w.mean(0), log_w.var(0) / num_particles), _power_mean_estimate(log_w, 1.0)
+        return _elbo_estimate(log_w), _power_mean_estimate(log_w, 1.0)
 
     elbo_amortized, iwae_amortized = bounds(guide)
     elbo_optimal, iwae_optimal = bounds(local)
@@ -537,12 +538,12 @@ class _FreeLocalGuide(Messenger):
     def __init__(self, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.guide = guide
-        with torch.no_grad(), torch.random.fork_rng():
+        with torch.no_grad(), _forked_rng():
             trace = poutine.trace(guide).get_trace(*args, **kwargs)
         self.sites: dict[str, tuple[Callable[..., Any], dict[str, Tensor]]] = {}
         self._params: list[Tensor] = []
         for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or type(site["fn"]).__name__ == "_Subsample":
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
             build, free = _free_parameters(name, site["fn"])
             self.sites[name] = (build, free)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.objectives import ESTIMATORS, Estimator
-from pyro_elbo.weights import LogWeights, guess_max_plate_nesting, log_weights
+from pyro_elbo.weights import LogWeights, guess_max_plate_nesting, log_weights, trainable_params
 
 
 class Objective(pyro.infer.ELBO):
@@ -148,7 +148,7 @@ class Objective(pyro.infer.ELBO):
                 loss = self.differentiable_loss(model, guide, *args, **kwargs)
             if loss.requires_grad:
                 loss.backward(retain_graph=bool(self.retain_graph))
-            names = [n for n, site in capture.trace.nodes.items() if site["type"] == "param"]
+            names = list(trainable_params(capture.trace))
             self._compiled[key] = (CompiledLoss(self, model, guide), names) if all(n in store for n in names) else None
             return float(loss.detach())
         entry = self._compiled[key]

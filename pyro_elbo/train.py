@@ -26,9 +26,9 @@ from torch import Tensor
 
 from pyro_elbo import distributed
 from pyro_elbo._typing import Guide, Model
-from pyro_elbo.compiled import CompiledLoss
+from pyro_elbo.compiled import CompiledLoss, all_finite
 from pyro_elbo.elbo import ELBO, Objective
-from pyro_elbo.weights import _forked_rng, log_weights
+from pyro_elbo.weights import _forked_rng, discover_params, log_weights, trainable_params
 
 CHECKPOINT_FORMAT = "pyro_elbo.checkpoint/1"
 
@@ -186,7 +186,9 @@ def fit(
             module.to(device)
     with _default_device(device):
         first_args = data.peek()
-        params = _discover_params(model, guide, first_args, kwargs)
+        params = discover_params(model, guide, *first_args, **kwargs)
+        if not params:
+            raise ValueError("the model and guide have no trainable parameters (pyro.param, pyro.module, PyroModule)")
         if device is not None:
             for param in params.values():
                 param.data = param.data.to(device)
@@ -200,7 +202,7 @@ def fit(
         ckpt_path = Path(checkpoint) if checkpoint is not None else None
         if ckpt_path is not None and resume and ckpt_path.exists():
             restored = load_checkpoint(ckpt_path, map_location=device)
-            _restore(restored, params, opt, sched, objective, result, state, data, dist_ctx)
+            _restore(restored, params, opt, sched, objective, result, state, dist_ctx)
             result.resumed_from_step = state.step
         elif dist_ctx.active:
             distributed.seed_rank(dist_ctx)
@@ -211,7 +213,8 @@ def fit(
         compiled = CompiledLoss(objective, model, guide, backend=compile_backend, adam=in_graph_adam) if compile else None
         try:
             for step_args in data.batches(state):
-                rng_before = _torch_rng_state()
+                # the pre-step random state lets a refused step replay its draws and name the site
+                rng_before = _torch_rng_state() if on_nonfinite == "raise" else None
                 start = time.perf_counter()
                 loss_value, ok = _step(
                     objective, model, guide, step_args, kwargs, params, opt, clip_norm, dist_ctx, compiled
@@ -311,8 +314,7 @@ def _step(
         loss = distributed.average_scalar(loss.detach(), dist_ctx)
         finite = None
     if finite is None:
-        grads = [p.grad for p in params.values() if p.grad is not None]
-        finite = torch.stack([torch.isfinite(loss.detach()).all()] + [torch.isfinite(g).all() for g in grads]).all()
+        finite = all_finite(loss.detach(), [p.grad for p in params.values() if p.grad is not None])
     loss_value = float(loss.detach())
     if not bool(finite):
         opt.zero_grad(set_to_none=True)
@@ -394,20 +396,10 @@ def _make_optimizer(
 
 
 def _add_new_params(trace: Any, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> None:
-    new = {}
-    for name, site in trace.nodes.items():
-        if site["type"] == "param" and name not in params:
-            unconstrained = _unconstrained(site["value"])
-            if unconstrained.requires_grad:
-                new[name] = unconstrained
+    new = {name: leaf for name, leaf in trainable_params(trace).items() if name not in params}
     if new:
         params.update(new)
         opt.add_param_group({"params": list(new.values())})
-
-
-def _unconstrained(value: Tensor) -> Tensor:
-    ref = getattr(value, "unconstrained", None)
-    return ref() if ref is not None else value
 
 
 def _constrained(name: str, unconstrained: Tensor) -> Tensor:
@@ -415,23 +407,6 @@ def _constrained(name: str, unconstrained: Tensor) -> Tensor:
     if name in store and store._params[name] is unconstrained:
         return store[name]
     return unconstrained
-
-
-def _discover_params(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Tensor]:
-    """Create every lazily initialized parameter (without using the caller's random stream) and
-    return name -> unconstrained leaf tensor, in a deterministic order."""
-    with _forked_rng(), poutine.trace(param_only=True) as capture:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
-    params: dict[str, Tensor] = {}
-    for name, site in capture.trace.nodes.items():
-        if site["type"] == "param":
-            unconstrained = _unconstrained(site["value"])
-            if unconstrained.requires_grad:
-                params[name] = unconstrained
-    if not params:
-        raise ValueError("the model and guide have no trainable parameters (pyro.param, pyro.module, PyroModule)")
-    return params
 
 
 def _check_devices(params: dict[str, Tensor], args: tuple[Any, ...], device: torch.device | None) -> None:
@@ -644,25 +619,23 @@ def _torch_rng_state() -> dict[str, Any]:
 
 
 def _set_torch_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"].cpu())  # .cpu(): a checkpoint may be loaded onto a GPU
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every random state a run depends on: torch, CUDA, Python and NumPy (for checkpoints)."""
     np_state = np.random.get_state()
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        **_torch_rng_state(),
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
     }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    _set_torch_rng_state(state)
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     kind, keys, *rest = state["numpy"]
@@ -752,7 +725,6 @@ def _restore(
     objective: Objective,
     result: FitResult,
     state: _LoopState,
-    data: _Data,
     dist_ctx: distributed.Context,
 ) -> None:
     saved_shapes = {n: tuple(t.shape) for n, t in ckpt["params"].items()}

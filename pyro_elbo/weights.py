@@ -276,17 +276,7 @@ def _log_weights_vectorized(
     batch = _batch_frames(model_trace, guide_trace)
     batch_scale = math.prod(frame.full_size / frame.size for frame in batch)
     batch_names = {frame.name for frame in batch}
-    subsampled = tuple(
-        sorted(
-            {
-                frame.name
-                for trace in (model_trace, guide_trace)
-                for site in _scored_sites(trace)
-                for frame in site["cond_indep_stack"]
-                if frame.full_size not in (None, frame.size) and frame.name not in batch_names
-            }
-        )
-    )
+    subsampled = tuple(sorted(set(_subsampled_plates(model_trace, guide_trace)) - batch_names))
     reducer = _Reducer(max_plate_nesting, num_particles, batch, batch_scale)
     site_log_p = {name: reducer(site) for name, site in _scored_sites(model_trace, named=True)}
     site_log_q = {name: reducer(site) for name, site in _scored_sites(guide_trace, named=True)}
@@ -339,6 +329,17 @@ def _scored_sites(trace: Trace, named: bool = False) -> Iterator[Any]:
         yield (name, site) if named else site
 
 
+def _subsampled_plates(*traces: Trace) -> dict[str, Any]:
+    """Plate name -> frame, for every plate of the scored sites that sees a subsample of its data."""
+    return {
+        frame.name: frame
+        for trace in traces
+        for site in _scored_sites(trace)
+        for frame in site["cond_indep_stack"]
+        if frame.full_size not in (None, frame.size) and frame.name != PARTICLE_PLATE
+    }
+
+
 def _batch_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
     """The plates shared by every scored site of model and guide, outermost first."""
     common: dict[str, Any] | None = None
@@ -354,6 +355,29 @@ def _has_trainable_params(trace: Trace) -> bool:
         site["type"] == "param" and isinstance(site["value"], Tensor) and site["value"].requires_grad
         for site in trace.nodes.values()
     )
+
+
+def trainable_params(trace: Trace) -> dict[str, Tensor]:
+    """The ``pyro.param`` sites of a trace that require gradients: name -> the *unconstrained* leaf
+    tensor an optimizer updates (``PyroModule`` and param-store values carry a reference to it)."""
+    params: dict[str, Tensor] = {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "param":
+            continue
+        ref = getattr(site["value"], "unconstrained", None)
+        leaf = ref() if ref is not None else site["value"]
+        if leaf.requires_grad:
+            params[name] = leaf
+    return params
+
+
+def discover_params(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+    """Create every lazily initialized parameter of guide and model (without using the caller's
+    random stream) and return :func:`trainable_params` of that run, in a deterministic order."""
+    with _forked_rng(), poutine.trace(param_only=True) as capture:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    return trainable_params(capture.trace)
 
 
 class _Reducer:
@@ -424,20 +448,13 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
 # --------------------------------------------------------------------------------------------
 # evaluating a program with its parameters replaced (detached, or by other tensors)
 
-ParamMap = Callable[[str | None, Tensor], Tensor]
-
-
-class _ParamValues(Messenger):
-    """Replaces the value of every ``pyro.param`` statement (param store and PyroModule params)
-    by ``fn(name, value)``. A value already set by an inner handler is passed on to ``fn``."""
-
-    def __init__(self, fn: ParamMap) -> None:
-        super().__init__()
-        self.fn = fn
+class _DetachParams(Messenger):
+    """Detaches the value of every ``pyro.param`` statement (param store and PyroModule params),
+    including a value an inner handler such as :class:`_SubstituteParams` has set."""
 
     def _pyro_post_param(self, msg: Any) -> None:
         if isinstance(msg["value"], Tensor):
-            msg["value"] = self.fn(msg["name"], msg["value"])
+            msg["value"] = msg["value"].detach()
 
 
 class _SubstituteParams(Messenger):
@@ -518,7 +535,7 @@ def _module_params_replaced(fn: Callable[[Tensor, Tensor], Tensor]) -> Iterator[
 @contextlib.contextmanager
 def _params_stopped() -> Iterator[None]:
     """Run a Pyro program with all of its parameters detached from the autograd graph."""
-    with _module_params_replaced(lambda param, value: value.detach()), _ParamValues(lambda name, value: value.detach()):
+    with _module_params_replaced(lambda param, value: value.detach()), _DetachParams():
         yield
 
 
@@ -589,14 +606,11 @@ def posterior_draws(
     with torch.no_grad():
         model_trace, guide_trace = _traces(model, guide, args, kwargs, num_samples, max_plate_nesting, False)
         checks.check_model_guide(model_trace, guide_trace, max_plate_nesting, num_samples > 1 and PARTICLE_PLATE)
-        for trace in (model_trace, guide_trace):
-            for site in _scored_sites(trace):
-                for frame in site["cond_indep_stack"]:
-                    if frame.full_size not in (None, frame.size) and frame.name != PARTICLE_PLATE:
-                        raise ValueError(
-                            f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
-                            "draws with the full data set (no subsample_size)."
-                        )
+        for frame in _subsampled_plates(model_trace, guide_trace).values():
+            raise ValueError(
+                f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
+                "draws with the full data set (no subsample_size)."
+            )
         reducer = _Reducer(max_plate_nesting, num_samples, (), 1.0)
         log_p = reducer.total(reducer(site) for site in _scored_sites(model_trace))
         log_q = reducer.total(reducer(site) for site in _scored_sites(guide_trace))
