@@ -56,12 +56,18 @@ class Estimate:
 # PSIS k-hat and ESS
 
 
+#: fewer distinct values than this in the largest weights means there is no tail to fit
+MIN_DISTINCT_TAIL_VALUES = 5
+
+
 def psis_khat(log_w: Tensor) -> float:
     """Pareto k̂ of the importance weights ``exp(log_w)`` (1-D).
 
     Fits a generalized Pareto distribution to the largest ``M = min(S/5, 3 sqrt(S))`` weights
     (Pyro's ``fit_generalized_pareto``, after Zhang & Stephens 2009). k̂ < 0.5: the weights have a
     finite variance; 0.5-0.7: usable; > 0.7: too heavy-tailed to trust importance sampling.
+    Returns ``-inf`` when the largest weights take fewer than five distinct values (constant
+    weights, or a discrete latent with few states): the weights are bounded, with no tail.
 
     References:
         | Yes, but Did It Work?: Evaluating Variational Inference (Yao et al., 2018)
@@ -78,8 +84,10 @@ def psis_khat(log_w: Tensor) -> float:
     cutoff = float(log_w[-tail - 1])
     cutoff = max(cutoff, math.log(1e-15))
     tail_values = log_w[log_w > cutoff]
-    if tail_values.numel() < 5 or float(tail_values[-1] - tail_values[0]) < 1e-12:
-        return -math.inf  # (near-)constant weights: no tail at all
+    # A tail of a few repeated values (constant weights, or a discrete latent with a few states)
+    # is bounded: there is no Pareto tail to fit, and the fit itself divides by zero on such ties.
+    if torch.unique(tail_values).numel() < MIN_DISTINCT_TAIL_VALUES:
+        return -math.inf
     k, _ = fit_generalized_pareto(tail_values.exp() - math.exp(cutoff))
     return float(k)
 
@@ -198,7 +206,7 @@ def _finite(x: float) -> float:
 
 def _khat_verdict(k: float) -> str:
     if not math.isfinite(k):
-        return "(weights constant: exact)" if k < 0 else ""
+        return "(no tail: the weights are bounded)" if k < 0 else ""
     if k < 0.5:
         return "good"
     if k < 0.7:

@@ -74,6 +74,14 @@ def test_khat_flags_a_narrow_guide_and_names_the_site() -> None:
     assert good.khat < 0.5 and max(good.khat_per_site.values()) < 0.5
 
 
+def test_khat_of_a_discrete_latent_with_few_weight_values() -> None:
+    """Measured on examples/mixture_vimco.py: the 117 largest of 2000 log-weights took 2 values,
+    and Pyro's Pareto fit divided by zero. A tail of repeated values is bounded: no tail."""
+    log_w = torch.cat([torch.full((1883,), -2.0248), torch.full((1,), -1.9174), torch.full((116,), -1.8932)])
+    assert psis_khat(log_w) == -math.inf
+    assert psis_khat(torch.zeros(2000)) == -math.inf
+
+
 def test_khat_known_answers() -> None:
     """Weights from a Student-t tail: k = 1/df (df=1 gives k~1, df=2 gives k~0.5)."""
     gen = torch.Generator().manual_seed(0)
