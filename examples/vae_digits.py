@@ -40,8 +40,10 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
-encoder = Encoder()
-decoder = Decoder()
+with torch.random.fork_rng(devices=[]):  # the same initial networks in every run
+    torch.manual_seed(0)
+    encoder = Encoder()
+    decoder = Decoder()
 
 
 def model(x: torch.Tensor) -> None:
