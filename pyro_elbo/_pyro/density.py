@@ -1,0 +1,240 @@
+"""Differentiable log densities of a model and its guide over a batch of chains, in the guide's
+unconstrained space; simulating ``(z*, x*)`` from a model.
+
+This is the Pyro side of :mod:`pyro_elbo.ais` and :mod:`pyro_elbo.evidence`: they see only
+dicts of unconstrained tensors and ``[C, *B]`` log densities. For chains ``c = 1..C`` the model
+and guide run once inside an outer ``pyro.plate`` of size ``C`` left of every user plate, and
+every latent site ``z = T(u)`` with ``T = biject_to(support)`` of the guide's distribution, so
+
+.. math::
+
+    \\log \\tilde q(u) = \\log q(T(u)) + \\log |\\det J_T(u)|, \\qquad
+    \\log \\tilde p(x, u) = \\log p(x, T(u)) + \\log |\\det J_T(u)|.
+
+Log densities are summed over every dim except the chains (dim 0) and the *batch plates*, the
+plates that enclose every site; ``B`` is their shape (one entry per data point of an amortized
+model), so each data point's chains are independent and are annealed on their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+from torch.distributions import biject_to
+
+from pyro_elbo._typing import Guide, Model
+
+CHAIN_PLATE = "_pyro_elbo_chains"
+
+
+@contextlib.contextmanager
+def _forked_rng() -> Iterator[None]:
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _scored(trace: Trace) -> Iterator[tuple[str, Any]]:
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            yield name, site
+
+
+def _plate_nesting(*traces: Trace) -> int:
+    dims = [
+        -frame.dim
+        for trace in traces
+        for _, site in _scored(trace)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.name != CHAIN_PLATE
+    ]
+    return max(dims, default=0)
+
+
+def _chained(fn: Any, num_chains: int, dim: int) -> Any:
+    def plated(*args: Any, **kwargs: Any) -> Any:
+        with pyro.plate(CHAIN_PLATE, num_chains, dim=dim):
+            return fn(*args, **kwargs)
+
+    return plated
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the model observes per data point: ``dims`` observed scalars, ``discrete`` if every
+    observed site has a discrete support (then ``-log p(x) / (dims log 2)`` is bits per dim)."""
+
+    dims: int
+    discrete: bool
+
+
+class JointDensity:
+    """``log q(z)`` and ``log p(x, z)`` of ``C`` chains per data point, as functions of the
+    unconstrained latents ``u``; built from one run of guide and model on ``*args, **kwargs``.
+
+    Attributes:
+        batch_plates: names of the plates enclosing every site; ``batch_shape`` is their shape.
+        sites: latent site names, in guide order.
+        observed: per-data-point size and kind of the observations.
+    """
+
+    def __init__(
+        self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], num_chains: int
+    ) -> None:
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.num_chains = num_chains
+        with _forked_rng(), torch.no_grad(), poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        self.rank = _plate_nesting(guide_trace, model_trace) + 1
+        self.latents = [name for name, site in _scored(guide_trace)]
+        for name in self.latents:
+            if name not in model_trace.nodes:
+                raise ValueError(f"guide site '{name}' is not a sample site of the model")
+        for name, site in _scored(model_trace):
+            if not site["is_observed"] and name not in guide_trace.nodes:
+                raise ValueError(f"model latent site '{name}' has no guide site")
+        frames = _common_frames(model_trace, guide_trace)
+        for frame in {f.name: f for t in (model_trace, guide_trace) for _, s in _scored(t)
+                      for f in s["cond_indep_stack"]}.values():
+            if frame.full_size not in (None, frame.size):
+                raise ValueError(
+                    f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); score "
+                    "the data without subsample_size (pass batches through a DataLoader instead)"
+                )
+        self.batch_plates = tuple(frame.name for frame in frames)
+        self._batch_dims = {self.rank + frame.dim: frame.size for frame in frames}  # positive dims
+        self.batch_shape = tuple(self._batch_dims[d] for d in sorted(self._batch_dims))
+        num_points = math.prod(self.batch_shape)
+        obs = [site for _, site in _scored(model_trace) if site["is_observed"]]
+        dims = sum(site["value"].numel() for site in obs)
+        self.observed = Observed(dims // max(num_points, 1), bool(obs) and all(s["fn"].support.is_discrete for s in obs))
+        self.transforms: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ shapes
+    def reduce(self, tensor: Tensor, event_dim: int = 0) -> Tensor:
+        """Sum a ``[C, *rank dims, *event]`` tensor to ``[C, *B]``."""
+        if event_dim:
+            tensor = tensor.sum(tuple(range(-event_dim, 0)))
+        extra = tensor.dim() - self.rank
+        if extra > 0:
+            raise ValueError(f"a log density of shape {tuple(tensor.shape)} has more dims than its plates")
+        tensor = tensor.reshape((1,) * -extra + tuple(tensor.shape))
+        keep = {0, *self._batch_dims}
+        dims = [d for d in range(self.rank) if d not in keep and tensor.shape[d] != 1]
+        if dims:
+            tensor = tensor.sum(dims, keepdim=True)
+        shape = [tensor.shape[0]] + [self._batch_dims.get(d, 1) for d in range(1, self.rank)]
+        out = [tensor.shape[0], *self.batch_shape]
+        return tensor.expand(shape).reshape(out)
+
+    def broadcast(self, tensor: Tensor, like: Tensor) -> Tensor:
+        """A ``[C or 1, *B]`` tensor shaped to broadcast against a site tensor ``like``."""
+        shape = [tensor.shape[0]] + [self._batch_dims.get(d, 1) for d in range(1, self.rank)]
+        return tensor.reshape(shape + [1] * (like.dim() - self.rank))
+
+    def event_dim(self, value: Tensor) -> int:
+        return value.dim() - self.rank
+
+    # ------------------------------------------------------------------ densities
+    def _run_guide(self, values: dict[str, Tensor] | None) -> Trace:
+        guide = _chained(self.guide, self.num_chains, -self.rank)
+        if values is not None:
+            guide = poutine.condition(guide, data=values)
+        return poutine.trace(guide).get_trace(*self.args, **self.kwargs)
+
+    def sample(self) -> dict[str, Tensor]:
+        """Draw ``C`` particles from the guide; return their unconstrained values ``u``."""
+        with torch.no_grad():
+            trace = self._run_guide(None)
+        out = {}
+        for name in self.latents:
+            site = trace.nodes[name]
+            if site["fn"].support.is_discrete:
+                raise ValueError(
+                    f"latent site '{name}' is discrete: AIS moves need continuous latents "
+                    "(use method='iwae', or enumerate the site out of the model)"
+                )
+            self.transforms[name] = biject_to(site["fn"].support)
+            out[name] = self.transforms[name].inv(site["value"]).detach()
+        return out
+
+    def unconstrain(self, latents: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unconstrained values of given latents, broadcast to the chains' shapes."""
+        shapes = self.sample()
+        return {name: self.transforms[name].inv(latents[name]).expand_as(shapes[name]).clone() for name in shapes}
+
+    def log_densities(self, u: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log p(x, T(u)), log q(T(u)), log|det J_T(u)|)``, each ``[C, *B]``, differentiable in ``u``."""
+        z, log_det = {}, None
+        for name, value in u.items():
+            transform = self.transforms[name]
+            z[name] = transform(value)
+            ladj = transform.log_abs_det_jacobian(value, z[name])
+            part = self.reduce(ladj, max(ladj.dim() - self.rank, 0))
+            log_det = part if log_det is None else log_det + part
+        guide_trace = self._run_guide(z)
+        model = _chained(poutine.condition(self.model, data=z), self.num_chains, -self.rank)
+        model_trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        log_q = self._total(guide_trace, self.latents)
+        log_p = self._total(model_trace, [name for name, _ in _scored(model_trace)])
+        assert log_det is not None
+        return log_p, log_q, log_det
+
+    def _total(self, trace: Trace, names: list[str]) -> Tensor:
+        total: Tensor | None = None
+        for name in names:
+            site = trace.nodes[name]
+            try:
+                log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            except ValueError as error:
+                raise ValueError(f"site '{name}': {error}") from error
+            part = self.reduce(scale_and_mask(log_prob, site["scale"], site["mask"]))
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+
+def _common_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
+    common: dict[str, Any] | None = None
+    for trace in (model_trace, guide_trace):
+        for _, site in _scored(trace):
+            frames = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
+            common = frames if common is None else {k: v for k, v in common.items() if k in frames}
+    return tuple(sorted((common or {}).values(), key=lambda frame: frame.dim))
+
+
+def simulate(
+    model: Model, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Draw ``(z*, x*) ~ p(z, x)`` by running the model with its observations released
+    (``poutine.uncondition``): returns ``(latents, simulated observations, original
+    observations)``, each keyed by site name."""
+    with torch.no_grad():
+        trace = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
+        with _forked_rng(), poutine.block():
+            plain = poutine.trace(model).get_trace(*args, **kwargs)
+    latents, observed, original = {}, {}, {}
+    for name, site in _scored(trace):
+        if plain.nodes[name]["is_observed"]:
+            observed[name] = site["value"].detach()
+            original[name] = plain.nodes[name]["value"]
+        else:
+            latents[name] = site["value"].detach()
+    return latents, observed, original
+
+
+def conditioned(fn: Any, data: dict[str, Tensor]) -> Any:
+    """``fn`` with the named sites observed at ``data`` (replacing their ``obs=``)."""
+    return poutine.condition(fn, data=data)
