@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import vae_digits as vae  # noqa: E402
 
 import pyro_elbo  # noqa: E402
-from pyro_elbo.objectives import logmeanexp  # noqa: E402
+from pyro_elbo.estimators import logmeanexp  # noqa: E402
 
 NAMES = ["elbo", "stl", "iwae", "dreg", "renyi", "cubo", "vimco"]
 

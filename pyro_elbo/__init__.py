@@ -2,7 +2,7 @@
 
 from pyro_elbo.arviz import to_inference_data
 from pyro_elbo.diagnostics import GapDecomposition, KLGapReport, gap_decomposition, gradient_snr, kl_gap
-from pyro_elbo.elbo import CUBO, ELBO, IWAE, STL, VIMCO, DReG, Objective, RenyiELBO, make_objective
+from pyro_elbo.objectives import CUBO, ELBO, IWAE, STL, VIMCO, DReG, Objective, RenyiELBO, make_objective
 from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load_checkpoint
 from pyro_elbo.weights import LogWeights, log_weights
 

@@ -1,9 +1,12 @@
 """Export guide draws to ArviZ.
 
 :func:`to_inference_data` collects plain NumPy groups once (``_collect``) and hands them to the
-builder of the installed ArviZ: ``InferenceData`` for ArviZ 0.x (Python 3.11), ``DataTree`` through
-``arviz.from_dict`` for ArviZ 1.x (Python >= 3.12). Draws are stored as ``chain=1, draw=S`` so that
-ArviZ's LOO functions, which expect both dims, work.
+builder of the installed ArviZ: ``InferenceData`` for ArviZ 0.x, ``DataTree`` through
+``arviz.from_dict`` for ArviZ 1.x. Both get the same groups, variables, dims, coords and dtypes
+(``tests/test_export_parity.py`` checks both against one expected structure; CI runs the 0.x
+builder on Python 3.11 and the 1.x one on the newest Python). Draws are stored as ``chain=1,
+draw=S`` so that ArviZ's LOO functions, which expect both dims, work. Log-densities are exported in
+float64 whatever the working dtype: ``az.loo`` exponentiates them and float32 overflows to NaN.
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ import numpy as np
 import torch
 
 from pyro_elbo._typing import Guide, Model
-from pyro_elbo.weights import Draws, guess_max_plate_nesting, posterior_draws
+from pyro_elbo._pyro.draws import Draws, posterior_draws
+from pyro_elbo._pyro.log_weights import guess_max_plate_nesting
+from pyro_elbo._pyro.observed_plates import Plate, observed_plates
+
+COMBINED = "combined"
+"""Name of the one log-likelihood variable of ``log_likelihood="combined"``."""
 
 
 def to_inference_data(
@@ -28,6 +36,7 @@ def to_inference_data(
     dims: dict[str, list[str]] | None = None,
     fit_result: Any = None,
     predictive: bool = True,
+    log_likelihood: str = "separate",
     **kwargs: Any,
 ) -> Any:
     """The guide's posterior as an ArviZ object.
@@ -48,14 +57,38 @@ def to_inference_data(
             ``dims={"theta": ["school"]}, coords={"school": names}``.
         fit_result: a :class:`~pyro_elbo.FitResult` whose history to attach.
         predictive: include the ``posterior_predictive`` group.
+        log_likelihood: ``"separate"`` (default): one pointwise log-likelihood per observed site,
+            ``log p(x_i | z)`` over that site's batch shape; ``az.loo`` then needs ``var_name`` when
+            there are several. ``"combined"``: one variable, ``"combined"``, over the plates that
+            every observed site shares (the data plate): for data point ``i``,
+            ``sum_sites sum_(other batch dims) log p(x_site,i | z)``, so that ``az.loo(idata)``
+            leaves out a whole data point (a sequence with all its time steps, a subject with all
+            its responses). Its dims are the shared plates' names unless ``dims`` names
+            ``"combined"`` or an observed site's dims cover those plates.
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
+
+    Raises:
+        ValueError: if ``num_samples`` or ``chunk_size`` is < 1, ``log_likelihood`` is neither
+            mode, ``"combined"`` is asked of observed sites that share no plate, or a plate is
+            subsampled.
     """
     import arviz as az
 
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples} and {chunk_size}")
+    if log_likelihood not in ("separate", COMBINED):
+        raise ValueError(f"log_likelihood must be 'separate' or 'combined', got {log_likelihood!r}")
     groups = _collect(model, guide, args, kwargs, num_samples, chunk_size, predictive)
     dims = dict(dims or {})  # a name's dims apply in every group (observed, predictive, log-lik)
+    if log_likelihood == COMBINED and groups["log_likelihood"]:
+        plates = observed_plates(model, guide, *args, **kwargs)
+        separate = groups["log_likelihood"]
+        combined, plate_names = _combine(separate, plates)
+        groups["log_likelihood"] = {COMBINED: combined}
+        batch_ndims = {name: v.ndim - 2 for name, v in separate.items()}
+        dims.setdefault(COMBINED, _combined_dims(plates, batch_ndims, dims, plate_names))
     history = None
     if fit_result is not None:
         import xarray as xr
@@ -96,15 +129,58 @@ def _collect(
         names = getattr(parts[0], field)
         return {name: np.concatenate([getattr(p, field)[name] for p in parts])[None] for name in names}
 
-    log_p = np.concatenate([p.log_p for p in parts])[None]
-    log_q = np.concatenate([p.log_q for p in parts])[None]
+    log_p = np.concatenate([p.log_p for p in parts])[None].astype(np.float64)
+    log_q = np.concatenate([p.log_q for p in parts])[None].astype(np.float64)
     return {
         "posterior": {**stack("latent"), **stack("deterministic")},
         "posterior_predictive": stack("predictive"),
-        "log_likelihood": stack("log_likelihood"),
+        "log_likelihood": {k: v.astype(np.float64) for k, v in stack("log_likelihood").items()},
         "observed_data": {name: np.asarray(v) for name, v in parts[0].observed.items()},
         "sample_stats": {"log_p": log_p, "log_q": log_q, "log_weight": log_p - log_q},
     }
+
+
+def _combine(
+    log_lik: dict[str, np.ndarray], plates: dict[str, tuple[Plate, ...]]
+) -> tuple[np.ndarray, list[str]]:
+    """Sum the observed sites' pointwise log-likelihoods ``[1, S, *batch]`` over every batch dim
+    but the plates all sites share; return ``[1, S, *shared plate sizes]`` and those plates' names."""
+    names = list(log_lik)
+    shared = [p for p in plates.get(names[0], ()) if all(p in plates.get(n, ()) for n in names[1:])]
+    if not shared:
+        found = "; ".join(f"'{n}' in {[p.name for p in plates.get(n, ())] or 'no plate'}" for n in names)
+        raise ValueError(
+            f"log_likelihood='combined' needs a plate that every observed site shares ({found}); "
+            "use log_likelihood='separate' and az.loo(..., var_name=...)"
+        )
+    nesting = max([-p.dim for n in names for p in plates.get(n, ())] + [v.ndim - 2 for v in log_lik.values()])
+    keep = [nesting + p.dim for p in shared]  # positions among the right-aligned batch dims
+    total = np.zeros((1, log_lik[names[0]].shape[1], *(p.size for p in shared)), dtype=np.float64)
+    for name in names:
+        value = log_lik[name].astype(np.float64)
+        batch = value.shape[2:]
+        value = value.reshape(value.shape[:2] + (1,) * (nesting - len(batch)) + batch)
+        summed = tuple(2 + i for i in range(nesting) if i not in keep)
+        total = total + value.sum(axis=summed)  # broadcasts a size-1 shared dim
+    return total, [p.name for p in shared]
+
+
+def _combined_dims(
+    plates: dict[str, tuple[Plate, ...]],
+    batch_ndims: dict[str, int],
+    dims: dict[str, list[str]],
+    plate_names: list[str],
+) -> list[str]:
+    """The combined variable's dims: an observed site's own dims for the shared plates when the
+    user named them (e.g. ``dims={"y": ["school"]}``), else the plates' names."""
+    for name, ndim in batch_ndims.items():
+        given = dims.get(name)
+        if given is None or len(given) < ndim:
+            continue
+        by_plate = {p.name: given[ndim + p.dim] for p in plates.get(name, ()) if ndim + p.dim >= 0}
+        if all(n in by_plate for n in plate_names):
+            return [by_plate[n] for n in plate_names]
+    return list(plate_names)
 
 
 def _to_cpu(draws: Draws) -> Draws:
@@ -152,8 +228,8 @@ def _to_datatree(
     dims: dict[str, list[str]],
     history: Any,
 ) -> Any:
-    """ArviZ 1.x: ``from_dict`` takes the groups as one nested dict. Not exercised on this
-    project's CI (ArviZ 1.x needs Python >= 3.12)."""
+    """ArviZ 1.x: ``from_dict`` takes the groups as one nested dict (exercised by CI's newest-Python
+    leg)."""
     tree = az.from_dict({k: v for k, v in groups.items() if v}, coords=coords, dims=dims)
     if history is not None:
         tree["fit_history"] = history

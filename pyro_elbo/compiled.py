@@ -19,20 +19,30 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import pyro
 import torch
 from torch import Tensor
 
+from pyro_elbo._pyro.params import loss_and_params, substituted_params
 from pyro_elbo._typing import Guide, Model
-from pyro_elbo.weights import substituted_params
 
 Signature = tuple[Any, ...]
 
 
 class CaptureError(RuntimeError):
     """The model/guide could not be captured as one graph."""
+
+
+class LossFunction(Protocol):
+    """What a capture needs of an objective (:class:`~pyro_elbo.Objective` is one)."""
+
+    retain_graph: bool | None
+
+    def differentiable_loss(self, model: Model, guide: Guide, *args: Any, **kwargs: Any) -> Tensor: ...
+
+    def plate_nesting(self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int: ...
 
 
 class CompiledLoss:
@@ -46,9 +56,12 @@ class CompiledLoss:
     """
 
     def __init__(
-        self, objective: Any, model: Model, guide: Guide, *, backend: str = "inductor", adam: bool = False
+        self, objective: LossFunction, model: Model, guide: Guide, *, backend: str = "inductor", adam: bool = False
     ) -> None:
         self.adam = adam
+        #: ``((lr, beta1, beta2, eps), dtype, device)`` and those values as tensors, kept between
+        #: steps so the in-graph Adam update gets new scalar tensors only when they change
+        self.adam_scalars: tuple[Any, list[Tensor]] | None = None
         self.objective = objective
         self.model = model
         self.guide = guide
@@ -121,7 +134,7 @@ class CompiledLoss:
 
         tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         objective, model, guide = self.objective, self.model, self.guide
-        objective._plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
+        objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
 
         num_params, num_data = len(names), len(tensor_positions)
         adam = self.adam
@@ -161,6 +174,54 @@ class CompiledLoss:
             except Exception:  # a private API: fall back to the public entry point
                 pass
         return torch.compile(graph, backend=self.backend, dynamic=False)
+
+
+class SVICompiledSteps:
+    """``loss_and_grads`` through :class:`CompiledLoss` for ``pyro.infer.SVI`` (``Objective(compile=True)``).
+
+    The first step of each model/guide pair runs eagerly and names the parameters; later steps
+    call the compiled graph with the param store's unconstrained tensors and accumulate the
+    gradients into their ``.grad``. Returns ``None`` (run eagerly) for parameters the param store
+    does not hold, or when capture failed."""
+
+    def __init__(self, objective: LossFunction) -> None:
+        self.objective = objective
+        self.programs: dict[tuple[int, ...], tuple[CompiledLoss, list[str]] | None] = {}
+        self._alive: dict[tuple[int, ...], tuple[Model, Guide]] = {}  # ids stay unique while cached
+
+    def __call__(self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+        key = _program_ids(model, guide)
+        store = pyro.get_param_store()
+        if key not in self.programs:  # the first step runs eagerly and names the parameters
+            loss, seen = loss_and_params(lambda: self.objective.differentiable_loss(model, guide, *args, **kwargs))
+            if loss.requires_grad:
+                loss.backward(retain_graph=bool(self.objective.retain_graph))
+            names = list(seen)
+            known = all(n in store for n in names)
+            self.programs[key] = (CompiledLoss(self.objective, model, guide), names) if known else None
+            self._alive[key] = (model, guide)
+            return float(loss.detach())
+        entry = self.programs[key]
+        if entry is None:
+            return None
+        compiled, names = entry
+        params = {name: store.get_param(name).unconstrained() for name in names}
+        out = compiled(params, args, kwargs)
+        if out is None:
+            return None
+        loss, _, grads = out
+        for name, param, grad in zip(names, params.values(), grads):
+            param.grad = grad if param.grad is None else param.grad + grad
+            pyro.param(name)  # let SVI's parameter trace see it
+        return float(loss)
+
+
+def _program_ids(model: Model, guide: Guide) -> tuple[int, ...]:
+    def part(fn: Any) -> tuple[int, int]:
+        owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+        return (id(owner), id(func)) if owner is not None and func is not None else (id(fn), 0)
+
+    return part(model) + part(guide)
 
 
 def all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,15 +19,16 @@ from typing import Any
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import torch
 from torch import Tensor
 
 from pyro_elbo import distributed
+from pyro_elbo._pyro.log_weights import log_weights
+from pyro_elbo._pyro.params import constrained_value, discover_params, loss_and_params
+from pyro_elbo._random import forked_rng, rng_state, set_rng_state, set_torch_rng_state, torch_rng_state
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.compiled import CompiledLoss, all_finite
-from pyro_elbo.elbo import ELBO, Objective
-from pyro_elbo.weights import _forked_rng, discover_params, log_weights, trainable_params
+from pyro_elbo.objectives import ELBO, Objective
 
 CHECKPOINT_FORMAT = "pyro_elbo.checkpoint/1"
 
@@ -214,7 +214,7 @@ def fit(
         try:
             for step_args in data.batches(state):
                 # the pre-step random state lets a refused step replay its draws and name the site
-                rng_before = _torch_rng_state() if on_nonfinite == "raise" else None
+                rng_before = torch_rng_state() if on_nonfinite == "raise" else None
                 start = time.perf_counter()
                 loss_value, ok = _step(
                     objective, model, guide, step_args, kwargs, params, opt, clip_norm, dist_ctx, compiled
@@ -271,7 +271,7 @@ def fit(
             _checkpoint(ckpt_path, params, opt, sched, objective, result, state, dist_ctx)
         if dist_ctx.active:
             distributed.barrier(dist_ctx)
-    result.params = {name: _constrained(name, p).detach().clone() for name, p in params.items()}
+    result.params = {name: constrained_value(name, p).detach().clone() for name, p in params.items()}
     return result
 
 
@@ -303,9 +303,8 @@ def _step(
         for param, grad in zip(params.values(), param_grads):
             param.grad = grad
     else:
-        with poutine.trace(param_only=True) as capture:
-            loss = objective.differentiable_loss(model, guide, *args, **kwargs)
-        _add_new_params(capture.trace, params, opt)
+        loss, seen = loss_and_params(lambda: objective.differentiable_loss(model, guide, *args, **kwargs))
+        _add_new_params(seen, params, opt)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
@@ -357,10 +356,10 @@ def _compiled_adam_step(
     device, dtype = tensors[0].device, tensors[0].dtype
     beta1, beta2 = group["betas"]
     values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
-    cached = getattr(compiled, "_adam_scalars", None)
+    cached = compiled.adam_scalars
     if cached is None or cached[0] != (values, dtype, device):  # new tensors only when lr etc. change
         cached = ((values, dtype, device), [torch.tensor(v, dtype=dtype, device=device) for v in values])
-        compiled._adam_scalars = cached  # type: ignore[attr-defined]
+        compiled.adam_scalars = cached
     scalars = cached[1]
     step = states[0]["step"]  # float32, as torch's Adam keeps it; promoted inside the graph
     adam_inputs = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states] + [step, *scalars]
@@ -395,18 +394,11 @@ def _make_optimizer(
     return optimizer(params, lr=lr, **options)
 
 
-def _add_new_params(trace: Any, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> None:
-    new = {name: leaf for name, leaf in trainable_params(trace).items() if name not in params}
+def _add_new_params(seen: dict[str, Tensor], params: dict[str, Tensor], opt: torch.optim.Optimizer) -> None:
+    new = {name: leaf for name, leaf in seen.items() if name not in params}
     if new:
         params.update(new)
         opt.add_param_group({"params": list(new.values())})
-
-
-def _constrained(name: str, unconstrained: Tensor) -> Tensor:
-    store = pyro.get_param_store()
-    if name in store and store._params[name] is unconstrained:
-        return store[name]
-    return unconstrained
 
 
 def _check_devices(params: dict[str, Tensor], args: tuple[Any, ...], device: torch.device | None) -> None:
@@ -451,16 +443,16 @@ def _find_nonfinite_site(
     rng: dict[str, Any],
 ) -> str:
     """Replay the failed step's draws and name the first site whose log-density is not finite."""
-    saved = _torch_rng_state()
+    saved = torch_rng_state()
     try:
-        _set_torch_rng_state(rng)
+        set_torch_rng_state(rng)
         with torch.no_grad():
             lw = log_weights(
                 model,
                 guide,
                 *args,
                 num_particles=objective.num_particles,
-                max_plate_nesting=objective._plate_nesting(model, guide, args, kwargs),
+                max_plate_nesting=objective.plate_nesting(model, guide, args, kwargs),
                 vectorize_particles=objective.vectorize_particles,
                 need={"per_site"},
                 **kwargs,
@@ -468,7 +460,7 @@ def _find_nonfinite_site(
     except Exception as error:  # the replay itself failed: report that
         return f" (replaying the step raised {type(error).__name__}: {error})"
     finally:
-        _set_torch_rng_state(saved)
+        set_torch_rng_state(saved)
     for role, sites in (("model", lw.site_log_p), ("guide", lw.site_log_q)):
         for name, value in sites.items():
             if not torch.isfinite(value).all():
@@ -481,7 +473,7 @@ def _validation_loss(
 ) -> float:
     batches = validation if isinstance(validation, torch.utils.data.DataLoader) else [validation]
     total = 0.0
-    with _forked_rng():
+    with forked_rng():
         for batch in batches:
             total += objective.loss(model, guide, *_to_device(_as_args(batch), device), **kwargs)
     return total
@@ -577,7 +569,7 @@ class _Data:
     def peek(self) -> tuple[Any, ...]:
         if self.loader is None:
             return self.args
-        with _forked_rng():
+        with forked_rng():
             return _to_device(_as_args(next(iter(self.loader))), self.device)
 
     def batches(self, state: _LoopState) -> Iterable[tuple[Any, ...]]:
@@ -588,16 +580,16 @@ class _Data:
         while state.step < self.total_steps and state.epoch < self.num_epochs:
             resuming = state.batch_in_epoch > 0 and state.epoch_rng is not None
             if resuming:
-                current = _rng_state()
-                _set_rng_state(state.epoch_rng)  # type: ignore[arg-type]
+                current = rng_state()
+                set_rng_state(state.epoch_rng)  # type: ignore[arg-type]
             else:
-                state.epoch_rng = _rng_state()
+                state.epoch_rng = rng_state()
             distributed.set_epoch(self.loader, state.epoch)
             iterator = iter(self.loader)
             if resuming:
                 for _ in range(state.batch_in_epoch):
                     next(iterator)
-                _set_rng_state(current)
+                set_rng_state(current)
             for batch in iterator:
                 if state.step >= self.total_steps:
                     return
@@ -606,40 +598,6 @@ class _Data:
             state.epoch += 1
             state.batch_in_epoch = 0
             state.epoch_rng = None
-
-
-# --------------------------------------------------------------------------------------------
-# random state
-
-
-def _torch_rng_state() -> dict[str, Any]:
-    """The torch (and CUDA) random state only: cheap enough to take every step."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}
-
-
-def _set_torch_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())  # .cpu(): a checkpoint may be loaded onto a GPU
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every random state a run depends on: torch, CUDA, Python and NumPy (for checkpoints)."""
-    np_state = np.random.get_state()
-    return {
-        **_torch_rng_state(),
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    _set_torch_rng_state(state)
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), *rest))
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,7 +656,7 @@ def _snapshot(
     return {
         "format": CHECKPOINT_FORMAT,
         "objective": repr(objective),
-        "objective_state": {"baseline": getattr(objective, "_baseline", None)},
+        "objective_state": objective.state_dict(),
         "param_names": list(params),
         "params": {name: p.detach().clone() for name, p in params.items()},
         "optimizer": opt.state_dict(),
@@ -711,9 +669,9 @@ def _snapshot(
         "step_seconds": list(result.step_seconds),
         "num_skipped": result.num_skipped,
         "validation_history": [list(v) for v in result.validation_history],
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "world_size": dist_ctx.world_size,
-        "rank_rng": distributed.gather_rng_states(dist_ctx, _rng_state) if dist_ctx.active else None,
+        "rank_rng": distributed.gather_rng_states(dist_ctx, rng_state) if dist_ctx.active else None,
     }
 
 
@@ -763,8 +721,7 @@ def _restore(
     opt.load_state_dict(ckpt["optimizer"])
     if sched is not None and ckpt["scheduler"] is not None:
         sched.load_state_dict(ckpt["scheduler"])
-    if hasattr(objective, "_baseline"):
-        objective._baseline = ckpt["objective_state"]["baseline"]
+    objective.load_state_dict(ckpt["objective_state"])
     result.history = list(ckpt["history"])
     result.step_seconds = list(ckpt["step_seconds"])
     result.num_skipped = ckpt["num_skipped"]
@@ -772,6 +729,6 @@ def _restore(
     state.step, state.epoch, state.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
     state.epoch_rng = ckpt["epoch_rng"]
     if dist_ctx.active and ckpt["rank_rng"] is not None:
-        _set_rng_state(ckpt["rank_rng"][dist_ctx.rank])
+        set_rng_state(ckpt["rank_rng"][dist_ctx.rank])
     else:
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])

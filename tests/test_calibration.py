@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pyro_elbo
-from pyro_elbo import objectives
+from pyro_elbo import estimators
 from pyro_elbo.weights import log_weights
 
 from models import default_conjugate
@@ -60,7 +60,7 @@ def test_elbo_unbiasedness_false_alarm_rate_over_seeds() -> None:
     for seed in range(SEEDS):
         pyro.set_rng_seed(seed)
         with torch.no_grad():
-            values = objectives.elbo(log_weights(c.model, c.guide_at(loc, scale), 20_000, num_particles=1))
+            values = estimators.elbo(log_weights(c.model, c.guide_at(loc, scale), 20_000, num_particles=1))
         mean, se = float(values.mean()), float(values.std()) / math.sqrt(values.numel())
         alarms += abs(mean - exact) > 1.96 * se
     print(f"\nELBO unbiasedness: {alarms} false alarms in {SEEDS} seeds (nominal 5%: expect ~{0.05 * SEEDS:.0f})")

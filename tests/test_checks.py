@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyro_elbo
-from pyro_elbo.elbo import OBJECTIVES, make_objective
+from pyro_elbo.objectives import OBJECTIVES, make_objective
 
 DATA = torch.tensor([0.3, -0.2, 1.1, 0.4])
 

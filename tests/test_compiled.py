@@ -14,7 +14,7 @@ import torch
 
 import pyro_elbo
 from pyro_elbo.compiled import CompiledLoss
-from pyro_elbo.elbo import OBJECTIVES, make_objective
+from pyro_elbo.objectives import OBJECTIVES, make_objective
 
 from models import default_conjugate, relative_tolerance
 
@@ -199,7 +199,7 @@ def test_compiled_objective_in_pyro_svi() -> None:
     svi = pyro.infer.SVI(c.model, guide, pyro.optim.Adam({"lr": 0.05}), loss=objective)
     for _ in range(400):
         svi.step(2)
-    (compiled, names), = objective._compiled.values()
+    (compiled, names), = objective._svi_steps.programs.values()
     assert set(names) == {"loc", "scale"} and len(compiled.graphs) == 1
     store = pyro.get_param_store()
     assert torch.allclose(store["loc"].detach(), torch.full((2,), c.post_loc), atol=0.02)

@@ -13,7 +13,7 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
 
 import pyro_elbo
-from pyro_elbo.elbo import make_objective
+from pyro_elbo.objectives import make_objective
 
 from models import Z_TWO_SIDED, default_conjugate, rounding_tolerance
 

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_elbo.elbo import OBJECTIVES, make_objective
+from pyro_elbo.objectives import OBJECTIVES, make_objective
 
 from models import Z_TWO_SIDED, default_conjugate, mean_se
 

@@ -1,0 +1,409 @@
+"""Per-particle log importance weights of a guide: the core abstraction.
+
+For particles :math:`z_s \\sim q_\\phi(z \\mid x)`, :math:`s = 1..S`,
+
+.. math::
+
+    \\log w_s = \\log p_\\theta(x, z_s) - \\log q_\\phi(z_s \\mid x).
+
+Particles are drawn vectorized: model and guide run once inside an outer ``pyro.plate`` of size
+``S`` placed left of every user plate. With ``num_particles=1`` no such plate is added, so a model
+not written for batched latents (``x @ w``) behaves exactly as under Pyro's ``Trace_ELBO``.
+Everything else (estimators, diagnostics, training, export) is computed from the
+:class:`LogWeights` this module returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from pyro_elbo._pyro import checks
+from pyro_elbo._pyro.params import has_trainable_params, params_stopped
+from pyro_elbo._random import forked_rng
+from pyro_elbo._typing import Guide, Model
+
+PARTICLE_PLATE = "_pyro_elbo_particles"
+
+#: Optional fields of :class:`LogWeights` that estimators may ask for.
+OPTIONAL_FIELDS = frozenset({"log_q_stopped", "log_p_stopped_z", "per_site"})
+
+
+@dataclass(frozen=True)
+class LogWeights:
+    """Log densities of ``S`` guide particles, reduced to ``[S, *B]``.
+
+    Attributes:
+        log_p: ``[S, *B]`` :math:`\\log p(x, z_s)` (scale and mask applied).
+        log_q: ``[S, *B]`` :math:`\\log q(z_s \\mid x)`.
+        log_q_score: ``[S, *B]`` the part of ``log_q`` from guide sites that are *not*
+            reparameterized (zeros if there are none); its gradient is the score function.
+        score_sites: names of the non-reparameterized guide sites.
+        batch_plates: names of the plates that enclose every site; ``B`` is their shape.
+        batch_scale: subsampling factor ``full_size / subsample_size`` of the batch plates:
+            a bound for the full data set is ``batch_scale * bound.sum()``.
+        subsampled_plates: subsampled plates that are *not* batch plates. Their scale sits
+            inside ``log_w``, which is valid only for estimators linear in ``log_w``.
+        log_q_stopped: ``[S, *B]`` ``log q`` re-evaluated at the same ``z_s`` with the guide's
+            parameters detached: its gradient is the path derivative only (STL, DReG).
+        log_p_stopped_z: ``[S, *B]`` ``log p`` at ``z_s`` detached: its gradient reaches the
+            model's parameters only (DReG). ``None`` if not requested or the model has none.
+        site_log_p, site_log_q: per-site ``[S, *B]`` contributions (requested with
+            ``need={"per_site"}``), used for per-site diagnostics.
+    """
+
+    log_p: Tensor
+    log_q: Tensor
+    log_q_score: Tensor
+    score_sites: tuple[str, ...] = ()
+    batch_plates: tuple[str, ...] = ()
+    batch_scale: float = 1.0
+    subsampled_plates: tuple[str, ...] = ()
+    log_q_stopped: Tensor | None = None
+    log_p_stopped_z: Tensor | None = None
+    site_log_p: dict[str, Tensor] = field(default_factory=dict)
+    site_log_q: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def log_w(self) -> Tensor:
+        """``[S, *B]`` log importance weights ``log_p - log_q``."""
+        return self.log_p - self.log_q
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_p.shape[0]
+
+
+def log_weights(
+    model: Model,
+    guide: Guide,
+    *args: Any,
+    num_particles: int = 1,
+    max_plate_nesting: int | None = None,
+    vectorize_particles: bool = True,
+    need: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
+    detach_model_params: bool = False,
+    **kwargs: Any,
+) -> LogWeights:
+    """Draw ``num_particles`` particles from the guide and score them under the model.
+
+    Args:
+        model: a Pyro model ``p(x, z)``.
+        guide: a Pyro guide ``q(z | x)`` with the same latent sites.
+        *args: positional arguments of both model and guide.
+        num_particles: ``S``, the number of particles (dim 0 of every result).
+        max_plate_nesting: the number of plate dims the model uses. Guessed from one run
+            (without consuming the caller's random stream) when ``None``.
+        vectorize_particles: draw all particles in one vectorized pass (default). ``False``
+            evaluates them one at a time, for models that cannot broadcast over a particle dim.
+        need: optional fields to compute, a subset of ``{"log_q_stopped", "log_p_stopped_z",
+            "per_site"}``.
+        detach_model_params: evaluate the model with its parameters detached, so only the guide
+            receives gradients (upper-bound objectives).
+        **kwargs: keyword arguments of both model and guide.
+
+    Returns:
+        A :class:`LogWeights` whose tensors are ``[S, *B]``.
+
+    Raises:
+        ValueError: on an invalid model/guide pair (the message names the site), on
+            ``num_particles < 1``, or when the model fails under the particle plate.
+
+    Example:
+        >>> lw = log_weights(model, guide, data, num_particles=100)  # doctest: +SKIP
+        >>> lw.log_w.shape
+        torch.Size([100])
+    """
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int):
+        raise TypeError(f"num_particles must be an int, got {num_particles!r}")
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    unknown = set(need) - OPTIONAL_FIELDS
+    if unknown:
+        raise ValueError(f"unknown fields in need: {sorted(unknown)}; choose from {sorted(OPTIONAL_FIELDS)}")
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
+    if vectorize_particles or num_particles == 1:
+        return _log_weights_vectorized(
+            model, guide, args, kwargs, num_particles, max_plate_nesting, frozenset(need), detach_model_params
+        )
+    parts = [
+        _log_weights_vectorized(model, guide, args, kwargs, 1, max_plate_nesting, frozenset(need), detach_model_params)
+        for _ in range(num_particles)
+    ]
+    return _concat(parts)
+
+
+def guess_max_plate_nesting(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> int:
+    """Run guide and model once to find how many plate dims they use.
+
+    The run also creates lazily initialized parameters (autoguides, ``pyro.param``). It runs
+    inside :func:`torch.random.fork_rng`, so the caller's random stream is left where it was and a
+    seeded run gives the same draws whether or not this was called first.
+    """
+    with forked_rng(), torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        try:
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        except Exception as error:
+            _diagnose_model_failure(model, guide_trace, args, kwargs, None, 1, error)
+            raise
+    return plate_nesting(guide_trace, model_trace)
+
+
+def plate_nesting(*traces: Trace) -> int:
+    dims = [
+        -frame.dim
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return max(dims, default=0)
+
+
+# --------------------------------------------------------------------------------------------
+# tracing
+
+
+def particle_plated(fn: Any, num_particles: int, dim: int) -> Any:
+    if num_particles == 1:
+        return fn
+
+    def plated(*args: Any, **kwargs: Any) -> Any:
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
+            return fn(*args, **kwargs)
+
+    return plated
+
+
+def traces(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+    detach_model_params: bool,
+) -> tuple[Trace, Trace]:
+    dim = -max_plate_nesting - 1
+    plated_guide = particle_plated(guide, num_particles, dim)
+    plated_model = particle_plated(model, num_particles, dim)
+    try:
+        guide_trace = poutine.trace(plated_guide).get_trace(*args, **kwargs)
+        try:
+            with params_stopped() if detach_model_params else contextlib.nullcontext():
+                model_trace = poutine.trace(poutine.replay(plated_model, trace=guide_trace)).get_trace(
+                    *args, **kwargs
+                )
+        except Exception as error:
+            _diagnose_model_failure(plated_model, guide_trace, args, kwargs, max_plate_nesting, num_particles, error)
+            raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        if num_particles == 1 or isinstance(error, _NamedMismatch):
+            raise
+        raise ValueError(
+            f"The model or guide failed when its {num_particles} particles were drawn in one "
+            f"vectorized pass (an outer pyro.plate at dim {dim}): {type(error).__name__}: {error}. "
+            "A model not written for batched latents (e.g. `x @ w` with a vector latent `w`) "
+            "cannot broadcast over particles: pass vectorize_particles=False to evaluate the "
+            "particles one at a time (correct, slower), or use num_particles=1."
+        ) from error
+    return model_trace, guide_trace
+
+
+class _NamedMismatch(ValueError):
+    """A model/guide mismatch found after the model failed on the guide's values."""
+
+
+def _diagnose_model_failure(
+    plated_model: Any,
+    guide_trace: Trace,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    max_plate_nesting: int | None,
+    num_particles: int,
+    error: Exception,
+) -> None:
+    """The model failed on the guide's values: if its own prior draws run, name the mismatch."""
+    try:
+        with forked_rng(), torch.no_grad(), poutine.block():
+            prior_trace = poutine.trace(plated_model).get_trace(*args, **kwargs)
+    except Exception:
+        return
+    if max_plate_nesting is None:
+        max_plate_nesting = plate_nesting(guide_trace, prior_trace)
+    try:
+        checks.check_model_guide(prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
+    except ValueError as mismatch:
+        raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {error})") from error
+
+
+def _log_weights_vectorized(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+    need: frozenset[str],
+    detach_model_params: bool,
+) -> LogWeights:
+    model_trace, guide_trace = traces(
+        model, guide, args, kwargs, num_particles, max_plate_nesting, detach_model_params
+    )
+    checks.check_model_guide(model_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
+    batch = batch_frames(model_trace, guide_trace)
+    batch_scale = math.prod(frame.full_size / frame.size for frame in batch)
+    batch_names = {frame.name for frame in batch}
+    subsampled = tuple(sorted(set(subsampled_plates(model_trace, guide_trace)) - batch_names))
+    reducer = Reducer(max_plate_nesting, num_particles, batch, batch_scale)
+    site_log_p = {name: reducer(site) for name, site in scored_sites(model_trace, named=True)}
+    site_log_q = {name: reducer(site) for name, site in scored_sites(guide_trace, named=True)}
+    score_sites = tuple(
+        name for name, site in scored_sites(guide_trace, named=True) if not site["fn"].has_rsample
+    )
+    log_p = reducer.total(site_log_p.values())
+    log_q = reducer.total(site_log_q.values())
+    log_q_score = reducer.total(site_log_q[name] for name in score_sites)
+
+    log_q_stopped = None
+    if "log_q_stopped" in need:
+        with params_stopped():
+            stopped = poutine.trace(
+                poutine.replay(particle_plated(guide, num_particles, -max_plate_nesting - 1), trace=guide_trace)
+            ).get_trace(*args, **kwargs)
+        log_q_stopped = reducer.total(reducer(site) for site in scored_sites(stopped))
+
+    log_p_stopped_z = None
+    if "log_p_stopped_z" in need and not detach_model_params and has_trainable_params(model_trace):
+        detached = Trace()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample":
+                detached.add_node(name, **{**site, "value": site["value"].detach()})
+        plated_model = particle_plated(model, num_particles, -max_plate_nesting - 1)
+        replayed = poutine.trace(poutine.replay(plated_model, trace=detached)).get_trace(*args, **kwargs)
+        log_p_stopped_z = reducer.total(reducer(site) for site in scored_sites(replayed))
+
+    per_site = "per_site" in need
+    return LogWeights(
+        log_p=log_p,
+        log_q=log_q,
+        log_q_score=log_q_score,
+        score_sites=score_sites,
+        batch_plates=tuple(frame.name for frame in batch),
+        batch_scale=batch_scale,
+        subsampled_plates=subsampled,
+        log_q_stopped=log_q_stopped,
+        log_p_stopped_z=log_p_stopped_z,
+        site_log_p=site_log_p if per_site else {},
+        site_log_q=site_log_q if per_site else {},
+    )
+
+
+def scored_sites(trace: Trace, named: bool = False) -> Iterator[Any]:
+    """Sample sites that contribute a log-density (not plate subsample sites)."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        yield (name, site) if named else site
+
+
+def subsampled_plates(*traces: Trace) -> dict[str, Any]:
+    """Plate name -> frame, for every plate of the scored sites that sees a subsample of its data."""
+    return {
+        frame.name: frame
+        for trace in traces
+        for site in scored_sites(trace)
+        for frame in site["cond_indep_stack"]
+        if frame.full_size not in (None, frame.size) and frame.name != PARTICLE_PLATE
+    }
+
+
+def batch_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
+    """The plates shared by every scored site of model and guide, outermost first."""
+    common: dict[str, Any] | None = None
+    for trace in (model_trace, guide_trace):
+        for site in scored_sites(trace):
+            frames = {f.name: f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
+            common = frames if common is None else {k: v for k, v in common.items() if k in frames}
+    return tuple(sorted((common or {}).values(), key=lambda frame: frame.dim))
+
+
+
+class Reducer:
+    """Sums a site's log-density over every dim except particles (dim 0) and the batch plates."""
+
+    def __init__(self, max_plate_nesting: int, num_particles: int, batch: tuple[Any, ...], batch_scale: float):
+        self.rank = max_plate_nesting + 1
+        self.batch_dims = {self.rank + frame.dim: frame.size for frame in batch}  # positive dims
+        self.batch_scale = batch_scale
+        self.shape = [num_particles] + [self.batch_dims.get(d, 1) for d in range(1, self.rank)]
+        self.out_shape = [num_particles] + [self.batch_dims[d] for d in sorted(self.batch_dims)]
+
+    def __call__(self, site: Any) -> Tensor:
+        fn = site["fn"]
+        try:
+            log_prob = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as error:  # distribution validation: say which site
+            kind = "observed" if site["is_observed"] else "latent"
+            raise ValueError(f"{kind} site '{site['name']}': {error}") from error
+        scale = site["scale"] / self.batch_scale if self.batch_scale != 1.0 else site["scale"]
+        log_prob = scale_and_mask(log_prob, scale, site["mask"])
+        self.like = log_prob
+        extra = log_prob.dim() - self.rank
+        if extra > 0:  # batch dims left of the particle dim cannot happen under our plate
+            raise ValueError(
+                f"site '{site['name']}' has log_prob of shape {tuple(log_prob.shape)}, more dims than "
+                f"max_plate_nesting={self.rank - 1} allows; pass a larger max_plate_nesting"
+            )
+        log_prob = log_prob.reshape((1,) * -extra + tuple(log_prob.shape))
+        keep = {0, *self.batch_dims}
+        sum_dims = [d for d in range(self.rank) if d not in keep and log_prob.shape[d] != 1]
+        if sum_dims:
+            log_prob = log_prob.sum(sum_dims, keepdim=True)
+        return log_prob.expand(self.shape).reshape(self.out_shape)
+
+    def total(self, parts: Any) -> Tensor:
+        result = None
+        for part in parts:
+            result = part if result is None else result + part
+        if result is None:
+            like = getattr(self, "like", None)
+            if like is None:
+                return torch.zeros(self.out_shape)
+            return like.new_zeros(self.out_shape)
+        return result
+
+
+def _concat(parts: list[LogWeights]) -> LogWeights:
+    def cat(values: list[Tensor | None]) -> Tensor | None:
+        return None if any(v is None for v in values) else torch.cat(values, 0)  # type: ignore[arg-type]
+
+    first = parts[0]
+    return LogWeights(
+        log_p=torch.cat([p.log_p for p in parts]),
+        log_q=torch.cat([p.log_q for p in parts]),
+        log_q_score=torch.cat([p.log_q_score for p in parts]),
+        score_sites=first.score_sites,
+        batch_plates=first.batch_plates,
+        batch_scale=first.batch_scale,
+        subsampled_plates=first.subsampled_plates,
+        log_q_stopped=cat([p.log_q_stopped for p in parts]),
+        log_p_stopped_z=cat([p.log_p_stopped_z for p in parts]),
+        site_log_p={k: torch.cat([p.site_log_p[k] for p in parts]) for k in first.site_log_p},
+        site_log_q={k: torch.cat([p.site_log_q[k] for p in parts]) for k in first.site_log_q},
+    )
+
