@@ -1,0 +1,184 @@
+"""Speed on real Pyro models (the zoo in ``tests/pyro_models.py``), side by side in one run.
+
+For each model: median µs per step of ``pyro_elbo.fit(compile=False)`` (eager), of
+``fit(compile=True)`` (the compiled step, first step excluded) and of Pyro's own ``SVI`` step with
+``Trace_ELBO`` (``TraceEnum_ELBO`` for enumerated models); the ratios; the cold compile seconds
+(``FitResult.compile_seconds`` with an empty inductor cache) and the warm compile seconds (a second
+process, same model and shapes, same cache); and which path ran, with the fallback warning's text.
+
+    python benchmarks/real_models.py                          # every model, 200 steps, 1 thread
+    python benchmarks/real_models.py --models vae,dmm --steps 500 --threads 2
+    python benchmarks/real_models.py --no-compile             # eager and Pyro only (fast)
+
+The inductor cache lives in a fresh temporary folder for each run (``--cache-dir`` to reuse one),
+so "cold" means cold. Prints a Markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="all", help="comma-separated zoo names (default: all)")
+    parser.add_argument("--steps", type=int, default=200, help="steps per timed run (default: 200)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled runs")
+    parser.add_argument("--no-warm", action="store_true", help="skip the second-process (warm cache) compile")
+    parser.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh temporary one)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--child-compile", default=None, help=argparse.SUPPRESS)  # warm-compile child process
+    return parser.parse_args(argv)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(getattr(torch, args.dtype))
+
+
+def _median_us(seconds: list[float]) -> float:
+    return 1e6 * statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
+def fit_timing(name: str, steps: int, compile: bool) -> dict[str, Any]:
+    """Median µs/step of ``pyro_elbo.fit``, the compile seconds and any fallback warning."""
+    import pyro
+    from pyro_models import ZOO
+
+    import pyro_elbo
+
+    pyro.clear_param_store()
+    entry = ZOO[name]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pyro_elbo.fit(entry.model, entry.guide, *entry.args, num_steps=steps, lr=0.01, seed=0,
+                               progress=False, compile=compile, **entry.kwargs)
+    fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    return {
+        "us": _median_us(result.step_seconds),
+        "compile_s": result.compile_seconds,
+        "fallback": fallback[0] if fallback else None,
+    }
+
+
+def pyro_timing(name: str, steps: int) -> float:
+    """Median µs per ``SVI.step`` with Pyro's own estimator and Adam."""
+    import pyro
+    from pyro_models import ZOO
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    entry = ZOO[name]()
+    svi = pyro.infer.SVI(entry.model, entry.guide, pyro.optim.Adam({"lr": 0.01}), loss=entry.pyro_loss())
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        svi.step(*entry.args, **entry.kwargs)
+        seconds.append(time.perf_counter() - start)
+    return _median_us(seconds)
+
+
+def warm_compile_seconds(name: str, args: argparse.Namespace, env: dict[str, str]) -> float | None:
+    """Compile seconds in a second process with the same model, shapes and inductor cache."""
+    command = [sys.executable, __file__, "--child-compile", name, "--threads", str(args.threads), "--dtype", args.dtype]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode != 0:
+        print(f"  warm child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
+
+
+def measure(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": name}
+    row["pyro_us"] = pyro_timing(name, args.steps)
+    eager = fit_timing(name, args.steps, compile=False)
+    row["eager_us"] = eager["us"]
+    if not args.no_compile:
+        start = time.perf_counter()
+        compiled = fit_timing(name, args.steps, compile=True)
+        row["compiled_run_s"] = time.perf_counter() - start
+        row["compiled_us"] = compiled["us"]
+        row["cold_compile_s"] = compiled["compile_s"]
+        row["fallback"] = compiled["fallback"]
+        row["path"] = "eager fallback" if compiled["fallback"] else "compiled"
+        if not args.no_warm and row["path"] == "compiled":
+            row["warm_compile_s"] = warm_compile_seconds(name, args, env)
+    return row
+
+
+def _fmt(value: Any, spec: str = ".0f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | Pyro µs/step | eager µs/step | compiled µs/step | Pyro/eager | Pyro/compiled "
+        "| cold compile s | warm compile s | path |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        compiled = r.get("compiled_us")
+        lines.append(
+            f"| {r['model']} | {_fmt(r['pyro_us'])} | {_fmt(r['eager_us'])} | {_fmt(compiled)} "
+            f"| {_fmt(r['pyro_us'] / r['eager_us'], '.2f')}× "
+            f"| {_fmt(r['pyro_us'] / compiled if compiled else None, '.2f')}{'×' if compiled else ''} "
+            f"| {_fmt(r.get('cold_compile_s'), '.1f')} | {_fmt(r.get('warm_compile_s'), '.1f')} "
+            f"| {r.get('path', 'not run')} |"
+        )
+    fallbacks = [f"- {r['model']}: {r['fallback']}" for r in rows if r.get("fallback")]
+    if fallbacks:
+        lines += ["", "Fallback warnings (first line):"] + [f.splitlines()[0][:400] for f in fallbacks]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="pyro_elbo_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # before torch is imported: a cold cache
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    _setup(args)
+    if args.child_compile:
+        result = fit_timing(args.child_compile, 2, compile=True)
+        print(json.dumps({"compile_s": result["compile_s"], "fallback": result["fallback"]}))
+        return 0
+    import torch
+    from pyro_models import ZOO
+
+    names = list(ZOO) if args.models == "all" else args.models.split(",")
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        print(f"unknown models {unknown}; choose from {list(ZOO)}", file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.dtype}, {args.steps} steps, "
+          f"inductor cache {cache}", flush=True)
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        rows.append(measure(name, args, env))
+        print(f"{name}: {json.dumps(rows[-1])} ({time.perf_counter() - start:.0f} s)", flush=True)
+    print()
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
