@@ -68,8 +68,12 @@ def fit_timing(name: str, steps: int, compile: bool) -> dict[str, Any]:
     entry = ZOO[name]()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = pyro_elbo.fit(entry.model, entry.guide, *entry.args, num_steps=steps, lr=0.01, seed=0,
-                               progress=False, compile=compile, **entry.kwargs)
+        try:
+            result = pyro_elbo.fit(entry.model, entry.guide, *entry.args, num_steps=steps, lr=0.01, seed=0,
+                                   progress=False, compile=compile, **entry.kwargs)
+        except Exception as error:  # a model fit cannot train at all (e.g. enumerated sites): a row, not a crash
+            return {"us": None, "compile_s": None, "fallback": None,
+                    "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
     return {
         "us": _median_us(result.step_seconds),
@@ -110,7 +114,9 @@ def measure(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
     row["pyro_us"] = pyro_timing(name, args.steps)
     eager = fit_timing(name, args.steps, compile=False)
     row["eager_us"] = eager["us"]
-    if not args.no_compile:
+    if eager.get("error"):
+        row["path"] = f"fit fails: {eager['error']}"
+    elif not args.no_compile:
         start = time.perf_counter()
         compiled = fit_timing(name, args.steps, compile=True)
         row["compiled_run_s"] = time.perf_counter() - start
@@ -137,7 +143,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         compiled = r.get("compiled_us")
         lines.append(
             f"| {r['model']} | {_fmt(r['pyro_us'])} | {_fmt(r['eager_us'])} | {_fmt(compiled)} "
-            f"| {_fmt(r['pyro_us'] / r['eager_us'], '.2f')}× "
+            f"| {_fmt(r['pyro_us'] / r['eager_us'] if r['eager_us'] else None, '.2f')}{'×' if r['eager_us'] else ''} "
             f"| {_fmt(r['pyro_us'] / compiled if compiled else None, '.2f')}{'×' if compiled else ''} "
             f"| {_fmt(r.get('cold_compile_s'), '.1f')} | {_fmt(r.get('warm_compile_s'), '.1f')} "
             f"| {r.get('path', 'not run')} |"
