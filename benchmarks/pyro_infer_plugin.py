@@ -17,6 +17,9 @@ Configuration (environment variables, set by the driver):
   minimum, e.g. 2 for VIMCO). ``ELBO`` and ``STL`` keep the test's value (Pyro's default, 1).
 - ``PYRO_INFER_SUITE_OUT``: JSON file the per-test outcomes are written to.
 - ``PYRO_INFER_SUITE_SELECT``: optional file of node ids (one a line); other tests are deselected.
+- ``PYRO_INFER_SUITE_PREFILTER=1``: deselect tests that cannot construct a substituted class (their
+  parametrized ELBO is another class, or neither their parameters nor their source name one); a
+  speed-up for the baseline, which then records which of the rest really construct one.
 
 Positional arguments: ``pyro_elbo.ELBO`` claims Pyro's positional signature (``ELBO(10)``), so they
 are passed through unchanged; for the other objectives (whose first positional is ``alpha`` or ``n``)
@@ -92,14 +95,43 @@ def _install() -> None:
 _install()
 
 
+def _mentions(value: Any) -> bool | None:
+    """Whether a parametrized value is (or calls) a substituted class; None if it is no ELBO at all."""
+    if isinstance(value, type) and issubclass(value, pyro.infer.ELBO):
+        return value.__name__ in _SUBSTITUTED
+    code = getattr(value, "__code__", None)
+    if code is not None and any("ELBO" in n or "Elbo" in n for n in (*code.co_names, value.__name__)):
+        return any(n in _SUBSTITUTED for n in code.co_names)
+    return None
+
+
+def _may_use(item: pytest.Item) -> bool:
+    """A superset of the tests that construct a substituted class (the baseline's record decides)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    verdicts = [v for v in map(_mentions, params.values()) if v is not None]
+    if any(verdicts):
+        return True
+    if verdicts:  # parametrized over another ELBO only
+        return False
+    try:
+        source = inspect.getsource(getattr(item, "obj", None) or (lambda: None))
+    except (OSError, TypeError):
+        return True
+    return any(name in source for name in _SUBSTITUTED)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     select = os.environ.get("PYRO_INFER_SUITE_SELECT")
-    if not select:
+    if select:
+        with open(select) as f:
+            wanted = {line.strip() for line in f if line.strip()}
+        keep = [item for item in items if item.nodeid in wanted]
+    elif os.environ.get("PYRO_INFER_SUITE_PREFILTER") == "1":
+        keep = [item for item in items if _may_use(item)]
+    else:
         return
-    with open(select) as f:
-        wanted = {line.strip() for line in f if line.strip()}
-    keep = [item for item in items if item.nodeid in wanted]
-    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in wanted])
+    kept = {id(item) for item in keep}
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
     items[:] = keep
 
 

@@ -74,6 +74,7 @@ def run_pytest(args: argparse.Namespace, mode: str, out: Path, select: Path | No
         PYRO_INFER_SUITE_PARTICLES=str(args.particles),
     )
     env.pop("PYRO_INFER_SUITE_SELECT", None)
+    env["PYRO_INFER_SUITE_PREFILTER"] = "0" if args.no_prefilter else "1"
     if select is not None:
         env["PYRO_INFER_SUITE_SELECT"] = str(select)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pyro_infer_plugin"]
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=120, help="seconds per test (pytest-timeout)")
     parser.add_argument("-k", help="pytest -k expression to restrict the tests")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/pyro_infer_suite"))
+    parser.add_argument("--no-prefilter", action="store_true", help="baseline runs every test, not a superset")
     parser.add_argument("--reuse-baseline", action="store_true", help="reuse --out-dir/pyro.json")
     args = parser.parse_args()
 
