@@ -77,14 +77,16 @@ def _check_shape(result: Tensor, lw: LogWeights) -> Tensor:
 # estimators
 
 
-def elbo(lw: LogWeights, *, baseline: Tensor | float | None = None) -> Tensor:
+def elbo(lw: LogWeights, *, baseline: dict[str, float] | None = None) -> Tensor:
     """The evidence lower bound :math:`\\frac1S \\sum_s \\log w_s`.
 
-    Reparameterized sites get the pathwise gradient. Non-reparameterized guide sites add the score
-    term :math:`(\\log w_s - b_s) \\nabla \\log q(z_s)` with a leave-one-out baseline
-    :math:`b_s = \\frac{1}{S-1}\\sum_{t \\ne s} \\log w_t` when ``S >= 2``, else the given
-    ``baseline`` (a running mean kept by :class:`~pyro_elbo.ELBO`). In plated models each data
-    point's score term sees only its own log-weight (local Rao-Blackwellization).
+    Reparameterized sites get the pathwise gradient. Each non-reparameterized guide site ``g``
+    adds the score term :math:`(\\log r_{g,s} - b_{g,s}) \\nabla \\log q(z_{g,s})`, where
+    :math:`\\log r_g` is the log-weight restricted to the site's plates (Pyro's local
+    Rao-Blackwellization: a data point's site sees its own factors and the global ones), with a
+    leave-one-out baseline :math:`b_{g,s} = \\frac{1}{S-1}\\sum_{t \\ne s} \\log r_{g,t}` when
+    ``S >= 2``, else ``baseline[g]`` (a running mean kept by :class:`~pyro_elbo.ELBO`). The direct
+    gradient of :math:`-\\log q` at such a site has expectation zero and is dropped, as in Pyro.
 
     References:
         | Black Box Variational Inference (Ranganath et al., 2014)
@@ -92,13 +94,19 @@ def elbo(lw: LogWeights, *, baseline: Tensor | float | None = None) -> Tensor:
     """
     log_w = lw.log_w
     value = log_w.mean(0)
-    if lw.score_sites:
-        if log_w.shape[0] > 1:
-            b = leave_one_out_mean(log_w.detach())
-        else:
-            b = baseline if baseline is not None else 0.0
-        score = ((log_w.detach() - b) * lw.log_q_score).mean(0)
-        value = replace_grad(value, value + score)
+    if lw.score_terms:
+        score = value.new_zeros(())
+        for name, (log_r, log_q) in lw.score_terms.items():
+            cost = log_r.detach()
+            if log_w.shape[0] > 1:
+                b: Tensor | float = leave_one_out_mean(cost)
+            else:
+                b = (baseline or {}).get(name, 0.0)
+            score = score + ((cost - b) * log_q).sum(-1)
+        surrogate = value + score.mean(0)
+        if lw.log_q_nonreparam is not None:  # drop the zero-mean direct gradient of log q
+            surrogate = surrogate + lw.log_q_nonreparam.mean(0) - lw.log_q_nonreparam.detach().mean(0)
+        value = replace_grad(value, surrogate)
     return _check_shape(value, lw)
 
 

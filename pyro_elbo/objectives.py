@@ -229,8 +229,9 @@ class ELBO(Objective):
     """The evidence lower bound, :math:`\\frac1S\\sum_s \\log w_s`.
 
     Reparameterized sites get pathwise gradients; non-reparameterized guide sites (discrete
-    latents) get a score-function term with a leave-one-out baseline (``num_particles >= 2``) or a
-    running-mean baseline (``num_particles = 1``).
+    latents) get a score-function term, Rao-Blackwellized over plates as in Pyro's ``Trace_ELBO``,
+    with a leave-one-out baseline (``num_particles >= 2``) or a per-site running-mean baseline
+    (``num_particles = 1``).
 
     Accepts ``pyro.infer.Trace_ELBO``'s arguments, ``num_particles`` positionally included.
 
@@ -243,22 +244,26 @@ class ELBO(Objective):
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: int | None = None, **kwargs: Any) -> None:
         super().__init__(self.estimator, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
-        self._baseline: float | None = None
+        self._baseline: dict[str, float] = {}
 
     def bound(self, lw: LogWeights) -> Tensor:
-        if not lw.score_sites or lw.num_particles > 1:
+        if not lw.score_terms or lw.num_particles > 1:
             return super().bound(lw)
         result = self.spec.fn(lw, baseline=self._baseline)
-        mean = float(lw.log_w.detach().mean())
-        if math.isfinite(mean):
-            self._baseline = mean if self._baseline is None else 0.9 * self._baseline + 0.1 * mean
+        for name, (log_r, _) in lw.score_terms.items():
+            mean = float(log_r.detach().mean())
+            if math.isfinite(mean):
+                previous = self._baseline.get(name)
+                self._baseline[name] = mean if previous is None else 0.9 * previous + 0.1 * mean
         return result
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self._baseline}
+        return {"baseline": dict(self._baseline)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._baseline = state.get("baseline")
+        baseline = state.get("baseline")
+        # checkpoints before per-site baselines stored one float (or None): start afresh
+        self._baseline = dict(baseline) if isinstance(baseline, dict) else {}
 
 
 class IWAE(Objective):

@@ -15,13 +15,13 @@ from torch import Tensor
 from pyro_elbo._pyro import checks
 from pyro_elbo._pyro.log_weights import (
     PARTICLE_PLATE,
-    Reducer,
     guess_max_plate_nesting,
     particle_plated,
     scored_sites,
     subsampled_plates,
     traces,
 )
+from pyro_elbo._pyro.reduce import Reducer
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 

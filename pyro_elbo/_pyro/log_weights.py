@@ -24,13 +24,15 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
+from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from pyro_elbo._pyro import checks
 from pyro_elbo._pyro.params import has_trainable_params, params_stopped
+from pyro_elbo._pyro.reduce import Reducer
+from pyro_elbo._pyro.score import score_terms
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
@@ -47,7 +49,7 @@ class LogWeights:
     Attributes:
         log_p: ``[S, *B]`` :math:`\\log p(x, z_s)` (scale and mask applied).
         log_q: ``[S, *B]`` :math:`\\log q(z_s \\mid x)`.
-        log_q_score: ``[S, *B]`` the part of ``log_q`` from guide sites that are *not*
+        log_q_score: ``[S, *B]`` the unscaled log-density of the guide sites that are *not*
             reparameterized (zeros if there are none); its gradient is the score function.
         score_sites: names of the non-reparameterized guide sites.
         batch_plates: names of the plates that enclose every site; ``B`` is their shape.
@@ -61,6 +63,13 @@ class LogWeights:
             model's parameters only (DReG). ``None`` if not requested or the model has none.
         site_log_p, site_log_q: per-site ``[S, *B]`` contributions (requested with
             ``need={"per_site"}``), used for per-site diagnostics.
+        score_terms: non-reparameterized guide site -> ``(log_r, log_q)``, each ``[S, *B, E]``:
+            the log-weight restricted to the site's plates (Pyro's Rao-Blackwellization) and the
+            site's unscaled log-density, whose gradient is the score function
+            (:mod:`pyro_elbo._pyro.score`).
+        log_q_nonreparam: ``[S, *B]`` the scaled part of ``log_q`` from non-reparameterized
+            sites (``None`` if there are none). Its direct gradient has expectation zero; the ELBO
+            drops it, as Pyro's ``Trace_ELBO`` does.
     """
 
     log_p: Tensor
@@ -74,6 +83,8 @@ class LogWeights:
     log_p_stopped_z: Tensor | None = None
     site_log_p: dict[str, Tensor] = field(default_factory=dict)
     site_log_q: dict[str, Tensor] = field(default_factory=dict)
+    score_terms: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    log_q_nonreparam: Tensor | None = None
 
     @property
     def log_w(self) -> Tensor:
@@ -153,9 +164,10 @@ def guess_max_plate_nesting(model: Model, guide: Guide, *args: Any, **kwargs: An
     seeded run gives the same draws whether or not this was called first.
     """
     with forked_rng(), torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        guide_trace, model_trace = trace_guide(guide, args, kwargs)
         try:
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+            if model_trace is None:
+                model_trace = run_model(model, guide_trace, args, kwargs)
         except Exception as error:
             _diagnose_model_failure(model, guide_trace, args, kwargs, None, 1, error)
             raise
@@ -189,6 +201,37 @@ def particle_plated(fn: Any, num_particles: int, dim: int) -> Any:
     return plated
 
 
+def trace_guide(
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_particles: int = 1,
+    dim: int = -1,
+    replay: Trace | None = None,
+) -> tuple[Trace, Trace | None]:
+    """Run the guide (in the particle plate, replaying ``replay`` if given): its trace, and for a
+    guide that runs the model inside itself (Pyro's ``GuideMessenger`` autoguides, e.g.
+    ``AutoNormalMessenger``) the model trace of that run.
+
+    Such a guide's own trace also holds the model's observed and ``pyro.factor`` sites; its
+    ``get_traces()`` separates them, as Pyro's ``get_importance_trace`` does."""
+    unwrapped = poutine.unwrap(guide)
+    plated = particle_plated(guide, num_particles, dim)
+    replaying = poutine.replay(trace=replay) if replay is not None else contextlib.nullcontext()
+    if isinstance(unwrapped, GuideMessenger):
+        with replaying:
+            plated(*args, **kwargs)
+        model_trace, guide_trace = unwrapped.get_traces()
+        return guide_trace, model_trace
+    with replaying:
+        return poutine.trace(plated).get_trace(*args, **kwargs), None
+
+
+def run_model(model: Model, guide_trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trace:
+    """The model's trace with its latent sites replayed from ``guide_trace``."""
+    return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+
+
 def traces(
     model: Model,
     guide: Guide,
@@ -199,14 +242,16 @@ def traces(
     detach_model_params: bool,
 ) -> tuple[Trace, Trace]:
     dim = -max_plate_nesting - 1
-    plated_guide = particle_plated(guide, num_particles, dim)
     plated_model = particle_plated(model, num_particles, dim)
     try:
-        guide_trace = poutine.trace(plated_guide).get_trace(*args, **kwargs)
+        with params_stopped() if detach_model_params and _is_messenger(guide) else contextlib.nullcontext():
+            guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
         try:
             with params_stopped() if detach_model_params else contextlib.nullcontext():
-                model_trace = poutine.trace(poutine.replay(plated_model, trace=guide_trace)).get_trace(
-                    *args, **kwargs
+                model_trace = (
+                    inner_model_trace
+                    if inner_model_trace is not None
+                    else run_model(plated_model, guide_trace, args, kwargs)
                 )
         except Exception as error:
             _diagnose_model_failure(plated_model, guide_trace, args, kwargs, max_plate_nesting, num_particles, error)
@@ -222,6 +267,10 @@ def traces(
             "particles one at a time (correct, slower), or use num_particles=1."
         ) from error
     return model_trace, guide_trace
+
+
+def _is_messenger(guide: Guide) -> bool:
+    return isinstance(poutine.unwrap(guide), GuideMessenger)
 
 
 class _NamedMismatch(ValueError):
@@ -270,21 +319,22 @@ def _log_weights_vectorized(
     batch_names = {frame.name for frame in batch}
     subsampled = tuple(sorted(set(subsampled_plates(model_trace, guide_trace)) - batch_names))
     reducer = Reducer(max_plate_nesting, num_particles, batch, batch_scale)
-    site_log_p = {name: reducer(site) for name, site in scored_sites(model_trace, named=True)}
-    site_log_q = {name: reducer(site) for name, site in scored_sites(guide_trace, named=True)}
-    score_sites = tuple(
-        name for name, site in scored_sites(guide_trace, named=True) if not site["fn"].has_rsample
-    )
+    model_sites = dict(scored_sites(model_trace, named=True))
+    guide_sites = dict(scored_sites(guide_trace, named=True))
+    model_aligned = {name: reducer.aligned(site) for name, site in model_sites.items()}
+    guide_aligned = {name: reducer.aligned(site) for name, site in guide_sites.items()}
+    site_log_p = {name: reducer.reduce(t) for name, t in model_aligned.items()}
+    site_log_q = {name: reducer.reduce(t) for name, t in guide_aligned.items()}
+    score_sites = tuple(name for name, site in guide_sites.items() if not site["fn"].has_rsample)
     log_p = reducer.total(site_log_p.values())
     log_q = reducer.total(site_log_q.values())
-    log_q_score = reducer.total(site_log_q[name] for name in score_sites)
+    terms = score_terms(guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE)
+    log_q_score = reducer.total(reducer.reduce(reducer.aligned(guide_sites[n], scaled=False)) for n in score_sites)
 
     log_q_stopped = None
     if "log_q_stopped" in need:
         with params_stopped():
-            stopped = poutine.trace(
-                poutine.replay(particle_plated(guide, num_particles, -max_plate_nesting - 1), trace=guide_trace)
-            ).get_trace(*args, **kwargs)
+            stopped, _ = trace_guide(guide, args, kwargs, num_particles, -max_plate_nesting - 1, replay=guide_trace)
         log_q_stopped = reducer.total(reducer(site) for site in scored_sites(stopped))
 
     log_p_stopped_z = None
@@ -310,6 +360,8 @@ def _log_weights_vectorized(
         log_p_stopped_z=log_p_stopped_z,
         site_log_p=site_log_p if per_site else {},
         site_log_q=site_log_q if per_site else {},
+        score_terms=terms,
+        log_q_nonreparam=reducer.total(site_log_q[n] for n in score_sites) if score_sites else None,
     )
 
 
@@ -343,51 +395,6 @@ def batch_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
 
 
 
-class Reducer:
-    """Sums a site's log-density over every dim except particles (dim 0) and the batch plates."""
-
-    def __init__(self, max_plate_nesting: int, num_particles: int, batch: tuple[Any, ...], batch_scale: float):
-        self.rank = max_plate_nesting + 1
-        self.batch_dims = {self.rank + frame.dim: frame.size for frame in batch}  # positive dims
-        self.batch_scale = batch_scale
-        self.shape = [num_particles] + [self.batch_dims.get(d, 1) for d in range(1, self.rank)]
-        self.out_shape = [num_particles] + [self.batch_dims[d] for d in sorted(self.batch_dims)]
-
-    def __call__(self, site: Any) -> Tensor:
-        fn = site["fn"]
-        try:
-            log_prob = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
-        except ValueError as error:  # distribution validation: say which site
-            kind = "observed" if site["is_observed"] else "latent"
-            raise ValueError(f"{kind} site '{site['name']}': {error}") from error
-        scale = site["scale"] / self.batch_scale if self.batch_scale != 1.0 else site["scale"]
-        log_prob = scale_and_mask(log_prob, scale, site["mask"])
-        self.like = log_prob
-        extra = log_prob.dim() - self.rank
-        if extra > 0:  # batch dims left of the particle dim cannot happen under our plate
-            raise ValueError(
-                f"site '{site['name']}' has log_prob of shape {tuple(log_prob.shape)}, more dims than "
-                f"max_plate_nesting={self.rank - 1} allows; pass a larger max_plate_nesting"
-            )
-        log_prob = log_prob.reshape((1,) * -extra + tuple(log_prob.shape))
-        keep = {0, *self.batch_dims}
-        sum_dims = [d for d in range(self.rank) if d not in keep and log_prob.shape[d] != 1]
-        if sum_dims:
-            log_prob = log_prob.sum(sum_dims, keepdim=True)
-        return log_prob.expand(self.shape).reshape(self.out_shape)
-
-    def total(self, parts: Any) -> Tensor:
-        result = None
-        for part in parts:
-            result = part if result is None else result + part
-        if result is None:
-            like = getattr(self, "like", None)
-            if like is None:
-                return torch.zeros(self.out_shape)
-            return like.new_zeros(self.out_shape)
-        return result
-
-
 def _concat(parts: list[LogWeights]) -> LogWeights:
     def cat(values: list[Tensor | None]) -> Tensor | None:
         return None if any(v is None for v in values) else torch.cat(values, 0)  # type: ignore[arg-type]
@@ -405,5 +412,10 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
         log_p_stopped_z=cat([p.log_p_stopped_z for p in parts]),
         site_log_p={k: torch.cat([p.site_log_p[k] for p in parts]) for k in first.site_log_p},
         site_log_q={k: torch.cat([p.site_log_q[k] for p in parts]) for k in first.site_log_q},
+        log_q_nonreparam=cat([p.log_q_nonreparam for p in parts]),
+        score_terms={
+            k: (torch.cat([p.score_terms[k][0] for p in parts]), torch.cat([p.score_terms[k][1] for p in parts]))
+            for k in first.score_terms
+        },
     )
 

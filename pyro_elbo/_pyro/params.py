@@ -76,13 +76,24 @@ def constrained_value(name: str, unconstrained: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # evaluating a program with its parameters replaced (detached, or by other tensors)
 
+def _keep_param_links(new: Tensor, old: Tensor) -> Tensor:
+    """Carry a parameter value's link to its unconstrained leaf over to a replacement value: the
+    plate that subsamples a ``pyro.param(..., event_dim=...)`` (its post-processing runs after
+    ours) looks it up."""
+    for attr in ("unconstrained", "_pyro_unconstrained_param"):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    return new
+
+
 class _DetachParams(Messenger):
     """Detaches the value of every ``pyro.param`` statement (param store and PyroModule params),
     including a value an inner handler such as :class:`_SubstituteParams` has set."""
 
     def _pyro_post_param(self, msg: Any) -> None:
-        if isinstance(msg["value"], Tensor):
-            msg["value"] = msg["value"].detach()
+        value = msg["value"]
+        if isinstance(value, Tensor):
+            msg["value"] = _keep_param_links(value.detach(), value)
 
 
 class _SubstituteParams(Messenger):
@@ -98,7 +109,9 @@ class _SubstituteParams(Messenger):
         if name in self.values:
             store = pyro.get_param_store()
             constraint = store._constraints.get(name) or msg["kwargs"].get("constraint") or constraints.real
-            msg["value"] = transform_to(constraint)(self.values[name])
+            value = transform_to(constraint)(self.values[name])
+            value._pyro_unconstrained_param = self.values[name]  # type: ignore[attr-defined]
+            msg["value"] = value
             msg["done"] = True
 
 
