@@ -1,43 +1,214 @@
-"""Model structure for the diagnostics: which factors a latent enters, and a guide whose local
-sites get free per-data-point parameters (the "optimal" guide of the amortization gap)."""
+"""Model structure for the diagnostics: which factors a latent enters (and which guide densities
+belong to it), non-finite data, the float32 rounding error of the log-weights measured against a
+float64 re-evaluation, and a guide whose local sites get free per-data-point parameters (the
+"optimal" guide of the amortization gap)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.ops.provenance import get_provenance
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Independent, constraints, transform_to
 
+from pyro_elbo._pyro.log_weights import log_weights
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
 
-def site_factors(model: Model, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, list[str]]:
-    """Latent site -> the sites whose factor it enters (its children), via Pyro's provenance
-    tracking. Empty if the model cannot be analysed."""
+def _latent(site: Any) -> bool:
+    return bool(site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site))
+
+
+@dataclass(frozen=True)
+class SiteShares:
+    """How the log-weight splits into one share per latent site.
+
+    Attributes:
+        model_sites: latent -> the model sites whose factor it enters (itself and its children).
+        guide_sites: latent -> the guide sites of its density: itself and the auxiliary sites
+            (e.g. an autoguide's ``z_unconstrained``) that only it depends on.
+        joint: latent -> the auxiliary guide sites it shares with other latents (a joint guide
+            such as ``AutoMultivariateNormal``): such a latent has no share of its own.
+    """
+
+    model_sites: dict[str, list[str]]
+    guide_sites: dict[str, list[str]]
+    joint: dict[str, list[str]]
+
+
+def site_shares(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SiteShares | None:
+    """Each latent's share of the log-weight, via Pyro's provenance tracking on model and guide.
+
+    ``None`` (with a warning) if the model or guide cannot be analysed."""
     try:
-        from pyro.infer.inspect import get_dependencies
+        from pyro.infer.inspect import TrackProvenance, get_dependencies
 
         with forked_rng(), poutine.block():
             deps = get_dependencies(model, args, kwargs)["prior_dependencies"]
         with forked_rng(), poutine.block(), torch.no_grad():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
+        with forked_rng(), poutine.block(), torch.no_grad(), TrackProvenance():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        latent = [name for name, site in trace.nodes.items() if _latent(site)]
+        uses = {z: _provenance(guide_trace.nodes[z]) for z in latent if z in guide_trace.nodes}
     except Exception as error:  # analysis is best effort; the report still has overall k-hat
         warnings.warn(f"per-site k-hat skipped: could not analyse the model's dependencies ({error})", stacklevel=3)
-        return {}
-    latent = [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-    ]
-    return {z: [c for c, parents in deps.items() if c != z and z in parents] for z in latent}
+        return None
+    auxiliary = [n for n, s in guide_trace.nodes.items() if _latent(s) and n not in trace.nodes]
+    guide_sites = {z: [z] for z in latent}
+    joint: dict[str, list[str]] = {}
+    for aux in auxiliary:
+        users = [z for z in latent if aux in uses.get(z, ())]
+        if len(users) == 1:
+            guide_sites[users[0]].append(aux)
+        for z in users if len(users) > 1 else ():
+            joint.setdefault(z, []).append(aux)
+    model_sites = {z: [z] + [c for c, parents in deps.items() if c != z and z in parents] for z in latent}
+    return SiteShares(model_sites, guide_sites, joint)
+
+
+def _provenance(site: Any) -> frozenset[str]:
+    """Names that a guide site's distribution (its parameters, value and density) depends on."""
+    fn, names = site["fn"], set(get_provenance(site["value"]))
+    while True:
+        for value in vars(fn).values():
+            if isinstance(value, Tensor):
+                names |= get_provenance(value)
+        if not hasattr(fn, "base_dist"):
+            return frozenset(names)
+        fn = fn.base_dist
+
+
+def raise_if_nonfinite_observed(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any],
+                                caller: str = "this diagnostic") -> None:
+    """Raise ``ValueError`` naming the first observed site whose (unmasked) data is ``inf``/``nan``.
+
+    With such data every log-weight is ``-inf`` or ``nan``, and a report computed from them would
+    read as an exact guide. The model runs once on its prior draws, or on the guide's if that
+    fails (the random state is left untouched)."""
+    with forked_rng(), poutine.block(), torch.no_grad():
+        try:
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        except Exception:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    for name, site in trace.nodes.items():
+        value = site.get("value")
+        if site["type"] != "sample" or not site["is_observed"] or not isinstance(value, Tensor):
+            continue
+        if not value.is_floating_point() or site["mask"] is False:
+            continue
+        bad = ~torch.isfinite(value)
+        mask = site["mask"]
+        if isinstance(mask, Tensor):  # masked-out entries are not scored
+            event = len(site["fn"].event_shape)
+            reduced = bad.flatten(-event).any(-1) if event else bad
+            bad = reduced & mask.bool()
+        if bad.any():
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{caller}: observed site '{name}' has {int(bad.sum())} non-finite value(s) (inf or nan) in "
+                f"its data, the first at index {first}; every log-weight would be -inf or nan, so no bound, "
+                "k-hat or gradient means anything. Remove or impute them, or mask them out "
+                "(poutine.mask / obs_mask)."
+            )
+
+
+class _Record(Messenger):
+    """Keeps the first value of every latent site (the guide's draws)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[str, Tensor] = {}
+
+    def _pyro_post_sample(self, msg: Any) -> None:
+        if _latent(msg) and msg["name"] not in self.values:
+            self.values[msg["name"]] = msg["value"].detach()
+
+
+class _Float64(Messenger):
+    """Upcasts parameters, and replays recorded guide draws in float64 (the guide's pass only:
+    the first time a site is seen). Delta sites (an autoguide's transformed value) are recomputed."""
+
+    def __init__(self, values: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.values = values
+        self.seen: set[str] = set()
+
+    def _pyro_post_param(self, msg: Any) -> None:
+        if isinstance(msg["value"], Tensor) and msg["value"].is_floating_point():
+            msg["value"] = msg["value"].double()
+
+    def _pyro_sample(self, msg: Any) -> None:
+        name = msg["name"]
+        first = name not in self.seen
+        self.seen.add(name)
+        fn = msg["fn"]
+        while hasattr(fn, "base_dist"):
+            fn = fn.base_dist
+        if first and _latent(msg) and name in self.values and type(fn).__name__ != "Delta":
+            value = self.values[name]
+            msg["value"] = value.double() if value.is_floating_point() else value
+
+
+def _double(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_double(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _double(v) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def float64_rounding_error(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+    vectorize_particles: bool = True,
+) -> Tensor | None:
+    """``[K, *B]`` rounding error of ``K`` log-weights: the working-dtype value minus the value
+    re-evaluated in float64 at the same guide draws (parameters, data and draws upcast).
+
+    ``None`` if the program cannot run in float64 (e.g. an ``nn.Module`` with float32 weights)."""
+    try:
+        with forked_rng(), poutine.block(), torch.no_grad():
+            record = _Record()
+            with record:
+                low = log_weights(model, guide, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                                  vectorize_particles=vectorize_particles, **kwargs)
+            with _default_dtype(torch.float64), _Float64(record.values):
+                high = log_weights(model, guide, *_double(args), num_particles=num_particles,
+                                   max_plate_nesting=max_plate_nesting, vectorize_particles=vectorize_particles,
+                                   **_double(kwargs))
+    except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
+        return None
+    if high.log_w.dtype != torch.float64 or high.log_w.shape != low.log_w.shape:
+        return None
+    return low.log_w.double() - high.log_w
 
 
 class FreeLocalGuide(Messenger):
