@@ -44,6 +44,7 @@ _SINGLE_PARTICLE = ("ELBO", "STL")
 _current: dict[str, Any] = {"nodeid": None}
 _used: set[str] = set()
 _results: dict[str, dict[str, Any]] = {}
+_raised: dict[str, str] = {}
 
 
 def _record_use(cls_name: str) -> None:
@@ -120,7 +121,26 @@ def _may_use(item: pytest.Item) -> bool:
     return any(name in source for name in _SUBSTITUTED)
 
 
+class _RecordingSVI(pyro.infer.SVI):
+    """Pyro's ``SVI`` that notes the exception a step raises (tests that expect an error hide it)."""
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().step(*args, **kwargs)
+        except Exception as error:
+            if _current["nodeid"] is not None:
+                _raised[_current["nodeid"]] = " ".join(f"{type(error).__name__}: {error}".split())[:400]
+            raise
+
+
+def _patch_svi(items: list[pytest.Item]) -> None:
+    for module in {getattr(item, "module", None) for item in items}:
+        if module is not None and getattr(module, "SVI", None) is pyro.infer.SVI:
+            module.SVI = _RecordingSVI
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _patch_svi(items)
     select = os.environ.get("PYRO_INFER_SUITE_SELECT")
     if select:
         with open(select) as f:
@@ -171,5 +191,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     for nodeid, entry in _results.items():
         entry["used"] = nodeid in _used
+        entry["raised"] = _raised.get(nodeid, "")
     with open(out, "w") as f:
         json.dump({"mode": _MODE, "particles": _PARTICLES, "tests": _results}, f, indent=0, sort_keys=True)

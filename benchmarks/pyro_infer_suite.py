@@ -163,6 +163,37 @@ def report(baseline: dict[str, Any], runs: dict[str, dict[str, Any]], applicable
     return "\n".join(lines)
 
 
+def _expectation(nodeid: str) -> str:
+    name = nodeid.split("::")[-1].split("[")[0]
+    if name.endswith("_error"):
+        return "reject"
+    if name.endswith("_warning") or name.endswith("_warn"):
+        return "warn"
+    return "accept"
+
+
+def valid_models_section(baseline: dict[str, Any], run: dict[str, Any], applicable: list[str], name: str) -> str:
+    """Issue 13's standard: each model/guide pair of test_valid_models.py, Pyro's verdict against ours."""
+    ids = [t for t in applicable if "test_valid_models.py" in t]
+    lines = [
+        f"### test_valid_models.py pairs with {name}: {len(ids)}",
+        "",
+        "| test | Pyro expects | Pyro | ours | error raised by ours (Pyro's, if it differs in kind) |",
+        "|---|---|---|---|---|",
+    ]
+    for t in ids:
+        ours, base = run["tests"].get(t, {}), baseline["tests"][t]
+        raised = ours.get("raised", "")
+        pyro_raised = base.get("raised", "")
+        note = raised[:160] if raised else ""
+        if pyro_raised and raised.split(":")[0] != pyro_raised.split(":")[0]:
+            note += f" (Pyro: {pyro_raised[:100]})"
+        lines.append(
+            f"| `{_short(t)}` | {_expectation(t)} | {base['outcome']} | {ours.get('outcome', 'missing')} | {note} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pyro-src", type=Path, default=Path("/tmp/pyro-src"), help="Pyro's tests at the commit")
@@ -175,7 +206,11 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/pyro_infer_suite"))
     parser.add_argument("--no-prefilter", action="store_true", help="baseline runs every test, not a superset")
     parser.add_argument("--reuse-baseline", action="store_true", help="reuse --out-dir/pyro.json")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the table from --out-dir's JSON")
     args = parser.parse_args()
+    if args.report_only:
+        write_report(args)
+        return
 
     if args.prepare_from is not None:
         prepare(args.prepare_from, args.commit, args.pyro_src)
@@ -191,12 +226,25 @@ def main() -> None:
     applicable = sorted(t for t, e in baseline["tests"].items() if e["used"])
     select = args.out_dir / "applicable.txt"
     select.write_text("\n".join(applicable) + "\n")
-    runs = {}
     for name in args.objectives:
         out = args.out_dir / f"{name}.json"
         out.unlink(missing_ok=True)
-        runs[name] = run_pytest(args, name, out, select)
+        out.with_suffix(".run.json").write_text(json.dumps(run_pytest(args, name, out, select)))
+    write_report(args)
+
+
+def write_report(args: argparse.Namespace) -> None:
+    """The Markdown table (and the test_valid_models.py section) from the JSON in ``--out-dir``."""
+    baseline = json.loads((args.out_dir / "pyro.json").read_text())
+    applicable = sorted(t for t, e in baseline["tests"].items() if e["used"])
+    runs = {}
+    for name in args.objectives:
+        path = args.out_dir / f"{name}.run.json"
+        if path.exists():
+            runs[name] = json.loads(path.read_text())
     table = report(baseline, runs, applicable)
+    if "ELBO" in runs:
+        table += "\n\n" + valid_models_section(baseline, runs["ELBO"], applicable, "ELBO")
     (args.out_dir / "table.md").write_text(table + "\n")
     print(table)
 
