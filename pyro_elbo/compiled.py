@@ -249,6 +249,64 @@ def _adam_update(params: list[Tensor], grads: list[Tensor], state: tuple[Tensor,
     return [*new_params, *new_m, *new_v, step]
 
 
+def plain_adam(opt: torch.optim.Optimizer) -> bool:
+    """Adam with one parameter group and no weight decay, amsgrad or maximize: its update can run
+    inside the compiled graph (:func:`adam_step`)."""
+    if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
+        return False
+    group = opt.param_groups[0]
+    return not (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group.get("differentiable"))
+
+
+def adam_step(
+    compiled: CompiledLoss,
+    params: dict[str, Tensor],
+    opt: torch.optim.Optimizer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[float, bool] | None:
+    """Loss, gradient and Adam update (:func:`_adam_update`) in one graph call for a
+    :func:`plain_adam` optimizer; ``None`` if the graph is not available (run eagerly).
+
+    The optimizer's own state tensors (``exp_avg``, ``exp_avg_sq``, ``step``) are read and written,
+    so checkpoints, schedulers (the learning rate is an input) and resume work unchanged. Nothing
+    is written when the step is not finite. Returns ``(loss, finite)``."""
+    group = opt.param_groups[0]
+    tensors = list(params.values())
+    states = []
+    for p in tensors:
+        state = opt.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states.append(state)
+    device, dtype = tensors[0].device, tensors[0].dtype
+    beta1, beta2 = group["betas"]
+    values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
+    cached = compiled.adam_scalars
+    if cached is None or cached[0] != (values, dtype, device):  # new tensors only when lr etc. change
+        cached = ((values, dtype, device), [torch.tensor(v, dtype=dtype, device=device) for v in values])
+        compiled.adam_scalars = cached
+    step = states[0]["step"]  # float32, as torch's Adam keeps it; promoted inside the graph
+    adam_inputs = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states] + [step, *cached[1]]
+    out = compiled(params, args, kwargs, adam_inputs)
+    if out is None:
+        return None
+    loss, finite, updated = out
+    ok = bool(finite)
+    if ok:
+        n = len(tensors)
+        with torch.no_grad():
+            torch._foreach_copy_(tensors, updated[:n])
+        new_step = updated[3 * n]
+        for i, state in enumerate(states):
+            state["exp_avg"] = updated[n + i]
+            state["exp_avg_sq"] = updated[2 * n + i]
+            state["step"] = new_step if i == 0 else new_step.clone()  # never shared: eager Adam steps in place
+    return float(loss), ok
+
+
 class _no_distribution_validation:
     """Distribution argument checks are data-dependent branches: off while capturing."""
 

@@ -254,9 +254,9 @@ def test_bad_options_and_mixed_devices() -> None:
         pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 1, num_epochs=2)
     params = {"loc": torch.zeros(2, device="meta")}
     with pytest.raises(ValueError, match=r"data argument 0 is on cpu but parameter 'loc' on meta"):
-        train._check_devices(params, (torch.zeros(2),), None)
+        train.loop.check_devices(params, (torch.zeros(2),), None)
     with pytest.raises(ValueError, match=r"parameter 'loc' is on meta but device=cpu"):
-        train._check_devices(params, (), torch.device("cpu"))
+        train.loop.check_devices(params, (), torch.device("cpu"))
 
 
 def test_explicit_cpu_device_moves_and_trains() -> None:

@@ -1,0 +1,299 @@
+"""``init``, ``step`` and ``fit``: the training loop Pyro users otherwise write by hand.
+
+:func:`init` builds a :class:`~pyro_elbo.train.TrainState` (parameters discovered, optimizer,
+scheduler, compiled step); :func:`~pyro_elbo.train.step` advances it by one optimizer step and
+returns ``(state, info)``, the shape of NumPyro's ``SVI.init``/``update`` and BlackJAX's
+``init``/``step``. Drive it yourself::
+
+    import pyro_elbo
+    from pyro_elbo.train import init, step
+
+    state = init(model, guide, x, objective=pyro_elbo.IWAE(num_particles=8), lr=1e-2)
+    for _ in range(1000):
+        state, info = step(state)          # or step(state, x_batch) for a minibatch
+        if info.step % 100 == 0:
+            print(info.step, info.loss)
+    params = state.constrained_params()
+    torch.save(state.state_dict(), "run.pt")  # later: state.load_state_dict(load_checkpoint("run.pt"))
+
+:func:`fit` is that loop with hooks (:mod:`pyro_elbo.train.hooks`) built from its keyword arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_elbo import distributed
+from pyro_elbo._pyro.params import discover_params
+from pyro_elbo._typing import Guide, Model
+from pyro_elbo.compiled import CompiledLoss, plain_adam
+from pyro_elbo.objectives import ELBO, Objective
+from pyro_elbo.train.checkpoint import load_checkpoint
+from pyro_elbo.train.data import Data, to_device
+from pyro_elbo.train.hooks import Callback, Callbacks, Checkpointer, EarlyStopping, Hook, Progress, Validation
+from pyro_elbo.train.memory import check_particle_memory
+from pyro_elbo.train.result import FitResult
+from pyro_elbo.train.state import TrainState
+from pyro_elbo.train.step import default_device, step
+
+
+def init(
+    model: Model,
+    guide: Guide,
+    *args: Any,
+    objective: Objective | None = None,
+    lr: float = 1e-2,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+    optimizer_options: dict[str, Any] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    clip_norm: float | None = None,
+    on_nonfinite: str = "raise",
+    max_consecutive_skips: int = 10,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    **kwargs: Any,
+) -> TrainState:
+    """A fresh :class:`~pyro_elbo.train.TrainState` for ``model`` and ``guide``.
+
+    Runs guide and model once on ``args`` (without using the random stream) to create every
+    lazily initialized parameter, moves parameters, modules and ``args`` to ``device``, builds the
+    optimizer and scheduler, and checks that ``objective.num_particles`` fits in memory. The
+    arguments mean what they mean for :func:`fit`; ``args``/``kwargs`` are also the default inputs
+    of :func:`~pyro_elbo.train.step`.
+
+    Raises:
+        ValueError: no trainable parameters, mixed devices, too many particles, bad options.
+        TypeError: ``objective`` is not a pyro_elbo objective.
+    """
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    objective = ELBO() if objective is None else objective
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be a pyro_elbo objective (e.g. pyro_elbo.IWAE()), got {type(objective).__name__}")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    context = distributed.setup(device)
+    where = context.device if context.active else (torch.device(device) if device is not None else None)
+    for module in (model, guide):
+        if isinstance(module, torch.nn.Module) and where is not None:
+            module.to(where)
+    args = to_device(args, where)
+    with default_device(where):
+        params = _unique(discover_params(model, guide, *args, **kwargs))
+        if not params:
+            raise ValueError("the model and guide have no trainable parameters (pyro.param, pyro.module, PyroModule)")
+        if where is not None:
+            for param in params.values():
+                param.data = param.data.to(where)
+        check_devices(params, args, where)
+        if context.active:
+            distributed.broadcast_params(params, context)
+        check_particle_memory(objective, model, guide, args, kwargs, where)
+    opt = make_optimizer(optimizer, list(params.values()), lr, optimizer_options)
+    sched = scheduler(opt) if scheduler is not None else None
+    in_graph_adam = compile and plain_adam(opt) and clip_norm is None and not context.active
+    compiled = CompiledLoss(objective, model, guide, backend=compile_backend, adam=in_graph_adam) if compile else None
+    if context.active:
+        distributed.seed_rank(context)
+    settings = {
+        "lr": lr,
+        "optimizer": type(opt).__name__,
+        "scheduler": type(sched).__name__ if sched is not None else None,
+        "objective": repr(objective),
+    }
+    return TrainState(
+        model, guide, objective, params, opt, sched, args, kwargs, clip_norm, on_nonfinite,
+        max_consecutive_skips, compiled, where, context, settings,
+    )  # fmt: skip
+
+
+def fit(
+    model: Model,
+    guide: Guide,
+    *args: Any,
+    objective: Objective | None = None,
+    num_steps: int = 1000,
+    num_epochs: int | None = None,
+    lr: float = 1e-2,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+    optimizer_options: dict[str, Any] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    clip_norm: float | None = None,
+    device: str | torch.device | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    on_nonfinite: str = "raise",
+    max_consecutive_skips: int = 10,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    validation: Any = None,
+    validate_every: int = 100,
+    seed: int | None = None,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    hooks: Sequence[Hook] = (),
+    **kwargs: Any,
+) -> FitResult:
+    """Train a guide (and the model's parameters) by stochastic variational inference.
+
+    Data come either as tensors in ``*args`` (the full batch every step) or as a single
+    ``torch.utils.data.DataLoader`` in place of the args: each batch (a tensor or a tuple of
+    tensors) becomes the model's positional args, for ``num_epochs`` epochs. Models scale
+    minibatches as Pyro users already do, with ``pyro.plate(..., subsample=...)`` or a
+    ``subsample_size``. ``fit`` is :func:`init`, then :func:`~pyro_elbo.train.step` in a loop
+    with hooks; drive those yourself for a custom loop.
+
+    Args:
+        model, guide: the Pyro model and guide.
+        *args: the model's arguments, or one ``DataLoader``.
+        objective: a :class:`~pyro_elbo.Objective` (default ``ELBO()``). Its ``num_particles`` is
+            checked against the memory available before the first step.
+        num_steps: optimizer steps (with a ``DataLoader``: a cap on the total, if ``num_epochs``).
+        num_epochs: passes over a ``DataLoader``.
+        lr: learning rate.
+        optimizer: any ``torch.optim.Optimizer`` class (default Adam); ``optimizer_options`` go to it.
+        scheduler: a function ``optimizer -> lr_scheduler`` (stepped once per optimizer step).
+        clip_norm: clip the global gradient norm to this value.
+        device: move parameters and data there once; ``None`` keeps them where they are (and
+            refuses mixed placement).
+        checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` steps and at
+            the end (its location is checked for writability before the first step); with
+            ``resume=True`` training continues from it when it exists.
+        resume: continue the run saved in ``checkpoint``. A resume continues *that* run, so it
+            refuses, naming each difference and changing nothing, when this call's ``lr``,
+            ``optimizer``, optimizer options, ``scheduler`` (its presence and class) or
+            ``objective`` (its repr, e.g. ``IWAE(num_particles=8)``) differ from the
+            checkpoint's, and when the parameters' names or shapes, the world size or the
+            checkpoint's fields do not match. A refused resume leaves parameters, param store,
+            optimizer, random state and the file exactly as they were. To continue from a
+            checkpoint with new settings, use :func:`init`, ``state.load_state_dict`` with the
+            old settings and change them on ``state.optimizer``. Checkpoints of format
+            ``pyro_elbo.checkpoint/1`` load; newer formats are refused by version.
+        on_nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose loss or gradient is not
+            finite; parameters and optimizer state are left exactly as before the step either way.
+        max_consecutive_skips: with ``"skip"``, raise after this many non-finite steps in a row.
+        progress: show a tqdm bar with the running loss, steps/s and ETA (rank 0 only).
+        callbacks: functions ``(step, loss)`` called after every step; returning ``False`` stops.
+        patience, min_delta: stop when the running-mean loss has not improved by ``min_delta`` for
+            ``patience`` steps.
+        validation: args (a tuple) or a ``DataLoader`` on which the loss is evaluated every
+            ``validate_every`` steps.
+        seed: seeds torch, CUDA, Python and NumPy; same seed, same device -> identical runs.
+        compile: capture the whole step (particles, guide, model, objective, gradients) as one graph
+            compiled with ``compile_backend`` (see :mod:`pyro_elbo.compiled`). The first step pays
+            the compilation (seconds; reported in ``FitResult.compile_seconds``), so it pays off on
+            long runs. Models that cannot be captured fall back to eager with one warning.
+        hooks: more :class:`~pyro_elbo.train.hooks.Hook` objects, called after the built-in ones.
+        **kwargs: keyword arguments of model and guide.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        NonFiniteLossError: a non-finite step with ``on_nonfinite="raise"`` (names the site).
+        ValueError: a refused resume (see ``resume``), a corrupt file, an unwritable checkpoint
+            location, mixed devices, too many particles for the memory, bad options.
+    """
+    if num_steps < 0 or (num_epochs is not None and num_epochs < 1):
+        raise ValueError("num_steps must be >= 0 and num_epochs >= 1")
+    if checkpoint_every < 1 or validate_every < 1:
+        raise ValueError("checkpoint_every and validate_every must be >= 1")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    context = distributed.setup(device)
+    where = context.device if context.active else (torch.device(device) if device is not None else None)
+    data = Data(args, num_steps, num_epochs, where, context)
+    with default_device(where):
+        state = init(
+            model, guide, *data.peek(), objective=objective, lr=lr, optimizer=optimizer,
+            optimizer_options=optimizer_options, scheduler=scheduler, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
+            max_consecutive_skips=max_consecutive_skips, device=device, compile=compile,
+            compile_backend=compile_backend, **kwargs,
+        )  # fmt: skip
+        if checkpoint is not None and resume and os.path.exists(checkpoint):
+            state.load_state_dict(load_checkpoint(checkpoint, map_location=where))
+            state.resumed_from_step = state.step
+        built: list[Hook] = [Progress(data.total_steps)] if progress else []
+        built += [Validation(validation, validate_every)] if validation is not None else []
+        built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
+        built += [Callbacks(callbacks)] if callbacks else []
+        built += [EarlyStopping(patience, min_delta)] if patience is not None else []
+        stop_reason = run(state, data, [*built, *hooks])
+    return state.result(stop_reason)
+
+
+def run(state: TrainState, data: Data, hooks: Sequence[Hook]) -> str:
+    """Step through ``data`` from ``state.position``, calling the hooks; returns the stop reason."""
+    stop_reason = "completed"
+    try:
+        for hook in hooks:
+            hook.on_start(state)
+        for batch in data.batches(state.position):
+            state, info = step(state, *batch)
+            reason = next((r for r in (hook.on_step(state, info) for hook in hooks) if r is not None), None)
+            if reason is not None:
+                stop_reason = reason
+                break
+    finally:
+        for hook in hooks:
+            hook.close()
+    for hook in hooks:
+        hook.on_end(state)
+    distributed.barrier(state.context)
+    return stop_reason
+
+
+def _unique(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One entry per tensor: a guide may read one leaf under two names (an optimizer refuses
+    duplicate parameters); the first name is kept."""
+    seen: set[int] = set()
+    unique = {}
+    for name, param in params.items():
+        if id(param) not in seen:
+            seen.add(id(param))
+            unique[name] = param
+    return unique
+
+
+def make_optimizer(
+    optimizer: type[torch.optim.Optimizer], params: list[Tensor], lr: float, options: dict[str, Any] | None
+) -> torch.optim.Optimizer:
+    """Adam/AdamW use their fused kernel (one call per step for all parameters) unless told
+    otherwise; it computes the same update as the default loop up to rounding."""
+    options = dict(options or {})
+    if optimizer in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in options and "foreach" not in options:
+        try:
+            return optimizer(params, lr=lr, fused=True, **options)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return optimizer(params, lr=lr, **options)
+
+
+def check_devices(params: dict[str, Tensor], args: tuple[Any, ...], device: torch.device | None) -> None:
+    """Every parameter and data tensor on ``device`` (or on one device, if ``None``)."""
+    tensors = [(f"parameter '{n}'", p) for n, p in params.items()]
+    tensors += [(f"data argument {i}", a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+    if not tensors:
+        return
+    reference_name, reference = tensors[0]
+    expected = device if device is not None else reference.device
+    for name, tensor in tensors:
+        if tensor.device.type != expected.type or (
+            expected.index is not None and tensor.device.index not in (None, expected.index)
+        ):
+            where = f"device={expected}" if device is not None else f"{reference_name} on {reference.device}"
+            raise ValueError(
+                f"{name} is on {tensor.device} but {where}; pass device=... to fit to move "
+                "parameters and data to one device."
+            )

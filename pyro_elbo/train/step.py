@@ -1,0 +1,187 @@
+"""One optimizer step of a :class:`~pyro_elbo.train.TrainState`: eager, compiled, or compiled with
+Adam in the graph; non-finite steps refused (naming the site) or skipped."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pyro_elbo import distributed
+from pyro_elbo._pyro.log_weights import log_weights
+from pyro_elbo._pyro.params import loss_and_params
+from pyro_elbo._random import set_torch_rng_state, torch_rng_state
+from pyro_elbo.compiled import adam_step, all_finite
+from pyro_elbo.train.result import NonFiniteLossError
+from pyro_elbo.train.state import TrainState
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one :func:`step` did.
+
+    Attributes:
+        step: steps taken so far, this one included.
+        loss: the loss (averaged over processes under ``torch.distributed``); NaN/inf if skipped.
+        finite: the loss and every gradient were finite, so the parameters were updated.
+        seconds: wall-clock time of the step (the GPU synchronized).
+        compile_seconds: set on the step that captured and compiled the graph (``compile=True``).
+    """
+
+    step: int
+    loss: float
+    finite: bool
+    seconds: float
+    compile_seconds: float | None = None
+
+
+def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, StepInfo]:
+    """One optimizer step on ``args`` (default: the args given to :func:`~pyro_elbo.train.init`)
+    and ``kwargs`` (merged over init's). Parameters and optimizer state are updated in place and
+    the state is returned, with what the step did.
+
+    A step whose loss or gradient is not finite changes no parameter and no optimizer state; with
+    ``on_nonfinite="raise"`` it raises :class:`~pyro_elbo.NonFiniteLossError` naming the first
+    site whose log-density is not finite (the step's draws are replayed), with ``"skip"`` it is
+    counted in ``state.num_skipped``.
+
+    Raises:
+        NonFiniteLossError: see above, or ``max_consecutive_skips`` non-finite steps in a row.
+    """
+    args = args if args else state.args
+    kwargs = {**state.kwargs, **kwargs}
+    # the pre-step random state lets a refused step replay its draws and name the site
+    rng_before = torch_rng_state() if state.on_nonfinite == "raise" else None
+    start = time.perf_counter()
+    with default_device(state.device):
+        loss, ok = _update(state, args, kwargs)
+    compile_seconds = None
+    compiled = state.compiled
+    if compiled is not None and state.compile_seconds is None and compiled.capture_seconds:
+        compile_seconds = state.compile_seconds = sum(compiled.capture_seconds.values())
+    if not ok:
+        _refuse_or_skip(state, loss, args, kwargs, rng_before)
+    else:
+        state.consecutive_skips = 0
+        if state.scheduler is not None:
+            state.scheduler.step()
+    if state.device is not None and state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)
+    seconds = time.perf_counter() - start
+    state.step_seconds.append(seconds)
+    state.history.append(loss)
+    state.position.step += 1
+    return state, StepInfo(state.step, loss, ok, seconds, compile_seconds)
+
+
+def _refuse_or_skip(
+    state: TrainState, loss: float, args: tuple[Any, ...], kwargs: dict[str, Any], rng: dict[str, Any] | None
+) -> None:
+    if state.on_nonfinite == "raise":
+        assert rng is not None
+        culprit = find_nonfinite_site(state, args, kwargs, rng)
+        raise NonFiniteLossError(
+            f"step {state.step}: the loss or its gradient is not finite ({loss}){culprit}; "
+            "parameters and optimizer state were left as before this step. Pass "
+            "on_nonfinite='skip' to skip such steps."
+        )
+    state.consecutive_skips += 1
+    state.num_skipped += 1
+    if state.consecutive_skips >= state.max_consecutive_skips:
+        raise NonFiniteLossError(
+            f"{state.consecutive_skips} consecutive non-finite steps (last at step {state.step}); "
+            "stopping. Lower the learning rate or check the data."
+        )
+
+
+def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, bool]:
+    """Loss, gradients and (if everything is finite) the optimizer step; returns (loss, finite)."""
+    compiled, params, opt = state.compiled, state.params, state.optimizer
+    if compiled is not None and compiled.adam:
+        done = adam_step(compiled, params, opt, args, kwargs)
+        if done is not None:
+            return done
+    out = compiled(params, args, kwargs) if compiled is not None and not compiled.adam else None
+    finite: Tensor | None = None
+    if out is not None:
+        loss, finite, param_grads = out
+        for param, grad in zip(params.values(), param_grads):
+            param.grad = grad
+    else:
+        objective, model, guide = state.objective, state.model, state.guide
+        loss, seen = loss_and_params(lambda: objective.differentiable_loss(model, guide, *args, **kwargs))
+        add_new_params(seen, params, opt)
+        opt.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+    if state.context.active:
+        distributed.average_gradients(list(params.values()), state.context)
+        loss = distributed.average_scalar(loss.detach(), state.context)
+        finite = None
+    if finite is None:
+        finite = all_finite(loss.detach(), [p.grad for p in params.values() if p.grad is not None])
+    loss_value = float(loss.detach())
+    if not bool(finite):
+        opt.zero_grad(set_to_none=True)
+        return loss_value, False
+    if state.clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), state.clip_norm)
+    opt.step()
+    return loss_value, True
+
+
+def add_new_params(seen: dict[str, Tensor], params: dict[str, Tensor], opt: torch.optim.Optimizer) -> None:
+    """Parameters first read in this step (created lazily) join the optimizer in a new group."""
+    known = {id(p) for p in params.values()}
+    new = {name: leaf for name, leaf in seen.items() if name not in params and id(leaf) not in known}
+    if new:
+        params.update(new)
+        opt.add_param_group({"params": list(new.values())})
+
+
+def find_nonfinite_site(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any], rng: dict[str, Any]) -> str:
+    """Replay the failed step's draws and name the first site whose log-density is not finite."""
+    objective, model, guide = state.objective, state.model, state.guide
+    saved = torch_rng_state()
+    try:
+        set_torch_rng_state(rng)
+        with torch.no_grad():
+            lw = log_weights(
+                model,
+                guide,
+                *args,
+                num_particles=objective.num_particles,
+                max_plate_nesting=objective.plate_nesting(model, guide, args, kwargs),
+                vectorize_particles=objective.vectorize_particles,
+                need={"per_site"},
+                **kwargs,
+            )
+    except Exception as error:  # the replay itself failed: report that
+        return f" (replaying the step raised {type(error).__name__}: {error})"
+    finally:
+        set_torch_rng_state(saved)
+    for role, sites in (("model", lw.site_log_p), ("guide", lw.site_log_q)):
+        for name, value in sites.items():
+            if not torch.isfinite(value).all():
+                return f"; the {role} site '{name}' has a non-finite log-density"
+    return "; every site's log-density is finite, so the gradient overflowed"
+
+
+@contextlib.contextmanager
+def default_device(device: torch.device | None) -> Iterator[None]:
+    """On an accelerator, tensors the model creates (plate subsample indices, constants) default
+    to it. Not on CPU, where a default-device context would only add overhead."""
+    if device is None or device.type == "cpu":
+        yield
+        return
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    try:
+        yield
+    finally:
+        torch.set_default_device(previous)
