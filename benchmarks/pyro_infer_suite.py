@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--particles", type=int, default=4, help="multi-particle objectives' default particles")
     parser.add_argument("--timeout", type=int, default=120, help="seconds per test (pytest-timeout)")
+    parser.add_argument("--jobs", type=int, default=1, help="objectives run side by side (one process each)")
     parser.add_argument("-k", help="pytest -k expression to restrict the tests")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/pyro_infer_suite"))
     parser.add_argument("--no-prefilter", action="store_true", help="baseline runs every test, not a superset")
@@ -226,10 +228,14 @@ def main() -> None:
     applicable = sorted(t for t, e in baseline["tests"].items() if e["used"])
     select = args.out_dir / "applicable.txt"
     select.write_text("\n".join(applicable) + "\n")
-    for name in args.objectives:
+
+    def one(name: str) -> None:
         out = args.out_dir / f"{name}.json"
         out.unlink(missing_ok=True)
         out.with_suffix(".run.json").write_text(json.dumps(run_pytest(args, name, out, select)))
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, args.objectives))
     write_report(args)
 
 
