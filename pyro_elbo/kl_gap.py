@@ -265,9 +265,9 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
             f"{weak}: log w varies little (sd {report.log_w_sd:.3g} nats; KL ~ var/2 = {bulk:.2g} nats to "
             "second order), so q matches the posterior where q puts its mass, but q's tails are lighter than "
             f"the posterior's and the importance weights are heavy-tailed: {untrusted}"]
-    return "BAD: q is far from the posterior", [
-        f"{weak}: a few particles carry the importance weight, so q is far from the posterior "
-        f"(KL >= {lo:.3g} nats, and likely much more): {untrusted}"]
+    return "BAD: q is too far from the posterior for importance sampling", [
+        f"{weak}: a few particles carry the importance weight, so q is too far from the posterior for "
+        f"importance sampling (KL >= {lo:.3g} nats, possibly much more): {untrusted}"]
 
 
 class _Run:
