@@ -320,3 +320,19 @@ def test_multi_particle_objectives_run_on_the_mixture(objective: str) -> None:
     pyro.set_rng_seed(3)
     iwae = pyro_elbo.IWAE(num_particles=6).loss(mixture_model, mixture_guide, data)
     assert -iwae >= -elbo - _float_tol(elbo)
+
+
+def test_site_share_counts_the_enumerated_marginal_once() -> None:
+    data = mixture_data()
+    mixture_guide(data)
+    model_trace, guide_trace = traces(mixture_model, mixture_guide, (data,), {}, 3, 1, False)
+    enum_trace = enum.enumerated_trace(particle_plated(mixture_model, 3, -2), guide_trace, (data,), {}, 1)
+    reducer = Reducer(1, 3, (), 1.0)
+    aligned, absorbed = enum.aligned_log_p(enum_trace, guide_trace, reducer)
+    assert set(absorbed) == {"assignment", "obs"}
+    site_log_p = {k: reducer.reduce(t) for k, t in aligned.items()}
+    site_log_q = {"locs": reducer(guide_trace.nodes["locs"])}
+    share = enum.site_share(site_log_p, site_log_q, "locs", ["assignment", "obs"])
+    assert share is not None
+    assert torch.allclose(share, sum(site_log_p.values()) - site_log_q["locs"])
+    assert enum.site_share(site_log_p, site_log_q, "assignment", ["obs"]) is None

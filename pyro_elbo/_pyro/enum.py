@@ -89,7 +89,10 @@ def enumerated_sites(model_trace: Trace, guide_trace: Trace) -> tuple[str, ...]:
 
 
 def without_sites(trace: Trace, names: tuple[str, ...]) -> Trace:
-    """A shallow copy of ``trace`` without ``names`` (to validate the rest of a model/guide pair)."""
+    """A shallow copy of ``trace`` without ``names`` (to validate the rest of a model/guide pair);
+    ``trace`` itself when ``names`` is empty."""
+    if not names:
+        return trace
     kept = Trace(graph_type=trace.graph_type)
     for name, site in trace.nodes.items():
         if name not in names:
@@ -201,6 +204,33 @@ def aligned_log_p(
         )
     aligned[MARGINAL_PREFIX + "+".join(absorbed)] = marginal.reshape((1,) * -extra + tuple(marginal.shape))
     return aligned, absorbed
+
+
+def site_share(
+    site_log_p: dict[str, Tensor], site_log_q: dict[str, Tensor], site: str, children: list[str]
+) -> Tensor | None:
+    """A latent site's share of ``log w``: its model factor and its children's, minus its guide
+    density, where the marginal of an enumerated group stands for every site it absorbed (counted
+    once). ``None`` for a site summed out by enumeration (it has no guide density).
+
+    For per-site k-hat (``kl_gap``) with ``LogWeights.site_log_p`` / ``site_log_q``.
+    """
+    if site not in site_log_q:
+        return None
+    group = {
+        name: key
+        for key in site_log_p
+        if key.startswith(MARGINAL_PREFIX)
+        for name in key[len(MARGINAL_PREFIX):].split("+")
+    }
+    share = -site_log_q[site]
+    counted: set[str] = set()
+    for name in (site, *children):
+        key = group.get(name, name)
+        if key not in counted:
+            counted.add(key)
+            share = share + site_log_p[key]
+    return share
 
 
 def discrete_posterior(
