@@ -3,27 +3,43 @@
 Pyro only *warns* when the guide has a latent site the model lacks, and the reported "ELBO" can
 then exceed log p(x). Here every mismatch raises, naming the site, the plate and the fix. Valid
 look-alikes pass silently: auxiliary guide sites (``infer={"is_auxiliary": True}``),
-``pyro.deterministic`` sites, subsampled plates and masked sites.
+``pyro.deterministic`` sites, subsampled plates, masked sites, size-less plates
+(``pyro.plate("p")``), size-1 batch dims outside every plate, and batch dims right of a plate dim
+that belong to no plate (summed, as Pyro's ``Trace_ELBO`` does).
+
+The shape rule is Pyro's (``pyro.util.check_site_shape`` with unbounded ``max_plate_nesting``):
+a site's ``log_prob`` batch shape (its distribution's batch shape broadcast with the value's) must
+have the plate's size at each plate dim, and size 1 left of the site's leftmost plate. Observed
+values that broadcast the ``log_prob`` beyond the distribution's batch shape (data shaped
+``[18, 1]`` for a site expecting ``[18]``) are named with the expected and actual shapes.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import pyro.poutine as poutine
+import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
+
+from pyro_elbo._pyro._sites import is_deterministic, sample_sites, subsample_sites
+from pyro_elbo._pyro.supports import check_supports
+from pyro_elbo._random import forked_rng
+
+__all__ = [
+    "GuidePlateWarning",
+    "check_guide_plates",
+    "check_model_guide",
+    "check_supports",
+    "diagnose_shape_failure",
+    "site_shape_error",
+]
 
 
-def _sample_sites(trace: Trace) -> dict[str, Any]:
-    return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site_is_subsample(site)
-    }
-
-
-def _is_deterministic(site: Any) -> bool:
-    return bool(site["infer"].get("_deterministic", False))
+class GuidePlateWarning(UserWarning):
+    """A plate (vectorized or sequential) in the guide that the model does not have (Pyro warns too)."""
 
 
 def _plates(site: Any, particle_plate: str | bool) -> dict[str, Any]:
@@ -35,20 +51,52 @@ def _plates(site: Any, particle_plate: str | bool) -> dict[str, Any]:
 
 
 def check_model_guide(
-    model_trace: Trace, guide_trace: Trace, max_plate_nesting: int, particle_plate: str | bool = False
+    model_trace: Trace,
+    guide_trace: Trace,
+    max_plate_nesting: int,
+    particle_plate: str | bool = False,
+    supports: bool = True,
 ) -> None:
     """Raise ``ValueError`` (or ``NotImplementedError``) if the guide does not match the model.
 
     Checks, in order: guide latents missing from the model; observed model sites sampled by the
-    guide; model latents missing from the guide (including enumerated discrete sites, which are
-    not supported); plate membership and sizes of each shared site; event shapes; and that every
-    site's batch shape agrees with its plates.
-    """
-    model_sites = _sample_sites(model_trace)
-    guide_sites = _sample_sites(guide_trace)
+    guide; ``pyro.factor`` in the guide without ``has_rsample``; enumeration flags (naming where
+    each was set); model latents missing from the guide; plate membership and sizes of each shared
+    site; event shapes; that every site's ``log_prob`` batch shape agrees with its plates; plates
+    only in the guide (a :class:`GuidePlateWarning`); and, with ``supports=True``, that no guide site
+    can draw outside its model site's support (:func:`~pyro_elbo._pyro.supports.check_supports`;
+    pass ``False`` where the caller checks supports once per model/guide pair).
 
+    Args:
+        model_trace, guide_trace: one run of each (the model replayed on the guide's values).
+        max_plate_nesting: plate dims in use, not counting the particle plate.
+        particle_plate: name of the outer particle plate (left of every user plate), or False.
+        supports: also compare supports.
+    """
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+    _check_guide_sites(model_sites, guide_sites)
+    _check_model_sites(model_sites, guide_sites, particle_plate)
+    for role, sites in (("model", model_sites), ("guide", guide_sites)):
+        for site in sites.values():
+            error = site_shape_error(role, site, max_plate_nesting, particle_plate)
+            if error is not None:
+                raise error
+    check_guide_plates(model_trace, guide_trace)
+    if supports:
+        check_supports(model_trace, guide_trace)
+
+
+def _check_guide_sites(model_sites: dict[str, Any], guide_sites: dict[str, Any]) -> None:
     for name, site in guide_sites.items():
-        if site["is_observed"] or _is_deterministic(site) or site["infer"].get("is_auxiliary", False):
+        if _is_unspecified_factor(site) and name not in model_sites:
+            raise ValueError(
+                f'At guide site pyro.factor("{name}", ...), missing specification of has_rsample: '
+                "the estimator must know whether the factor's gradient is a pathwise (reparameterized) "
+                "term. Pass has_rsample=True if the factor arises from reparameterized sampling, "
+                "has_rsample=False otherwise."
+            )
+        if site["is_observed"] or is_deterministic(site) or site["infer"].get("is_auxiliary", False):
             continue
         if name not in model_sites:
             raise ValueError(
@@ -56,26 +104,35 @@ def check_model_guide(
                 "meaningless (it can exceed log p(x)); rename it to match the model, or, if it is an "
                 "auxiliary variable, declare it with infer={'is_auxiliary': True}."
             )
-        if model_sites[name]["is_observed"] and not _is_deterministic(model_sites[name]):
+        if model_sites[name]["is_observed"] and not is_deterministic(model_sites[name]):
             raise ValueError(
                 f"Site '{name}' is observed in the model but sampled in the guide; remove it from "
                 "the guide (observed sites have no variational distribution)."
             )
 
+
+def _is_unspecified_factor(site: Any) -> bool:
+    fn = site["fn"]
+    return (
+        type(fn).__name__ == "Unit"
+        and bool(site["infer"].get("is_auxiliary", False))
+        and "has_rsample" not in fn.__dict__
+    )
+
+
+def _check_model_sites(model_sites: dict[str, Any], guide_sites: dict[str, Any], particle_plate: str | bool) -> None:
     for name, site in model_sites.items():
-        if site["is_observed"] or _is_deterministic(site):
+        if site["is_observed"] or is_deterministic(site):
             continue
-        if site["infer"].get("enumerate"):
-            raise NotImplementedError(
-                f"Model site '{name}' is marked for enumeration, which pyro_elbo does not support; "
-                "give it a guide site (and train with ELBO or VIMCO) or use pyro.infer.TraceEnum_ELBO."
-            )
-        if name not in guide_sites:
+        guide_site = guide_sites.get(name)
+        flag = (guide_site or site)["infer"].get("enumerate")
+        if flag:
+            _refuse_enumeration(name, flag, in_guide=guide_site is not None)
+        if guide_site is None:
             raise ValueError(
                 f"Model latent site '{name}' has no counterpart in the guide, so it would be drawn "
                 "from the prior and scored as if it were data; add a guide site of that name."
             )
-        guide_site = guide_sites[name]
         _check_plates(name, site, guide_site, particle_plate)
         model_event = tuple(site["fn"].event_shape)
         guide_event = tuple(guide_site["fn"].event_shape)
@@ -85,9 +142,21 @@ def check_model_guide(
                 "guide; make them agree (e.g. with .to_event(n) in the guide)."
             )
 
-    for role, sites in (("model", model_sites), ("guide", guide_sites)):
-        for name, site in sites.items():
-            _check_batch_shape(role, name, site, max_plate_nesting, particle_plate)
+
+def _refuse_enumeration(name: str, flag: Any, in_guide: bool) -> None:
+    """An ``infer={"enumerate": ...}`` flag; replay copies a guide site's flag onto the model site."""
+    if in_guide:
+        raise NotImplementedError(
+            f"Guide site '{name}' is marked for enumeration (infer={{'enumerate': {flag!r}}}, e.g. by "
+            "config_enumerate on the guide), which pyro_elbo's objectives do not do; remove the flag "
+            "from the guide to sample the site (Pyro's Trace_ELBO warns and samples it), or use "
+            "pyro.infer.TraceEnum_ELBO."
+        )
+    raise NotImplementedError(
+        f"Model site '{name}' is marked for enumeration (infer={{'enumerate': {flag!r}}}), which "
+        "pyro_elbo does not support; give it a guide site (and train with ELBO or VIMCO) or use "
+        "pyro.infer.TraceEnum_ELBO."
+    )
 
 
 def _check_plates(name: str, model_site: Any, guide_site: Any, particle_plate: str | bool) -> None:
@@ -108,29 +177,157 @@ def _check_plates(name: str, model_site: Any, guide_site: Any, particle_plate: s
             raise ValueError(f"Site '{name}' is inside plate '{plate}' in the model but not in the guide.")
 
 
-def _check_batch_shape(role: str, name: str, site: Any, max_plate_nesting: int, particle_plate: str | bool) -> None:
-    batch_shape = tuple(site["fn"].batch_shape)
-    if site["is_observed"] and _is_deterministic(site):
+def check_guide_plates(model_trace: Trace, guide_trace: Trace) -> None:
+    """Warn (:class:`GuidePlateWarning`) about plates the guide opens and the model does not.
+
+    Pyro's ``Trace_ELBO`` warns the same way ("Found plate statements in guide but not model"); a
+    sequential ``for i in pyro.plate(...)`` only in the guide is legal but usually a mistake. Like
+    Pyro's, the warning is off under ``pyro.validation_enabled(False)``.
+    """
+    if not is_validation_enabled():
         return
-    by_dim = {frame.dim: frame for frame in site["cond_indep_stack"] if frame.vectorized}
-    limit = max_plate_nesting + (1 if particle_plate else 0)
-    if len(batch_shape) > limit:
-        raise ValueError(
-            f"{role.capitalize()} site '{name}' has batch shape {batch_shape}, more dims than the "
-            f"{max_plate_nesting} plate dims in use; declare its dims with pyro.plate or move them "
-            "to the event with .to_event(n)."
+    extra = sorted(set(subsample_sites(guide_trace)) - set(subsample_sites(model_trace)))
+    if extra:
+        warnings.warn(
+            f"Found plate statements in guide but not model: {', '.join(repr(p) for p in extra)}. The "
+            "guide's independence structure then differs from the model's; open the same pyro.plate "
+            "in the model or remove it from the guide.",
+            GuidePlateWarning,
+            stacklevel=2,
         )
-    for offset in range(1, len(batch_shape) + 1):
-        size = batch_shape[-offset]
+
+
+def site_shape_error(role: str, site: Any, max_plate_nesting: int, particle_plate: str | bool) -> ValueError | None:
+    """The named shape error of one site, or None (Pyro's ``check_site_shape`` rule, see module doc)."""
+    if site["is_observed"] and is_deterministic(site):
+        return None
+    batch_shape = tuple(site["fn"].batch_shape)
+    shape, value_error = _log_prob_batch_shape(site, batch_shape)
+    if value_error is not None:
+        return _observed_shape_error(site, batch_shape, shape, max_plate_nesting, particle_plate, value_error)
+    error = _plate_rule_error(f"{role.capitalize()} site '{site['name']}'", site, shape, max_plate_nesting, particle_plate)
+    if error is not None and site["is_observed"] and shape != batch_shape:
+        return _observed_shape_error(site, batch_shape, shape, max_plate_nesting, particle_plate, None)
+    return error
+
+
+def _plate_rule_error(
+    who: str, site: Any, shape: tuple[int, ...], max_plate_nesting: int, particle_plate: str | bool
+) -> ValueError | None:
+    by_dim = {f.dim: f for f in site["cond_indep_stack"] if f.vectorized and f.name != particle_plate}
+    plate_dims = -min(by_dim, default=0)
+    particle_dim = max_plate_nesting + 1 if particle_plate else None
+    particles = next((f for f in site["cond_indep_stack"] if f.name == particle_plate), None)
+    for offset in range(1, len(shape) + 1):
+        size = shape[-offset]
         frame = by_dim.get(-offset)
-        if frame is None and size != 1:
-            raise ValueError(
-                f"{role.capitalize()} site '{name}' has batch shape {batch_shape}, but dim {-offset} "
-                f"(size {size}) belongs to no pyro.plate; wrap the site in a plate for that dim or use "
-                ".to_event(n)."
+        if frame is not None:
+            if frame.size not in (None, -1) and size not in (1, frame.size):
+                return ValueError(
+                    f"{who} has batch shape {_without_particles(shape, particle_dim)}: dim {-offset} has "
+                    f"size {size} but plate '{frame.name}' there has size {frame.size}."
+                )
+        elif offset == particle_dim and particles is not None:
+            if size not in (1, particles.size):
+                return ValueError(f"{who} has batch shape {shape}: dim {-offset} is the particle dim.")
+        elif particle_dim is not None and offset > particle_dim and size != 1:
+            return ValueError(
+                f"{who} has log_prob batch shape {shape} under {particles.size if particles else '?'} "
+                f"vectorized particles (particle dim {-particle_dim}): dim {-offset} (size {size}) is left "
+                "of the particle dim, so the model mixes particles (a tensor shaped for one particle, "
+                "e.g. a vector latent used as a batch, broadcast against another); the model is not "
+                "written for a particle dim. Use num_particles=1 or vectorize_particles=False."
             )
-        if frame is not None and size not in (1, frame.size):
-            raise ValueError(
-                f"{role.capitalize()} site '{name}' has batch shape {batch_shape}: dim {-offset} has "
-                f"size {size} but plate '{frame.name}' there has size {frame.size}."
+        elif offset > plate_dims and size != 1:
+            where = " and is left of every plate of the site" if plate_dims else ""
+            return ValueError(
+                f"{who} has batch shape {_without_particles(shape, particle_dim)}, but dim {-offset} "
+                f"(size {size}) belongs to no pyro.plate{where}; wrap the site in a plate for that dim "
+                "or move it to the event with .to_event(n)."
             )
+    return None
+
+
+def _log_prob_batch_shape(site: Any, batch_shape: tuple[int, ...]) -> tuple[tuple[int, ...], str | None]:
+    """Batch shape of ``log_prob(value)``: the distribution's batch shape broadcast with the value's."""
+    value = site["value"]
+    if not isinstance(value, torch.Tensor):
+        return batch_shape, None
+    event_shape = tuple(site["fn"].event_shape)
+    value_shape = tuple(value.shape)
+    cut = len(value_shape) - len(event_shape)
+    if cut < 0:
+        return batch_shape, None  # fewer dims than the event: the distribution's own check says why
+    try:
+        torch.broadcast_shapes(value_shape[cut:], event_shape)
+        return tuple(torch.broadcast_shapes(batch_shape, value_shape[:cut])), None
+    except RuntimeError as error:
+        return batch_shape, str(error)
+
+
+def _without_particles(shape: tuple[int, ...], particle_dim: int | None) -> tuple[int, ...]:
+    """``shape`` as the user wrote it: the particle dim and any size-1 dims left of it dropped."""
+    if particle_dim is None or len(shape) < particle_dim:
+        return shape
+    return shape[len(shape) - particle_dim + 1 :]
+
+
+def _observed_shape_error(
+    site: Any,
+    batch_shape: tuple[int, ...],
+    shape: tuple[int, ...],
+    max_plate_nesting: int,
+    particle_plate: str | bool,
+    why: str | None,
+) -> ValueError:
+    fn = site["fn"]
+    particle_dim = max_plate_nesting + 1 if particle_plate else None
+    expected = _without_particles(batch_shape, particle_dim) + tuple(fn.event_shape)
+    while expected and expected[0] == 1 and len(expected) > len(fn.event_shape):
+        expected = expected[1:]
+    plates = [
+        f"'{f.name}' (size {f.size}, dim {f.dim})"
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.name != particle_plate
+    ]
+    where = f" inside plate {', '.join(plates)}" if plates else ""
+    shown = _without_particles(shape, particle_dim)
+    outcome = f"they do not broadcast ({why})" if why else f"they broadcast to a log_prob of batch shape {shown}"
+    return ValueError(
+        f"Observed site '{site['name']}'{where}: the observed value has shape {tuple(site['value'].shape)} "
+        f"but the model expects {expected} (batch shape {_without_particles(batch_shape, particle_dim)}, "
+        f"event shape {tuple(fn.event_shape)}), and {outcome}. Reshape the data to {expected} (e.g. "
+        "y.squeeze(-1) or y.reshape(...)), or declare its extra dims with a pyro.plate or .to_event(n)."
+    )
+
+
+def diagnose_shape_failure(
+    model: Any, guide: Any, args: tuple[Any, ...], kwargs: dict[str, Any], max_plate_nesting: int
+) -> BaseException | None:
+    """Why did model or guide fail under the particle plate? Rerun both once *without* it.
+
+    Call it after a failure of the vectorized pass. Returns:
+
+    - the exception the unplated run raises, if it fails too: the failure has nothing to do with
+      particles (a name clash, a ``block_plate`` that matches nothing, Pyro's "Shape mismatch inside
+      plate") and that error, not a hint about vectorization, is what the user must see;
+    - the named error of :func:`check_model_guide` on the unplated traces (e.g. observed data
+      shaped ``[18, 1]`` for a site expecting ``[18]``, naming site, plate and both shapes);
+    - ``None`` if the unplated run is valid: the model really cannot take a particle dim.
+
+    The run draws under :func:`~pyro_elbo._random.forked_rng` without gradients and inside
+    ``poutine.block``, so the caller's random stream, autograd graph and handlers are untouched.
+    """
+    with forked_rng(), torch.no_grad(), poutine.block():
+        try:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - handed back to the caller to raise
+            return error
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", GuidePlateWarning)  # warned about on the main path
+                check_model_guide(model_trace, guide_trace, max_plate_nesting, False)
+        except (ValueError, NotImplementedError) as error:
+            return error
+    return None
