@@ -16,14 +16,15 @@ spec as the class attribute ``estimator``. A user's own estimator needs no edit 
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, ClassVar
 
 import pyro.infer
 import torch
 from torch import Tensor
 
+from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.log_weights import LogWeights, guess_max_plate_nesting, log_weights
+from pyro_elbo._pyro.particles import normalize as normalize_path
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.compiled import SVICompiledSteps
 from pyro_elbo.estimators import Estimator, cubo, dreg, elbo, iwae, renyi, stl, vimco
@@ -44,8 +45,9 @@ class Objective(pyro.infer.ELBO):
             name of a registered one (a key of :data:`OBJECTIVES`).
         num_particles: particles per step, drawn vectorized.
         max_plate_nesting: plate dims used by the model; guessed once per model/guide if ``None``.
-        vectorize_particles: ``False`` evaluates particles one at a time, for models that cannot
-            broadcast over a leading particle dim.
+        vectorize_particles: how particles are drawn: ``"auto"`` (default; the fastest path the
+            model runs on, decided once per model and argument shapes), ``"plate"`` (``True``),
+            ``"vmap"`` or ``"sequential"`` (``False``); see :mod:`pyro_elbo._pyro.particles`.
         compile: in ``loss_and_grads`` (what ``pyro.infer.SVI`` calls), run loss and gradients as one
             captured, compiled graph (:mod:`pyro_elbo.compiled`) after a first eager step; falls back
             to eager with one warning if the model cannot be captured. ``jit=True`` (Pyro's name for
@@ -65,13 +67,14 @@ class Objective(pyro.infer.ELBO):
         *,
         num_particles: int = 1,
         max_plate_nesting: int | None = None,
-        vectorize_particles: bool = True,
+        vectorize_particles: bool | str = "auto",
         compile: bool = False,
         jit: bool = False,
         retain_graph: bool | None = None,
         **options: Any,
     ) -> None:
         spec = _resolve(estimator)
+        normalize_path(vectorize_particles)
         for name in _PYRO_ONLY_OPTIONS:
             options.pop(name, None)
         if isinstance(num_particles, bool) or not isinstance(num_particles, int):
@@ -92,7 +95,7 @@ class Objective(pyro.infer.ELBO):
         self.options = {**spec.options, **options}
         self.compile = bool(compile or jit)
         self._user_max_plate_nesting = max_plate_nesting
-        self._plate_nesting = _ProgramCache()
+        self._plate_nesting = ProgramCache()
         self._svi_steps = SVICompiledSteps(self) if self.compile else None
 
     def __repr__(self) -> str:
@@ -191,38 +194,6 @@ def _resolve(estimator: str | Estimator) -> Estimator:
     raise ValueError(
         f"unknown estimator {estimator!r}; pass a pyro_elbo.estimators.Estimator or one of {sorted(OBJECTIVES)}"
     )
-
-
-class _ProgramCache:
-    """Values keyed by a model/guide pair, dropped when either program is garbage collected.
-
-    ``obj.model`` is a new bound-method object on every access, so a bound method is keyed by its
-    owner and function. Programs that cannot be weakly referenced are held strongly by this cache
-    (and so live as long as the objective that owns it)."""
-
-    def __init__(self) -> None:
-        self._values: dict[tuple[int, ...], Any] = {}
-        self._pinned: dict[int, Any] = {}
-
-    def _parts(self, fn: Any) -> tuple[Any, ...]:
-        owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
-        return (owner, func) if owner is not None and func is not None else (fn,)
-
-    def _key(self, model: Model, guide: Guide) -> tuple[tuple[int, ...], list[Any]]:
-        objects = [*self._parts(model), None, *self._parts(guide)]
-        return tuple(id(o) for o in objects), [o for o in objects if o is not None]
-
-    def get(self, model: Model, guide: Guide) -> Any:
-        return self._values.get(self._key(model, guide)[0])
-
-    def put(self, model: Model, guide: Guide, value: Any) -> None:
-        key, objects = self._key(model, guide)
-        self._values[key] = value
-        for obj in objects:
-            try:
-                weakref.finalize(obj, self._values.pop, key, None)
-            except TypeError:  # not weakly referenceable: keep it alive so its id is not reused
-                self._pinned[id(obj)] = obj
 
 
 class ELBO(Objective):

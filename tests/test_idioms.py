@@ -13,6 +13,7 @@ import torch
 from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
 
 import pyro_elbo
+from pyro_elbo._pyro.particles import ParticlePathWarning
 from pyro_elbo.objectives import make_objective
 
 from models import Z_TWO_SIDED, default_conjugate, rounding_tolerance
@@ -42,11 +43,15 @@ def test_autoguides_train_with_one_particle_on_an_unbatched_model(guide_cls) -> 
     assert torch.allclose(median, torch.tensor([1.0, -2.0, 0.5]), atol=0.2)
 
 
-def test_many_particles_on_an_unbatched_model_name_the_fix() -> None:
+def test_many_particles_on_an_unbatched_model_just_work() -> None:
+    """The default path choice runs a model that cannot take a particle plate, says so once, and
+    an explicit plate names the way out."""
     X, Y = regression_data()
     guide = AutoNormal(regression)
-    with pytest.raises(ValueError, match="vectorize_particles=False"):
-        pyro_elbo.IWAE(num_particles=4).loss(regression, guide, X, Y)
+    with pytest.raises(ValueError, match="vectorize_particles='auto'"):
+        pyro_elbo.IWAE(num_particles=4, vectorize_particles="plate").loss(regression, guide, X, Y)
+    with pytest.warns(ParticlePathWarning):
+        assert math.isfinite(pyro_elbo.IWAE(num_particles=4).loss(regression, guide, X, Y))
     loss = pyro_elbo.IWAE(num_particles=4, vectorize_particles=False).loss(regression, guide, X, Y)
     assert math.isfinite(loss)
 

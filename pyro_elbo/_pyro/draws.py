@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,10 @@ from pyro_elbo._pyro.log_weights import (
     particle_plated,
     scored_sites,
     subsampled_plates,
+    trace_guide,
     traces,
 )
+from pyro_elbo._pyro.particles import particle_path, vmap_particles
 from pyro_elbo._pyro.reduce import Reducer
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -56,50 +59,100 @@ def posterior_draws(
     num_samples: int,
     max_plate_nesting: int | None = None,
     predictive: bool = True,
+    vectorize_particles: bool | str = "auto",
     **kwargs: Any,
 ) -> Draws:
-    """Draw ``num_samples`` particles from the guide in one vectorized pass, without gradients.
+    """Draw ``num_samples`` particles from the guide without gradients, on the same particle path
+    (plate, vmap or one at a time) as :func:`~pyro_elbo.weights.log_weights` takes for the model.
 
     Raises:
         ValueError: if a plate is subsampled (export the full data set).
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
     with torch.no_grad(), forked_rng(), poutine.block():
-        reference = poutine.trace(poutine.replay(model, trace=poutine.trace(guide).get_trace(*args, **kwargs)))
-        reference_trace = reference.get_trace(*args, **kwargs)
+        guide_trace, inner_model_trace = trace_guide(guide, args, kwargs)
+        reference_trace = inner_model_trace or poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    mpn = max_plate_nesting
+
+    def run(path: str, num: int) -> Draws:
+        if path == "plate" or num == 1:
+            return _draws_plated(model, guide, args, kwargs, num, mpn, predictive, reference_trace)
+        if path == "vmap":
+            first: list[Draws] = []
+
+            def one() -> dict[str, Any]:
+                draws = _draws_plated(model, guide, args, kwargs, 1, mpn, predictive, reference_trace)
+                first.append(draws)
+                return {f: getattr(draws, f) for f in _PER_DRAW_FIELDS}
+
+            out = vmap_particles(one, num)
+            return dataclasses.replace(first[0], **torch.utils._pytree.tree_map(lambda t: t[:, 0], out))
+        parts = [_draws_plated(model, guide, args, kwargs, 1, mpn, predictive, reference_trace) for _ in range(num)]
+        stacked = {
+            f: torch.utils._pytree.tree_map(lambda *ts: torch.cat(ts), *[getattr(p, f) for p in parts])
+            for f in _PER_DRAW_FIELDS
+        }
+        return dataclasses.replace(parts[0], **stacked)
+
     with torch.no_grad():
-        model_trace, guide_trace = traces(model, guide, args, kwargs, num_samples, max_plate_nesting, False)
-        checks.check_model_guide(model_trace, guide_trace, max_plate_nesting, num_samples > 1 and PARTICLE_PLATE)
-        for frame in subsampled_plates(model_trace, guide_trace).values():
-            raise ValueError(
-                f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
-                "draws with the full data set (no subsample_size)."
-            )
-        reducer = Reducer(max_plate_nesting, num_samples, (), 1.0)
-        log_p = reducer.total(reducer(site) for site in scored_sites(model_trace))
-        log_q = reducer.total(reducer(site) for site in scored_sites(guide_trace))
-        shaped = _Shaper(reference_trace, num_samples)
-        latent, deterministic, log_lik, observed = {}, {}, {}, {}
-        for name, site in scored_sites(model_trace, named=True):
-            if site["infer"].get("_deterministic"):
-                deterministic[name] = shaped.value(name, site["value"])
-            elif site["is_observed"]:
-                observed[name] = reference_trace.nodes[name]["value"]
-                log_lik[name] = shaped.batch(name, site["fn"].log_prob(site["value"]))
-            else:
-                latent[name] = shaped.value(name, site["value"])
-        pred: dict[str, Tensor] = {}
-        if predictive and observed:
-            plated = particle_plated(_ResampleObserved()(model), num_samples, -max_plate_nesting - 1)
-            latent_only = Trace()
-            for name, site in guide_trace.nodes.items():
-                if site["type"] == "sample" and name not in observed:
-                    latent_only.add_node(name, **site)
-            pred_trace = poutine.trace(poutine.replay(plated, trace=latent_only)).get_trace(*args, **kwargs)
-            pred = {name: shaped.value(name, pred_trace.nodes[name]["value"]) for name in observed}
+        if num_samples == 1:
+            return run("plate", 1)
+        path = particle_path(vectorize_particles, model, guide, args, kwargs, lambda p, n: _discard(run(p, n)))
+        return run(path, num_samples)
+
+
+def _discard(_: Any) -> None:
+    return None
+
+
+_PER_DRAW_FIELDS = ("latent", "deterministic", "log_likelihood", "predictive", "log_p", "log_q")
+
+
+def _draws_plated(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_samples: int,
+    max_plate_nesting: int,
+    predictive: bool,
+    reference_trace: Trace,
+) -> Draws:
+    """``num_samples`` draws in one pass inside the particle plate."""
+    model_trace, guide_trace = traces(model, guide, args, kwargs, num_samples, max_plate_nesting, False)
+    checks.check_model_guide(model_trace, guide_trace, max_plate_nesting, num_samples > 1 and PARTICLE_PLATE)
+    for frame in subsampled_plates(model_trace, guide_trace).values():
+        raise ValueError(
+            f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
+            "draws with the full data set (no subsample_size)."
+        )
+    reducer = Reducer(max_plate_nesting, num_samples, (), 1.0)
+    log_p = reducer.total(reducer(site) for site in scored_sites(model_trace))
+    log_q = reducer.total(reducer(site) for site in scored_sites(guide_trace))
+    shaped = _Shaper(reference_trace, num_samples)
+    latent, deterministic, log_lik, observed = {}, {}, {}, {}
+    for name, site in scored_sites(model_trace, named=True):
+        if site["infer"].get("_deterministic"):
+            deterministic[name] = shaped.value(name, site["value"])
+        elif site["is_observed"]:
+            observed[name] = reference_trace.nodes[name]["value"]
+            log_lik[name] = shaped.batch(name, site["fn"].log_prob(site["value"]))
+        else:
+            latent[name] = shaped.value(name, site["value"])
+    pred: dict[str, Tensor] = {}
+    if predictive and observed:
+        plated = particle_plated(_ResampleObserved()(model), num_samples, -max_plate_nesting - 1)
+        latent_only = Trace()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and name not in observed:
+                latent_only.add_node(name, **site)
+        pred_trace = poutine.trace(poutine.replay(plated, trace=latent_only)).get_trace(*args, **kwargs)
+        pred = {name: shaped.value(name, pred_trace.nodes[name]["value"]) for name in observed}
     return Draws(latent, deterministic, log_lik, pred, observed, log_p, log_q)
 
 

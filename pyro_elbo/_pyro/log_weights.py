@@ -16,8 +16,9 @@ Everything else (estimators, diagnostics, training, export) is computed from the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,9 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_elbo._pyro import checks
-from pyro_elbo._pyro.params import has_trainable_params, params_stopped
+from pyro_elbo._pyro import checks, enum
+from pyro_elbo._pyro.params import has_trainable_params, loss_and_params, params_stopped
+from pyro_elbo._pyro.particles import particle_path, vmap_particles
 from pyro_elbo._pyro.reduce import Reducer
 from pyro_elbo._pyro.score import score_terms
 from pyro_elbo._random import forked_rng
@@ -102,7 +104,7 @@ def log_weights(
     *args: Any,
     num_particles: int = 1,
     max_plate_nesting: int | None = None,
-    vectorize_particles: bool = True,
+    vectorize_particles: bool | str = "auto",
     need: frozenset[str] | set[str] | tuple[str, ...] = frozenset(),
     detach_model_params: bool = False,
     **kwargs: Any,
@@ -116,8 +118,10 @@ def log_weights(
         num_particles: ``S``, the number of particles (dim 0 of every result).
         max_plate_nesting: the number of plate dims the model uses. Guessed from one run
             (without consuming the caller's random stream) when ``None``.
-        vectorize_particles: draw all particles in one vectorized pass (default). ``False``
-            evaluates them one at a time, for models that cannot broadcast over a particle dim.
+        vectorize_particles: how particles are drawn (:mod:`pyro_elbo._pyro.particles`):
+            ``"auto"`` (default) takes the fastest path the model runs on, decided once per
+            model, guide and argument shapes; ``"plate"`` (or ``True``) one outer plate, ``"vmap"``
+            ``torch.func.vmap``, ``"sequential"`` (or ``False``) one particle at a time.
         need: optional fields to compute, a subset of ``{"log_q_stopped", "log_p_stopped_z",
             "per_site"}``.
         detach_model_params: evaluate the model with its parameters detached, so only the guide
@@ -145,15 +149,66 @@ def log_weights(
         raise ValueError(f"unknown fields in need: {sorted(unknown)}; choose from {sorted(OPTIONAL_FIELDS)}")
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
-    if vectorize_particles or num_particles == 1:
-        return _log_weights_vectorized(
-            model, guide, args, kwargs, num_particles, max_plate_nesting, frozenset(need), detach_model_params
+    mpn, wanted = max_plate_nesting, frozenset(need)
+
+    def run(path: str, num: int) -> LogWeights:
+        if path == "plate" or num == 1:
+            return _log_weights_vectorized(model, guide, args, kwargs, num, mpn, wanted, detach_model_params)
+        if path == "vmap":
+            return _log_weights_vmapped(model, guide, args, kwargs, num, mpn, wanted, detach_model_params)
+        return _concat(
+            [_log_weights_vectorized(model, guide, args, kwargs, 1, mpn, wanted, detach_model_params) for _ in range(num)]
         )
-    parts = [
-        _log_weights_vectorized(model, guide, args, kwargs, 1, max_plate_nesting, frozenset(need), detach_model_params)
-        for _ in range(num_particles)
-    ]
-    return _concat(parts)
+
+    if num_particles == 1:
+        return run("plate", 1)
+    path = particle_path(vectorize_particles, model, guide, args, kwargs, lambda p, n: _try(run, p, n))
+    return run(path, num_particles)
+
+
+def _try(run: Callable[[str, int], LogWeights], path: str, num: int) -> None:
+    """Run ``num`` particles on ``path``, values and gradients, without touching any ``.grad``."""
+    lw, params = loss_and_params(lambda: run(path, num))
+    leaves = [p for p in params.values() if p.requires_grad]
+    if lw.log_w.requires_grad and leaves:
+        torch.autograd.grad(lw.log_w.sum(), leaves, allow_unused=True)
+
+
+def _log_weights_vmapped(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+    need: frozenset[str],
+    detach_model_params: bool,
+) -> LogWeights:
+    """One single-particle evaluation, vectorized over particles by ``torch.func.vmap``."""
+    first: list[LogWeights] = []
+
+    def one() -> dict[str, Any]:
+        lw = _log_weights_vectorized(model, guide, args, kwargs, 1, max_plate_nesting, need, detach_model_params)
+        first.append(lw)
+        return {f: getattr(lw, f) for f in _TENSOR_FIELDS if getattr(lw, f) is not None}
+
+    out = vmap_particles(one, num_particles)
+    squeezed = torch.utils._pytree.tree_map(lambda t: t[:, 0], out)
+    return dataclasses.replace(first[0], **squeezed)
+
+
+#: the fields of LogWeights that hold per-particle tensors (alone, or in a dict)
+_TENSOR_FIELDS = (
+    "log_p",
+    "log_q",
+    "log_q_score",
+    "log_q_stopped",
+    "log_p_stopped_z",
+    "site_log_p",
+    "site_log_q",
+    "score_terms",
+    "log_q_nonreparam",
+)
 
 
 def guess_max_plate_nesting(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> int:
@@ -263,8 +318,8 @@ def traces(
             f"The model or guide failed when its {num_particles} particles were drawn in one "
             f"vectorized pass (an outer pyro.plate at dim {dim}): {type(error).__name__}: {error}. "
             "A model not written for batched latents (e.g. `x @ w` with a vector latent `w`) "
-            "cannot broadcast over particles: pass vectorize_particles=False to evaluate the "
-            "particles one at a time (correct, slower), or use num_particles=1."
+            "cannot broadcast over particles: leave vectorize_particles='auto' (the default) to "
+            "draw them with torch.func.vmap or one at a time, or use num_particles=1."
         ) from error
     return model_trace, guide_trace
 
@@ -275,6 +330,8 @@ def _is_messenger(guide: Guide) -> bool:
 
 class _NamedMismatch(ValueError):
     """A model/guide mismatch found after the model failed on the guide's values."""
+
+    names_a_mismatch = True
 
 
 def _diagnose_model_failure(
@@ -313,7 +370,14 @@ def _log_weights_vectorized(
     model_trace, guide_trace = traces(
         model, guide, args, kwargs, num_particles, max_plate_nesting, detach_model_params
     )
-    checks.check_model_guide(model_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
+    enumerated = enum.enumerated_sites(model_trace, guide_trace)
+    checks.check_model_guide(
+        enum.without_sites(model_trace, enumerated), guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE
+    )
+    plated_model = particle_plated(model, num_particles, -max_plate_nesting - 1)
+    if enumerated:  # sum them out: log p(x, z) of the marginal model, as in TraceEnum_ELBO
+        with params_stopped() if detach_model_params else contextlib.nullcontext():
+            model_trace = enum.enumerated_trace(plated_model, guide_trace, args, kwargs, max_plate_nesting)
     batch = batch_frames(model_trace, guide_trace)
     batch_scale = math.prod(frame.full_size / frame.size for frame in batch)
     batch_names = {frame.name for frame in batch}
@@ -321,7 +385,10 @@ def _log_weights_vectorized(
     reducer = Reducer(max_plate_nesting, num_particles, batch, batch_scale)
     model_sites = dict(scored_sites(model_trace, named=True))
     guide_sites = dict(scored_sites(guide_trace, named=True))
-    model_aligned = {name: reducer.aligned(site) for name, site in model_sites.items()}
+    if enumerated:
+        model_aligned, _ = enum.aligned_log_p(model_trace, guide_trace, reducer)
+    else:
+        model_aligned = {name: reducer.aligned(site) for name, site in model_sites.items()}
     guide_aligned = {name: reducer.aligned(site) for name, site in guide_sites.items()}
     site_log_p = {name: reducer.reduce(t) for name, t in model_aligned.items()}
     site_log_q = {name: reducer.reduce(t) for name, t in guide_aligned.items()}
@@ -343,9 +410,13 @@ def _log_weights_vectorized(
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample":
                 detached.add_node(name, **{**site, "value": site["value"].detach()})
-        plated_model = particle_plated(model, num_particles, -max_plate_nesting - 1)
-        replayed = poutine.trace(poutine.replay(plated_model, trace=detached)).get_trace(*args, **kwargs)
-        log_p_stopped_z = reducer.total(reducer(site) for site in scored_sites(replayed))
+        if enumerated:
+            replayed = enum.enumerated_trace(plated_model, detached, args, kwargs, max_plate_nesting)
+            aligned, _ = enum.aligned_log_p(replayed, detached, reducer)
+            log_p_stopped_z = reducer.total(reducer.reduce(t) for t in aligned.values())
+        else:
+            replayed = poutine.trace(poutine.replay(plated_model, trace=detached)).get_trace(*args, **kwargs)
+            log_p_stopped_z = reducer.total(reducer(site) for site in scored_sites(replayed))
 
     per_site = "per_site" in need
     return LogWeights(

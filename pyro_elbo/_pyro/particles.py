@@ -1,0 +1,163 @@
+"""How ``S`` particles are drawn: one plate, ``torch.func.vmap``, or one at a time.
+
+Three paths, fastest first:
+
+- ``"plate"``: model and guide run once inside an outer ``pyro.plate`` of size ``S``. Needs a
+  model written for batched latents (most of Pyro's examples are not: ``x @ w``, ``nn.Linear`` on a
+  sampled weight, ``.t()`` of a latent).
+- ``"vmap"``: a single-particle program vectorized by ``torch.func.vmap(randomness="different")``;
+  runs most unbatched models at close to plate speed. Draws inside vmap need out-of-place
+  randomness, so ``_standard_normal`` of ``torch.distributions`` is replaced by ``torch.randn``
+  while it runs, and distribution validation (data-dependent branches) is off.
+- ``"sequential"``: one particle at a time; runs every model, at ``S`` times the cost of one.
+
+``"auto"`` (the default) tries them in that order once per model, guide and argument signature, on
+two particles (values and gradients), and keeps the first that runs; when that is not the plate it
+says which path it took in one :class:`ParticlePathWarning`. Every entry point (objectives,
+``kl_gap``, ``gradient_snr``, ``to_inference_data``, ``fit``, the CLI) goes through
+:func:`particle_path`, so they all take the same decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import pyro
+import torch
+from torch import Tensor
+
+from pyro_elbo._pyro.cache import ProgramCache
+from pyro_elbo._random import forked_rng
+from pyro_elbo._typing import Guide, Model
+
+Path = Literal["plate", "vmap", "sequential"]
+PATHS: tuple[str, ...] = ("auto", "plate", "vmap", "sequential")
+
+
+class ParticlePathWarning(UserWarning):
+    """The model cannot take a particle plate; particles are drawn another way (said once)."""
+
+
+class ParticlePathError(ValueError):
+    """A path that was asked for explicitly cannot run the model."""
+
+
+def normalize(mode: bool | str) -> str:
+    """``True`` -> ``"plate"``, ``False`` -> ``"sequential"``, or one of :data:`PATHS`."""
+    if mode is True:
+        return "plate"
+    if mode is False:
+        return "sequential"
+    if mode not in PATHS:
+        raise ValueError(f"vectorize_particles must be one of {PATHS} (or True/False), got {mode!r}")
+    return str(mode)
+
+
+_DECISIONS = ProgramCache()
+
+
+def particle_path(
+    mode: bool | str,
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    try_path: Callable[[str, int], None],
+) -> str:
+    """The path to draw particles with. ``try_path(path, num)`` runs ``num`` particles on that path
+    and raises if the program cannot run there; with ``mode="auto"`` the decision is made once per
+    model, guide and argument signature and remembered. If the plate fails, one particle (no plate
+    at all) is tried: an error there is the program's own, and is raised as it is."""
+    mode = normalize(mode)
+    if mode != "auto":
+        return mode
+    signature = _signature(args, kwargs)
+    decided = _DECISIONS.get(model, guide)
+    if decided is not None and signature in decided:
+        return str(decided[signature])
+    reasons = []
+    path = "sequential"
+    for candidate in ("plate", "vmap"):
+        try:
+            with forked_rng():
+                try_path(candidate, 2)
+            path = candidate
+            break
+        except Exception as error:  # noqa: BLE001 - any failure means "not this path"
+            if getattr(error, "names_a_mismatch", False):
+                raise
+            reasons.append(f"{candidate}: {type(error).__name__}: {_first_line(error)}")
+        if candidate == "plate":
+            with forked_rng():
+                try_path("plate", 1)  # the program's own error, if it has one
+    if decided is None:
+        decided = {}
+        _DECISIONS.put(model, guide, decided)
+    decided[signature] = path
+    if path != "plate":
+        warnings.warn(
+            f"pyro_elbo: the model cannot take a particle plate, so particles are drawn with "
+            f"{'torch.func.vmap' if path == 'vmap' else 'one run per particle'} ({'; '.join(reasons)}). "
+            "Pass vectorize_particles='sequential' (or 'vmap', 'plate') to choose the path yourself.",
+            ParticlePathWarning,
+            stacklevel=4,
+        )
+    return path
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def describe(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return (tuple(value.shape), value.dtype, value.device.type)
+        if isinstance(value, (int, float, str, bool, type(None))):
+            return value
+        return type(value).__name__
+
+    return tuple(describe(a) for a in args) + tuple(sorted((k, describe(v)) for k, v in kwargs.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# vmap
+
+
+def _randn(shape: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def _vmappable_randomness() -> Iterator[None]:
+    """``torch.distributions`` draws normals in place (``empty().normal_()``), which vmap cannot
+    batch; ``torch.randn`` it can. Replaced only while a vmapped program runs."""
+    modules = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith(("torch.distributions", "pyro.distributions")) and hasattr(module, "_standard_normal")
+    ]
+    saved = [(module, module._standard_normal) for module in modules]
+    for module, _ in saved:
+        module._standard_normal = _randn
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module._standard_normal = original
+
+
+def vmap_particles(one_particle: Callable[[], Any], num_particles: int) -> Any:
+    """Run ``one_particle()`` (a pytree of tensors) for ``num_particles`` independent draws with
+    ``torch.func.vmap(randomness="different")``: every leaf gets a leading particle dim."""
+
+    def run(_: Tensor) -> Any:
+        return one_particle()
+
+    with _vmappable_randomness(), pyro.validation_enabled(False):
+        return torch.func.vmap(run, randomness="different")(torch.arange(num_particles))
