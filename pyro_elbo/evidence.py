@@ -164,7 +164,7 @@ def log_evidence(
         raise ValueError(f"unknown transition {transition!r}; choose from {tuple(TRANSITIONS)}")
     if num_particles < 1 or chunk_size < 1:
         raise ValueError(f"num_particles and chunk_size must be >= 1, got {num_particles}, {chunk_size}")
-    options = dict(
+    options: dict[str, Any] = dict(
         num_particles=num_particles, chunk_size=chunk_size, num_steps=num_steps,
         num_leapfrog=1 if transition == "mala" else num_leapfrog, target_accept=TRANSITIONS[transition],
         step_size=step_size, num_pilot_chains=num_pilot_chains or max(2, num_particles // 4),
@@ -202,7 +202,7 @@ def _batches(args: tuple[Any, ...], device: str | torch.device | None) -> Iterab
 def _progress_bar(enabled: bool, total: int) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     return tqdm(total=total, desc="log_evidence", unit="batch", dynamic_ncols=True)
 
@@ -284,7 +284,7 @@ def _ais(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, An
     evals = (num_particles + num_pilot_chains) * tuned.num_evals + 64
     evidence = _evidence(
         ais.logmeanexp(log_w), ais.log_mean_se(log_w), "ais", num_particles, evals, target.observed,
-        acceptance_rate=(sum(accepts) / num_particles).reshape(-1),
+        acceptance_rate=(torch.stack(accepts).sum(0) / num_particles).reshape(-1),
         step_size=tuned.step_size.reshape(num_steps, -1),
     )
     return evidence, scale, tuned.step_size

@@ -160,7 +160,7 @@ class JointDensity:
             trace = self._run_guide(None)
         out = {}
         for name in self.latents:
-            site = trace.nodes[name]
+            site: Any = trace.nodes[name]
             if site["fn"].support.is_discrete:
                 raise ValueError(
                     f"latent site '{name}' is discrete: AIS moves need continuous latents "
@@ -195,7 +195,7 @@ class JointDensity:
     def _total(self, trace: Trace, names: list[str]) -> Tensor:
         total: Tensor | None = None
         for name in names:
-            site = trace.nodes[name]
+            site: Any = trace.nodes[name]
             try:
                 log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
             except ValueError as error:
@@ -225,11 +225,13 @@ def simulate(
         trace = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
         with _forked_rng(), poutine.block():
             plain = poutine.trace(model).get_trace(*args, **kwargs)
-    latents, observed, original = {}, {}, {}
+    latents: dict[str, Tensor] = {}
+    observed: dict[str, Tensor] = {}
+    original: dict[str, Tensor] = {}
     for name, site in _scored(trace):
         if plain.nodes[name]["is_observed"]:
             observed[name] = site["value"].detach()
-            original[name] = plain.nodes[name]["value"]
+            original[name] = plain.nodes[name]["value"]  # type: ignore[assignment]
         else:
             latents[name] = site["value"].detach()
     return latents, observed, original
