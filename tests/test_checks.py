@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import (
+    AutoDelta,
+    AutoDiagonalNormal,
+    AutoGuideList,
+    AutoHierarchicalNormalMessenger,
+    AutoIAFNormal,
+    AutoLaplaceApproximation,
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoNormalMessenger,
+)
+from torch.distributions.transforms import AffineTransform, SigmoidTransform
 
 import pyro_elbo
 from pyro_elbo.objectives import OBJECTIVES, make_objective
@@ -206,3 +219,208 @@ def test_subsampled_batch_plate_scales_outside_the_log() -> None:
     lw = pyro_elbo.log_weights(subsampled_local_model, subsampled_local_guide, DATA, num_particles=3)
     assert lw.batch_plates == ("data",) and lw.batch_scale == 2.0
     assert lw.log_w.shape == (3, 2) and lw.subsampled_plates == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13.4: a shape error names the observed site and both shapes, in every entry point
+
+Y18 = torch.linspace(-1.0, 1.0, 18)
+
+
+def regression_model(y):
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", 18):
+        pyro.sample("obs", dist.Normal(a, 1.0), obs=y)
+
+
+def regression_guide(y):
+    pyro.sample("a", dist.Normal(pyro.param("a_loc", torch.tensor(0.0)), 1.0))
+
+
+OBS_SHAPE = r"Observed site 'obs' inside plate 'data'.*value has shape \(18, 1\) but the model expects \(18,\)"
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [pyro_elbo.ELBO(), pyro_elbo.IWAE(num_particles=4), pyro_elbo.IWAE(num_particles=4, vectorize_particles=True)],
+    ids=["ELBO", "IWAE4", "IWAE4-plate"],
+)
+def test_observed_data_of_the_wrong_shape_names_site_and_shapes(objective) -> None:
+    assert math.isfinite(objective.loss(regression_model, regression_guide, Y18))  # the right shape runs
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=OBS_SHAPE):
+        objective.loss(regression_model, regression_guide, Y18.unsqueeze(-1))
+
+
+def test_observed_shape_error_in_kl_gap_and_export() -> None:
+    with pytest.raises(ValueError, match=OBS_SHAPE):
+        pyro_elbo.kl_gap(regression_model, regression_guide, Y18.unsqueeze(-1), num_particles=20, chunk_size=10)
+    with pytest.raises(ValueError, match=OBS_SHAPE):
+        pyro_elbo.to_inference_data(regression_model, regression_guide, Y18.unsqueeze(-1), num_samples=10)
+
+
+def test_diagnose_shape_failure_reruns_without_the_particle_plate() -> None:
+    from pyro_elbo._pyro.checks import diagnose_shape_failure
+
+    error = diagnose_shape_failure(regression_model, regression_guide, (Y18.unsqueeze(-1),), {}, 1)
+    assert isinstance(error, ValueError) and "Observed site 'obs'" in str(error)
+    assert diagnose_shape_failure(regression_model, regression_guide, (Y18,), {}, 1) is None
+
+    def clash(y):
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    assert isinstance(diagnose_shape_failure(clash, regression_guide, (Y18,), {}, 1), RuntimeError)
+
+    def unbatched(y):  # runs alone, not under a particle plate: no diagnosis, the caller explains
+        w = pyro.sample("a", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 18):
+            pyro.sample("obs", dist.Normal(w.reshape(()), 1.0), obs=y)
+
+    assert diagnose_shape_failure(unbatched, regression_guide, (Y18,), {}, 1) is None
+    state = torch.get_rng_state()
+    diagnose_shape_failure(regression_model, regression_guide, (Y18,), {}, 1)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random stream is untouched
+
+
+def test_a_size_less_plate_passes_the_checks() -> None:
+    from pyro.poutine import replay, trace
+
+    from pyro_elbo._pyro.checks import check_model_guide
+
+    def program():
+        with pyro.plate("plate"):
+            pyro.sample("x", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0).expand_by([10]))
+
+    guide_trace = trace(program).get_trace()
+    check_model_guide(trace(replay(program, trace=guide_trace)).get_trace(), guide_trace, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13.5: a guide whose support is wider than the model's
+
+
+def positive_model():
+    scale = pyro.sample("scale", dist.HalfCauchy(1.0))
+    rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+    with pyro.plate("data", 4):
+        pyro.sample("x", dist.Normal(0.0, scale * rate), obs=DATA)
+
+
+def normal_guide_for(wide: str):
+    def guide():
+        for name in ("scale", "rate"):
+            loc = pyro.param(f"{name}_loc", torch.tensor(2.0))
+            if name == wide:
+                pyro.sample(name, dist.Normal(loc, 0.1))
+            else:
+                pyro.sample(name, dist.LogNormal(loc, 0.1))
+
+    return guide
+
+
+@pytest.mark.parametrize("wide", ["scale", "rate"])
+def test_a_real_guide_for_a_positive_latent_is_refused_even_when_it_draws_positive(wide: str) -> None:
+    # loc 2, scale 0.1: a negative draw has probability Phi(-20), so only the support check can see it
+    for objective in (pyro_elbo.ELBO(), pyro_elbo.IWAE(num_particles=4)):
+        pyro.clear_param_store()
+        with pytest.raises(ValueError, match=rf"Guide site '{wide}' has support reals in \[-inf, inf\], wider than the model's reals in \[0, inf\]"):
+            objective.loss(positive_model, normal_guide_for(wide))
+
+
+def _single(model_fn, guide_fn):
+    def model():
+        pyro.sample("z", model_fn)
+
+    def guide():
+        pyro.sample("z", guide_fn)
+
+    return model, guide
+
+
+SUPPORT_PAIRS = [
+    # (id, model distribution, guide distribution, refused)
+    ("beta-uniform(-1,2)", dist.Beta(2.0, 2.0), dist.Uniform(-1.0, 2.0), True),
+    ("uniform(0,2)-uniform(0.5,1)", dist.Uniform(0.0, 2.0), dist.Uniform(0.5, 1.0), False),
+    ("gamma-lognormal", dist.Gamma(2.0, 1.0), dist.LogNormal(0.0, 1.0), False),
+    ("poisson-normal", dist.Poisson(3.0), dist.Normal(3.0, 1.0), True),
+    ("dirichlet-normal", dist.Dirichlet(torch.ones(3)), dist.Normal(torch.zeros(3), 1.0).to_event(1), True),
+    ("dirichlet-dirichlet", dist.Dirichlet(torch.ones(3)), dist.Dirichlet(2 * torch.ones(3)), False),
+    ("categorical-wider", dist.Categorical(torch.ones(3)), dist.Categorical(torch.ones(5)), True),
+    ("uniform-sigmoid-affine", dist.Uniform(-1.0, 3.0),
+     dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-1.0, 4.0)]), False),
+    ("uniform-sigmoid-affine-wider", dist.Uniform(-1.0, 3.0),
+     dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-2.0, 6.0)]), True),
+    ("halfcauchy-delta", dist.HalfCauchy(1.0), dist.Delta(torch.tensor(0.5)), False),
+]
+
+
+@pytest.mark.parametrize("case", SUPPORT_PAIRS, ids=[c[0] for c in SUPPORT_PAIRS])
+def test_support_comparison(case) -> None:
+    from pyro.poutine import replay, trace
+
+    from pyro_elbo._pyro.supports import check_supports
+
+    _, model_fn, guide_fn, refused = case
+    model, guide = _single(model_fn, guide_fn)
+    guide_trace = trace(guide).get_trace()
+    model_trace = trace(replay(model, trace=guide_trace)).get_trace()
+    if refused:
+        with pytest.raises(ValueError, match="Guide site 'z' has support .* wider than the model's"):
+            check_supports(model_trace, guide_trace)
+    else:
+        check_supports(model_trace, guide_trace)
+
+
+def test_tensor_bounds_are_compared_only_with_validation_on() -> None:
+    """A step being captured runs with validation off and fake tensors: no data-dependent branch."""
+    from pyro.poutine import replay, trace
+
+    from pyro_elbo._pyro.supports import check_supports
+
+    model, guide = _single(dist.Uniform(torch.zeros(2), 1.0).to_event(1), dist.Uniform(torch.full((2,), -1.0), 1.0).to_event(1))
+    guide_trace = trace(guide).get_trace()
+    model_trace = trace(replay(model, trace=guide_trace)).get_trace()
+    with pytest.raises(ValueError, match="wider than the model's reals in \\[0, 1\\]"):
+        check_supports(model_trace, guide_trace)
+    with pyro.validation_enabled(False):
+        check_supports(model_trace, guide_trace)
+
+
+def constrained_model():
+    rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+    u = pyro.sample("u", dist.Uniform(-1.0, 3.0))
+    b = pyro.sample("b", dist.Beta(2.0, 2.0))
+    w = pyro.sample("w", dist.Dirichlet(torch.ones(3)))
+    with pyro.plate("data", 4):
+        pyro.sample("x", dist.Normal(u * b + w[..., 0], rate), obs=DATA)
+
+
+def _guide_list(model):
+    guides = AutoGuideList(model)
+    guides.append(AutoNormal(pyro.poutine.block(model, expose=["rate", "u"])))
+    guides.append(AutoDelta(pyro.poutine.block(model, hide=["rate", "u"])))
+    return guides
+
+
+AUTOGUIDES = {
+    "AutoNormal": AutoNormal,
+    "AutoDiagonalNormal": AutoDiagonalNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
+    "AutoDelta": AutoDelta,
+    "AutoLaplaceApproximation": AutoLaplaceApproximation,
+    "AutoIAFNormal": AutoIAFNormal,
+    "AutoGuideList": _guide_list,
+    "AutoNormalMessenger": AutoNormalMessenger,
+    "AutoHierarchicalNormalMessenger": AutoHierarchicalNormalMessenger,
+}
+
+
+@pytest.mark.parametrize("name", AUTOGUIDES)
+def test_autoguides_on_constrained_latents_pass_the_support_check(name: str) -> None:
+    for objective in (pyro_elbo.ELBO(), pyro_elbo.IWAE(num_particles=3)):
+        pyro.clear_param_store()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss = objective.loss(constrained_model, AUTOGUIDES[name](constrained_model))
+        assert math.isfinite(loss)
