@@ -13,7 +13,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
-from pyro_elbo._pyro import checks
+from pyro_elbo._pyro import checks, enum
 from pyro_elbo._pyro.log_weights import (
     PARTICLE_PLATE,
     guess_max_plate_nesting,
@@ -125,23 +125,33 @@ def _draws_plated(
 ) -> Draws:
     """``num_samples`` draws in one pass inside the particle plate."""
     model_trace, guide_trace = traces(model, guide, args, kwargs, num_samples, max_plate_nesting, False)
-    checks.check_model_guide(model_trace, guide_trace, max_plate_nesting, num_samples > 1 and PARTICLE_PLATE)
+    enumerated = enum.enumerated_sites(model_trace, guide_trace)
+    particle_plate = num_samples > 1 and PARTICLE_PLATE
+    checks.check_model_guide(enum.without_sites(model_trace, enumerated), guide_trace, max_plate_nesting, particle_plate)
     for frame in subsampled_plates(model_trace, guide_trace).values():
         raise ValueError(
             f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
             "draws with the full data set (no subsample_size)."
         )
     reducer = Reducer(max_plate_nesting, num_samples, (), 1.0)
-    log_p = reducer.total(reducer(site) for site in scored_sites(model_trace))
-    log_q = reducer.total(reducer(site) for site in scored_sites(guide_trace))
     shaped = _Shaper(reference_trace, num_samples)
-    latent, deterministic, log_lik, observed = {}, {}, {}, {}
+    marginal_log_lik: dict[str, Tensor] = {}
+    if enumerated:  # discrete sites: exact posterior draws; log p and log-likelihood marginal over them
+        plated_model = particle_plated(model, num_samples, -max_plate_nesting - 1)
+        model_trace, log_p, marginal_log_lik = _enumerated_parts(
+            plated_model, guide_trace, args, kwargs, max_plate_nesting, reducer, shaped
+        )
+    else:
+        log_p = reducer.total(reducer(site) for site in scored_sites(model_trace))
+    log_q = reducer.total(reducer(site) for site in scored_sites(guide_trace))
+    latent, deterministic, log_lik, observed = {}, {}, dict(marginal_log_lik), {}
     for name, site in scored_sites(model_trace, named=True):
         if site["infer"].get("_deterministic"):
             deterministic[name] = shaped.value(name, site["value"])
         elif site["is_observed"]:
             observed[name] = reference_trace.nodes[name]["value"]
-            log_lik[name] = shaped.batch(name, site["fn"].log_prob(site["value"]))
+            if name not in log_lik:
+                log_lik[name] = shaped.batch(name, site["fn"].log_prob(site["value"]))
         else:
             latent[name] = shaped.value(name, site["value"])
     pred: dict[str, Tensor] = {}
@@ -154,6 +164,40 @@ def _draws_plated(
         pred_trace = poutine.trace(poutine.replay(plated, trace=latent_only)).get_trace(*args, **kwargs)
         pred = {name: shaped.value(name, pred_trace.nodes[name]["value"]) for name in observed}
     return Draws(latent, deterministic, log_lik, pred, observed, log_p, log_q)
+
+
+def _enumerated_parts(
+    plated_model: Model,
+    guide_trace: Trace,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    max_plate_nesting: int,
+    reducer: Reducer,
+    shaped: _Shaper,
+) -> tuple[Trace, Tensor, dict[str, Tensor]]:
+    """For a model with enumerated discrete sites: its trace with those sites drawn from their exact
+    posterior given each particle (``infer_discrete``), the ``[S]`` log-density with them summed
+    out, and each observed site's pointwise log-likelihood marginal over them (what ``az.loo``
+    needs). An observed site summed together with others (an HMM's chain) gets the group's
+    log-likelihood under the first one's name, per entry of the plates the group shares."""
+    discrete = enum.discrete_posterior(plated_model, guide_trace, args, kwargs, max_plate_nesting)
+    completed = guide_trace.copy()
+    for name, value in discrete.items():
+        completed.add_node(name, name=name, type="sample", value=value, is_observed=False, infer={}, fn=None)
+    model_trace = poutine.trace(poutine.replay(plated_model, trace=completed)).get_trace(*args, **kwargs)
+    enum_trace = enum.enumerated_trace(plated_model, guide_trace, args, kwargs, max_plate_nesting)
+    aligned, absorbed = enum.aligned_log_p(enum_trace, guide_trace, reducer)
+    log_p = reducer.total(reducer.reduce(t) for t in aligned.values())
+    observed = [n for n in absorbed if model_trace.nodes[n]["is_observed"]]
+    marginal = next((t for key, t in aligned.items() if key.startswith(enum.MARGINAL_PREFIX)), None)
+    log_lik: dict[str, Tensor] = {}
+    if observed and marginal is not None:
+        name = observed[0]
+        try:
+            log_lik[name] = shaped.batch(name, marginal)
+        except ValueError:  # the group spans the site's plates only in part: one value per draw
+            log_lik[name] = reducer.reduce(marginal)
+    return model_trace, log_p, log_lik
 
 
 class _ResampleObserved(Messenger):
