@@ -1,7 +1,10 @@
 """pyro_elbo: better variational objectives, KL-gap diagnostics, fast training and ArviZ export for Pyro."""
 
+from pyro_elbo._pyro.particles import ParticlePathWarning
 from pyro_elbo.arviz import to_inference_data
 from pyro_elbo.diagnostics import GapDecomposition, KLGapReport, gap_decomposition, gradient_snr, kl_gap
+from pyro_elbo.estimators import Estimator
+from pyro_elbo.evidence import Evidence, Sandwich, bdmc, log_evidence
 from pyro_elbo.objectives import CUBO, ELBO, IWAE, STL, VIMCO, DReG, Objective, RenyiELBO, make_objective
 from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load_checkpoint
 from pyro_elbo.weights import LogWeights, log_weights
@@ -12,6 +15,8 @@ __all__ = [
     "CUBO",
     "DReG",
     "ELBO",
+    "Estimator",
+    "Evidence",
     "FitResult",
     "GapDecomposition",
     "IWAE",
@@ -19,14 +24,18 @@ __all__ = [
     "LogWeights",
     "NonFiniteLossError",
     "Objective",
+    "ParticlePathWarning",
     "RenyiELBO",
     "STL",
+    "Sandwich",
     "VIMCO",
+    "bdmc",
     "fit",
     "gap_decomposition",
     "gradient_snr",
     "kl_gap",
     "load_checkpoint",
+    "log_evidence",
     "log_weights",
     "make_objective",
     "to_inference_data",

@@ -11,6 +11,9 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 SHORT = {
+    "diffusion_digits.py": ["--steps", "5", "--T", "4", "--iwae-particles", "4", "--ais-points", "2",
+                            "--ais-steps", "2", "--ais-chains", "2", "--gap-particles", "10",
+                            "--png", "/tmp/pyro_elbo_diffusion_test.png"],
     "eight_schools.py": ["50", "500"],
     "logistic_regression.py": ["30"],
     "mixture_vimco.py": ["30"],
