@@ -24,6 +24,10 @@ EPILOG = """examples:
 """
 
 
+VECTORIZE = ("auto", "plate", "vmap", "sequential")
+OUTPUTS = ("checkpoint.pt", "loss.png", "report.txt", "kl_gap.png", "inference_data.nc", "posterior.png")
+
+
 class UsageError(Exception):
     """A mistake on the command line or in the model file: reported in one line, exit code 2."""
 
@@ -53,11 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
     run.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: 0.01)")
     run.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where the data are)")
-    run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    run.add_argument(
+        "--seed", type=int, default=0, help="random seed of the fit, the KL-gap report and the exported draws (default: 0)"
+    )
     run.add_argument("--out", default="pyro-elbo-out", help="output folder (default: pyro-elbo-out)")
     run.add_argument("--samples", type=int, default=1000, help="posterior draws exported to ArviZ (default: 1000)")
     run.add_argument(
         "--diagnostic-particles", type=int, default=10_000, help="particles for the KL-gap report (default: 10000)"
+    )
+    run.add_argument(
+        "--vectorize",
+        choices=VECTORIZE,
+        default="auto",
+        help="how particles are evaluated: auto (the library's default), plate (one vectorized pass), vmap "
+        "(torch.func.vmap, for models that cannot broadcast; needs a library that offers it) or sequential "
+        "(one at a time) (default: auto)",
+    )
+    run.add_argument(
+        "--dtype", choices=("float32", "float64"), default=None, help="torch default dtype for the model file and "
+        "its data (default: torch's, float32); float64 lowers the report's noise floor"
+    )
+    run.add_argument(
+        "--log-likelihood", choices=("separate", "combined"), default="separate", help="ArviZ log_likelihood: one "
+        "per observed site (default), or combined: their sum per data point over the plate they share, so that "
+        "az.loo needs no var_name"
     )
     run.add_argument("--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
@@ -75,19 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except UsageError as error:
-        print(f"pyro-elbo: error: {error}", file=sys.stderr)
+        _report_error(error, args.traceback, hint=False)
         return 2
     except KeyboardInterrupt:
         print("pyro-elbo: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
         return 130
     except Exception as error:
-        if args.traceback:
-            traceback.print_exc()
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"pyro-elbo: error: {type(error).__name__}: {message}", file=sys.stderr)
-        if not args.traceback:
-            print("pyro-elbo: rerun with --traceback for details", file=sys.stderr)
+        _report_error(error, args.traceback, hint=True, prefix=f"{type(error).__name__}: ")
         return 1
+
+
+def _report_error(error: BaseException, show_traceback: bool, hint: bool, prefix: str = "") -> None:
+    """The whole message (a library error's hint often sits on its later lines); the traceback,
+    with the error's causes (an import failure's own traceback), under ``--traceback``."""
+    if show_traceback:
+        traceback.print_exception(type(error), error, error.__traceback__)
+    print(f"pyro-elbo: error: {prefix}{str(error).strip()}", file=sys.stderr)
+    if hint and not show_traceback:
+        print("pyro-elbo: rerun with --traceback for details", file=sys.stderr)
 
 
 def load_model_file(spec: str) -> tuple[ModuleType, str]:
@@ -117,30 +145,27 @@ def load_model_file(spec: str) -> tuple[ModuleType, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
     import pyro_elbo
 
+    pyro.clear_param_store()  # a fresh fit (or --resume's checkpoint), also when main() runs twice in a process
     if args.steps < 0 or args.samples < 1 or args.diagnostic_particles < 2:
         raise UsageError("--steps must be >= 0, --samples >= 1 and --diagnostic-particles >= 2")
+    vectorize = _vectorize_option(args.vectorize)
     try:
-        objective = pyro_elbo.make_objective(args.objective, num_particles=args.particles)
+        objective = pyro_elbo.make_objective(args.objective, num_particles=args.particles, **vectorize)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from error
     device = _parse_device(args.device)
+    if args.dtype is not None:
+        torch.set_default_dtype(getattr(torch, args.dtype))
     module, model_name = load_model_file(args.file)
     model = getattr(module, model_name)
     data = getattr(module, "data", None)
-    model_args = tuple(data()) if callable(data) else ()
-    guide = None
-    if args.guide != "guide" or model_name == "model":  # FILE's `guide` is written for `model`
-        guide = getattr(module, args.guide, None)
-        if args.guide != "guide" and not callable(guide):
-            raise UsageError(f"{args.file.partition(':')[0]} defines no guide `{args.guide}`")
-    guide_label = args.guide
-    if not callable(guide):
-        from pyro.infer.autoguide import AutoNormal
-
-        guide = AutoNormal(model)
-        guide_label = "AutoNormal (default)"
+    model_args = tuple(_as_dtype(a, args.dtype) for a in (data() if callable(data) else ()))
+    guide, guide_label = _pick_guide(args, module, model, model_name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"pyro-elbo: {args.file} -> {out}/  model={model_name} guide={guide_label} objective={objective!r}")
@@ -162,29 +187,152 @@ def run(args: argparse.Namespace) -> int:
     if result.resumed_from_step is not None:
         print(f"resumed from step {result.resumed_from_step}")
     final = result.history[-1] if result.history else float("nan")
-    print(f"fit: {result.num_steps} steps, final loss {final:.4f}, {result.num_skipped} skipped")
+    summary = f"fit: {result.num_steps} steps, final loss {final:.4f}, {result.num_skipped} skipped"
+    print(summary)
     if device is not None:
         model_args = tuple(a.to(device) if hasattr(a, "to") else a for a in model_args)
-
-    report = pyro_elbo.kl_gap(model, guide, *model_args, num_particles=args.diagnostic_particles)
+    failed = _after_fit(args, module, model, guide, model_args, result, summary, vectorize)
+    written = [name for name in OUTPUTS if (out / name).exists()]
     print()
-    print(report)
-    (out / "report.txt").write_text(str(report) + "\n")
-
-    idata = pyro_elbo.to_inference_data(
-        model,
-        guide,
-        *model_args,
-        num_samples=args.samples,
-        dims=getattr(module, "dims", None),
-        coords=getattr(module, "coords", None),
-        fit_result=result,
-    )
-    idata.to_netcdf(str(out / "inference_data.nc"))
-    _plots(result, report, idata, out)
-    print()
-    print(f"wrote {out}/inference_data.nc, loss.png, kl_gap.png, posterior.png, report.txt, checkpoint.pt")
+    print(f"wrote {out}/{', '.join(written)}")
+    if failed:
+        print(
+            f"pyro-elbo: error: {' and '.join(failed)} failed after a successful fit; the fit is kept in "
+            f"{out}/checkpoint.pt: fix the cause and rerun with --resume and the same --steps to redo only "
+            "the report and the export",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _after_fit(
+    args: argparse.Namespace,
+    module: ModuleType,
+    model: Any,
+    guide: Any,
+    model_args: tuple[Any, ...],
+    result: Any,
+    summary: str,
+    vectorize: dict[str, Any],
+) -> list[str]:
+    """Everything after a finished fit, each part on its own: one that fails is reported in full
+    and the others still run. Returns the names of the parts that failed."""
+    import matplotlib
+    import pyro
+
+    matplotlib.use("Agg")  # files only, no display
+
+    import pyro_elbo
+
+    out = Path(args.out)
+    failed: list[str] = []
+
+    def attempt(what: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as error:
+            failed.append(what)
+            _report_error(error, args.traceback, hint=False, prefix=f"{what} failed: {type(error).__name__}: ")
+            return None
+
+    def loss_plot() -> None:
+        fig = result.plot()
+        fig.axes[0].set_title(f"{Path(args.file).name}: {result.num_steps} steps, lr {args.lr:g}", fontsize=9)
+        _save(fig, out / "loss.png", dpi=120, bbox_inches="tight")
+
+    attempt("the loss plot", loss_plot)
+
+    def report() -> Any:
+        pyro.set_rng_seed(args.seed)
+        return pyro_elbo.kl_gap(model, guide, *model_args, num_particles=args.diagnostic_particles, **vectorize)
+
+    kl = attempt("the KL-gap report", report)
+    if kl is not None:
+        print()
+        print(kl)
+        attempt("the KL-gap plot", lambda: _save(_legend_outside(kl.plot()), out / "kl_gap.png", dpi=120,
+                                                 bbox_inches="tight"))
+    text = str(kl) if kl is not None else "KL-gap report: failed (see the error printed by pyro-elbo)"
+    (out / "report.txt").write_text(f"{summary}\n\n{text}\n")
+
+    def export() -> Any:
+        pyro.set_rng_seed(args.seed)
+        idata = pyro_elbo.to_inference_data(
+            model,
+            guide,
+            *model_args,
+            num_samples=args.samples,
+            dims=getattr(module, "dims", None),
+            coords=getattr(module, "coords", None),
+            fit_result=result,
+            log_likelihood=args.log_likelihood,
+        )
+        idata.to_netcdf(str(out / "inference_data.nc"))
+        return idata
+
+    idata = attempt("the ArviZ export", export)
+    if idata is not None:
+        attempt("the posterior plot", lambda: _posterior_plot(idata, out))
+    return failed
+
+
+def _vectorize_option(mode: str) -> dict[str, Any]:
+    """``--vectorize`` as the library's ``vectorize_particles`` (omitted for ``auto``)."""
+    if mode == "auto":
+        return {}
+    if mode in ("plate", "sequential"):
+        return {"vectorize_particles": mode == "plate"}
+    import inspect
+
+    import pyro_elbo
+
+    accepted = str(inspect.signature(pyro_elbo.kl_gap).parameters["vectorize_particles"].annotation)
+    if accepted == "bool":
+        raise UsageError(
+            f"--vectorize {mode}: this version of pyro_elbo takes vectorize_particles=True/False only "
+            "(use --vectorize plate or sequential)"
+        )
+    return {"vectorize_particles": mode}
+
+
+def _as_dtype(value: Any, dtype: str | None) -> Any:
+    import torch
+
+    if dtype is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    return value.to(getattr(torch, dtype))
+
+
+def _pick_guide(args: argparse.Namespace, module: ModuleType, model: Any, model_name: str) -> tuple[Any, str]:
+    guide = None
+    if args.guide != "guide" or model_name == "model":  # FILE's `guide` is written for `model`
+        guide = getattr(module, args.guide, None)
+        if args.guide != "guide" and not callable(guide):
+            raise UsageError(f"{args.file.partition(':')[0]} defines no guide `{args.guide}`")
+    if callable(guide):
+        return guide, args.guide
+    from pyro.infer.autoguide import AutoNormal
+
+    return AutoNormal(model), "AutoNormal (default)"
+
+
+def _legend_outside(fig: Any) -> Any:
+    """Move the legend right of the axes: inside, it sits on the ELBO line and the ladder's end."""
+    ax = fig.axes[0]
+    if ax.get_legend() is not None:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    ax.set_ylabel("bound on log p(x) (nats)")
+    return fig
+
+
+def _save(fig: Any, path: Path, **options: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, **options)
+    finally:
+        plt.close(fig)
 
 
 def _parse_device(text: str | None) -> Any:
@@ -201,46 +349,57 @@ def _parse_device(text: str | None) -> Any:
     return device
 
 
-def _plots(result: Any, report: Any, idata: Any, out: Path) -> None:
-    import matplotlib
+def _forest_rows(posterior: Any, budget: int = 40) -> tuple[list[str], dict[str, Any], int, str]:
+    """Which variables (and entries) fit a readable forest of about ``budget`` rows: the smallest
+    variables whole, then the first entries of the next one; the caption says what is left out."""
+    def width(var: Any) -> int:
+        return var.size // (var.sizes["chain"] * var.sizes["draw"])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    sized = sorted(posterior.data_vars.items(), key=lambda kv: width(kv[1]))
+    names, rows, coords, notes = [], 0, {}, []
+    for name, var in sized:
+        if rows + width(var) <= budget:
+            names.append(name)
+            rows += width(var)
+    rest = [(n, v) for n, v in sized if n not in names]
+    if rest:
+        name, var = rest[0]
+        room, taken = max(budget - rows, 8), 1
+        for dim in reversed([d for d in var.dims if d not in ("chain", "draw")]):
+            take = max(1, min(var.sizes[dim], room // taken))
+            coords[dim] = var[dim].values[:take]
+            taken *= take
+        names.append(name)
+        rows += taken
+        notes.append(f"{name}: first {taken} of {width(var)} entries")
+        if rest[1:]:
+            notes.append("not shown: " + ", ".join(f"{n} ({width(v)})" for n, v in rest[1:]))
+    return names, coords, rows, "; ".join(notes)
 
-    fig = result.plot()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
-    fig = report.plot()
-    fig.savefig(out / "kl_gap.png", dpi=120)
-    plt.close(fig)
+
+def _posterior_plot(idata: Any, out: Path) -> None:
+    """A forest of the guide's draws (median, 50% and 94% HDI), at most about 40 rows."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import arviz as az
 
-        # a compact forest of the (up to 40 rows) smallest variables, with 94% HDIs; if even the
-        # smallest is larger (a VAE's local latents), its first entries
-        sized = sorted(idata.posterior.data_vars.items(), key=lambda kv: kv[1].size)
-        names, rows, coords, title = [], 0, None, "posterior (guide draws): median, 50% and 94% HDI"
-        for name, var in sized:
-            width = var.size // (var.sizes["chain"] * var.sizes["draw"])
-            if rows + width <= 40:
-                names.append(name)
-                rows += width
-        if not names and sized:
-            name, var = sized[0]
-            coords, rows = {}, 1
-            for dim in reversed([d for d in var.dims if d not in ("chain", "draw")]):
-                take = max(1, min(var.sizes[dim], 40 // rows))
-                coords[dim] = var[dim].values[:take]
-                rows *= take
-            names = [name]
-            title = f"posterior of {name}: first {rows} of {var.size // (var.sizes['chain'] * var.sizes['draw'])} entries"
-        axes = az.plot_forest(idata, var_names=names or None, coords=coords, combined=True, hdi_prob=0.94,
-                              figsize=(6, 1.0 + 0.28 * max(rows, 1)), textsize=9)
-    fig = axes.ravel()[0].figure if hasattr(axes, "ravel") else axes.figure
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(out / "posterior.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+        names, coords, rows, note = _forest_rows(idata["posterior"])
+        size = (6.5, 1.2 + 0.28 * max(rows, 1))
+        title = "posterior (guide draws): median, 50% and 94% HDI" + (f"\n{note}" if note else "")
+        if int(az.__version__.split(".")[0]) >= 1:  # arviz-plots: a PlotCollection on one figure
+            import matplotlib.pyplot as plt
+
+            az.plot_forest(idata, var_names=names, coords=coords or None, combined=True, point_estimate="median",
+                           ci_kind="hdi", ci_probs=(0.5, 0.94), backend="matplotlib", figure_kwargs={"figsize": (8.5, size[1])})  # room for labels
+            fig = plt.gcf()
+            fig.suptitle(title, fontsize=9)
+            _save(fig, out / "posterior.png", dpi=100, bbox_inches="tight")
+            return
+        axes = az.plot_forest(idata, var_names=names, coords=coords or None, combined=True, hdi_prob=0.94,
+                              figsize=size, textsize=9)
+    ax = axes.ravel()[0] if hasattr(axes, "ravel") else axes
+    ax.set_title(title, fontsize=9)  # replaces ArviZ's "94.0% HDI"
+    _save(ax.figure, out / "posterior.png", dpi=100, bbox_inches="tight")
 
 
 if __name__ == "__main__":

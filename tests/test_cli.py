@@ -34,7 +34,7 @@ def test_help_documents_every_option(tmp_path: Path) -> None:
     assert top.returncode == 0 and "run" in top.stdout
     run = pyro_elbo("run", "--help", cwd=tmp_path)
     for option in ("--objective", "--particles", "--steps", "--lr", "--device", "--out", "--seed", "--samples",
-                   "--resume", "--guide"):
+                   "--resume", "--guide", "--vectorize", "--dtype", "--log-likelihood", "--traceback"):
         assert option in run.stdout, option
 
 
@@ -79,11 +79,98 @@ def test_posterior_plot_of_a_large_local_latent_shows_its_first_entries(tmp_path
 
     idata = pyro_elbo.to_inference_data(model, guide, x, num_samples=50)
 
-    class Figure:
-        def plot(self):
-            import matplotlib.pyplot as plt
-
-            return plt.figure()
-
-    cli._plots(Figure(), Figure(), idata, tmp_path)
+    cli._posterior_plot(idata, tmp_path)
     assert (tmp_path / "posterior.png").stat().st_size > 0  # 300 entries: the first 40 are drawn
+
+
+FAILS_AFTER_FIT = """
+import pyro, pyro.distributions as dist, torch
+
+def data():
+    return (torch.linspace(-1, 1, 8),)
+
+def model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    if mu.dim() > 0 and mu.shape[0] > 50:  # the report's and the export's vectorized draws, not the fit
+        raise RuntimeError("the model cannot take many particles\\nsecond line: the hint that tells what to do")
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=x)
+"""
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``pyro-elbo ARGS`` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    from pyro_elbo import cli
+
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_finished_fit_is_kept_when_the_report_and_export_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fails.py").write_text(FAILS_AFTER_FIT)
+    code, out, err = in_process(capsys, "run", "fails.py", "--steps", "20", "--samples", "100",
+                                "--diagnostic-particles", "100", "--out", "out", "--no-progress")
+    assert code == 1, err
+    assert "fit: 20 steps" in out
+    for name in ("checkpoint.pt", "loss.png", "report.txt"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert not (tmp_path / "out" / "inference_data.nc").exists()
+    assert "fit: 20 steps" in (tmp_path / "out" / "report.txt").read_text()
+    for part in ("the KL-gap report failed", "the ArviZ export failed"):
+        assert part in err
+    assert err.count("second line: the hint that tells what to do") == 2  # the whole message, twice
+    assert "the fit is kept in out/checkpoint.pt" in err
+    assert "Traceback" not in err
+
+
+def test_traceback_shows_an_import_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.py").write_text("import no_such_module_xyz\n")
+    code, _, err = in_process(capsys, "run", "broken.py")
+    assert code == 2 and "Traceback" not in err and "No module named 'no_such_module_xyz'" in err
+    code, _, err = in_process(capsys, "run", "broken.py", "--traceback")
+    assert code == 2
+    assert "Traceback" in err and 'broken.py", line 1' in err
+
+
+def test_seed_fixes_the_report_and_options_reach_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    example = str(ROOT / "examples" / "eight_schools.py")
+    common = ["--steps", "5", "--samples", "20", "--diagnostic-particles", "200", "--no-progress"]
+    runs = {
+        "a": [*common, "--seed", "1"],
+        "a2": [*common, "--seed", "1"],
+        "b": [*common, "--seed", "2", "--vectorize", "sequential", "--dtype", "float64"],
+    }
+    reports = {}
+    for name, args in runs.items():
+        code, _, err = in_process(capsys, "run", example, *args, "--out", name)
+        assert code == 0, err
+        reports[name] = (tmp_path / name / "report.txt").read_text()
+    assert reports["a2"] == reports["a"]
+    assert reports["b"] != reports["a"]
+    assert "float64" in reports["b"] and "float32" in reports["a"]
+
+
+def test_vectorize_vmap_runs_or_says_the_library_lacks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import inspect
+
+    import pyro_elbo as lib
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = in_process(capsys, "run", str(ROOT / "examples" / "eight_schools.py"), "--steps", "3", "--samples",
+                              "10", "--diagnostic-particles", "100", "--no-progress", "--vectorize", "vmap")
+    if str(inspect.signature(lib.kl_gap).parameters["vectorize_particles"].annotation) == "bool":
+        assert code == 2 and "--vectorize vmap" in err
+    else:
+        assert code == 0, err

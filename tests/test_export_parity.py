@@ -17,7 +17,6 @@ import pytest
 import torch
 
 import pyro_elbo
-from pyro_elbo import arviz as export
 
 if os.environ.get("PYRO_ELBO_REQUIRE_ALL_DEPS"):
     import arviz as az  # must be installed: fail, never skip
