@@ -44,9 +44,7 @@ class GuidePlateWarning(UserWarning):
 
 def _plates(site: Any, particle_plate: str | bool) -> dict[str, Any]:
     return {
-        frame.name: frame
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.name != particle_plate
+        frame.name: frame for frame in site["cond_indep_stack"] if frame.vectorized and frame.name != particle_plate
     }
 
 
@@ -205,7 +203,9 @@ def site_shape_error(role: str, site: Any, max_plate_nesting: int, particle_plat
     shape, value_error = _log_prob_batch_shape(site, batch_shape)
     if value_error is not None:
         return _observed_shape_error(site, batch_shape, shape, max_plate_nesting, particle_plate, value_error)
-    error = _plate_rule_error(f"{role.capitalize()} site '{site['name']}'", site, shape, max_plate_nesting, particle_plate)
+    error = _plate_rule_error(
+        f"{role.capitalize()} site '{site['name']}'", site, shape, max_plate_nesting, particle_plate
+    )
     if error is not None and site["is_observed"] and shape != batch_shape:
         return _observed_shape_error(site, batch_shape, shape, max_plate_nesting, particle_plate, None)
     return error
@@ -255,14 +255,26 @@ def _log_prob_batch_shape(site: Any, batch_shape: tuple[int, ...]) -> tuple[tupl
         return batch_shape, None
     event_shape = tuple(site["fn"].event_shape)
     value_shape = tuple(value.shape)
+    if value_shape == batch_shape + event_shape:
+        return batch_shape, None
     cut = len(value_shape) - len(event_shape)
     if cut < 0:
         return batch_shape, None  # fewer dims than the event: the distribution's own check says why
-    try:
-        torch.broadcast_shapes(value_shape[cut:], event_shape)
-        return tuple(torch.broadcast_shapes(batch_shape, value_shape[:cut])), None
-    except RuntimeError as error:
-        return batch_shape, str(error)
+    if _broadcast(value_shape[cut:], event_shape) is None:
+        return batch_shape, f"value event shape {value_shape[cut:]} vs the distribution's {event_shape}"
+    shape = _broadcast(batch_shape, value_shape[:cut])
+    if shape is None:
+        return batch_shape, f"value batch shape {value_shape[:cut]} vs the distribution's {batch_shape}"
+    return shape, None
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``torch.broadcast_shapes(a, b)`` or None; plain Python (the torch function costs ~1 ms)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    if any(x != y and x != 1 and y != 1 for x, y in zip(a, b)):
+        return None
+    return tuple(y if x == 1 else x for x, y in zip(a, b))
 
 
 def _without_particles(shape: tuple[int, ...], particle_dim: int | None) -> tuple[int, ...]:
