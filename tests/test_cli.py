@@ -146,8 +146,8 @@ def test_seed_fixes_the_report_and_options_reach_the_library(
     example = str(ROOT / "examples" / "eight_schools.py")
     common = ["--steps", "5", "--samples", "20", "--diagnostic-particles", "200", "--no-progress"]
     runs = {
-        "a": [*common, "--seed", "1"],
-        "a2": [*common, "--seed", "1"],
+        "a": [*common, "--seed", "1", "--dtype", "float32"],
+        "a2": [*common, "--seed", "1", "--dtype", "float32"],
         "b": [*common, "--seed", "2", "--vectorize", "sequential", "--dtype", "float64"],
     }
     reports = {}
