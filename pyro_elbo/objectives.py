@@ -105,9 +105,12 @@ class Objective(pyro.infer.ELBO):
     # ---------------------------------------------------------------------------------------
     # the one path
 
+    #: ``need`` flags added to every :meth:`log_weights` call (``ELBO(analytic_kl=True)``)
+    _extra_needs: frozenset[str] = frozenset()
+
     def log_weights(self, model: Model, guide: Guide, *args: Any, **kwargs: Any) -> LogWeights:
         """The :class:`~pyro_elbo.weights.LogWeights` this objective is computed from."""
-        need = self.spec.needs if torch.is_grad_enabled() else frozenset()
+        need = (self.spec.needs if torch.is_grad_enabled() else frozenset()) | self._extra_needs
         return log_weights(
             model,
             guide,
@@ -205,6 +208,9 @@ class ELBO(Objective):
     (``num_particles = 1``).
 
     Accepts ``pyro.infer.Trace_ELBO``'s arguments, ``num_particles`` positionally included.
+    ``analytic_kl=True`` uses closed-form KL terms where a latent's guide and prior have one (as
+    Pyro's ``TraceMeanField_ELBO``; see :mod:`pyro_elbo._pyro.analytic_kl`): same value and expected
+    gradient, lower variance.
 
     References:
         | Black Box Variational Inference (Ranganath et al., 2014)
@@ -213,9 +219,13 @@ class ELBO(Objective):
 
     estimator = Estimator(elbo, reparameterized_only=False, linear=True)
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, num_particles: int = 1, max_plate_nesting: int | None = None, analytic_kl: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(self.estimator, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
         self._baseline: dict[str, float] = {}
+        self.analytic_kl = bool(analytic_kl)
+        self._extra_needs = frozenset({"analytic_kl"}) if analytic_kl else frozenset()
 
     def bound(self, lw: LogWeights) -> Tensor:
         if not lw.score_terms or lw.num_particles > 1:

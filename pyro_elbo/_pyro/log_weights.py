@@ -31,6 +31,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from pyro_elbo._pyro import checks, enum
+from pyro_elbo._pyro.analytic_kl import replace_with_kl
 from pyro_elbo._pyro.params import has_trainable_params, loss_and_params, params_stopped
 from pyro_elbo._pyro.particles import particle_path, vmap_particles
 from pyro_elbo._pyro.reduce import Reducer
@@ -41,7 +42,7 @@ from pyro_elbo._typing import Guide, Model
 PARTICLE_PLATE = "_pyro_elbo_particles"
 
 #: Optional fields of :class:`LogWeights` that estimators may ask for.
-OPTIONAL_FIELDS = frozenset({"log_q_stopped", "log_p_stopped_z", "per_site"})
+OPTIONAL_FIELDS = frozenset({"log_q_stopped", "log_p_stopped_z", "per_site", "analytic_kl"})
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,9 @@ def log_weights(
             model, guide and argument shapes; ``"plate"`` (or ``True``) one outer plate, ``"vmap"``
             ``torch.func.vmap``, ``"sequential"`` (or ``False``) one particle at a time.
         need: optional fields to compute, a subset of ``{"log_q_stopped", "log_p_stopped_z",
-            "per_site"}``.
+            "per_site"}``; ``"analytic_kl"`` replaces each eligible latent's ``log p - log q`` by
+            ``-KL(q || p)`` (:mod:`pyro_elbo._pyro.analytic_kl`): ``log_w`` is then an ELBO term,
+            not a log importance weight, valid only for estimators linear in ``log_w``.
         detach_model_params: evaluate the model with its parameters detached, so only the guide
             receives gradients (upper-bound objectives).
         **kwargs: keyword arguments of both model and guide.
@@ -390,6 +393,8 @@ def _log_weights_vectorized(
     else:
         model_aligned = {name: reducer.aligned(site) for name, site in model_sites.items()}
     guide_aligned = {name: reducer.aligned(site) for name, site in guide_sites.items()}
+    if "analytic_kl" in need:
+        replace_with_kl(model_sites, guide_sites, model_aligned, guide_aligned, reducer)
     site_log_p = {name: reducer.reduce(t) for name, t in model_aligned.items()}
     site_log_q = {name: reducer.reduce(t) for name, t in guide_aligned.items()}
     score_sites = tuple(name for name, site in guide_sites.items() if not site["fn"].has_rsample)
