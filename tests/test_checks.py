@@ -90,11 +90,35 @@ def discrete_guide(x):
 INVALID = [
     ("guide latent not in model", model, typo_guide, ValueError, "Guide site 'z_typo' is not a site of the model"),
     ("model latent not in guide", model, missing_guide, ValueError, "Model latent site 'z' has no counterpart"),
-    ("plate only in guide", model, plate_only_in_guide, ValueError, "inside plate 'extra' in the guide but not in the model"),
+    (
+        "plate only in guide",
+        model,
+        plate_only_in_guide,
+        ValueError,
+        "inside plate 'extra' in the guide but not in the model",
+    ),
     ("plate size differs", local_model, plate_size_guide, ValueError, "Plate 'data' at site 'z' has size 5"),
-    ("event shape mismatch", model, event_shape_guide, ValueError, r"Site 'z' has event shape \(\) in the model but \(2,\)"),
-    ("batch shape mismatch", model, batch_shape_guide, ValueError, r"Guide site 'z' has batch shape \(2,\)"),
-    ("observed site sampled in guide", model, observed_in_guide, ValueError, "Site 'x' is observed in the model but sampled in the guide"),
+    (
+        "event shape mismatch",
+        model,
+        event_shape_guide,
+        ValueError,
+        r"Model and guide event_dims disagree at site 'z' \(0 vs 1\): its event shape is \(\) in the model but \(2,\)",
+    ),
+    (
+        "batch shape mismatch",
+        model,
+        batch_shape_guide,
+        ValueError,
+        r"Guide site 'z' has an invalid log_prob shape: batch shape \(2,\)",
+    ),
+    (
+        "observed site sampled in guide",
+        model,
+        observed_in_guide,
+        ValueError,
+        "Site 'x' is observed in the model but sampled in the guide",
+    ),
 ]
 
 
@@ -324,7 +348,10 @@ def test_a_real_guide_for_a_positive_latent_is_refused_even_when_it_draws_positi
     # loc 2, scale 0.1: a negative draw has probability Phi(-20), so only the support check can see it
     for objective in (pyro_elbo.ELBO(), pyro_elbo.IWAE(num_particles=4)):
         pyro.clear_param_store()
-        with pytest.raises(ValueError, match=rf"Guide site '{wide}' has support reals in \[-inf, inf\], wider than the model's reals in \[0, inf\]"):
+        with pytest.raises(
+            ValueError,
+            match=rf"Guide site '{wide}' has support reals in \[-inf, inf\], wider than the model's reals in \[0, inf\]",
+        ):
             objective.loss(positive_model, normal_guide_for(wide))
 
 
@@ -347,10 +374,18 @@ SUPPORT_PAIRS = [
     ("dirichlet-normal", dist.Dirichlet(torch.ones(3)), dist.Normal(torch.zeros(3), 1.0).to_event(1), True),
     ("dirichlet-dirichlet", dist.Dirichlet(torch.ones(3)), dist.Dirichlet(2 * torch.ones(3)), False),
     ("categorical-wider", dist.Categorical(torch.ones(3)), dist.Categorical(torch.ones(5)), True),
-    ("uniform-sigmoid-affine", dist.Uniform(-1.0, 3.0),
-     dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-1.0, 4.0)]), False),
-    ("uniform-sigmoid-affine-wider", dist.Uniform(-1.0, 3.0),
-     dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-2.0, 6.0)]), True),
+    (
+        "uniform-sigmoid-affine",
+        dist.Uniform(-1.0, 3.0),
+        dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-1.0, 4.0)]),
+        False,
+    ),
+    (
+        "uniform-sigmoid-affine-wider",
+        dist.Uniform(-1.0, 3.0),
+        dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-2.0, 6.0)]),
+        True,
+    ),
     ("halfcauchy-delta", dist.HalfCauchy(1.0), dist.Delta(torch.tensor(0.5)), False),
 ]
 
@@ -378,7 +413,9 @@ def test_tensor_bounds_are_compared_only_with_validation_on() -> None:
 
     from pyro_elbo._pyro.supports import check_supports
 
-    model, guide = _single(dist.Uniform(torch.zeros(2), 1.0).to_event(1), dist.Uniform(torch.full((2,), -1.0), 1.0).to_event(1))
+    model, guide = _single(
+        dist.Uniform(torch.zeros(2), 1.0).to_event(1), dist.Uniform(torch.full((2,), -1.0), 1.0).to_event(1)
+    )
     guide_trace = trace(guide).get_trace()
     model_trace = trace(replay(model, trace=guide_trace)).get_trace()
     with pytest.raises(ValueError, match="wider than the model's reals in \\[0, 1\\]"):

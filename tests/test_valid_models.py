@@ -338,7 +338,9 @@ def obs_mask_pair(mask: torch.Tensor, multivariate: bool) -> tuple[Callable[[], 
         return dist.MultivariateNormal(x, torch.eye(3)) if multivariate else dist.Normal(x, 1.0)
 
     def model() -> None:
-        x = pyro.sample("x", dist.MultivariateNormal(torch.zeros(3), torch.eye(3)) if multivariate else dist.Normal(0.0, 1.0))
+        x = pyro.sample(
+            "x", dist.MultivariateNormal(torch.zeros(3), torch.eye(3)) if multivariate else dist.Normal(0.0, 1.0)
+        )
         with pyro.plate("plate", n):
             pyro.sample("y", lik(x), obs=data, obs_mask=mask)
 
@@ -427,7 +429,13 @@ ACCEPTED: list[tuple[str, Callable[[], None], Callable[[], None], bool, dict[str
     ("nested_plate_plate_subsample_param", nested_subsample_model, nested_subsample_guide, False, {}),
     ("nonnested_plate_plate", separate_plates, separate_plates, False, {}),
     ("three_indep_plate_at_different_depths", three_depths, three_depths, False, {}),
-    ("block_plate_name", block_plate_program("ac", {"name": "plate"}), block_plate_program("ca", {"name": "plate"}), True, {}),
+    (
+        "block_plate_name",
+        block_plate_program("ac", {"name": "plate"}),
+        block_plate_program("ca", {"name": "plate"}),
+        True,
+        {},
+    ),
     ("block_plate_dim", block_plate_program("ac", {"dim": -1}), block_plate_program("ca", {"dim": -1}), True, {}),
     ("enum_discrete_misuse_none", bernoulli_model, bernoulli_guide, False, {}),
     ("plate_shape_broadcasting", user_particle_plate_model, user_particle_plate_guide, True, {}),
@@ -437,18 +445,36 @@ ACCEPTED: list[tuple[str, Callable[[], None], Callable[[], None], bool, dict[str
     ("mean_field", chain_model, chain_guide(None), True, {}),
     *[(f"mean_field_mask={m}", masked_chain_model(m), chain_guide(m), True, {}) for m in (True, False)],
     ("reparam", scaled_or_masked_model(poutine.mask(mask=True)), normal_guide, True, {}),
-    *[(f"reparam_mask={m}", scaled_or_masked_model(poutine.mask(mask=m)), normal_guide, True, {})
-      for m in (True, False, torch.tensor(True), torch.tensor(False))],
-    *[(f"reparam_scale={s}", scaled_or_masked_model(poutine.scale(scale=s)), normal_guide, True, {})
-      for s in (1, 0.1, torch.tensor(0.5))],
-    *[(f"reparam_mask_plate={m}", dirichlet_model(lambda m=m: poutine.mask(mask=m)), lognormal_guide, True, {})
-      for m in (True, False, torch.tensor(True), torch.tensor(False), torch.tensor([False, True]))],
-    *[(f"reparam_scale_plate={s}", dirichlet_model(lambda s=s: poutine.scale(scale=s)), lognormal_guide, True, {})
-      for s in (1, 0.1, torch.tensor(0.5), torch.tensor([0.1, 0.9]))],
-    *[(f"obs_mask={m.tolist()}", *obs_mask_pair(m, False), True, {})
-      for m in (torch.tensor(True), torch.tensor(False), torch.tensor([True]), torch.tensor([False]), torch.tensor([False, True, False]))],
-    *[(f"obs_mask_multivariate={m.tolist()}", *obs_mask_pair(m, True), True, {})
-      for m in (torch.tensor(True), torch.tensor([False]), torch.tensor([False, True, True, False]))],
+    *[
+        (f"reparam_mask={m}", scaled_or_masked_model(poutine.mask(mask=m)), normal_guide, True, {})
+        for m in (True, False, torch.tensor(True), torch.tensor(False))
+    ],
+    *[
+        (f"reparam_scale={s}", scaled_or_masked_model(poutine.scale(scale=s)), normal_guide, True, {})
+        for s in (1, 0.1, torch.tensor(0.5))
+    ],
+    *[
+        (f"reparam_mask_plate={m}", dirichlet_model(lambda m=m: poutine.mask(mask=m)), lognormal_guide, True, {})
+        for m in (True, False, torch.tensor(True), torch.tensor(False), torch.tensor([False, True]))
+    ],
+    *[
+        (f"reparam_scale_plate={s}", dirichlet_model(lambda s=s: poutine.scale(scale=s)), lognormal_guide, True, {})
+        for s in (1, 0.1, torch.tensor(0.5), torch.tensor([0.1, 0.9]))
+    ],
+    *[
+        (f"obs_mask={m.tolist()}", *obs_mask_pair(m, False), True, {})
+        for m in (
+            torch.tensor(True),
+            torch.tensor(False),
+            torch.tensor([True]),
+            torch.tensor([False]),
+            torch.tensor([False, True, False]),
+        )
+    ],
+    *[
+        (f"obs_mask_multivariate={m.tolist()}", *obs_mask_pair(m, True), True, {})
+        for m in (torch.tensor(True), torch.tensor([False]), torch.tensor([False, True, True, False]))
+    ],
     ("reparam_stable", stable_model, stable_guide, True, {}),
     ("ordered_logistic_plate", ordered_logistic_model, ordered_logistic_guide, True, {}),
     ("issue12_gamma_batch_1_no_plate", gamma_no_plate_model, gamma_no_plate_guide, True, {}),
@@ -652,23 +678,69 @@ def mv_obs_mask_error() -> tuple[Callable[[], None], Callable[[], None]]:
 REJECTED: list[tuple[str, Callable[[], None], Callable[[], None], type[Exception], str]] = [
     ("nonempty_model_empty_guide", latent_model, empty, ValueError, "Model latent site 'x' has no counterpart"),
     ("variable_clash_in_model", clash_model, bernoulli_guide, RuntimeError, "Multiple sample sites named 'x'"),
-    ("model_guide_dim_mismatch", event_model((2,)), event_guide, ValueError, r"Site 'x' has event shape \(2,\) in the model but \(2, 1\)"),
-    ("model_guide_shape_mismatch", event_model((1, 2)), event_guide, ValueError, r"Site 'x' has event shape \(1, 2\) in the model but \(2, 1\)"),
+    (
+        "model_guide_dim_mismatch",
+        event_model((2,)),
+        event_guide,
+        ValueError,
+        r"Model and guide event_dims disagree at site 'x' \(1 vs 2\): its event shape is \(2,\) in the model but \(2, 1\)",
+    ),
+    (
+        "model_guide_shape_mismatch",
+        event_model((1, 2)),
+        event_guide,
+        ValueError,
+        r"Model and guide shapes disagree at site 'x': its event shape is \(1, 2\) in the model but \(2, 1\)",
+    ),
     ("variable_clash_in_guide", bernoulli_model, clash_model, RuntimeError, "Multiple sample sites named 'x'"),
     ("iplate_variable_clash", iplate_clash, iplate_clash, RuntimeError, "Multiple sample sites named 'x'"),
-    *[(f"plate_param_size_mismatch_{s}", plate_model(5), param_size_guide(s), ValueError, "invalid shape of pyro.param")
-      for s in ((5,), (3, 5))],
+    *[
+        (
+            f"plate_param_size_mismatch_{s}",
+            plate_model(5),
+            param_size_guide(s),
+            ValueError,
+            "invalid shape of pyro.param",
+        )
+        for s in ((5,), (3, 5))
+    ],
     ("plate_broadcast", plate_broadcast, plate_broadcast, ValueError, "Shape mismatch inside plate"),
-    ("nested_plate_plate_dim_1", nested_dim_error(1), nested_dim_error(1), ValueError, "site 'x'.*belongs to no pyro.plate"),
+    (
+        "nested_plate_plate_dim_1",
+        nested_dim_error(1),
+        nested_dim_error(1),
+        ValueError,
+        "site 'x'.*belongs to no pyro.plate",
+    ),
     ("nested_plate_plate_dim_2", nested_dim_error(2), nested_dim_error(2), ValueError, "Shape mismatch inside plate"),
-    ("nested_plate_plate_dim_3", nested_dim_error(3), nested_dim_error(3), ValueError, "site 'x'.*belongs to no pyro.plate"),
+    (
+        "nested_plate_plate_dim_3",
+        nested_dim_error(3),
+        nested_dim_error(3),
+        ValueError,
+        "site 'x'.*belongs to no pyro.plate",
+    ),
     ("nested_plate_plate_dim_4", nested_dim_error(4), nested_dim_error(4), ValueError, "Shape mismatch inside plate"),
     ("plate_wrong_size", wrong_size_plate, wrong_size_plate, ValueError, "Shape mismatch inside plate"),
     ("block_plate_missing", missing_block_plate_model, normal_a, ValueError, "block_plate matched 0 messengers"),
-    *[(f"enum_discrete_misuse_{h}", bernoulli_model, enumerated_guide(h), NotImplementedError, "Guide site 'x' is marked for enumeration")
-      for h in ("sequential", "parallel")],
+    *[
+        (
+            f"enum_discrete_misuse_{h}",
+            bernoulli_model,
+            enumerated_guide(h),
+            NotImplementedError,
+            "Guide site 'x' is marked for enumeration",
+        )
+        for h in ("sequential", "parallel")
+    ],
     ("dim_allocation", colliding_dims, colliding_dims, ValueError, "collide at dim="),
-    ("factor_in_guide", empty, factor_guide(None), ValueError, 'guide site pyro.factor\\("f".*missing specification of has_rsample'),
+    (
+        "factor_in_guide",
+        empty,
+        factor_guide(None),
+        ValueError,
+        'guide site pyro.factor\\("f".*missing specification of has_rsample',
+    ),
     ("obs_mask_multivariate", *mv_obs_mask_error(), ValueError, "Invalid obs_mask shape"),
 ]
 
@@ -677,9 +749,18 @@ REJECTED: list[tuple[str, Callable[[], None], Callable[[], None], type[Exception
 #: checks.diagnose_shape_failure after the plated run fails (see the helper's report)
 NEEDS_DIAGNOSIS = {"nested_plate_plate_dim_1", "nested_plate_plate_dim_3"}
 REJECTED_RUNS = [
-    pytest.param(case, objective, id=f"{case[0]}-{objective}", marks=[pytest.mark.xfail(
-        strict=True, reason="log_weights.traces() does not yet call checks.diagnose_shape_failure"
-    )] if objective == "IWAE2-plate" and case[0] in NEEDS_DIAGNOSIS else [])
+    pytest.param(
+        case,
+        objective,
+        id=f"{case[0]}-{objective}",
+        marks=[
+            pytest.mark.xfail(
+                strict=True, reason="log_weights.traces() does not yet call checks.diagnose_shape_failure"
+            )
+        ]
+        if objective == "IWAE2-plate" and case[0] in NEEDS_DIAGNOSIS
+        else [],
+    )
     for case in REJECTED
     for objective in ("ELBO", "IWAE2", "IWAE2-plate")
 ]

@@ -135,9 +135,14 @@ def _check_model_sites(model_sites: dict[str, Any], guide_sites: dict[str, Any],
         model_event = tuple(site["fn"].event_shape)
         guide_event = tuple(guide_site["fn"].event_shape)
         if model_event != guide_event:
+            what = (
+                f"event_dims disagree at site '{name}' ({len(model_event)} vs {len(guide_event)})"
+                if len(model_event) != len(guide_event)
+                else f"shapes disagree at site '{name}'"
+            )
             raise ValueError(
-                f"Site '{name}' has event shape {model_event} in the model but {guide_event} in the "
-                "guide; make them agree (e.g. with .to_event(n) in the guide)."
+                f"Model and guide {what}: its event shape is {model_event} in the model but {guide_event} "
+                "in the guide; make them agree (e.g. with .to_event(n) in the guide)."
             )
 
 
@@ -224,12 +229,13 @@ def _plate_rule_error(
         if frame is not None:
             if frame.size not in (None, -1) and size not in (1, frame.size):
                 return ValueError(
-                    f"{who} has batch shape {_without_particles(shape, particle_dim)}: dim {-offset} has "
+                    f"{who} has an invalid log_prob shape: batch shape {_without_particles(shape, particle_dim)}: "
+                    f"dim {-offset} has "
                     f"size {size} but plate '{frame.name}' there has size {frame.size}."
                 )
         elif offset == particle_dim and particles is not None:
             if size not in (1, particles.size):
-                return ValueError(f"{who} has batch shape {shape}: dim {-offset} is the particle dim.")
+                return ValueError(f"{who} has an invalid log_prob shape {shape}: dim {-offset} is the particle dim.")
         elif particle_dim is not None and offset > particle_dim and size != 1:
             return ValueError(
                 f"{who} has log_prob batch shape {shape} under {particles.size if particles else '?'} "
@@ -241,7 +247,8 @@ def _plate_rule_error(
         elif offset > plate_dims and size != 1:
             where = " and is left of every plate of the site" if plate_dims else ""
             return ValueError(
-                f"{who} has batch shape {_without_particles(shape, particle_dim)}, but dim {-offset} "
+                f"{who} has an invalid log_prob shape: batch shape {_without_particles(shape, particle_dim)}, "
+                f"but dim {-offset} "
                 f"(size {size}) belongs to no pyro.plate{where}; wrap the site in a plate for that dim "
                 "or move it to the event with .to_event(n)."
             )
