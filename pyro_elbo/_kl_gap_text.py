@@ -28,6 +28,10 @@ def _site_verdict(k: float) -> str:
     return "heavy-tailed share"
 
 
+def _site_rank(item: tuple[str, float]) -> float:
+    return -item[1] if math.isfinite(item[1]) else 1e9
+
+
 def report_text(report: KLGapReport) -> str:
     dtype = str(report.dtype).replace("torch.", "")
     points = f", {report.num_points} data points" if report.num_points > 1 else ""
@@ -51,9 +55,9 @@ def report_text(report: KLGapReport) -> str:
     lines.append(f"  verdict     {report.verdict}")
     if report.khat_per_site:
         lines.append("  k-hat per site (its share of log w):")
-        ranked = sorted(report.khat_per_site.items(), key=lambda kv: -kv[1] if math.isfinite(kv[1]) else 1e9)
-        for site, k in ranked:
-            lines.append(f"    {site:<20}{k:>8.3f}   {_site_verdict(k)}")
+        ranked = sorted(report.khat_per_site.items(), key=_site_rank)
+        for site, site_khat in ranked:
+            lines.append(f"    {site:<20}{site_khat:>8.3f}   {_site_verdict(site_khat)}")
     if report.joint_sites:
         shared = sorted({aux for auxs in report.joint_sites.values() for aux in auxs})
         lines.append(f"    {', '.join(sorted(report.joint_sites))}: joint guide density ({', '.join(shared)}), "

@@ -65,3 +65,37 @@ def test_elbo_unbiasedness_false_alarm_rate_over_seeds() -> None:
         alarms += abs(mean - exact) > 1.96 * se
     print(f"\nELBO unbiasedness: {alarms} false alarms in {SEEDS} seeds (nominal 5%: expect ~{0.05 * SEEDS:.0f})")
     assert alarms <= _binomial_upper(SEEDS, 0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_kl_gap_interval_and_verdict_calibration(dtype: torch.dtype) -> None:
+    """Issue 11 sweep: 6 families with exact log p(x) and KL, guides from exact to 20 sd off,
+    40 seeds per cell. Prints, per cell, the fraction of runs whose printed intervals (KL and
+    log p(x)) miss the truth while the report has no warning, and the number of "good" verdicts.
+    Goal <= 5% per cell; asserted: misses <= Binomial(40, 0.05) bound at 1e-6, and no "good"
+    verdict when the exact KL exceeds 1 nat."""
+    from exact_models import FAMILIES
+
+    torch.set_default_dtype(dtype)
+    runs, rows, worst = 40, [], 0
+    for family, (make, guides) in FAMILIES.items():
+        for name in guides:
+            misses = good = 0
+            for seed in range(runs):
+                pyro.clear_param_store()
+                case = make(name)
+                pyro.set_rng_seed(seed)
+                report = pyro_elbo.kl_gap(case.model, case.guide, num_particles=10_000, per_site=False)
+                lo, hi = report.kl_interval
+                elo, ehi = report.log_evidence_interval
+                missed = not (lo <= case.kl <= hi and elo <= case.log_evidence <= ehi)
+                misses += missed and not report.warnings
+                good += report.verdict.startswith("good")
+                assert not (case.kl > 1 and report.verdict.startswith("good")), (family, name, seed, str(report))
+            worst = max(worst, misses)
+            rows.append(f"  {family:<24}{name:<16}{case.kl:>11.4f}{misses / runs:>9.1%}{good:>6}")
+    print(f"\nkl_gap calibration, {dtype}, {runs} seeds x 10,000 particles per cell")
+    print(f"  {'family':<24}{'guide':<16}{'exact KL':>11}{'misses':>9}{'good':>6}")
+    print("\n".join(rows))
+    assert worst <= _binomial_upper(runs, 0.05)

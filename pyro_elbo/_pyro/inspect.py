@@ -54,7 +54,7 @@ def site_shares(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[
         from pyro.infer.inspect import TrackProvenance, get_dependencies
 
         with forked_rng(), poutine.block():
-            deps = get_dependencies(model, args, kwargs)["prior_dependencies"]
+            deps: dict[str, Any] = get_dependencies(model, args, kwargs)["prior_dependencies"]  # type: ignore[assignment]
         with forked_rng(), poutine.block(), torch.no_grad():
             trace = poutine.trace(model).get_trace(*args, **kwargs)
         with forked_rng(), poutine.block(), torch.no_grad(), TrackProvenance():
@@ -111,7 +111,7 @@ def raise_if_nonfinite_observed(model: Model, guide: Guide, args: tuple[Any, ...
         bad = ~torch.isfinite(value)
         mask = site["mask"]
         if isinstance(mask, Tensor):  # masked-out entries are not scored
-            event = len(site["fn"].event_shape)
+            event = len(getattr(site["fn"], "event_shape", ()))
             reduced = bad.flatten(-event).any(-1) if event else bad
             bad = reduced & mask.bool()
         if bad.any():
