@@ -9,18 +9,16 @@ import math
 import time
 
 import arviz as az
-import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from exact_models import beta_binomial, gamma_poisson, linear_regression, normal_mean
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 import pyro_elbo
 from pyro_elbo._pyro.inspect import float64_rounding_error, raise_if_nonfinite_observed
 from pyro_elbo.diagnostics import psis_khat
-
-from exact_models import beta_binomial, gamma_poisson, linear_regression, normal_mean
 
 
 def test_far_guide_is_bad_never_bounded() -> None:
