@@ -152,7 +152,7 @@ def kl_gap(
     chunk_size: int = 1000,
     ladder: tuple[int, ...] | None = None,
     max_plate_nesting: int | None = None,
-    vectorize_particles: bool = True,
+    vectorize_particles: bool | str = "auto",
     per_site: bool = True,
     max_seconds: float = 3600.0,
     **kwargs: Any,
@@ -274,7 +274,7 @@ class _Run:
     """One model/guide pair under evaluation: draws chunks and measures rounding."""
 
     def __init__(self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 max_plate_nesting: int, vectorize: bool, shares: SiteShares | None) -> None:
+                 max_plate_nesting: int, vectorize: bool | str, shares: SiteShares | None) -> None:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.max_plate_nesting, self.vectorize, self.shares = max_plate_nesting, vectorize, shares
         self.abs_terms = 0.0

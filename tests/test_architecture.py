@@ -41,3 +41,45 @@ def test_the_pyro_layer_does_not_reach_up() -> None:
         for name in _imports(path):
             if name.startswith("pyro_elbo"):
                 assert name.startswith(allowed), f"{path.name} imports {name}"
+
+
+def _layers() -> dict[str, int]:
+    """The module table of docs/architecture.md: module -> layer."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    layers = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`") and cells[1].isdigit():
+            layers[cells[0].strip("`")] = int(cells[1])
+    return layers
+
+
+def _top_module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0] if parts[0] in ("_pyro", "train") or len(parts) == 1 else parts[0]
+
+
+def test_every_module_is_on_the_map_and_imports_only_downwards() -> None:
+    layers = _layers()
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__init__.py" and path.parent == PACKAGE:
+            continue
+        module = _top_module(path)
+        assert module in layers, f"pyro_elbo/{path.relative_to(PACKAGE)} is not in docs/architecture.md"
+        tree = ast.parse(path.read_text())
+        type_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for inner in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:  # annotations only: no import at run time
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pyro_elbo."):
+                target = node.module.split(".")[1]
+                if target != module:
+                    assert layers[target] <= layers[module], (
+                        f"{path.relative_to(PACKAGE)} (layer {layers[module]}) imports {node.module} "
+                        f"(layer {layers[target]})"
+                    )

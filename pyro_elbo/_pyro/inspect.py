@@ -188,7 +188,7 @@ def float64_rounding_error(
     kwargs: dict[str, Any],
     num_particles: int,
     max_plate_nesting: int,
-    vectorize_particles: bool = True,
+    vectorize_particles: bool | str = "auto",
 ) -> Tensor | None:
     """``[K, *B]`` rounding error of ``K`` log-weights: the working-dtype value minus the value
     re-evaluated in float64 at the same guide draws (parameters, data and draws upcast).
