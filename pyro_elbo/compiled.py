@@ -16,6 +16,7 @@ warning that says why.
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._pyro.params import loss_and_params, substituted_params
+from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
 Signature = tuple[Any, ...]
@@ -135,25 +137,27 @@ class CompiledLoss:
         tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         objective, model, guide = self.objective, self.model, self.guide
         objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
+        _decide_eagerly(objective, model, guide, args, kwargs)
 
         num_params, num_data = len(names), len(tensor_positions)
         adam = self.adam
+        slots = module_parameter_slots((model, guide), params)
 
         def step(*flat: Tensor) -> tuple[Tensor, ...]:
             inputs = dict(zip(names, flat[:num_params]))
             call_args = list(args)
             for position, tensor in zip(tensor_positions, flat[num_params : num_params + num_data]):
                 call_args[position] = tensor
-            with substituted_params(inputs):
+            with substituted_params(inputs), _slots_replaced(slots, inputs):
                 loss = objective.differentiable_loss(model, guide, *call_args, **kwargs)
             wanted = list(inputs.values())
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
-            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+            raw = torch.autograd.grad(loss, wanted, allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, raw)]
             finite = all_finite(loss, grads)
             if not adam:
                 return (loss.detach(), finite, *grads)
             state = flat[num_params + num_data :]
-            return (loss.detach(), finite, *_adam_update(wanted, grads, state))
+            return (loss.detach(), finite, *_adam_update(wanted, grads, tuple(state)))
 
         inputs = [args[i] for i in tensor_positions] + list(adam_inputs or [])
         example = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()] + inputs
@@ -162,7 +166,7 @@ class CompiledLoss:
                 graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
         except Exception as error:
             raise CaptureError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
-        _check_no_baked_parameters(graph)
+        _check_no_baked_parameters(graph, params)
         if self.backend == "eager":
             return graph
         if self.backend == "inductor":
@@ -170,7 +174,8 @@ class CompiledLoss:
             try:  # inductor on the captured graph directly: no Dynamo guards on every call
                 from torch._inductor.compile_fx import compile_fx
 
-                return compile_fx(graph, real)
+                compiled: Callable[..., Any] = compile_fx(graph, real)  # type: ignore[assignment]
+                return compiled
             except Exception:  # a private API: fall back to the public entry point
                 pass
         return torch.compile(graph, backend=self.backend, dynamic=False)
@@ -195,7 +200,7 @@ class SVICompiledSteps:
         if key not in self.programs:  # the first step runs eagerly and names the parameters
             loss, seen = loss_and_params(lambda: self.objective.differentiable_loss(model, guide, *args, **kwargs))
             if loss.requires_grad:
-                loss.backward(retain_graph=bool(self.objective.retain_graph))
+                loss.backward(retain_graph=bool(self.objective.retain_graph))  # type: ignore[no-untyped-call]
             names = list(seen)
             known = all(n in store for n in names)
             self.programs[key] = (CompiledLoss(self.objective, model, guide), names) if known else None
@@ -205,7 +210,7 @@ class SVICompiledSteps:
         if entry is None:
             return None
         compiled, names = entry
-        params = {name: store.get_param(name).unconstrained() for name in names}
+        params = {name: store.get_param(name).unconstrained() for name in names}  # type: ignore[attr-defined]
         out = compiled(params, args, kwargs)
         if out is None:
             return None
@@ -222,6 +227,17 @@ def _program_ids(model: Model, guide: Guide) -> tuple[int, ...]:
         return (id(owner), id(func)) if owner is not None and func is not None else (id(fn), 0)
 
     return part(model) + part(guide)
+
+
+def _decide_eagerly(
+    objective: LossFunction, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Run the loss once eagerly (forked random stream, a copy of the objective so that its state
+    is untouched) so that choices made on a first call, such as the particle path, are made on
+    real tensors: made while tracing, their trial runs would be recorded into the graph and draw
+    random numbers on every step."""
+    with forked_rng():
+        copy.copy(objective).differentiable_loss(model, guide, *args, **kwargs)
 
 
 def all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:
@@ -333,8 +349,56 @@ def _signature(params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[st
     )
 
 
-def _check_no_baked_parameters(graph: torch.fx.GraphModule) -> None:
-    """A trainable tensor captured as a constant would silently stop training: refuse."""
+def module_parameter_slots(
+    programs: tuple[Any, ...], params: dict[str, Tensor]
+) -> list[tuple[torch.nn.Module, str, str]]:
+    """``(module, attribute, parameter name)`` for every parameter of ``params`` held by a module
+    that model or guide is a method of (a ``PyroModule`` with ``@pyro_method`` programs).
+
+    Such a module's ``nn.Parameter`` read in the method itself, outside any ``forward``, reaches
+    neither the ``pyro.param`` handler (``PyroModule`` returns the attribute, not the statement's
+    value) nor the module forward hooks; the capture puts its input in the slot instead."""
+    by_id = {id(t): name for name, t in params.items()}
+    slots = []
+    seen: set[int] = set()
+    for program in programs:
+        owner = getattr(program, "__self__", program)
+        if not isinstance(owner, torch.nn.Module):
+            continue
+        for module in owner.modules():
+            for attribute, param in module._parameters.items():
+                if param is not None and id(param) in by_id and id(param) not in seen:
+                    seen.add(id(param))
+                    slots.append((module, attribute, by_id[id(param)]))
+    return slots
+
+
+class _slots_replaced:
+    """Put each slot's replacement (by parameter name) in its module for the duration."""
+
+    def __init__(self, slots: list[tuple[torch.nn.Module, str, str]], values: dict[str, Tensor]) -> None:
+        self.slots, self.values = slots, values
+
+    def __enter__(self) -> None:
+        self.originals = [(module, attribute, module._parameters[attribute]) for module, attribute, _ in self.slots]
+        for module, attribute, name in self.slots:
+            module._parameters[attribute] = self.values[name]  # type: ignore[assignment]
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, attribute, original in self.originals:
+            module._parameters[attribute] = original
+
+
+def _check_no_baked_parameters(graph: torch.fx.GraphModule, params: dict[str, Tensor] | None = None) -> None:
+    """A trainable tensor captured as a constant would silently stop training: refuse, naming
+    the parameter when it is one the step updates."""
+    names = {_storage(t): name for name, t in (params or {}).items() if t.numel()}
+    for _, param in graph.named_parameters():
+        if param.numel() and _storage(param) in names:
+            raise CaptureError(
+                f"the parameter '{names[_storage(param)]}' is read where the capture cannot replace it (outside "
+                "a pyro.param statement and a module's forward) and would be baked in as a constant"
+            )
     for name, value in graph.named_buffers():
         if value.requires_grad:
             raise CaptureError(f"a trainable tensor ({name}) was captured as a constant; register it with pyro.module")
@@ -346,3 +410,7 @@ def _check_no_baked_parameters(graph: torch.fx.GraphModule) -> None:
                     "a trainable tensor not known to the param store was captured as a constant; register "
                     "its module with pyro.module (or use a PyroModule)"
                 )
+
+
+def _storage(tensor: Tensor) -> tuple[str, int]:
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())

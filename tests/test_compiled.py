@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.nn import PyroModule, pyro_method
 
 import pyro_elbo
 from pyro_elbo.compiled import CompiledLoss
@@ -204,3 +205,61 @@ def test_compiled_objective_in_pyro_svi() -> None:
     store = pyro.get_param_store()
     assert torch.allclose(store["loc"].detach(), torch.full((2,), c.post_loc), atol=0.02)
     assert torch.allclose(store["scale"].detach(), torch.full((2,), c.post_scale), atol=0.02)
+
+
+class _Shift(PyroModule):
+    """A plain nn.Parameter read in a @pyro_method model, outside any forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prior_loc = torch.nn.Parameter(torch.tensor(0.3))
+
+    @pyro_method
+    def model(self, x):
+        z = pyro.sample("z", dist.Normal(self.prior_loc, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    @pyro_method
+    def guide(self, x):
+        pyro.sample("z", dist.Normal(pyro.param("q_loc", torch.tensor(0.0)), 1.0))
+
+
+def test_parameters_read_in_a_pyro_method_are_graph_inputs() -> None:
+    """Compiled and eager gradients agree for every parameter the eager step updates (before, the
+    module's parameter was baked in as a constant: gradient exactly 0, parameter frozen)."""
+    module, x = _Shift(), torch.tensor([1.0, 2.0, 0.5])
+    objective = pyro_elbo.ELBO(num_particles=3)
+    objective.loss(module.model, module.guide, x)
+    params = _params()
+    assert set(params) == {"prior_loc", "q_loc"}
+    compiled = CompiledLoss(objective, module.model, module.guide, backend="eager")
+    pyro.set_rng_seed(6)
+    _, _, grads = compiled(params, (x,), {})
+    pyro.set_rng_seed(6)
+    eager = torch.autograd.grad(objective.differentiable_loss(module.model, module.guide, x), list(params.values()))
+    for name, g, e in zip(params, grads, eager):
+        assert float(e.abs()) > 0 and torch.allclose(g, e, rtol=1e-10, atol=1e-12), name
+    assert isinstance(module.prior_loc, torch.nn.Parameter)  # the slot was put back
+    before = module.prior_loc.detach().clone()
+    pyro_elbo.fit(module.model, module.guide, x, num_steps=3, compile=True, compile_backend="eager", progress=False)
+    assert not torch.equal(before, module.prior_loc.detach())
+
+
+def test_a_parameter_the_capture_cannot_replace_falls_back_naming_it() -> None:
+    net = torch.nn.Linear(1, 1)
+
+    def model():
+        pyro.module("net", net)
+        pyro.sample("z", dist.Normal(net.bias.squeeze(), 1.0))  # read outside the module's forward
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    before = net.bias.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyro_elbo.fit(model, guide, num_steps=3, compile=True, compile_backend="eager", progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "'net$$$bias'" in messages[0] and "falling back" in messages[0]
+    assert not torch.equal(before, net.bias.detach())  # the eager fallback trains it

@@ -59,7 +59,7 @@ class Progress(Hook):
 
     def on_start(self, state: TrainState) -> None:
         if state.context.is_main:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
             self.bar = tqdm(total=self.total, initial=state.step, desc="fit", unit="step", dynamic_ncols=True, mininterval=0.25)
 

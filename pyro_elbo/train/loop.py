@@ -272,12 +272,13 @@ def make_optimizer(
     """Adam/AdamW use their fused kernel (one call per step for all parameters) unless told
     otherwise; it computes the same update as the default loop up to rounding."""
     options = dict(options or {})
+    build: Callable[..., torch.optim.Optimizer] = optimizer
     if optimizer in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in options and "foreach" not in options:
         try:
-            return optimizer(params, lr=lr, fused=True, **options)
+            return build(params, lr=lr, fused=True, **options)
         except (RuntimeError, ValueError, TypeError):
             pass
-    return optimizer(params, lr=lr, **options)
+    return build(params, lr=lr, **options)
 
 
 def check_devices(params: dict[str, Tensor], args: tuple[Any, ...], device: torch.device | None) -> None:
