@@ -74,6 +74,8 @@ class Objective(pyro.infer.ELBO):
         **options: Any,
     ) -> None:
         spec = _resolve(estimator)
+        if max_plate_nesting is not None and math.isinf(max_plate_nesting):  # Pyro's "guess it"
+            max_plate_nesting = None
         normalize_path(vectorize_particles)
         for name in _PYRO_ONLY_OPTIONS:
             options.pop(name, None)

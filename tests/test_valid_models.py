@@ -482,23 +482,7 @@ ACCEPTED: list[tuple[str, Callable[[], None], Callable[[], None], bool, dict[str
     ("size_1_dims_beyond_every_plate", size_one_dims, size_one_dims, True, {}),
 ]
 
-#: Pyro-accepted pairs that the checks now pass but the log-weight code still refuses (the change
-#: each needs in pyro_elbo/_pyro is in the helper's report); strict, so a fix shows up as XPASS.
-NEEDS_LOG_WEIGHTS_CHANGE = {
-    "plate_no_size": "log_weights.batch_frames keeps a size-less plate (size -1) as a batch dim",
-    "nonnested_plate_plate": "score.score_terms keeps dim -1 of plate_1 (size 6) for a site in plate_0 (size 5)",
-    "size_1_dims_beyond_every_plate": "reduce.Reducer.aligned refuses size-1 dims left of max_plate_nesting",
-}
-ACCEPTED_RUNS = [
-    pytest.param(
-        case,
-        id=case[0],
-        marks=[pytest.mark.xfail(strict=True, reason=NEEDS_LOG_WEIGHTS_CHANGE[case[0]])]
-        if case[0] in NEEDS_LOG_WEIGHTS_CHANGE
-        else [],
-    )
-    for case in ACCEPTED
-]
+ACCEPTED_RUNS = [pytest.param(case, id=case[0]) for case in ACCEPTED]
 
 
 #: Pyro's vectorized Trace_ELBO takes these at 2 particles but mixes particles (ordered_logistic:
@@ -745,22 +729,8 @@ REJECTED: list[tuple[str, Callable[[], None], Callable[[], None], type[Exception
 ]
 
 
-#: cases whose named error, under vectorized particles, needs log_weights.traces() to call
-#: checks.diagnose_shape_failure after the plated run fails (see the helper's report)
-NEEDS_DIAGNOSIS = {"nested_plate_plate_dim_1", "nested_plate_plate_dim_3"}
 REJECTED_RUNS = [
-    pytest.param(
-        case,
-        objective,
-        id=f"{case[0]}-{objective}",
-        marks=[
-            pytest.mark.xfail(
-                strict=True, reason="log_weights.traces() does not yet call checks.diagnose_shape_failure"
-            )
-        ]
-        if objective == "IWAE2-plate" and case[0] in NEEDS_DIAGNOSIS
-        else [],
-    )
+    pytest.param(case, objective, id=f"{case[0]}-{objective}")
     for case in REJECTED
     for objective in ("ELBO", "IWAE2", "IWAE2-plate")
 ]

@@ -317,6 +317,9 @@ def traces(
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         if num_particles == 1 or isinstance(error, _NamedMismatch):
             raise
+        named = checks.diagnose_shape_failure(model, guide, args, kwargs, max_plate_nesting)
+        if named is not None:
+            raise named from error
         raise ValueError(
             f"The model or guide failed when its {num_particles} particles were drawn in one "
             f"vectorized pass (an outer pyro.plate at dim {dim}): {type(error).__name__}: {error}. "
@@ -400,7 +403,7 @@ def _log_weights_vectorized(
     score_sites = tuple(name for name, site in guide_sites.items() if not site["fn"].has_rsample)
     log_p = reducer.total(site_log_p.values())
     log_q = reducer.total(site_log_q.values())
-    terms = score_terms(guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE)
+    terms = score_terms(model_sites, guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE)
     log_q_score = reducer.total(reducer.reduce(reducer.aligned(guide_sites[n], scaled=False)) for n in score_sites)
 
     log_q_stopped = None
@@ -465,7 +468,11 @@ def batch_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
     common: dict[str, Any] | None = None
     for trace in (model_trace, guide_trace):
         for site in scored_sites(trace):
-            frames = {f.name: f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
+            frames = {
+                f.name: f
+                for f in site["cond_indep_stack"]
+                if f.vectorized and f.name != PARTICLE_PLATE and f.size not in (None, -1)
+            }
             common = frames if common is None else {k: v for k, v in common.items() if k in frames}
     return tuple(sorted((common or {}).values(), key=lambda frame: frame.dim))
 

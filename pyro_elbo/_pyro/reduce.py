@@ -50,6 +50,9 @@ class Reducer:
             log_prob = torch.as_tensor(log_prob)
         self.like = log_prob
         extra = log_prob.dim() - self.rank
+        if extra > 0 and all(size == 1 for size in log_prob.shape[:extra]):  # e.g. Normal(zeros(1, 1)), no plate
+            log_prob = log_prob.reshape(log_prob.shape[extra:])
+            extra = 0
         if extra > 0:  # batch dims left of the particle dim cannot happen under our plate
             raise ValueError(
                 f"site '{site['name']}' has log_prob of shape {tuple(log_prob.shape)}, more dims than "

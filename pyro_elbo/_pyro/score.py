@@ -25,8 +25,17 @@ from torch import Tensor
 from pyro_elbo._pyro.reduce import Reducer
 
 
-def _plate_dims(site: dict[str, Any], rank: int, particle_plate: str) -> set[int]:
-    return {rank + f.dim for f in site["cond_indep_stack"] if f.vectorized and f.name != particle_plate}
+def _plate_dims(site: dict[str, Any], rank: int, particle_plate: str, names: set[str] | None = None) -> set[int]:
+    """Positive dims of the site's vectorized plates (only those named in ``names``, if given)."""
+    return {
+        rank + f.dim
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.name != particle_plate and (names is None or f.name in names)
+    }
+
+
+def _plate_names(site: dict[str, Any], particle_plate: str) -> set[str]:
+    return {f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != particle_plate}
 
 
 def _sum_to(aligned: Tensor, keep: set[int]) -> Tensor:
@@ -35,6 +44,7 @@ def _sum_to(aligned: Tensor, keep: set[int]) -> Tensor:
 
 
 def score_terms(
+    model_sites: dict[str, dict[str, Any]],
     guide_sites: dict[str, dict[str, Any]],
     model_aligned: dict[str, Tensor],
     guide_aligned: dict[str, Tensor],
@@ -43,20 +53,25 @@ def score_terms(
     particle_plate: str,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Guide site -> ``(log_r, log_q)``, each ``[S, *B, E]``: the plate-restricted cost and the
-    unscaled log-density whose gradient is the score function (``E`` the site's other entries)."""
+    unscaled log-density whose gradient is the score function (``E`` the site's other entries).
+
+    A factor keeps a dim only where its own site and the score site share the plate *by name*, as
+    Pyro's ``MultiFrameTensor`` does (two non-nested plates may share a dim). A factor with no site
+    of its own (the enumerated marginal) keeps the dims of the score site's plates."""
     rank = reducer.rank
-    factors = list(model_aligned.values()) + [-t for t in guide_aligned.values()]
+    factors = [(model_sites.get(n), t) for n, t in model_aligned.items()]
+    factors += [(guide_sites.get(n), -t) for n, t in guide_aligned.items()]
     terms = {}
     for name in score_sites:
         site = guide_sites[name]
-        keep = {0} | _plate_dims(site, rank, particle_plate)
+        names = _plate_names(site, particle_plate)
         log_r: Tensor | None = None
-        for factor in factors:
-            part = _sum_to(factor, keep)
+        for factor_site, factor in factors:
+            shared = _plate_dims(factor_site, rank, particle_plate, names) if factor_site else _plate_dims(site, rank, particle_plate)
+            part = _sum_to(factor, {0} | shared)
             log_r = part if log_r is None else log_r + part
         assert log_r is not None
         log_q = reducer.aligned(site, scaled=False)
         common = torch.broadcast_shapes(tuple(log_r.shape), tuple(log_q.shape))
         terms[name] = (reducer.batch_last(log_r.expand(common)), reducer.batch_last(log_q.expand(common)))
     return terms
-
