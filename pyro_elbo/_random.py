@@ -39,7 +39,7 @@ def set_torch_rng_state(state: dict[str, Any]) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every random state a run depends on: torch, CUDA, Python and NumPy (for checkpoints)."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     return {
         **torch_rng_state(),
         "python": random.getstate(),

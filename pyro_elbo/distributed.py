@@ -101,7 +101,7 @@ def average_scalar(value: Tensor, ctx: Context) -> Tensor:
     return value / ctx.world_size
 
 
-def shard_loader(loader: DataLoader, ctx: Context) -> DataLoader:
+def shard_loader(loader: DataLoader[Any], ctx: Context) -> DataLoader[Any]:
     """The same loader over this rank's shard (``DistributedSampler``; shuffled if the original was).
 
     Raises:
@@ -121,7 +121,7 @@ def shard_loader(loader: DataLoader, ctx: Context) -> DataLoader:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     seed = seed.to(ctx.device) if dist.get_backend() == "nccl" else seed
     dist.broadcast(seed, src=0)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         loader.dataset,
         num_replicas=ctx.world_size,
         rank=ctx.rank,
@@ -140,7 +140,7 @@ def shard_loader(loader: DataLoader, ctx: Context) -> DataLoader:
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
+def set_epoch(loader: DataLoader[Any], epoch: int) -> None:
     """Reshuffle a distributed loader consistently across ranks for this epoch."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)

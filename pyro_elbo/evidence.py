@@ -171,7 +171,7 @@ def log_evidence(
     )
     batches = _batches(args, device)
     results = []
-    bar = _progress_bar(progress, len(args[0]) if _is_loader(args) else 1)  # type: ignore[arg-type]
+    bar = _progress_bar(progress, len(args[0]) if _is_loader(args) else 1)
     for batch in batches:
         if method == "iwae":
             results.append(_iwae(model, guide, batch, kwargs, **options))

@@ -86,7 +86,7 @@ class Objective(pyro.infer.ELBO):
         unknown = set(options) - set(spec.options)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected options {sorted(unknown)}")
-        super().__init__(
+        super().__init__(  # type: ignore[no-untyped-call]
             num_particles=num_particles,
             max_plate_nesting=math.inf if max_plate_nesting is None else max_plate_nesting,
             vectorize_particles=vectorize_particles,

@@ -152,7 +152,8 @@ class JointDensity:
         guide = _chained(self.guide, self.num_chains, -self.rank)
         if values is not None:
             guide = poutine.condition(guide, data=values)
-        return poutine.trace(guide).get_trace(*self.args, **self.kwargs)
+        trace: Trace = poutine.trace(guide).get_trace(*self.args, **self.kwargs)
+        return trace
 
     def sample(self) -> dict[str, Tensor]:
         """Draw ``C`` particles from the guide; return their unconstrained values ``u``."""

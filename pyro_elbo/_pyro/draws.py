@@ -163,7 +163,7 @@ def _draws_plated(
                 latent_only.add_node(name, **site)
         pred_trace = poutine.trace(poutine.replay(plated, trace=latent_only)).get_trace(*args, **kwargs)
         pred = {name: shaped.value(name, pred_trace.nodes[name]["value"]) for name in observed}
-    return Draws(latent, deterministic, log_lik, pred, observed, log_p, log_q)
+    return Draws(latent, deterministic, log_lik, pred, observed, log_p, log_q)  # type: ignore[arg-type]
 
 
 def _enumerated_parts(
@@ -218,12 +218,12 @@ class _Shaper:
         self.num = num_samples
 
     def value(self, name: str, value: Tensor) -> Tensor:
-        shape = tuple(self.reference.nodes[name]["value"].shape)
-        return self._reshape(name, value, shape)
+        reference: Any = self.reference.nodes[name]["value"]
+        return self._reshape(name, value, tuple(reference.shape))
 
     def batch(self, name: str, value: Tensor) -> Tensor:
-        site = self.reference.nodes[name]
-        shape = tuple(site["fn"].batch_shape)
+        fn: Any = self.reference.nodes[name]["fn"]
+        shape = tuple(fn.batch_shape)
         return self._reshape(name, value, shape)
 
     def _reshape(self, name: str, value: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -232,6 +232,11 @@ def guess_max_plate_nesting(model: Model, guide: Guide, *args: Any, **kwargs: An
     return plate_nesting(guide_trace, model_trace)
 
 
+def _tensor(value: Any) -> Tensor:
+    assert isinstance(value, Tensor)
+    return value
+
+
 def plate_nesting(*traces: Trace) -> int:
     dims = [
         -frame.dim
@@ -239,7 +244,7 @@ def plate_nesting(*traces: Trace) -> int:
         for site in trace.nodes.values()
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]
-        if frame.vectorized
+        if frame.vectorized and frame.dim is not None
     ]
     return max(dims, default=0)
 
@@ -417,7 +422,7 @@ def _log_weights_vectorized(
         detached = Trace()
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample":
-                detached.add_node(name, **{**site, "value": site["value"].detach()})
+                detached.add_node(name, **{**site, "value": _tensor(site["value"]).detach()})
         if enumerated:
             replayed = enum.enumerated_trace(plated_model, detached, args, kwargs, max_plate_nesting)
             aligned, _ = enum.aligned_log_p(replayed, detached, reducer)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pyro
 import pyro.poutine as poutine
@@ -24,6 +24,8 @@ from torch.distributions import constraints, transform_to
 
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
+
+T = TypeVar("T")
 
 
 def has_trainable_params(trace: Trace) -> bool:
@@ -40,8 +42,9 @@ def trainable_params(trace: Trace) -> dict[str, Tensor]:
     for name, site in trace.nodes.items():
         if site["type"] != "param":
             continue
-        ref = getattr(site["value"], "unconstrained", None)
-        leaf = ref() if ref is not None else site["value"]
+        value: Tensor = site["value"]  # type: ignore[assignment]
+        ref = getattr(value, "unconstrained", None)
+        leaf: Tensor = ref() if ref is not None else value
         if leaf.requires_grad:
             params[name] = leaf
     return params
@@ -56,7 +59,7 @@ def discover_params(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> di
     return trainable_params(capture.trace)
 
 
-def loss_and_params(fn: Callable[[], Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def loss_and_params(fn: Callable[[], T]) -> tuple[T, dict[str, Tensor]]:
     """Run ``fn`` (a loss computation that runs Pyro programs) and return its result with the
     trainable parameters it read: name -> the unconstrained leaf an optimizer updates."""
     with poutine.trace(param_only=True) as capture:
@@ -68,7 +71,7 @@ def constrained_value(name: str, unconstrained: Tensor) -> Tensor:
     """The constrained value of a param-store parameter given its unconstrained leaf (the leaf
     itself for module parameters and anything the store does not hold under ``name``)."""
     store = pyro.get_param_store()
-    if name in store and store.get_param(name).unconstrained() is unconstrained:
+    if name in store and getattr(store.get_param(name), "unconstrained")() is unconstrained:  # noqa: B009
         return store.get_param(name)
     return unconstrained
 
@@ -110,7 +113,7 @@ class _SubstituteParams(Messenger):
             store = pyro.get_param_store()
             constraint = store._constraints.get(name) or msg["kwargs"].get("constraint") or constraints.real
             value = transform_to(constraint)(self.values[name])
-            value._pyro_unconstrained_param = self.values[name]  # type: ignore[attr-defined]
+            setattr(value, "_pyro_unconstrained_param", self.values[name])  # noqa: B010
             msg["value"] = value
             msg["done"] = True
 

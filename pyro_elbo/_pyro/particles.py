@@ -142,14 +142,14 @@ def _vmappable_randomness() -> Iterator[None]:
         for name, module in list(sys.modules.items())
         if name.startswith(("torch.distributions", "pyro.distributions")) and hasattr(module, "_standard_normal")
     ]
-    saved = [(module, module._standard_normal) for module in modules]
+    saved = [(module, getattr(module, "_standard_normal")) for module in modules]  # noqa: B009
     for module, _ in saved:
-        module._standard_normal = _randn
+        setattr(module, "_standard_normal", _randn)  # noqa: B010
     try:
         yield
     finally:
         for module, original in saved:
-            module._standard_normal = original
+            setattr(module, "_standard_normal", original)  # noqa: B010
 
 
 def vmap_particles(one_particle: Callable[[], Any], num_particles: int) -> Any:
