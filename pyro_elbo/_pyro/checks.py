@@ -242,7 +242,8 @@ def _plate_rule_error(
                 f"vectorized particles (particle dim {-particle_dim}): dim {-offset} (size {size}) is left "
                 "of the particle dim, so the model mixes particles (a tensor shaped for one particle, "
                 "e.g. a vector latent used as a batch, broadcast against another); the model is not "
-                "written for a particle dim. Use num_particles=1 or vectorize_particles=False."
+                "written for a particle dim. Leave vectorize_particles='auto' (the default) to draw particles "
+                "with torch.func.vmap or one at a time."
             )
         elif offset > plate_dims and size != 1:
             where = " and is left of every plate of the site" if plate_dims else ""
