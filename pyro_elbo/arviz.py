@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyro_elbo._typing import Guide, Model
 from pyro_elbo._pyro.draws import Draws, posterior_draws
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting
 from pyro_elbo._pyro.observed_plates import Plate, observed_plates
+from pyro_elbo._typing import Guide, Model
 
 COMBINED = "combined"
 """Name of the one log-likelihood variable of ``log_likelihood="combined"``."""
