@@ -92,7 +92,7 @@ class DiscretizedGaussian(dist.TorchDistribution):
     def expand(self, batch_shape: Any, _instance: Any = None) -> DiscretizedGaussian:
         return DiscretizedGaussian(self.loc.expand(batch_shape), self.scale.expand(batch_shape))
 
-    def sample(self, sample_shape: Any = torch.Size()) -> Tensor:
+    def sample(self, sample_shape: Any = ()) -> Tensor:
         with torch.no_grad():
             x = self.loc + self.scale * torch.randn(torch.Size(sample_shape) + self.loc.shape, device=self.loc.device)
             return ((x + 1) / (2 * HALF_BIN)).round().clamp(0, LEVELS - 1)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_elbo._pyro.enum import MARGINAL_PREFIX
 from pyro_elbo._pyro.inspect import SiteShares, float64_rounding_error, raise_if_nonfinite_observed, site_shares
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
 from pyro_elbo._typing import Guide, Model
@@ -292,10 +293,14 @@ class _Run:
             )
         shares: dict[str, Tensor] = {}
         if self.shares is not None:
+            # an enumerated group's marginal stands for every site it absorbed, counted once
+            group = {name: key for key in lw.site_log_p if key.startswith(MARGINAL_PREFIX)
+                     for name in key[len(MARGINAL_PREFIX):].split("+")}
             for z, model_sites in self.shares.model_sites.items():
-                if z in self.shares.joint:
-                    continue
-                share = sum((lw.site_log_p[s] for s in model_sites), torch.zeros_like(lw.log_p))
+                if z in self.shares.joint or z in group and z not in lw.site_log_q:
+                    continue  # a joint guide density, or a site summed out (it has no guide density)
+                keys = dict.fromkeys(group.get(s, s) for s in model_sites)
+                share = sum((lw.site_log_p[k] for k in keys), torch.zeros_like(lw.log_p))
                 share = share - sum((lw.site_log_q[s] for s in self.shares.guide_sites[z]), torch.zeros_like(lw.log_p))
                 shares[z] = share.double().reshape(size, -1).cpu()
         self.abs_terms += float(sum(v.abs().sum() for v in (*lw.site_log_p.values(), *lw.site_log_q.values()))
@@ -331,7 +336,7 @@ class _Run:
                                            self.max_plate_nesting, self.vectorize)
         if error is None or not torch.isfinite(error).all():
             return 100 * estimated, "magnitudes (float64 re-evaluation failed)"
-        error = error.reshape(num, -1)
+        error = error.reshape(error.shape[0], -1)  # fewer rows when particles ran one per run
         measured = ROUNDING_SAFETY * float((error.max(0).values - error.min(0).values).sum())
         return max(measured, estimated), "measured against float64"
 

@@ -30,7 +30,6 @@ def guide(x):
 
 
 def exact_elbo(m: float, s: float) -> float:
-    n = len(X)
     expected_loglik = sum(-0.5 * math.log(2 * math.pi) - 0.5 * ((float(x) - m) ** 2 + s**2) for x in X)
     kl = math.log(1 / s) + (s**2 + m**2) / 2 - 0.5
     return expected_loglik - kl

@@ -193,19 +193,37 @@ def float64_rounding_error(
     """``[K, *B]`` rounding error of ``K`` log-weights: the working-dtype value minus the value
     re-evaluated in float64 at the same guide draws (parameters, data and draws upcast).
 
+    The draws are recorded and replayed by site name, which identifies a draw only within one run
+    of the program: so the ``K`` particles are drawn in one particle plate, or, for a model that
+    cannot take one, one particle per run (at most 16 runs). ``vectorize_particles`` is accepted
+    for symmetry with :func:`log_weights` and does not change this.
+
     ``None`` if the program cannot run in float64 (e.g. an ``nn.Module`` with float32 weights)."""
-    try:
-        with forked_rng(), poutine.block(), torch.no_grad():
-            record = _Record()
-            with record:
-                low = log_weights(model, guide, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting,
-                                  vectorize_particles=vectorize_particles, **kwargs)
-            with _default_dtype(torch.float64), _Float64(record.values):
-                high = log_weights(model, guide, *_double(args), num_particles=num_particles,
-                                   max_plate_nesting=max_plate_nesting, vectorize_particles=vectorize_particles,
-                                   **_double(kwargs))
-    except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
-        return None
+    del vectorize_particles  # replay needs one draw per site and run: plate, or single particles
+    with forked_rng():
+        try:
+            return _rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting)
+        except Exception:  # noqa: BLE001 - no particle plate: one particle per run
+            pass
+        try:
+            errors = [_rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting)
+                      for _ in range(min(num_particles, 16))]
+        except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
+            return None
+    return None if any(e is None for e in errors) else torch.cat(errors)  # type: ignore[misc]
+
+
+def _rounding_error_once(
+    model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], num: int, max_plate_nesting: int
+) -> Tensor | None:
+    with poutine.block(), torch.no_grad():
+        record = _Record()
+        with record:
+            low = log_weights(model, guide, *args, num_particles=num, max_plate_nesting=max_plate_nesting,
+                              vectorize_particles="plate", **kwargs)
+        with _default_dtype(torch.float64), _Float64(record.values):
+            high = log_weights(model, guide, *_double(args), num_particles=num,
+                               max_plate_nesting=max_plate_nesting, vectorize_particles="plate", **_double(kwargs))
     if high.log_w.dtype != torch.float64 or high.log_w.shape != low.log_w.shape:
         return None
     return low.log_w.double() - high.log_w
