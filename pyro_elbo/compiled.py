@@ -200,7 +200,7 @@ class SVICompiledSteps:
         if key not in self.programs:  # the first step runs eagerly and names the parameters
             loss, seen = loss_and_params(lambda: self.objective.differentiable_loss(model, guide, *args, **kwargs))
             if loss.requires_grad:
-                loss.backward(retain_graph=bool(self.objective.retain_graph))  # type: ignore[no-untyped-call]
+                loss.backward(retain_graph=bool(self.objective.retain_graph))
             names = list(seen)
             known = all(n in store for n in names)
             self.programs[key] = (CompiledLoss(self.objective, model, guide), names) if known else None

@@ -118,7 +118,7 @@ def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         add_new_params(seen, params, opt)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
     if state.context.active:
         distributed.average_gradients(list(params.values()), state.context)
         loss = distributed.average_scalar(loss.detach(), state.context)
