@@ -29,35 +29,21 @@ from pyro_models import ZOO, ZooEntry, cli_model_file
 
 import pyro_elbo
 
-I13, I14 = "issue 13", "issue 14"
-PARTICLE_DIM = f"{I13}: model cannot take a particle dimension"
-ENUM = f"{I13}: enumerated sites raise NotImplementedError"
+#: a model that cannot take a particle plate says so once (issue 13.1); expected for half the zoo
+pytestmark = pytest.mark.filterwarnings("ignore::pyro_elbo.ParticlePathWarning")
 
-PARTICLE_ENTRY_POINTS = ("iwae", "dreg", "kl_gap", "arviz_loo", "cli")
-ENUMERATED = ("lda_enum", "gmm_enum", "hmm_enum")
+I13, I14 = "issue 13", "issue 14"
 CAPTURE = f"{I14}: compile=True falls back to eager (GuardOnDataDependentSymNode)"
 
-#: (model, entry point) -> why it fails today (first line of the error, from the survey on 2026-11-27)
+#: (model, entry point) -> why it fails today (survey of 2026-11-27, after issue 13's particle paths
+#: and enumeration landed: 90 of 94 default cells pass)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **{(m, e): f"{PARTICLE_DIM} (t() expects a tensor with <= 2 dimensions, but self is 4D)"
-       for m in ("bayes_regression_diag", "bayes_regression_mvn") for e in PARTICLE_ENTRY_POINTS},
-    **{("sparse_gp", e): f"{PARTICLE_DIM} (size of tensor a (6) must match ... b (K))" for e in PARTICLE_ENTRY_POINTS},
-    ("sparse_gp", "fit_compile_parity"): f"{I13}: compile freezes Xu and the kernel's guide parameters "
-    "(parameters read outside forward()): losses differ from eager from step 2, silently",
-    ("iaf_guide", "fit_compile_parity"): f"{I13}: AutoIAFNormal hands Adam duplicate parameters; compiled and "
-    "eager steps differ from step 2",
-    ("bnaf_guide", "fit_compile_parity"): f"{I13}: AutoNormalizingFlow hands Adam duplicate parameters; compiled "
-    "and eager steps differ from step 2",
     ("dmm", "fit_compile_parity"): f"{CAPTURE} (empty message; pack_padded_sequence lengths)",
+    ("dmm", "fit_compile_inductor"): f"{CAPTURE} (empty message; pack_padded_sequence lengths)",
     ("lda_amortized", "cli"): f"{I13}: the CLI runs kl_gap on the subsampled args and kl_gap refuses subsampled "
     "plates",
     **{(m, e): f"{CAPTURE}: Eq(u0, 1) from PyroSample weights"
        for m in ("bayes_regression_diag", "bayes_regression_mvn") for e in ("fit_compile_parity", "fit_compile_inductor")},
-    ("dmm", "fit_compile_inductor"): f"{CAPTURE} (empty message; pack_padded_sequence lengths)",
-    **{(m, e): ENUM for m in ENUMERATED for e in ("elbo_equals_pyro", "fit_compile_parity", "cli",
-                                                  "fit_compile_inductor")},
-    **{(m, e): f"{ENUM}; with several particles the vectorized pass fails first with a shape error at an "
-       "observed site" for m in ENUMERATED for e in ("iwae", "dreg", "kl_gap", "arviz_loo")},
 }
 
 #: cells too slow for the default suite (seconds on two cores, measured 2026-11-27)
