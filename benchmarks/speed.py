@@ -42,12 +42,17 @@ import logistic_regression  # noqa: E402
 import pyro_elbo  # noqa: E402
 
 
+#: set by --device cuda: wait for the GPU before reading the clock
+SYNC: Callable[[], None] = lambda: None
+
+
 def median_step(step: Callable[[], object], n: int) -> float:
     """Median wall-clock seconds of ``n`` calls (the same statistic as fit's ``step_seconds``)."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
         step()
+        SYNC()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -78,30 +83,20 @@ def pyro_runner(model, guide_cls, args, jit: bool) -> Callable[[int], float]:
     return run
 
 
-def pyro_elbo_runner(model, guide, args, objective, compile: bool) -> Callable[[int], float]:
-    """fit(compile=...) resumed block after block from its own parameters (one fit call per block;
-    the compiled graph is kept across calls by reusing the CompiledLoss)."""
-    from pyro_elbo import train
+def pyro_elbo_runner(model, guide, args, objective, compile: bool, device: str | None = None) -> Callable[[int], float]:
+    """The public ``init``/``step`` loop (what ``fit`` runs, without its hooks): one state kept
+    across blocks, so the compiled graph is built once (by the warm-up steps)."""
+    from pyro_elbo.train import init, step
 
-    cache: dict[str, object] = {}
-    original = train.CompiledLoss
-
-    def cached(*a, **k):
-        if "graph" not in cache:
-            cache["graph"] = original(*a, **k)
-        return cache["graph"]
+    with pyro.validation_enabled(False):
+        state = init(model, guide, *args, objective=objective, lr=0.01, compile=compile, device=device)
+        for _ in range(3):  # create parameters, capture and compile
+            state, _ = step(state)
 
     def run(n: int) -> float:
-        train.CompiledLoss = cached
-        try:
-            with pyro.validation_enabled(False):
-                result = pyro_elbo.fit(model, guide, *args, objective=objective, num_steps=n, lr=0.01,
-                                       compile=compile, progress=False)
-        finally:
-            train.CompiledLoss = original
-        return statistics.median(result.step_seconds)
+        with pyro.validation_enabled(False):
+            return median_step(lambda: step(state), n)
 
-    run(3)  # create parameters, compile
     return run
 
 
@@ -157,17 +152,17 @@ def numpyro_runner(name: str) -> Callable[[int], float] | None:
     return run
 
 
-def table_a(steps: int, repeats: int) -> list[str]:
+def table_a(steps: int, repeats: int, device: str) -> list[str]:
     from pyro.infer.autoguide import AutoNormal
 
     y, sigma, _ = eight_schools.load()
     x, labels = logistic_regression.make_data()
     problems = [
-        ("eight schools", eight_schools.noncentered_model, (y, sigma)),
-        ("logistic regression", logistic_regression.model, (x, labels)),
+        ("eight schools", eight_schools.noncentered_model, (y.to(device), sigma.to(device))),
+        ("logistic regression", logistic_regression.model, (x.to(device), labels.to(device))),
     ]
-    lines = ["| model | Pyro Trace_ELBO | Pyro JitTrace_ELBO | NumPyro jit | pyro_elbo eager fit | pyro_elbo compiled | "
-             "compiled vs Trace_ELBO | compiled vs NumPyro |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | Pyro Trace_ELBO | Pyro JitTrace_ELBO | NumPyro jit (CPU) | pyro_elbo eager | pyro_elbo compiled | "
+             "compiled vs Trace_ELBO (speed-up) | compiled / NumPyro (time ratio) |", "|---|---|---|---|---|---|---|---|"]
     for name, model, args in problems:
         runners: dict[str, Callable[[int], float]] = {
             "trace": pyro_runner(model, AutoNormal, args, jit=False),
@@ -178,34 +173,38 @@ def table_a(steps: int, repeats: int) -> list[str]:
             runners["numpyro"] = numpyro_run
         pyro.clear_param_store()
         guide = AutoNormal(model)
-        runners["eager"] = pyro_elbo_runner(model, guide, args, pyro_elbo.ELBO(), compile=False)
-        runners["compiled"] = pyro_elbo_runner(model, guide, args, pyro_elbo.ELBO(), compile=True)
+        runners["eager"] = pyro_elbo_runner(model, guide, args, pyro_elbo.ELBO(), compile=False, device=device)
+        runners["compiled"] = pyro_elbo_runner(model, guide, args, pyro_elbo.ELBO(), compile=True, device=device)
         t = interleaved(runners, steps, repeats)
         us = {k: f"{1e6 * v:,.0f} µs" for k, v in t.items()}
-        vs_numpyro = f"{t['compiled'] / t['numpyro']:.2f}×" if "numpyro" in t else "not installed"
+        vs_numpyro = f"{t['compiled'] / t['numpyro']:.2f}×" if "numpyro" in t else "skipped (no numpyro/jax)"
         lines.append(
-            f"| {name} | {us['trace']} | {us['jit']} | {us.get('numpyro', 'not installed')} | {us['eager']} | "
-            f"{us['compiled']} | {t['trace'] / t['compiled']:.0f}× faster | {vs_numpyro} |"
+            f"| {name} | {us['trace']} | {us['jit']} | {us.get('numpyro', 'skipped')} | {us['eager']} | "
+            f"{us['compiled']} | {t['trace'] / t['compiled']:.1f}× faster | {vs_numpyro} |"
         )
     return lines
 
 
-def table_b(steps: int, repeats: int) -> list[str]:
+def table_b(steps: int, repeats: int, device: str, batch: int, ks: list[int], names: list[str], mode: str | None) -> list[str]:
+    """The VAE step against the same step written by hand (eager, and ``torch.compile`` with ``mode``)."""
     import objectives_vae as bench
     import vae_digits as vae
 
+    vae.encoder.to(device)
+    vae.decoder.to(device)
     images = vae.load_digits()
-    x = images[:128]
+    x = images[torch.arange(batch) % len(images)].to(device)  # digits repeated up to the batch size
     params = list(vae.encoder.parameters()) + list(vae.decoder.parameters())
-    lines = ["| objective | K | hand-written eager | hand-written torch.compile | pyro_elbo compiled | "
-             "vs eager | vs torch.compile |", "|---|---|---|---|---|---|---|"]
-    for name in ("iwae", "dreg"):
-        for k in (1, 16):
+    compiled_name = f"torch.compile({mode or 'default'})"
+    lines = [f"| objective | K | batch | hand-written eager | hand-written {compiled_name} | pyro_elbo compiled | "
+             f"vs eager | vs {compiled_name} |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        for k in ks:
             def loss(xb, name=name, k=k):
                 return bench.handwritten_loss(name, xb, k)
 
             eager_step = bench.make_step(loss, params)
-            compiled_loss = torch.compile(loss)
+            compiled_loss = torch.compile(loss, mode=mode)
             compiled_step = bench.make_step(compiled_loss, params)
             for _ in range(3):  # warm up (torch.compile may recompile once after the first step)
                 eager_step(x)
@@ -215,14 +214,38 @@ def table_b(steps: int, repeats: int) -> list[str]:
                 "eager": lambda n, s=eager_step: median_step(lambda: s(x), n),
                 "torch.compile": lambda n, s=compiled_step: median_step(lambda: s(x), n),
                 "ours": pyro_elbo_runner(vae.model, vae.guide, (x,), pyro_elbo.make_objective(name, num_particles=k),
-                                         compile=True),
+                                         compile=True, device=device),
             }
             t = interleaved(runners, steps, repeats)
             lines.append(
-                f"| {name} | {k} | {1e3 * t['eager']:.2f} ms | {1e3 * t['torch.compile']:.2f} ms | "
+                f"| {name} | {k} | {batch} | {1e3 * t['eager']:.2f} ms | {1e3 * t['torch.compile']:.2f} ms | "
                 f"{1e3 * t['ours']:.2f} ms | {t['ours'] / t['eager']:.2f}× | {t['ours'] / t['torch.compile']:.2f}× |"
             )
     return lines
+
+
+def largest_k(device: str, batch: int, start: int) -> str:
+    """The largest K (doubling from ``start``) whose eager IWAE step on the VAE runs on ``device``
+    at ``batch`` (an out-of-memory error ends the search). The compiled step's peak memory is
+    not measured here."""
+    import vae_digits as vae
+
+    images = vae.load_digits()
+    x = images[torch.arange(batch) % len(images)].to(device)
+    fits, k = None, start
+    while k <= 1 << 20:
+        try:
+            pyro.clear_param_store()
+            state = pyro_elbo.train.init(vae.model, vae.guide, x, objective=pyro_elbo.IWAE(num_particles=k), device=device)
+            pyro_elbo.train.step(state)
+            SYNC()
+            fits = k
+        except (torch.OutOfMemoryError, ValueError) as error:  # ValueError: init's memory check refused
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return f"largest K at batch {batch}: {fits} (K={k} failed: {type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        k *= 2
+    return f"largest K at batch {batch}: {fits} (search capped)"
 
 
 COMPILE_CHILD = """
@@ -253,22 +276,42 @@ def table_c() -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    global SYNC
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes and steps (tests the script, measures nothing)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tables", default="abc")
-    args = parser.parse_args()
+    parser.add_argument("--tables", default="abc", help="a: eight schools/logistic; b: VAE; c: compile time; k: largest K")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--vae-batch", type=int, default=128)
+    parser.add_argument("--vae-k", default="1,16", help="comma-separated particle counts for (b)")
+    parser.add_argument("--vae-objectives", default="iwae,dreg")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the hand-written step "
+                        "(default: reduce-overhead on CUDA, default on CPU)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps, repeats = (20, 2) if args.quick else (200, 3)
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} thread(s), "
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
+        torch.set_default_device(device)  # the hand-written steps and Pyro's runs create tensors there
+        SYNC = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
+    steps, repeats = (3, 1) if args.tiny else (20, 2) if args.quick else (200, 3)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, pyro {pyro.__version__}, device {device} ({name}), {args.threads} thread(s), "
           f"medians of {repeats} interleaved blocks of {steps} steps")
     if "a" in args.tables:
         print("\n(a) seconds per step, one particle, Adam\n")
-        print("\n".join(table_a(steps, repeats)))
+        print("\n".join(table_a(steps, repeats, args.device)), flush=True)
     if "b" in args.tables:
-        print("\n(b) VAE on digits, batch 128, seconds per step\n")
-        print("\n".join(table_b(max(5, steps // 10), repeats)))
+        ks = [int(k) for k in args.vae_k.split(",")]
+        print(f"\n(b) VAE on digits, batch {args.vae_batch}, seconds per step\n")
+        print("\n".join(table_b(max(3, steps // 10), repeats, args.device, args.vae_batch, ks,
+                                 args.vae_objectives.split(","), mode)), flush=True)
+    if "k" in args.tables:
+        print("\n(k) " + largest_k(args.device, args.vae_batch, 128), flush=True)
     if "c" in args.tables:
         print("\n(c) compile time (capture + inductor), fresh process each\n")
         print("\n".join(table_c()))
