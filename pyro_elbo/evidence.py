@@ -33,23 +33,13 @@ import torch
 from torch import Tensor
 
 from pyro_elbo import ais
+from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.density import JointDensity, Observed, conditioned, simulate
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.weights import log_weights
 
 METHODS = ("iwae", "ais")
 TRANSITIONS = {"hmc": 0.65, "mala": 0.57}  # target acceptance rates
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A Monte Carlo estimate and its standard error."""
-
-    value: float
-    se: float
-
-    def __str__(self) -> str:
-        return f"{self.value:.4f} ± {self.se:.4f}"
 
 
 @dataclass(frozen=True)

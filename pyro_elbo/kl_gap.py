@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.enum import MARGINAL_PREFIX
 from pyro_elbo._pyro.inspect import SiteShares, float64_rounding_error, raise_if_nonfinite_observed, site_shares
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
@@ -44,23 +45,6 @@ ROUNDING_PARTICLES = 64
 ROUNDING_SAFETY = 2.0
 #: error bars of the printed intervals, in standard errors
 Z = 2.0
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A Monte Carlo estimate and its standard error."""
-
-    value: float
-    se: float
-
-    def __str__(self) -> str:
-        return f"{self.value:.4f} ± {self.se:.4f}"
-
-    def __sub__(self, other: Estimate) -> Estimate:
-        return Estimate(self.value - other.value, math.hypot(self.se, other.se))
-
-    def __add__(self, other: Estimate) -> Estimate:
-        return Estimate(self.value + other.value, math.hypot(self.se, other.se))
 
 
 @dataclass
