@@ -11,13 +11,16 @@ float64 whatever the working dtype: ``az.loo`` exponentiates them and float32 ov
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from pyro_elbo._pyro.draws import Draws, posterior_draws
+from pyro_elbo._pyro.inspect import raise_if_nonfinite_observed
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting
 from pyro_elbo._pyro.observed_plates import Plate, observed_plates
 from pyro_elbo._typing import Guide, Model
@@ -37,6 +40,7 @@ def to_inference_data(
     fit_result: Any = None,
     predictive: bool = True,
     log_likelihood: str = "separate",
+    vectorize_particles: bool | str = "auto",
     **kwargs: Any,
 ) -> Any:
     """The guide's posterior as an ArviZ object.
@@ -65,14 +69,19 @@ def to_inference_data(
             leaves out a whole data point (a sequence with all its time steps, a subject with all
             its responses). Its dims are the shared plates' names unless ``dims`` names
             ``"combined"`` or an observed site's dims cover those plates.
+        vectorize_particles: how the draws are made: ``"auto"`` (default; the fastest path the
+            model runs on), ``"plate"``, ``"vmap"`` or ``"sequential"`` (``True``/``False`` mean
+            ``"plate"``/``"sequential"``), as for the objectives.
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
 
     Raises:
-        ValueError: if ``num_samples`` or ``chunk_size`` is < 1, ``log_likelihood`` is neither
-            mode, ``"combined"`` is asked of observed sites that share no plate, or a plate is
-            subsampled.
+        ValueError: if ``num_samples`` or ``chunk_size`` is < 1, the exported arrays of
+            ``num_samples`` draws would take more than half the machine's memory (measured on one
+            draw, before any are made), ``log_likelihood`` is neither mode, an observed site's data
+            holds ``inf``/``nan`` (the site is named), ``"combined"`` is asked of observed sites
+            that share no plate, or a plate is subsampled.
     """
     import arviz as az
 
@@ -80,7 +89,8 @@ def to_inference_data(
         raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples} and {chunk_size}")
     if log_likelihood not in ("separate", COMBINED):
         raise ValueError(f"log_likelihood must be 'separate' or 'combined', got {log_likelihood!r}")
-    groups = _collect(model, guide, args, kwargs, num_samples, chunk_size, predictive)
+    raise_if_nonfinite_observed(model, guide, args, kwargs, caller="to_inference_data")
+    groups = _collect(model, guide, args, kwargs, num_samples, chunk_size, predictive, vectorize_particles)
     dims = dict(dims or {})  # a name's dims apply in every group (observed, predictive, log-lik)
     if log_likelihood == COMBINED and groups["log_likelihood"]:
         plates = observed_plates(model, guide, *args, **kwargs)
@@ -113,16 +123,20 @@ def _collect(
     num_samples: int,
     chunk_size: int,
     predictive: bool,
+    vectorize_particles: bool | str,
 ) -> dict[str, dict[str, np.ndarray]]:
     max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
-    parts: list[Draws] = []
+
+    def draw(size: int) -> _CpuDraws:
+        return _to_cpu(posterior_draws(model, guide, *args, num_samples=size, max_plate_nesting=max_plate_nesting,
+                                       predictive=predictive, vectorize_particles=vectorize_particles, **kwargs))
+
+    _check_memory(num_samples, draw(1))  # posterior_draws forks the random stream: the draws below are unchanged
+    parts: list[_CpuDraws] = []
     drawn = 0
     while drawn < num_samples:
         size = min(chunk_size, num_samples - drawn)
-        draws = posterior_draws(
-            model, guide, *args, num_samples=size, max_plate_nesting=max_plate_nesting, predictive=predictive, **kwargs
-        )
-        parts.append(_to_cpu(draws))
+        parts.append(draw(size))
         drawn += size
 
     def stack(field: str) -> dict[str, np.ndarray]:
@@ -183,11 +197,48 @@ def _combined_dims(
     return list(plate_names)
 
 
-def _to_cpu(draws: Draws) -> Draws:
-    def cpu(d: dict[str, torch.Tensor]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _CpuDraws:
+    """:class:`Draws` moved to CPU as NumPy arrays (same fields, same shapes)."""
+
+    latent: dict[str, np.ndarray]
+    deterministic: dict[str, np.ndarray]
+    log_likelihood: dict[str, np.ndarray]
+    predictive: dict[str, np.ndarray]
+    observed: dict[str, np.ndarray]
+    log_p: np.ndarray
+    log_q: np.ndarray
+
+
+def _machine_memory() -> int:
+    """Physical memory in bytes (1 TiB where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
+def _check_memory(num_samples: int, one: _CpuDraws) -> None:
+    """Refuse ``num_samples`` draws whose exported float64 arrays (every latent, deterministic,
+    predictive and log-likelihood entry, and ``log_p``/``log_q``/``log_weight``, per draw) would
+    take more than half the machine's memory: fail at once instead of swapping or being killed."""
+    fields = (one.latent, one.deterministic, one.log_likelihood, one.predictive)
+    per_draw = sum(v.size for d in fields for v in d.values()) + 3
+    need, memory = 8 * num_samples * per_draw, _machine_memory()
+    if need > memory / 2:
+        raise ValueError(
+            f"to_inference_data(num_samples={num_samples}) would export {need / 2**30:.3g} GiB ({per_draw} "
+            f"float64 values per draw), more than half of this machine's {memory / 2**30:.3g} GiB; lower "
+            f"num_samples (a few thousand draws are plenty for ArviZ's summaries and LOO), or predictive=False "
+            "to leave out the posterior predictive."
+        )
+
+
+def _to_cpu(draws: Draws) -> _CpuDraws:
+    def cpu(d: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy() for k, v in d.items()}
 
-    return Draws(
+    return _CpuDraws(
         latent=cpu(draws.latent),
         deterministic=cpu(draws.deterministic),
         log_likelihood=cpu(draws.log_likelihood),

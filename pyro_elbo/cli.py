@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import traceback
 import warnings
@@ -30,6 +31,21 @@ OUTPUTS = ("checkpoint.pt", "loss.png", "report.txt", "kl_gap.png", "inference_d
 
 class UsageError(Exception):
     """A mistake on the command line or in the model file: reported in one line, exit code 2."""
+
+
+def count(text: str) -> int:
+    """A whole number, also written ``1e6`` or ``10_000``."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,25 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", metavar="FILE[:MODEL]", help="Python file with the model (and :NAME of the model function)")
     run.add_argument("--guide", default="guide", help="name of the guide in FILE (default: guide, else AutoNormal)")
     run.add_argument("--objective", default="elbo", help="elbo, iwae, dreg, stl, renyi, cubo or vimco (default: elbo)")
-    run.add_argument("--particles", type=int, default=None, help="particles per step (default: the objective's)")
-    run.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
+    run.add_argument("--particles", type=count, default=None, help="particles per step (default: the objective's)")
+    run.add_argument("--steps", type=count, default=2000, help="optimizer steps (default: 2000)")
     run.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: 0.01)")
     run.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where the data are)")
     run.add_argument(
         "--seed", type=int, default=0, help="random seed of the fit, the KL-gap report and the exported draws (default: 0)"
     )
     run.add_argument("--out", default="pyro-elbo-out", help="output folder (default: pyro-elbo-out)")
-    run.add_argument("--samples", type=int, default=1000, help="posterior draws exported to ArviZ (default: 1000)")
+    run.add_argument("--samples", type=count, default=1000, help="posterior draws exported to ArviZ (default: 1000)")
     run.add_argument(
-        "--diagnostic-particles", type=int, default=10_000, help="particles for the KL-gap report (default: 10000)"
+        "--diagnostic-particles", type=count, default=10_000, help="particles for the KL-gap report (default: 10000)"
     )
     run.add_argument(
         "--vectorize",
         choices=VECTORIZE,
         default="auto",
-        help="how particles are evaluated: auto (the library's default), plate (one vectorized pass), vmap "
-        "(torch.func.vmap, for models that cannot broadcast; needs a library that offers it) or sequential "
-        "(one at a time) (default: auto)",
+        help="how particles are evaluated in the fit, the report and the export: auto (the fastest path the "
+        "model runs on), plate (one vectorized pass), vmap (torch.func.vmap, for models that cannot "
+        "broadcast) or sequential (one at a time) (default: auto)",
     )
     run.add_argument(
         "--dtype", choices=("float32", "float64"), default=None, help="torch default dtype for the model file and "
@@ -153,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     pyro.clear_param_store()  # a fresh fit (or --resume's checkpoint), also when main() runs twice in a process
     if args.steps < 0 or args.samples < 1 or args.diagnostic_particles < 2:
         raise UsageError("--steps must be >= 0, --samples >= 1 and --diagnostic-particles >= 2")
-    vectorize = _vectorize_option(args.vectorize)
+    vectorize = {"vectorize_particles": args.vectorize}  # the library's own names, passed unchanged
     try:
         objective = pyro_elbo.make_objective(args.objective, num_particles=args.particles, **vectorize)
     except (ValueError, TypeError) as error:
@@ -228,12 +244,17 @@ def _after_fit(
     out = Path(args.out)
     failed: list[str] = []
 
-    def attempt(what: str, fn: Any) -> Any:
+    def attempt(what: str, fn: Any, budget: tuple[str, str] | None = None) -> Any:
+        """``budget``: the library's fail-fast message on a size (``kl_gap(num_particles=``) and the
+        option that sets it, named in a last line."""
         try:
             return fn()
         except Exception as error:
             failed.append(what)
             _report_error(error, args.traceback, hint=False, prefix=f"{what} failed: {type(error).__name__}: ")
+            if budget is not None and isinstance(error, ValueError) and str(error).startswith(budget[0]):
+                value = getattr(args, budget[1][2:].replace("-", "_"))
+                print(f"pyro-elbo: lower {budget[1]} (now {value})", file=sys.stderr)
             return None
 
     def loss_plot() -> None:
@@ -247,7 +268,7 @@ def _after_fit(
         pyro.set_rng_seed(args.seed)
         return pyro_elbo.kl_gap(model, guide, *model_args, num_particles=args.diagnostic_particles, **vectorize)
 
-    kl = attempt("the KL-gap report", report)
+    kl = attempt("the KL-gap report", report, ("kl_gap(num_particles=", "--diagnostic-particles"))
     if kl is not None:
         print()
         print(kl)
@@ -267,33 +288,15 @@ def _after_fit(
             coords=getattr(module, "coords", None),
             fit_result=result,
             log_likelihood=args.log_likelihood,
+            **vectorize,
         )
         idata.to_netcdf(str(out / "inference_data.nc"))
         return idata
 
-    idata = attempt("the ArviZ export", export)
+    idata = attempt("the ArviZ export", export, ("to_inference_data(num_samples=", "--samples"))
     if idata is not None:
         attempt("the posterior plot", lambda: _posterior_plot(idata, out))
     return failed
-
-
-def _vectorize_option(mode: str) -> dict[str, Any]:
-    """``--vectorize`` as the library's ``vectorize_particles`` (omitted for ``auto``)."""
-    if mode == "auto":
-        return {}
-    if mode in ("plate", "sequential"):
-        return {"vectorize_particles": mode == "plate"}
-    import inspect
-
-    import pyro_elbo
-
-    accepted = str(inspect.signature(pyro_elbo.kl_gap).parameters["vectorize_particles"].annotation)
-    if accepted == "bool":
-        raise UsageError(
-            f"--vectorize {mode}: this version of pyro_elbo takes vectorize_particles=True/False only "
-            "(use --vectorize plate or sequential)"
-        )
-    return {"vectorize_particles": mode}
 
 
 def _as_dtype(value: Any, dtype: str | None) -> Any:
@@ -353,7 +356,7 @@ def _forest_rows(posterior: Any, budget: int = 40) -> tuple[list[str], dict[str,
     """Which variables (and entries) fit a readable forest of about ``budget`` rows: the smallest
     variables whole, then the first entries of the next one; the caption says what is left out."""
     def width(var: Any) -> int:
-        return var.size // (var.sizes["chain"] * var.sizes["draw"])
+        return int(var.size // (var.sizes["chain"] * var.sizes["draw"]))
 
     sized = sorted(posterior.data_vars.items(), key=lambda kv: width(kv[1]))
     names, rows, coords, notes = [], 0, {}, []
@@ -389,8 +392,10 @@ def _posterior_plot(idata: Any, out: Path) -> None:
         if int(az.__version__.split(".")[0]) >= 1:  # arviz-plots: a PlotCollection on one figure
             import matplotlib.pyplot as plt
 
-            az.plot_forest(idata, var_names=names, coords=coords or None, combined=True, point_estimate="median",
-                           ci_kind="hdi", ci_probs=(0.5, 0.94), backend="matplotlib", figure_kwargs={"figsize": (8.5, size[1])})  # room for labels
+            plot_forest: Any = az.plot_forest  # ArviZ 1.x's signature (type-checked against 0.x)
+            plot_forest(idata, var_names=names, coords=coords or None, combined=True, point_estimate="median",
+                        ci_kind="hdi", ci_probs=(0.5, 0.94), backend="matplotlib",
+                        figure_kwargs={"figsize": (8.5, size[1])})  # wider: room for labels
             fig = plt.gcf()
             fig.suptitle(title, fontsize=9)
             _save(fig, out / "posterior.png", dpi=100, bbox_inches="tight")

@@ -109,3 +109,56 @@ def test_subsampled_plates_are_refused() -> None:
 
     with pytest.raises(ValueError, match="plate 'data' is subsampled"):
         pyro_elbo.to_inference_data(sub_model, lambda x: None, X, num_samples=10)
+
+
+def test_nonfinite_observed_data_is_refused_naming_the_site() -> None:
+    y = X.clone()
+    y[2] = math.inf
+    with pytest.raises(ValueError, match=r"to_inference_data: observed site 'obs' has 1 non-finite value"):
+        pyro_elbo.to_inference_data(model, guide, y, num_samples=10)
+
+
+def test_absurd_num_samples_fails_fast_naming_num_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10**15 draws of 26 values each are 2e17 bytes: refused before any draw is kept. The estimate
+    counts each draw's entries: 1 + 3 + 6 latent, 1 deterministic, 6 log-likelihood, 6 predictive
+    and log_p, log_q, log_weight = 26 float64 values (208 bytes); on a machine with 2 * 208 * 1000
+    bytes, 1000 draws pass and 1001 are refused."""
+    with pytest.raises(ValueError, match=r"to_inference_data\(num_samples=1000000000000000\) would export"):
+        pyro_elbo.to_inference_data(model, guide, X, num_samples=10**15)
+    import pyro_elbo.arviz as export
+
+    monkeypatch.setattr(export, "_machine_memory", lambda: 2 * 208 * 1000)
+    assert export.to_inference_data(model, guide, X, num_samples=1000).posterior["mu"].shape == (1, 1000)
+    with pytest.raises(ValueError, match=r"num_samples=1001\) would export .*\(26 float64 values per draw\)"):
+        export.to_inference_data(model, guide, X, num_samples=1001)
+
+
+def mv_model(y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    design = torch.linspace(-1, 1, 12).reshape(4, 3)
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(torch.mv(design, w), 0.5), obs=y)  # [K, 1, 3] breaks mv
+
+
+def mv_guide(y):
+    pyro.sample("w", dist.Normal(torch.tensor([0.5, -1.0, 2.0]), 0.1).to_event(1))
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap", "sequential", False])
+def test_vectorize_particles_reaches_the_draws(mode: bool | str) -> None:
+    """Not the model's keyword: a model that cannot take a particle plate exports on every other
+    path, and ``"plate"`` (or ``True``) is taken as asked and fails there."""
+    y = torch.zeros(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pyro_elbo.ParticlePathWarning)
+        idata = pyro_elbo.to_inference_data(mv_model, mv_guide, y, num_samples=20, vectorize_particles=mode)
+    chosen = [str(w.message) for w in caught if issubclass(w.category, pyro_elbo.ParticlePathWarning)]
+    assert (mode == "auto") == any("drawn with torch.func.vmap" in m for m in chosen), chosen  # auto says so
+    assert idata.posterior["w"].shape == (1, 20, 3)
+    assert idata.log_likelihood["y"].shape == (1, 20, 4)
+
+
+@pytest.mark.parametrize("mode", ["plate", True])
+def test_vectorize_particles_plate_is_taken_as_asked(mode: bool | str) -> None:
+    with pytest.raises(ValueError, match="one vectorized pass"):
+        pyro_elbo.to_inference_data(mv_model, mv_guide, torch.zeros(4), num_samples=20, vectorize_particles=mode)

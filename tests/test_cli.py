@@ -160,17 +160,80 @@ def test_seed_fixes_the_report_and_options_reach_the_library(
     assert "float64" in reports["b"] and "float32" in reports["a"]
 
 
-def test_vectorize_vmap_runs_or_says_the_library_lacks_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+NO_PARTICLE_PLATE = """
+import pyro, pyro.distributions as dist, torch
+
+X = torch.linspace(-1, 1, 12).reshape(4, 3)
+
+def data():
+    return (X @ torch.tensor([0.5, -1.0, 2.0]),)
+
+def model(y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    mean = torch.mv(X, w)  # a matrix times a vector: a particle plate's [K, 3] is refused
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mean, 0.5), obs=y)
+"""
+
+
+@pytest.mark.parametrize("mode", ["vmap", "sequential", "plate"])
+def test_vectorize_reaches_every_library_call_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], mode: str
 ) -> None:
-    import inspect
+    """``--vectorize MODE`` is the library's ``vectorize_particles=MODE`` in the objective, the report
+    and the export; a model that cannot take a particle plate runs with vmap and sequential, and
+    the plate it was forced onto fails the report and the export (the fit, one particle, is kept)."""
+    import pyro_elbo
 
-    import pyro_elbo as lib
+    seen: dict[str, object] = {}
 
+    def recording(name: str, fn):
+        def wrapped(*args, **kwargs):
+            seen[name] = kwargs.get("vectorize_particles")
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in ("make_objective", "kl_gap", "to_inference_data"):
+        monkeypatch.setattr(pyro_elbo, name, recording(name, getattr(pyro_elbo, name)))
     monkeypatch.chdir(tmp_path)
-    code, _, err = in_process(capsys, "run", str(ROOT / "examples" / "eight_schools.py"), "--steps", "3", "--samples",
-                              "10", "--diagnostic-particles", "100", "--no-progress", "--vectorize", "vmap")
-    if str(inspect.signature(lib.kl_gap).parameters["vectorize_particles"].annotation) == "bool":
-        assert code == 2 and "--vectorize vmap" in err
+    (tmp_path / "mv.py").write_text(NO_PARTICLE_PLATE)
+    code, out, err = in_process(capsys, "run", "mv.py", "--steps", "3", "--samples", "10", "--diagnostic-particles",
+                                "50", "--no-progress", "--vectorize", mode, "--out", "out")
+    assert seen == {"make_objective": mode, "kl_gap": mode, "to_inference_data": mode}
+    assert "fit: 3 steps" in out and (tmp_path / "out" / "checkpoint.pt").exists()
+    if mode == "plate":
+        assert code == 1 and "the KL-gap report failed" in err and "the ArviZ export failed" in err
+        assert err.count("drawn in one vectorized pass") == 2
     else:
         assert code == 0, err
+        assert (tmp_path / "out" / "inference_data.nc").stat().st_size > 0
+
+
+def test_sizes_past_the_machine_are_refused_after_the_fit_with_the_option_to_lower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1e12 report particles (8 TB of log-weights at least) and 1e15 draws: the library's fail-fast
+    messages, no traceback, the fit kept, and each option named."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = in_process(capsys, "run", str(ROOT / "examples" / "eight_schools.py"), "--steps", "3",
+                                "--samples", "1e15", "--diagnostic-particles", "1e12", "--no-progress", "--out", "out")
+    assert code == 1
+    assert "fit: 3 steps" in out and (tmp_path / "out" / "checkpoint.pt").stat().st_size > 0
+    assert "the KL-gap report failed: ValueError: kl_gap(num_particles=1000000000000)" in err
+    assert "pyro-elbo: lower --diagnostic-particles (now 1000000000000)" in err
+    assert "the ArviZ export failed: ValueError: to_inference_data(num_samples=1000000000000000)" in err
+    assert "pyro-elbo: lower --samples (now 1000000000000000)" in err
+    assert "the fit is kept in out/checkpoint.pt" in err and "Traceback" not in err
+    assert "KL-gap report: failed" in (tmp_path / "out" / "report.txt").read_text()
+
+
+def test_counts_may_be_written_in_scientific_notation() -> None:
+    import argparse
+
+    from pyro_elbo.cli import count
+
+    assert count("1e4") == 10_000 and count("10_000") == 10_000 and count("250") == 250
+    for bad in ("1.5", "1e-3", "many", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a whole number"):
+            count(bad)

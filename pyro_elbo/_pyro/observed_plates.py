@@ -34,7 +34,7 @@ def observed_plates(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> di
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     plates: dict[str, tuple[Plate, ...]] = {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"] or site["infer"].get("_deterministic"):
+        if site["type"] != "sample" or not site["is_observed"] or (site["infer"] or {}).get("_deterministic"):
             continue
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
         for frame in frames:
@@ -43,5 +43,6 @@ def observed_plates(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> di
                     f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
                     "draws with the full data set (no subsample_size)."
                 )
-        plates[name] = tuple(Plate(f.name, f.dim, f.size) for f in sorted(frames, key=lambda f: f.dim))
+        plates[name] = tuple(sorted((Plate(f.name, f.dim, f.size) for f in frames if f.dim is not None),
+                                    key=lambda p: p.dim))
     return plates
