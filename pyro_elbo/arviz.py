@@ -11,7 +11,9 @@ float64 whatever the working dtype: ``az.loo`` exponentiates them and float32 ov
 
 from __future__ import annotations
 
+import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +43,7 @@ def to_inference_data(
     predictive: bool = True,
     log_likelihood: str = "separate",
     vectorize_particles: bool | str = "auto",
+    max_seconds: float = 3600.0,
     **kwargs: Any,
 ) -> Any:
     """The guide's posterior as an ArviZ object.
@@ -72,6 +75,8 @@ def to_inference_data(
         vectorize_particles: how the draws are made: ``"auto"`` (default; the fastest path the
             model runs on), ``"plate"``, ``"vmap"`` or ``"sequential"`` (``True``/``False`` mean
             ``"plate"``/``"sequential"``), as for the objectives.
+        max_seconds: refuse, after the first chunk, an export estimated (that chunk's time times
+            the number of chunks) to take longer.
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
@@ -79,7 +84,8 @@ def to_inference_data(
     Raises:
         ValueError: if ``num_samples`` or ``chunk_size`` is < 1, the exported arrays of
             ``num_samples`` draws would take more than half the machine's memory (measured on one
-            draw, before any are made), ``log_likelihood`` is neither mode, an observed site's data
+            draw, before any are made) or more than ``max_seconds`` (timed on the first chunk),
+            ``log_likelihood`` is neither mode, an observed site's data
             holds ``inf``/``nan`` (the site is named), ``"combined"`` is asked of observed sites
             that share no plate, or a plate is subsampled.
     """
@@ -90,7 +96,8 @@ def to_inference_data(
     if log_likelihood not in ("separate", COMBINED):
         raise ValueError(f"log_likelihood must be 'separate' or 'combined', got {log_likelihood!r}")
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="to_inference_data")
-    groups = _collect(model, guide, args, kwargs, num_samples, chunk_size, predictive, vectorize_particles)
+    groups = _collect(model, guide, args, kwargs, (num_samples, chunk_size, max_seconds), predictive,
+                      vectorize_particles)
     dims = dict(dims or {})  # a name's dims apply in every group (observed, predictive, log-lik)
     if log_likelihood == COMBINED and groups["log_likelihood"]:
         plates = observed_plates(model, guide, *args, **kwargs)
@@ -120,11 +127,12 @@ def _collect(
     guide: Guide,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    num_samples: int,
-    chunk_size: int,
+    budget: tuple[int, int, float],
     predictive: bool,
     vectorize_particles: bool | str,
 ) -> dict[str, dict[str, np.ndarray]]:
+    """The export's groups from ``num_samples`` draws, ``chunk_size`` at a time, within ``max_seconds``."""
+    num_samples, chunk_size, max_seconds = budget
     max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
 
     def draw(size: int) -> _CpuDraws:
@@ -136,8 +144,11 @@ def _collect(
     drawn = 0
     while drawn < num_samples:
         size = min(chunk_size, num_samples - drawn)
+        start = time.perf_counter()
         parts.append(draw(size))
         drawn += size
+        if len(parts) == 1 and drawn < num_samples:
+            _check_time(num_samples, chunk_size, time.perf_counter() - start, max_seconds)
 
     def stack(field: str) -> dict[str, np.ndarray]:
         names = getattr(parts[0], field)
@@ -231,6 +242,16 @@ def _check_memory(num_samples: int, one: _CpuDraws) -> None:
             f"float64 values per draw), more than half of this machine's {memory / 2**30:.3g} GiB; lower "
             f"num_samples (a few thousand draws are plenty for ArviZ's summaries and LOO), or predictive=False "
             "to leave out the posterior predictive."
+        )
+
+
+def _check_time(num_samples: int, chunk_size: int, seconds: float, max_seconds: float) -> None:
+    eta = seconds * math.ceil(num_samples / chunk_size)
+    if eta > max_seconds:
+        raise ValueError(
+            f"to_inference_data(num_samples={num_samples}) would take about {eta / 3600:.3g} h ({seconds:.3g} s "
+            f"per chunk of {chunk_size}); lower num_samples (a few thousand draws are plenty for ArviZ's "
+            f"summaries and LOO) or raise max_seconds (now {max_seconds:g})."
         )
 
 

@@ -162,3 +162,12 @@ def test_vectorize_particles_reaches_the_draws(mode: bool | str) -> None:
 def test_vectorize_particles_plate_is_taken_as_asked(mode: bool | str) -> None:
     with pytest.raises(ValueError, match="one vectorized pass"):
         pyro_elbo.to_inference_data(mv_model, mv_guide, torch.zeros(4), num_samples=20, vectorize_particles=mode)
+
+
+def test_an_export_past_max_seconds_is_refused_after_its_first_chunk() -> None:
+    """Timed on the first chunk: 3 chunks of a zero-second budget are refused naming num_samples and
+    max_seconds; one chunk (nothing left to estimate) is never refused."""
+    with pytest.raises(ValueError, match=r"to_inference_data\(num_samples=30\) would take .* max_seconds \(now 0\)"):
+        pyro_elbo.to_inference_data(model, guide, X, num_samples=30, chunk_size=10, max_seconds=0.0)
+    idata = pyro_elbo.to_inference_data(model, guide, X, num_samples=10, chunk_size=10, max_seconds=0.0)
+    assert idata.posterior["mu"].shape == (1, 10)
