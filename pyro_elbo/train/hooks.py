@@ -56,6 +56,7 @@ class Progress(Hook):
     def __init__(self, total: int) -> None:
         self.total = total
         self.bar: Any = None
+        self.decision: str | None = None
 
     def on_start(self, state: TrainState) -> None:
         if state.context.is_main:
@@ -68,6 +69,9 @@ class Progress(Hook):
             return None
         if info.compile_seconds is not None:
             self.bar.write(f"compiled the step in {info.compile_seconds:.1f} s")
+        if state.compile_decision is not None and state.compile_decision != self.decision:
+            self.decision = state.compile_decision
+            self.bar.write(self.decision)
         self.bar.update(1)
         if state.step % 10 == 0 or state.step == self.total:
             self.bar.set_postfix(loss=f"{info.loss:.4g}", refresh=False)

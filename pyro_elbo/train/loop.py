@@ -34,6 +34,7 @@ from pyro_elbo._pyro.params import discover_params
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.compiled import CompiledLoss, plain_adam
 from pyro_elbo.objectives import ELBO, Objective
+from pyro_elbo.train.autocompile import AutoCompile
 from pyro_elbo.train.checkpoint import load_checkpoint
 from pyro_elbo.train.data import Data, to_device
 from pyro_elbo.train.hooks import Callback, Callbacks, Checkpointer, EarlyStopping, Hook, Progress, Validation
@@ -140,7 +141,7 @@ def fit(
     validation: Any = None,
     validate_every: int = 100,
     seed: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     compile_backend: str = "inductor",
     hooks: Sequence[Hook] = (),
     **kwargs: Any,
@@ -194,6 +195,10 @@ def fit(
             compiled with ``compile_backend`` (see :mod:`pyro_elbo.compiled`). The first step pays
             the compilation (seconds; reported in ``FitResult.compile_seconds``), so it pays off on
             long runs. Models that cannot be captured fall back to eager with one warning.
+            ``"auto"`` times a few eager steps and compiles only when that can pay off within the
+            requested steps, then keeps the compiled step only if it is faster
+            (:mod:`pyro_elbo.train.autocompile`); ``FitResult.compile_decision`` says which path
+            ran and why, and the progress bar writes it.
         hooks: more :class:`~pyro_elbo.train.hooks.Hook` objects, called after the built-in ones.
         **kwargs: keyword arguments of model and guide.
 
@@ -209,6 +214,8 @@ def fit(
         raise ValueError("num_steps must be >= 0 and num_epochs >= 1")
     if checkpoint_every < 1 or validate_every < 1:
         raise ValueError("checkpoint_every and validate_every must be >= 1")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if seed is not None:
         pyro.set_rng_seed(seed)
     context = distributed.setup(device)
@@ -218,13 +225,14 @@ def fit(
         state = init(
             model, guide, *data.peek(), objective=objective, lr=lr, optimizer=optimizer,
             optimizer_options=optimizer_options, scheduler=scheduler, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips, device=device, compile=compile,
+            max_consecutive_skips=max_consecutive_skips, device=device, compile=bool(compile),
             compile_backend=compile_backend, **kwargs,
         )  # fmt: skip
         if checkpoint is not None and resume and os.path.exists(checkpoint):
             state.load_state_dict(load_checkpoint(checkpoint, map_location=where))
             state.resumed_from_step = state.step
-        built: list[Hook] = [Progress(data.total_steps)] if progress else []
+        built: list[Hook] = [AutoCompile(data.total_steps)] if compile == "auto" else []
+        built += [Progress(data.total_steps)] if progress else []
         built += [Validation(validation, validate_every)] if validation is not None else []
         built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
         built += [Callbacks(callbacks)] if callbacks else []

@@ -29,6 +29,7 @@ class FitResult:
         objective: the objective used.
         resumed_from_step: the checkpoint's step when the run resumed from one.
         compile_seconds: capture and compilation time of the compiled step (``compile=True``).
+        compile_decision: with ``compile="auto"``, which path ran and why (one line).
     """
 
     history: list[float] = field(default_factory=list)
@@ -40,6 +41,7 @@ class FitResult:
     objective: Objective | None = None
     resumed_from_step: int | None = None
     compile_seconds: float | None = None
+    compile_decision: str | None = None
 
     @property
     def num_steps(self) -> int:

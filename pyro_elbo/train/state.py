@@ -61,6 +61,8 @@ class TrainState:
     num_skipped: int = 0
     consecutive_skips: int = 0
     compile_seconds: float | None = None
+    #: ``fit(compile="auto")``'s choice and its reason, in one line
+    compile_decision: str | None = None
     resumed_from_step: int | None = None
 
     @property
@@ -84,6 +86,7 @@ class TrainState:
             objective=self.objective,
             resumed_from_step=self.resumed_from_step,
             compile_seconds=self.compile_seconds,
+            compile_decision=self.compile_decision,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""``fit(compile="auto")``: compile the step only when it pays off within the requested steps.
+
+The decision is made on measurements of this run, in three phases driven by :class:`AutoCompile`
+(a hook that runs before the others):
+
+1. **Eager probe.** The first ``probe + 1`` steps run eagerly (they are real training steps); the
+   first is dropped (lazy set-up) and the median of the rest, :math:`t_e`, is the eager cost.
+2. **Gate.** With :math:`R` steps left, eager training costs :math:`R\\,t_e`. Compiling costs at
+   least :data:`MIN_COMPILE_SECONDS` (capture + inductor, warm cache, on the machines we
+   measured), so if :math:`R\\,t_e` is below it the run stays eager without compiling.
+3. **Compile and check.** Otherwise the next step captures and compiles (its time :math:`C` is
+   measured), ``probe`` compiled steps give :math:`t_c`, and the run keeps the compiled step if
+   :math:`t_c < t_e`, else returns to eager. The decision line says whether the compile paid off
+   within the requested steps, i.e. whether :math:`C + R' t_c < R' t_e + C_{\\text{probe}}`
+   (:math:`R'` the steps left after the compile), and the break-even step count
+   :math:`C / (t_e - t_c)`.
+
+The line is written by the progress bar and kept in ``FitResult.compile_decision``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from pyro_elbo.compiled import CompiledLoss
+from pyro_elbo.train.hooks import Hook
+from pyro_elbo.train.state import TrainState
+from pyro_elbo.train.step import StepInfo
+
+#: a lower bound on capture + compilation (seconds): below this much eager time, never compile
+MIN_COMPILE_SECONDS = 2.0
+
+
+def gate(remaining: int, eager_seconds: float, min_compile_seconds: float = MIN_COMPILE_SECONDS) -> tuple[bool, str]:
+    """Whether to try compiling, and why: ``remaining`` eager steps of ``eager_seconds`` cost
+    less than the cheapest compile, or they do not."""
+    total = remaining * eager_seconds
+    if total < min_compile_seconds:
+        return False, (
+            f"compile='auto' stayed eager: {remaining} steps left × {1e3 * eager_seconds:.2f} ms = {total:.2f} s "
+            f"eager, less than a compile costs (≥ {min_compile_seconds:.0f} s)"
+        )
+    return True, ""
+
+
+def verdict(remaining: int, eager_seconds: float, compiled_seconds: float, compile_seconds: float) -> tuple[bool, str]:
+    """After compiling: keep the compiled step if it is faster per step; say whether the compile
+    (``compile_seconds``) paid off over the ``remaining`` steps and where it breaks even."""
+    timings = (
+        f"eager {1e3 * eager_seconds:.2f} ms/step, compiled {1e3 * compiled_seconds:.2f} ms/step, "
+        f"compile {compile_seconds:.1f} s"
+    )
+    saving = eager_seconds - compiled_seconds
+    if saving <= 0:
+        return False, f"compile='auto' went back to eager: the compiled step is not faster ({timings})"
+    break_even = math.ceil(compile_seconds / saving)
+    paid = "paid off" if remaining * saving >= compile_seconds else "did not pay off"
+    return True, (
+        f"compile='auto' compiled: {timings}; breaks even after {break_even} steps, {remaining} were left "
+        f"after the compile ({paid})"
+    )
+
+
+class AutoCompile(Hook):
+    """Runs the three phases of the module docstring on ``state`` (put it first among the hooks).
+
+    Args:
+        total: the run's total steps.
+        probe: eager (and compiled) steps timed before each decision.
+    """
+
+    def __init__(self, total: int, probe: int = 3) -> None:
+        self.total, self.probe = total, probe
+        self.phase = "eager"
+        self.eager: list[float] = []
+        self.compiled_times: list[float] = []
+        self.compiled: CompiledLoss | None = None
+        self.compile_seconds = 0.0
+
+    def on_start(self, state: TrainState) -> None:
+        self.compiled, state.compiled = state.compiled, None  # eager until decided
+        if self.compiled is None:
+            self.phase = "done"
+
+    def seconds(self, info: StepInfo) -> float:
+        """The step's wall-clock time (a separate method so tests can substitute timings)."""
+        return info.seconds
+
+    def on_step(self, state: TrainState, info: StepInfo) -> str | None:
+        if self.phase == "eager":
+            self.eager.append(self.seconds(info))
+            if len(self.eager) > self.probe:
+                self._decide_to_try(state)
+        elif self.phase == "compiling":
+            if info.compile_seconds is None and state.compiled is not None and state.compiled.failed:
+                self.phase = "done"  # capture failed: CompiledLoss warned and the step ran eagerly
+                state.compile_decision = "compile='auto' stayed eager: the capture failed (see the warning)"
+                state.compiled = None
+                return None
+            self.compile_seconds = self.seconds(info)
+            self.phase = "timing"
+        elif self.phase == "timing":
+            self.compiled_times.append(self.seconds(info))
+            if len(self.compiled_times) >= self.probe:
+                self._decide_to_keep(state)
+        return None
+
+    def _decide_to_try(self, state: TrainState) -> None:
+        eager = statistics.median(self.eager[1:])
+        remaining = self.total - state.step
+        go, why = gate(remaining, eager)
+        if not go:
+            self.phase, state.compile_decision = "done", why
+            return
+        self.phase, state.compiled = "compiling", self.compiled
+
+    def _decide_to_keep(self, state: TrainState) -> None:
+        eager, compiled = statistics.median(self.eager[1:]), statistics.median(self.compiled_times)
+        remaining = self.total - state.step + len(self.compiled_times)
+        keep, why = verdict(remaining, eager, compiled, self.compile_seconds)
+        self.phase, state.compile_decision = "done", why
+        if not keep:
+            state.compiled = None

@@ -1,0 +1,76 @@
+"""fit(compile="auto"): the decision from timed eager steps and the timed compile, with the
+step timings substituted (deterministic), and the two pure rules it applies."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_elbo
+from pyro_elbo.train import autocompile
+from pyro_elbo.train.step import StepInfo
+
+
+def model(x: torch.Tensor) -> None:
+    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def guide(x: torch.Tensor) -> None:
+    m = pyro.param("m", torch.tensor(0.0))
+    s = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
+    pyro.sample("loc", dist.Normal(m, s))
+
+
+def fake_timings(monkeypatch: pytest.MonkeyPatch, eager: float, compiled: float, compile: float) -> None:
+    """Step seconds as if eager steps took ``eager``, the compile step ``compile`` and compiled
+    steps ``compiled`` (the phase tells which one the hook is timing)."""
+
+    def seconds(self: autocompile.AutoCompile, info: StepInfo) -> float:
+        return {"eager": eager, "compiling": compile, "timing": compiled}.get(self.phase, eager)
+
+    monkeypatch.setattr(autocompile.AutoCompile, "seconds", seconds)
+
+
+def run(steps: int) -> pyro_elbo.FitResult:
+    x = torch.randn(8)
+    return pyro_elbo.fit(model, guide, x, num_steps=steps, compile="auto", compile_backend="eager", progress=False)
+
+
+def test_five_steps_stay_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timings(monkeypatch, eager=0.01, compiled=0.001, compile=10.0)
+    result = run(5)
+    assert result.compile_seconds is None  # never captured
+    assert result.compile_decision is not None and result.compile_decision.startswith("compile='auto' stayed eager")
+    assert "1 steps left" in result.compile_decision and len(result.history) == 5
+
+
+def test_long_run_compiles_and_keeps_the_faster_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timings(monkeypatch, eager=1.0, compiled=0.1, compile=3.0)
+    result = run(12)
+    assert result.compile_seconds is not None  # the capture ran
+    decision = result.compile_decision or ""
+    assert decision.startswith("compile='auto' compiled") and "breaks even after 4 steps" in decision
+    assert "(paid off)" in decision and len(result.history) == 12
+
+
+def test_slower_compiled_step_goes_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timings(monkeypatch, eager=1.0, compiled=2.0, compile=3.0)
+    result = run(12)
+    assert (result.compile_decision or "").startswith("compile='auto' went back to eager")
+
+
+def test_rules() -> None:
+    assert autocompile.gate(100, 0.01, 2.0)[0] is False  # 1 s of eager work < the cheapest compile
+    assert autocompile.gate(1000, 0.01, 2.0)[0] is True
+    keep, why = autocompile.verdict(100, 0.01, 0.002, 5.0)  # saves 0.8 s over 100 steps < 5 s
+    assert keep and "breaks even after 625 steps" in why and "did not pay off" in why
+    assert autocompile.verdict(100, 0.01, 0.02, 5.0)[0] is False
+
+
+def test_bad_compile_value() -> None:
+    with pytest.raises(ValueError, match="compile must be"):
+        pyro_elbo.fit(model, guide, torch.randn(3), num_steps=1, compile="yes", progress=False)
