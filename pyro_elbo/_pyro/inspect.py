@@ -210,7 +210,8 @@ def float64_rounding_error(
                       for _ in range(min(num_particles, 16))]
         except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
             return None
-    return None if any(e is None for e in errors) else torch.cat(errors)  # type: ignore[misc]
+    present = [e for e in errors if e is not None]
+    return torch.cat(present) if len(present) == len(errors) else None
 
 
 def _rounding_error_once(
