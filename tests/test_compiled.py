@@ -263,3 +263,25 @@ def test_a_parameter_the_capture_cannot_replace_falls_back_naming_it() -> None:
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "'net$$$bias'" in messages[0] and "falling back" in messages[0]
     assert not torch.equal(before, net.bias.detach())  # the eager fallback trains it
+
+
+def test_compiled_step_on_the_test_device_draws_fresh_and_owns_its_state(device: torch.device) -> None:
+    """With ``--device cuda`` the inductor graph runs as CUDA graphs: every replay must draw new
+    randomness, and the optimizer state a step returns must not be a replay buffer that the next
+    step overwrites (the state of step k is unchanged by step k + 1)."""
+    from pyro_elbo.train import init, step
+
+    c = default_conjugate()
+    state = init(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.ELBO(), compile=True, device=device)
+    losses = []
+    for _ in range(4):
+        state, info = step(state)
+        losses.append(info.loss)
+    assert state.compiled is not None and state.compiled.adam and state.compile_seconds is not None
+    assert len(set(losses)) == 4  # one particle from a continuous guide: equal losses mean repeated draws
+    first = next(iter(state.params.values()))
+    held = state.optimizer.state[first]["exp_avg"]
+    snapshot = held.clone()
+    step(state)
+    assert torch.equal(held, snapshot)  # the next step wrote new tensors, not into this one
+    assert not torch.equal(state.optimizer.state[first]["exp_avg"], snapshot)
