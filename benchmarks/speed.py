@@ -19,6 +19,7 @@ and noisy: read the ratios, not the absolute times).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -43,7 +44,11 @@ import pyro_elbo  # noqa: E402
 
 
 #: set by --device cuda: wait for the GPU before reading the clock
-SYNC: Callable[[], None] = lambda: None
+def _no_sync() -> None:
+    """CPU: nothing to wait for."""
+
+
+SYNC: Callable[[], None] = _no_sync
 
 
 def median_step(step: Callable[[], object], n: int) -> float:
@@ -296,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
         torch.set_default_device(device)  # the hand-written steps and Pyro's runs create tensors there
-        SYNC = lambda: torch.cuda.synchronize(device)  # noqa: E731
+        SYNC = functools.partial(torch.cuda.synchronize, device)
     mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
     steps, repeats = (3, 1) if args.tiny else (20, 2) if args.quick else (200, 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
