@@ -43,11 +43,11 @@ import logistic_regression  # noqa: E402
 import pyro_elbo  # noqa: E402
 
 
-#: set by --device cuda: wait for the GPU before reading the clock
 def _no_sync() -> None:
     """CPU: nothing to wait for."""
 
 
+#: set by --device cuda: wait for the GPU before reading the clock
 SYNC: Callable[[], None] = _no_sync
 
 
