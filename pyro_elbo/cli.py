@@ -1,7 +1,9 @@
 """The ``pyro-elbo`` command: fit a model file, diagnose the guide, export to ArviZ.
 
 ``pyro-elbo run FILE[:MODEL]`` imports ``FILE`` (a Python file defining ``model``, optionally
-``guide``, ``data()`` returning the model's args, and ``dims``/``coords`` for ArviZ), fits it with a
+``guide``, ``data()`` returning the model's args, optionally ``full_data()`` returning the args
+of the whole data set for the report and the export when ``data()`` subsamples, and ``dims``/``coords``
+for ArviZ), fits it with a
 progress bar, prints the KL-gap report and writes into ``--out``: ``inference_data.nc``,
 ``loss.png``, ``kl_gap.png``, ``posterior.png``, ``report.txt`` and ``checkpoint.pt``.
 """
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="fit a model file end to end (fit -> KL-gap report -> ArviZ file and plots)",
         description="Fit FILE's model end to end. FILE defines `model`, optionally `guide` (default: "
-        "AutoNormal(model)), `data()` returning the model's positional args, and `dims`/`coords` "
+        "AutoNormal(model)), `data()` returning the model's positional args, optionally `full_data()` "
+        "(the whole data set, for the report and export of a model trained on minibatches), and `dims`/`coords` "
         "for ArviZ. FILE:NAME picks another model function in the file.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -205,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
     final = result.history[-1] if result.history else float("nan")
     summary = f"fit: {result.num_steps} steps, final loss {final:.4f}, {result.num_skipped} skipped"
     print(summary)
+    full_data = getattr(module, "full_data", None)  # a model trained on minibatches: diagnose all the data
+    if callable(full_data):
+        model_args = tuple(_as_dtype(a, args.dtype) for a in full_data())
     if device is not None:
         model_args = tuple(a.to(device) if hasattr(a, "to") else a for a in model_args)
     failed = _after_fit(args, module, model, guide, model_args, result, summary, vectorize)

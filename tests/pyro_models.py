@@ -571,5 +571,6 @@ def cli_model_file(name: str) -> str:
     return (
         f"import sys\nsys.path.insert(0, {here})\nfrom pyro_models import ZOO\n\n"
         f"_entry = ZOO[{name!r}]()\nmodel, guide = _entry.model, _entry.guide\n\n\n"
-        "def data():\n    return _entry.args\n"
+        "def data():\n    return _entry.args\n\n\n"
+        "def full_data():\n    return _entry.full_args or _entry.args\n"
     )

@@ -40,8 +40,6 @@ CAPTURE = f"{I14}: compile=True falls back to eager (GuardOnDataDependentSymNode
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("dmm", "fit_compile_parity"): f"{CAPTURE} (empty message; pack_padded_sequence lengths)",
     ("dmm", "fit_compile_inductor"): f"{CAPTURE} (empty message; pack_padded_sequence lengths)",
-    ("lda_amortized", "cli"): f"{I13}: the CLI runs kl_gap on the subsampled args and kl_gap refuses subsampled "
-    "plates",
     **{(m, e): f"{CAPTURE}: Eq(u0, 1) from PyroSample weights"
        for m in ("bayes_regression_diag", "bayes_regression_mvn") for e in ("fit_compile_parity", "fit_compile_inductor")},
 }
