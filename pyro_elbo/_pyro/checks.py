@@ -24,6 +24,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 
+from pyro_elbo._pyro import enum
 from pyro_elbo._pyro._sites import is_deterministic, sample_sites, subsample_sites
 from pyro_elbo._pyro.supports import check_supports
 from pyro_elbo._random import forked_rng
@@ -347,7 +348,8 @@ def diagnose_shape_failure(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", GuidePlateWarning)  # warned about on the main path
-                check_model_guide(model_trace, guide_trace, max_plate_nesting, False)
+                summed = enum.enumerated_sites(model_trace, guide_trace)  # summed out, not checked
+                check_model_guide(enum.without_sites(model_trace, summed), guide_trace, max_plate_nesting, False)
         except (ValueError, NotImplementedError) as error:
             return error
     return None

@@ -15,7 +15,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_elbo._pyro import checks
+from pyro_elbo._pyro import checks, enum
 from pyro_elbo._pyro.params import params_stopped
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -172,6 +172,7 @@ def _diagnose_model_failure(
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(guide_trace, prior_trace)
     try:
+        prior_trace = enum.without_sites(prior_trace, enum.enumerated_sites(prior_trace, guide_trace))
         checks.check_model_guide(prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
     except ValueError as mismatch:
         raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {error})") from error
