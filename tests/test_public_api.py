@@ -6,6 +6,7 @@ import pyro.infer
 
 import pyro_elbo
 
+
 def _readme_api_names() -> set[str]:
     from pathlib import Path
 

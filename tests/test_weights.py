@@ -12,7 +12,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_elbo.estimators import leave_one_out_mean, logmeanexp, logsumexp_leave_one_out, normalized_weights, replace_grad
+from pyro_elbo.estimators import (
+    leave_one_out_mean,
+    logmeanexp,
+    logsumexp_leave_one_out,
+    normalized_weights,
+    replace_grad,
+)
 from pyro_elbo.weights import log_weights
 
 
