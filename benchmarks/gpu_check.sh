@@ -3,20 +3,21 @@
 # speed benchmark on CUDA, both written to docs/gpu.md with the card's name.
 #
 #     bash benchmarks/gpu_check.sh                 # from the repository root
-#     TESTS_TIMEOUT=240 BENCH_TIMEOUT=200 bash benchmarks/gpu_check.sh
+#     TESTS_TIMEOUT=210 BENCH_TIMEOUT=240 bash benchmarks/gpu_check.sh
 #
 # Parts (each under its own time limit; a part that runs out is reported as such, not hidden):
 #   1. pytest -q --device cuda (the default suite: slow sweeps excluded), at most TESTS_TIMEOUT s.
 #   2. benchmarks/speed.py --device cuda: eight schools and logistic regression against Pyro's
 #      Trace_ELBO (and NumPyro if installed); the digits VAE with IWAE K=16 and K=64 at batch 1024
-#      against a hand-written torch.compile(mode="reduce-overhead") step; the largest K that fits.
-#      At most BENCH_TIMEOUT s.
+#      against a hand-written torch.compile(mode="reduce-overhead") step; the largest K that fits
+#      (eager step, run before the VAE table). At most BENCH_TIMEOUT s; what it printed before a
+#      timeout is kept in the report.
 # Exits non-zero, before running anything, when CUDA is not available.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-240}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-200}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-210}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
 OUT="${GPU_REPORT:-docs/gpu.md}"
 
 if ! CARD=$("$PYTHON" -c 'import torch, sys
