@@ -166,8 +166,11 @@ def table_a(steps: int, repeats: int, device: str) -> list[str]:
         ("eight schools", eight_schools.noncentered_model, (y.to(device), sigma.to(device))),
         ("logistic regression", logistic_regression.model, (x.to(device), labels.to(device))),
     ]
-    lines = ["| model | Pyro Trace_ELBO | Pyro JitTrace_ELBO | NumPyro jit (CPU) | pyro_elbo eager | pyro_elbo compiled | "
-             "compiled vs Trace_ELBO (speed-up) | compiled / NumPyro (time ratio) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | Pyro Trace_ELBO | Pyro JitTrace_ELBO | NumPyro jit (CPU) | pyro_elbo eager | pyro_elbo compiled | "
+        "compiled vs Trace_ELBO (speed-up) | compiled / NumPyro (time ratio) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, model, args in problems:
         runners: dict[str, Callable[[int], float]] = {
             "trace": pyro_runner(model, AutoNormal, args, jit=False),
@@ -190,7 +193,9 @@ def table_a(steps: int, repeats: int, device: str) -> list[str]:
     return lines
 
 
-def table_b(steps: int, repeats: int, device: str, batch: int, ks: list[int], names: list[str], mode: str | None) -> list[str]:
+def table_b(
+    steps: int, repeats: int, device: str, batch: int, ks: list[int], names: list[str], mode: str | None
+) -> list[str]:
     """The VAE step against the same step written by hand (eager, and ``torch.compile`` with ``mode``)."""
     import objectives_vae as bench
     import vae_digits as vae
@@ -201,10 +206,14 @@ def table_b(steps: int, repeats: int, device: str, batch: int, ks: list[int], na
     x = images[torch.arange(batch) % len(images)].to(device)  # digits repeated up to the batch size
     params = list(vae.encoder.parameters()) + list(vae.decoder.parameters())
     compiled_name = f"torch.compile({mode or 'default'})"
-    lines = [f"| objective | K | batch | hand-written eager | hand-written {compiled_name} | pyro_elbo compiled | "
-             f"vs eager | vs {compiled_name} |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| objective | K | batch | hand-written eager | hand-written {compiled_name} | pyro_elbo compiled | "
+        f"vs eager | vs {compiled_name} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in names:
         for k in ks:
+
             def loss(xb, name=name, k=k):
                 return bench.handwritten_loss(name, xb, k)
 
@@ -218,8 +227,14 @@ def table_b(steps: int, repeats: int, device: str, batch: int, ks: list[int], na
             runners = {
                 "eager": lambda n, s=eager_step: median_step(lambda: s(x), n),
                 "torch.compile": lambda n, s=compiled_step: median_step(lambda: s(x), n),
-                "ours": pyro_elbo_runner(vae.model, vae.guide, (x,), pyro_elbo.make_objective(name, num_particles=k),
-                                         compile=True, device=device),
+                "ours": pyro_elbo_runner(
+                    vae.model,
+                    vae.guide,
+                    (x,),
+                    pyro_elbo.make_objective(name, num_particles=k),
+                    compile=True,
+                    device=device,
+                ),
             }
             t = interleaved(runners, steps, repeats)
             lines.append(
@@ -241,7 +256,9 @@ def largest_k(device: str, batch: int, start: int, cap: int) -> str:
     while k <= cap:
         try:
             pyro.clear_param_store()
-            state = pyro_elbo.train.init(vae.model, vae.guide, x, objective=pyro_elbo.IWAE(num_particles=k), device=device)
+            state = pyro_elbo.train.init(
+                vae.model, vae.guide, x, objective=pyro_elbo.IWAE(num_particles=k), device=device
+            )
             pyro_elbo.train.step(state)
             SYNC()
             fits = k
@@ -287,14 +304,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and steps (tests the script, measures nothing)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tables", default="abc", help="a: eight schools/logistic; b: VAE; c: compile time; k: largest K")
+    parser.add_argument(
+        "--tables", default="abc", help="a: eight schools/logistic; b: VAE; c: compile time; k: largest K"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--vae-batch", type=int, default=128)
     parser.add_argument("--vae-k", default="1,16", help="comma-separated particle counts for (b)")
     parser.add_argument("--vae-objectives", default="iwae,dreg")
     parser.add_argument("--max-k", type=int, default=1 << 16, help="where the largest-K search (k) stops")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode of the hand-written step "
-                        "(default: reduce-overhead on CUDA, default on CPU)")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the hand-written step (default: reduce-overhead on CUDA, default on CPU)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -306,8 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" else None)
     steps, repeats = (3, 1) if args.tiny else (20, 2) if args.quick else (200, 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"torch {torch.__version__}, pyro {pyro.__version__}, device {device} ({name}), {args.threads} thread(s), "
-          f"medians of {repeats} interleaved blocks of {steps} steps")
+    print(
+        f"torch {torch.__version__}, pyro {pyro.__version__}, device {device} ({name}), {args.threads} thread(s), "
+        f"medians of {repeats} interleaved blocks of {steps} steps"
+    )
     if "a" in args.tables:
         print("\n(a) seconds per step, one particle, Adam\n")
         print("\n".join(table_a(steps, repeats, args.device)), flush=True)
@@ -316,8 +340,14 @@ def main(argv: list[str] | None = None) -> None:
     if "b" in args.tables:
         ks = [int(k) for k in args.vae_k.split(",")]
         print(f"\n(b) VAE on digits, batch {args.vae_batch}, seconds per step\n")
-        print("\n".join(table_b(max(3, steps // 10), repeats, args.device, args.vae_batch, ks,
-                                 args.vae_objectives.split(","), mode)), flush=True)
+        print(
+            "\n".join(
+                table_b(
+                    max(3, steps // 10), repeats, args.device, args.vae_batch, ks, args.vae_objectives.split(","), mode
+                )
+            ),
+            flush=True,
+        )
     if "c" in args.tables:
         print("\n(c) compile time (capture + inductor), fresh process each\n")
         print("\n".join(table_c()))

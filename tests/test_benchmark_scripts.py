@@ -18,8 +18,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_gpu_check_refuses_without_cuda(tmp_path: Path) -> None:
     report = tmp_path / "gpu.md"
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                          env={**ENV, "GPU_REPORT": str(report), "PYTHON": sys.executable}, timeout=120)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env={**ENV, "GPU_REPORT": str(report), "PYTHON": sys.executable},
+        timeout=120,
+    )
     assert done.returncode == 2 and "no CUDA device" in done.stderr
     assert not report.exists()  # nothing was run or written
 
@@ -27,8 +32,13 @@ def test_gpu_check_refuses_without_cuda(tmp_path: Path) -> None:
 @pytest.mark.slow  # ~20 s: the script imports Pyro, the examples and the package first
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_speed_refuses_cuda_without_cuda() -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cuda", "--tables", ""],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", "cuda", "--tables", ""],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert done.returncode != 0 and "CUDA is not available" in done.stderr
 
 
