@@ -11,11 +11,10 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from checkpoint_v1_fixture import guide, model, options
 
 import pyro_elbo
 from pyro_elbo.train import init, load_checkpoint
-
-from checkpoint_v1_fixture import guide, model, options
 
 FIXTURE = Path(__file__).parent / "data" / "checkpoint_v1.pt"
 
