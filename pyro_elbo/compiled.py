@@ -26,6 +26,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.params import loss_and_params, substituted_params
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -207,25 +208,23 @@ class SVICompiledSteps:
 
     def __init__(self, objective: LossFunction) -> None:
         self.objective = objective
-        self.programs: dict[tuple[int, ...], tuple[CompiledLoss, list[str]] | None] = {}
-        self._alive: dict[tuple[int, ...], tuple[Model, Guide]] = {}  # ids stay unique while cached
+        #: per model/guide pair: the compiled loss (``None``: run eagerly) and its parameter names
+        self.programs = ProgramCache()
 
     def __call__(self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-        key = _program_ids(model, guide)
         store = pyro.get_param_store()
-        if key not in self.programs:  # the first step runs eagerly and names the parameters
+        entry: tuple[CompiledLoss | None, list[str]] | None = self.programs.get(model, guide)
+        if entry is None:  # the first step runs eagerly and names the parameters
             loss, seen = loss_and_params(lambda: self.objective.differentiable_loss(model, guide, *args, **kwargs))
             if loss.requires_grad:
                 loss.backward(retain_graph=bool(self.objective.retain_graph))
             names = list(seen)
             known = all(n in store for n in names)
-            self.programs[key] = (CompiledLoss(self.objective, model, guide), names) if known else None
-            self._alive[key] = (model, guide)
+            self.programs.put(model, guide, (CompiledLoss(self.objective, model, guide) if known else None, names))
             return float(loss.detach())
-        entry = self.programs[key]
-        if entry is None:
-            return None
         compiled, names = entry
+        if compiled is None:
+            return None
         params = {name: store.get_param(name).unconstrained() for name in names}  # type: ignore[attr-defined]
         out = compiled(params, args, kwargs)
         if out is None:
@@ -235,14 +234,6 @@ class SVICompiledSteps:
             param.grad = grad if param.grad is None else param.grad + grad
             pyro.param(name)  # let SVI's parameter trace see it
         return float(loss)
-
-
-def _program_ids(model: Model, guide: Guide) -> tuple[int, ...]:
-    def part(fn: Any) -> tuple[int, int]:
-        owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
-        return (id(owner), id(func)) if owner is not None and func is not None else (id(fn), 0)
-
-    return part(model) + part(guide)
 
 
 def _decide_eagerly(

@@ -317,7 +317,7 @@ class _Run:
             return estimated, "magnitudes"
         with torch.no_grad():
             error = float64_rounding_error(self.model, self.guide, self.args, self.kwargs, num,
-                                           self.max_plate_nesting, self.vectorize)
+                                           self.max_plate_nesting)
         if error is None or not torch.isfinite(error).all():
             return 100 * estimated, "magnitudes (float64 re-evaluation failed)"
         error = error.reshape(error.shape[0], -1)  # fewer rows when particles ran one per run

@@ -32,6 +32,10 @@ class ProgramCache:
         """The value stored for this pair, or ``None``."""
         return self._values.get(self._key(model, guide)[0])
 
+    def values(self) -> list[Any]:
+        """The stored values, one per live model/guide pair."""
+        return list(self._values.values())
+
     def put(self, model: Model, guide: Guide, value: Any) -> None:
         """Store ``value`` for this pair until either program is collected."""
         key, objects = self._key(model, guide)

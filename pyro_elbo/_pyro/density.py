@@ -18,9 +18,7 @@ model), so each data point's chains are independent and are annealed on their ow
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,37 +27,14 @@ import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
+from pyro_elbo._pyro.tracing import plate_nesting, scored_sites
+from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
 CHAIN_PLATE = "_pyro_elbo_chains"
-
-
-@contextlib.contextmanager
-def _forked_rng() -> Iterator[None]:
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-def _scored(trace: Trace) -> Iterator[tuple[str, Any]]:
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            yield name, site
-
-
-def _plate_nesting(*traces: Trace) -> int:
-    dims = [
-        -frame.dim
-        for trace in traces
-        for _, site in _scored(trace)
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.name != CHAIN_PLATE
-    ]
-    return max(dims, default=0)
 
 
 def _chained(fn: Any, num_chains: int, dim: int) -> Any:
@@ -94,19 +69,19 @@ class JointDensity:
     ) -> None:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.num_chains = num_chains
-        with _forked_rng(), torch.no_grad(), poutine.block():
+        with forked_rng(), torch.no_grad(), poutine.block():
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-        self.rank = _plate_nesting(guide_trace, model_trace) + 1
-        self.latents = [name for name, site in _scored(guide_trace)]
+        self.rank = plate_nesting(guide_trace, model_trace) + 1
+        self.latents = [name for name, site in scored_sites(guide_trace, named=True)]
         for name in self.latents:
             if name not in model_trace.nodes:
                 raise ValueError(f"guide site '{name}' is not a sample site of the model")
-        for name, site in _scored(model_trace):
+        for name, site in scored_sites(model_trace, named=True):
             if not site["is_observed"] and name not in guide_trace.nodes:
                 raise ValueError(f"model latent site '{name}' has no guide site")
         frames = _common_frames(model_trace, guide_trace)
-        for frame in {f.name: f for t in (model_trace, guide_trace) for _, s in _scored(t)
+        for frame in {f.name: f for t in (model_trace, guide_trace) for _, s in scored_sites(t, named=True)
                       for f in s["cond_indep_stack"]}.values():
             if frame.full_size not in (None, frame.size):
                 raise ValueError(
@@ -117,7 +92,7 @@ class JointDensity:
         self._batch_dims = {self.rank + frame.dim: frame.size for frame in frames}  # positive dims
         self.batch_shape = tuple(self._batch_dims[d] for d in sorted(self._batch_dims))
         num_points = math.prod(self.batch_shape)
-        obs = [site for _, site in _scored(model_trace) if site["is_observed"]]
+        obs = [site for _, site in scored_sites(model_trace, named=True) if site["is_observed"]]
         dims = sum(site["value"].numel() for site in obs)
         self.observed = Observed(dims // max(num_points, 1), bool(obs) and all(s["fn"].support.is_discrete for s in obs))
         self.transforms: dict[str, Any] = {}
@@ -189,7 +164,7 @@ class JointDensity:
         model = _chained(poutine.condition(self.model, data=z), self.num_chains, -self.rank)
         model_trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
         log_q = self._total(guide_trace, self.latents)
-        log_p = self._total(model_trace, [name for name, _ in _scored(model_trace)])
+        log_p = self._total(model_trace, [name for name, _ in scored_sites(model_trace, named=True)])
         assert log_det is not None
         return log_p, log_q, log_det
 
@@ -210,7 +185,7 @@ class JointDensity:
 def _common_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
     common: dict[str, Any] | None = None
     for trace in (model_trace, guide_trace):
-        for _, site in _scored(trace):
+        for _, site in scored_sites(trace, named=True):
             frames = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
             common = frames if common is None else {k: v for k, v in common.items() if k in frames}
     return tuple(sorted((common or {}).values(), key=lambda frame: frame.dim))
@@ -224,12 +199,12 @@ def simulate(
     observations)``, each keyed by site name."""
     with torch.no_grad():
         trace = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
-        with _forked_rng(), poutine.block():
+        with forked_rng(), poutine.block():
             plain = poutine.trace(model).get_trace(*args, **kwargs)
     latents: dict[str, Tensor] = {}
     observed: dict[str, Tensor] = {}
     original: dict[str, Tensor] = {}
-    for name, site in _scored(trace):
+    for name, site in scored_sites(trace, named=True):
         if plain.nodes[name]["is_observed"]:
             observed[name] = site["value"].detach()
             original[name] = plain.nodes[name]["value"]  # type: ignore[assignment]

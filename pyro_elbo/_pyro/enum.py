@@ -38,23 +38,17 @@ from pyro.infer.discrete import infer_discrete
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import prune_subsample_sites
 from torch import Tensor
 
-if TYPE_CHECKING:  # the owner of reduce.py may move it; only its interface is used here
+from pyro_elbo._pyro._sites import sample_sites
+
+if TYPE_CHECKING:  # only its interface is used here
     from pyro_elbo._pyro.reduce import Reducer
 
 #: prefix of the ``site_log_p`` key that holds the marginal of the enumerated sites and every site
 #: whose density depends on them (their names follow, joined by ``+``).
 MARGINAL_PREFIX = "enumerated:"
-
-
-def _sample_sites(trace: Trace) -> dict[str, Any]:
-    return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site_is_subsample(site)
-    }
 
 
 def enumerated_sites(model_trace: Trace, guide_trace: Trace) -> tuple[str, ...]:
@@ -67,7 +61,7 @@ def enumerated_sites(model_trace: Trace, guide_trace: Trace) -> tuple[str, ...]:
         NotImplementedError: a guide site is marked for enumeration, or a model site for
             ``"sequential"`` enumeration.
     """
-    for name, site in _sample_sites(guide_trace).items():
+    for name, site in sample_sites(guide_trace).items():
         if site["infer"].get("enumerate") and not site["is_observed"]:
             raise NotImplementedError(
                 f"Guide site '{name}' is marked for enumeration ({site['infer']['enumerate']!r}); pyro_elbo "
@@ -75,7 +69,7 @@ def enumerated_sites(model_trace: Trace, guide_trace: Trace) -> tuple[str, ...]:
                 "infer={'enumerate': 'parallel'} in the model) or drop the mark to sample it."
             )
     found = []
-    for name, site in _sample_sites(model_trace).items():
+    for name, site in sample_sites(model_trace).items():
         how = site["infer"].get("enumerate")
         if not how or site["is_observed"] or name in guide_trace.nodes:
             continue
@@ -161,7 +155,7 @@ def aligned_log_p(
         sites and the sites whose density depends on them. ``sum(reducer.reduce(t))`` over the
         values is :math:`\\log p(x, z)` with the enumerated sites marginalized.
     """
-    sites = _sample_sites(enum_trace)
+    sites = sample_sites(enum_trace)
     enum_names = [
         name for name, site in sites.items()
         if name not in guide_trace.nodes and site["infer"].get("_enumerate_dim") is not None

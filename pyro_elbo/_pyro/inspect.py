@@ -188,18 +188,15 @@ def float64_rounding_error(
     kwargs: dict[str, Any],
     num_particles: int,
     max_plate_nesting: int,
-    vectorize_particles: bool | str = "auto",
 ) -> Tensor | None:
     """``[K, *B]`` rounding error of ``K`` log-weights: the working-dtype value minus the value
     re-evaluated in float64 at the same guide draws (parameters, data and draws upcast).
 
     The draws are recorded and replayed by site name, which identifies a draw only within one run
     of the program: so the ``K`` particles are drawn in one particle plate, or, for a model that
-    cannot take one, one particle per run (at most 16 runs). ``vectorize_particles`` is accepted
-    for symmetry with :func:`log_weights` and does not change this.
+    cannot take one, one particle per run (at most 16 runs), whatever path the log-weights took.
 
     ``None`` if the program cannot run in float64 (e.g. an ``nn.Module`` with float32 weights)."""
-    del vectorize_particles  # replay needs one draw per site and run: plate, or single particles
     with forked_rng():
         try:
             return _rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting)

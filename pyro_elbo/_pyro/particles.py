@@ -24,7 +24,7 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import pyro
 import torch
@@ -34,16 +34,11 @@ from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
-Path = Literal["plate", "vmap", "sequential"]
 PATHS: tuple[str, ...] = ("auto", "plate", "vmap", "sequential")
 
 
 class ParticlePathWarning(UserWarning):
     """The model cannot take a particle plate; particles are drawn another way (said once)."""
-
-
-class ParticlePathError(ValueError):
-    """A path that was asked for explicitly cannot run the model."""
 
 
 def normalize(mode: bool | str) -> str:
