@@ -26,16 +26,20 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyro_elbo._inductor import compile_graph
 from pyro_elbo._pyro.cache import ProgramCache
+from pyro_elbo._pyro.capture import (
+    CaptureError,
+    check_no_baked_parameters,
+    module_parameter_slots,
+    slots_replaced,
+    trace_step,
+)
 from pyro_elbo._pyro.params import loss_and_params, substituted_params
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
 Signature = tuple[Any, ...]
-
-
-class CaptureError(RuntimeError):
-    """The model/guide could not be captured as one graph."""
 
 
 class LossFunction(Protocol):
@@ -143,8 +147,6 @@ class CompiledLoss:
         kwargs: dict[str, Any],
         adam_inputs: list[Tensor] | None,
     ) -> Callable[..., Any]:
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         self._captured_cudagraphs = False
         tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         objective, model, guide = self.objective, self.model, self.guide
@@ -160,7 +162,7 @@ class CompiledLoss:
             call_args = list(args)
             for position, tensor in zip(tensor_positions, flat[num_params : num_params + num_data]):
                 call_args[position] = tensor
-            with substituted_params(inputs), _slots_replaced(slots, inputs):
+            with substituted_params(inputs), slots_replaced(slots, inputs):
                 loss = objective.differentiable_loss(model, guide, *call_args, **kwargs)
             wanted = list(inputs.values())
             raw = torch.autograd.grad(loss, wanted, allow_unused=True)
@@ -173,29 +175,12 @@ class CompiledLoss:
 
         inputs = [args[i] for i in tensor_positions] + list(adam_inputs or [])
         example = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()] + inputs
-        try:
-            with pyro.validation_enabled(False), _no_distribution_validation():
-                graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
-        except Exception as error:
-            raise CaptureError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
-        _check_no_baked_parameters(graph, params)
-        if self.backend == "eager":
-            return graph
-        if self.backend == "inductor":
-            real = [p.detach() for p in params.values()] + inputs
-            # CUDA graphs (inductor's cudagraph trees, what mode="reduce-overhead" turns on) on CUDA:
-            # one launch per step instead of one per kernel. Untested on a GPU in this repository's CI.
-            cuda = all(t.device.type == "cuda" for t in real)
-            try:  # inductor on the captured graph directly: no Dynamo guards on every call
-                from torch._inductor.compile_fx import compile_fx
-
-                patches = {"triton.cudagraphs": True} if cuda else {}
-                compiled: Callable[..., Any] = compile_fx(graph, real, config_patches=patches)  # type: ignore[assignment]
-                self._captured_cudagraphs = cuda
-                return compiled
-            except Exception:  # a private API: fall back to the public entry point
-                pass
-        return torch.compile(graph, backend=self.backend, dynamic=False)
+        graph = trace_step(step, example)
+        check_no_baked_parameters(graph, params)
+        compiled, self._captured_cudagraphs = compile_graph(
+            graph, [p.detach() for p in params.values()] + inputs, self.backend
+        )
+        return compiled
 
 
 class SVICompiledSteps:
@@ -330,17 +315,6 @@ def adam_step(
     return float(loss), ok
 
 
-class _no_distribution_validation:
-    """Distribution argument checks are data-dependent branches: off while capturing."""
-
-    def __enter__(self) -> None:
-        self.previous = torch.distributions.Distribution._validate_args
-        torch.distributions.Distribution.set_default_validate_args(False)
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.distributions.Distribution.set_default_validate_args(self.previous)
-
-
 def _signature(params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
     def describe(value: Any) -> Any:
         if isinstance(value, Tensor):
@@ -354,70 +328,3 @@ def _signature(params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[st
         tuple(describe(a) for a in args),
         tuple(sorted((k, describe(v)) for k, v in kwargs.items())),
     )
-
-
-def module_parameter_slots(
-    programs: tuple[Any, ...], params: dict[str, Tensor]
-) -> list[tuple[torch.nn.Module, str, str]]:
-    """``(module, attribute, parameter name)`` for every parameter of ``params`` held by a module
-    that model or guide is a method of (a ``PyroModule`` with ``@pyro_method`` programs).
-
-    Such a module's ``nn.Parameter`` read in the method itself, outside any ``forward``, reaches
-    neither the ``pyro.param`` handler (``PyroModule`` returns the attribute, not the statement's
-    value) nor the module forward hooks; the capture puts its input in the slot instead."""
-    by_id = {id(t): name for name, t in params.items()}
-    slots = []
-    seen: set[int] = set()
-    for program in programs:
-        owner = getattr(program, "__self__", program)
-        if not isinstance(owner, torch.nn.Module):
-            continue
-        for module in owner.modules():
-            for attribute, param in module._parameters.items():
-                if param is not None and id(param) in by_id and id(param) not in seen:
-                    seen.add(id(param))
-                    slots.append((module, attribute, by_id[id(param)]))
-    return slots
-
-
-class _slots_replaced:
-    """Put each slot's replacement (by parameter name) in its module for the duration."""
-
-    def __init__(self, slots: list[tuple[torch.nn.Module, str, str]], values: dict[str, Tensor]) -> None:
-        self.slots, self.values = slots, values
-
-    def __enter__(self) -> None:
-        self.originals = [(module, attribute, module._parameters[attribute]) for module, attribute, _ in self.slots]
-        for module, attribute, name in self.slots:
-            module._parameters[attribute] = self.values[name]  # type: ignore[assignment]
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, attribute, original in self.originals:
-            module._parameters[attribute] = original
-
-
-def _check_no_baked_parameters(graph: torch.fx.GraphModule, params: dict[str, Tensor] | None = None) -> None:
-    """A trainable tensor captured as a constant would silently stop training: refuse, naming
-    the parameter when it is one the step updates."""
-    names = {_storage(t): name for name, t in (params or {}).items() if t.numel()}
-    for _, param in graph.named_parameters():
-        if param.numel() and _storage(param) in names:
-            raise CaptureError(
-                f"the parameter '{names[_storage(param)]}' is read where the capture cannot replace it (outside "
-                "a pyro.param statement and a module's forward) and would be baked in as a constant"
-            )
-    for name, value in graph.named_buffers():
-        if value.requires_grad:
-            raise CaptureError(f"a trainable tensor ({name}) was captured as a constant; register it with pyro.module")
-    for name in dir(graph):
-        if name.startswith("_tensor_constant"):
-            value = getattr(graph, name)
-            if isinstance(value, Tensor) and value.requires_grad:
-                raise CaptureError(
-                    "a trainable tensor not known to the param store was captured as a constant; register "
-                    "its module with pyro.module (or use a PyroModule)"
-                )
-
-
-def _storage(tensor: Tensor) -> tuple[str, int]:
-    return (str(tensor.device), tensor.untyped_storage().data_ptr())

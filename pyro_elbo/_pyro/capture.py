@@ -1,0 +1,116 @@
+"""Tracing one training step of a Pyro program into an FX graph, and the checks on that graph.
+
+:func:`trace_step` runs a step function under ``make_fx(tracing_mode="fake")`` with Pyro's and
+``torch.distributions``' argument validation off (data-dependent branches), and turns a failure
+into a :class:`CaptureError` that says why. The step function reads each parameter from a
+function input: through :func:`~pyro_elbo._pyro.params.substituted_params` for ``pyro.param``
+statements, and through :func:`module_parameter_slots` for ``nn.Parameter`` attributes a
+``PyroModule`` method reads directly. :func:`check_no_baked_parameters` refuses a graph in which
+a trainable tensor became a constant (it would silently stop training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from torch import Tensor
+
+
+def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -> torch.fx.GraphModule:
+    """``step`` traced on fake copies of ``example`` (shapes, dtypes, devices) into an FX graph.
+
+    Raises:
+        CaptureError: the trace failed (``.item()``, a tensor-valued ``if``, data-dependent shapes...).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    try:
+        with pyro.validation_enabled(False), _no_distribution_validation():
+            return make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+    except Exception as error:
+        raise CaptureError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+
+
+class CaptureError(RuntimeError):
+    """The model/guide could not be captured as one graph."""
+
+
+class _no_distribution_validation:
+    """Distribution argument checks are data-dependent branches: off while capturing."""
+
+    def __enter__(self) -> None:
+        self.previous = torch.distributions.Distribution._validate_args
+        torch.distributions.Distribution.set_default_validate_args(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.distributions.Distribution.set_default_validate_args(self.previous)
+
+
+def module_parameter_slots(
+    programs: tuple[Any, ...], params: dict[str, Tensor]
+) -> list[tuple[torch.nn.Module, str, str]]:
+    """``(module, attribute, parameter name)`` for every parameter of ``params`` held by a module
+    that model or guide is a method of (a ``PyroModule`` with ``@pyro_method`` programs).
+
+    Such a module's ``nn.Parameter`` read in the method itself, outside any ``forward``, reaches
+    neither the ``pyro.param`` handler (``PyroModule`` returns the attribute, not the statement's
+    value) nor the module forward hooks; the capture puts its input in the slot instead."""
+    by_id = {id(t): name for name, t in params.items()}
+    slots = []
+    seen: set[int] = set()
+    for program in programs:
+        owner = getattr(program, "__self__", program)
+        if not isinstance(owner, torch.nn.Module):
+            continue
+        for module in owner.modules():
+            for attribute, param in module._parameters.items():
+                if param is not None and id(param) in by_id and id(param) not in seen:
+                    seen.add(id(param))
+                    slots.append((module, attribute, by_id[id(param)]))
+    return slots
+
+
+class slots_replaced:
+    """Put each slot's replacement (by parameter name) in its module for the duration."""
+
+    def __init__(self, slots: list[tuple[torch.nn.Module, str, str]], values: dict[str, Tensor]) -> None:
+        self.slots, self.values = slots, values
+
+    def __enter__(self) -> None:
+        self.originals = [(module, attribute, module._parameters[attribute]) for module, attribute, _ in self.slots]
+        for module, attribute, name in self.slots:
+            module._parameters[attribute] = self.values[name]  # type: ignore[assignment]
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, attribute, original in self.originals:
+            module._parameters[attribute] = original
+
+
+def check_no_baked_parameters(graph: torch.fx.GraphModule, params: dict[str, Tensor] | None = None) -> None:
+    """A trainable tensor captured as a constant would silently stop training: refuse, naming
+    the parameter when it is one the step updates."""
+    names = {_storage(t): name for name, t in (params or {}).items() if t.numel()}
+    for _, param in graph.named_parameters():
+        if param.numel() and _storage(param) in names:
+            raise CaptureError(
+                f"the parameter '{names[_storage(param)]}' is read where the capture cannot replace it (outside "
+                "a pyro.param statement and a module's forward) and would be baked in as a constant"
+            )
+    for name, value in graph.named_buffers():
+        if value.requires_grad:
+            raise CaptureError(f"a trainable tensor ({name}) was captured as a constant; register it with pyro.module")
+    for name in dir(graph):
+        if name.startswith("_tensor_constant"):
+            value = getattr(graph, name)
+            if isinstance(value, Tensor) and value.requires_grad:
+                raise CaptureError(
+                    "a trainable tensor not known to the param store was captured as a constant; register "
+                    "its module with pyro.module (or use a PyroModule)"
+                )
+
+
+def _storage(tensor: Tensor) -> tuple[str, int]:
+    return (str(tensor.device), tensor.untyped_storage().data_ptr())
