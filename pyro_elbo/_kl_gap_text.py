@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pyro_elbo.kl_gap import KLGapReport
+    from pyro_elbo.kl_gap import KLGapReport, SimulatedGap
 
 MEANING = ("(each end: its bound -/+ 2 standard errors and the noise floor; unless a warning below says "
            "otherwise, the truth lies inside in about 95% of runs)")
@@ -64,7 +64,51 @@ def report_text(report: KLGapReport) -> str:
                      "no per-site share")
     for message in report.warnings:
         lines.append(f"  warning: {message}")
+    if report.simulated is not None:
+        lines.extend(simulated_text(report.simulated))
     return "\n".join(lines)
+
+
+def _pair(lo: float, hi: float) -> str:
+    return f"[{lo:.4f}, {hi:.4f}]"
+
+
+def simulated_text(sim: SimulatedGap) -> list[str]:
+    """The BDMC section: the bracket on simulated data, split into q's KL and looseness."""
+    s, r = sim.sandwich, sim.report
+    fwd, rev = s.forward, s.reverse
+    steps = 0 if fwd.step_size is None else fwd.step_size.shape[0]
+    accept = "" if fwd.acceptance_rate is None else f", acceptance {float(fwd.acceptance_rate.mean()):.2f}"
+    gap_lo, gap_hi = r.gap_lower.value, r.gap_upper.value
+    share_lo, share_hi = sim.q_share
+    share = "" if math.isnan(share_lo) else f": q is {100 * share_lo:.0f}% to {100 * share_hi:.0f}% of it"
+    lines = [
+        "",
+        "On data simulated from the model (z* ~ p(z), x* ~ p(x | z*) at the current parameters), where",
+        "BDMC sandwiches the true log p(x*) (Grosse et al. 2015):",
+        f"  BDMC        {fwd.num_particles} chains x {steps} steps each way{accept}; width {s.width:.4f} nats",
+        f"  log p(x*)   in [{s.lower}, {s.upper}]",
+        f"  ELBO(x*)    {r.elbo}",
+        f"  KL(q || p(z | x*))   in {_pair(*sim.kl_interval)}   (q's part: how far q is from this posterior)",
+        f"  kl_gap's bracket on x*: KL in [{gap_lo:.4f}, {gap_hi:.4f}] (IWAE_{max(r.iwae)} - ELBO, CUBO_2 - ELBO), "
+        f"width {gap_hi - gap_lo:.4f}",
+        f"    IWAE_{max(r.iwae)} shortfall (log p - IWAE) in {_pair(*sim.iwae_shortfall_interval)}   "
+        "(estimator looseness)",
+        f"    CUBO_2 excess (CUBO - log p)   in {_pair(*sim.cubo_excess_interval)}   (estimator looseness)",
+        f"    the width is shortfall + excess; the upper end {gap_hi:.4f} is KL + excess{share}",
+    ]
+    if sim.cubo_excess_interval[1] < 0:
+        lines.append("    CUBO_2 is below log p(x*) here: its estimate is biased low (heavy-tailed weights)")
+    if s.width > max(gap_hi - gap_lo, 0.0):
+        lines.append("    the sandwich is wider than the bracket: BDMC cannot split it (more chains or steps)")
+    lines.append(f"  simulated verdict  {r.verdict}")
+    lines.append("  caution: this is a statement about data the model generates; it speaks for the real data only")
+    lines.append("  insofar as the model fits them (check that first, e.g. with posterior predictive checks).")
+    if not sim.guide_sees_data:
+        lines.append("  The guide does not take the data as an argument: on x* it is the q fit to the real data, not a")
+        lines.append("  guide for x*, so its KL on x* is not its KL on x; what carries over is how loose IWAE and")
+        lines.append("  CUBO are for a q this far from the posterior.")
+    return lines
 
 
 def report_plot(report: KLGapReport, ax: Any = None) -> Any:

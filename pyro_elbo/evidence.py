@@ -312,6 +312,57 @@ class Sandwich:
         )
 
 
+@dataclass(frozen=True)
+class Simulated:
+    """Data simulated from the model, ready to score.
+
+    Attributes:
+        model: the model with its observed sites conditioned on :math:`x^*`.
+        args, kwargs: the model's (and guide's) arguments with the data replaced by :math:`x^*`.
+        latents: :math:`z^*`, by site (an exact draw from :math:`p(z \\mid x^*)`).
+        observed: :math:`x^*`, by site.
+        guide_sees_data: whether any argument changed, i.e. whether a guide that reads its
+            arguments (an amortized guide) sees :math:`x^*` rather than the real data.
+    """
+
+    model: Model
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    latents: dict[str, Tensor] = field(repr=False)
+    observed: dict[str, Tensor] = field(repr=False)
+    guide_sees_data: bool
+
+
+def simulate_data(
+    model: Model,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    simulate_args: Callable[[dict[str, Tensor]], tuple[Any, ...]] | None = None,
+) -> Simulated:
+    """Draw :math:`(z^*, x^*) \\sim p(z)\\,p(x \\mid z)` at the current parameters and swap
+    :math:`x^*` in for the data: every positional or keyword argument that *is* (the same tensor
+    object as) an observed site's ``obs``, or the positional arguments ``simulate_args(x*)``."""
+    latents, observed, original = simulate(model, args, kwargs)
+    if simulate_args is not None:
+        new_args, new_kwargs = tuple(simulate_args(observed)), dict(kwargs)
+    else:
+        swap = {id(original[name]): observed[name] for name in observed}
+        new_args = tuple(swap.get(id(a), a) for a in args)
+        new_kwargs = {k: swap.get(id(v), v) for k, v in kwargs.items()}
+    changed = simulate_args is not None or any(a is not b for a, b in zip(args, new_args)) or any(
+        new_kwargs[k] is not v for k, v in kwargs.items())
+    return Simulated(conditioned(model, observed), new_args, new_kwargs, latents, observed, changed)
+
+
+def check_bdmc(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise the error BDMC would raise (a discrete latent, a subsampled plate, a latent without a
+    guide site; each named) at the cost of one guide and model run."""
+    density = JointDensity(model, guide, args, kwargs, 1)
+    density.sample()
+    if density.deltas:  # the reverse chains need the guide's variables at z*: check they are known
+        density.unconstrain(simulate(model, args, kwargs)[0])
+
+
 def bdmc(
     model: Model,
     guide: Guide,
@@ -330,8 +381,9 @@ def bdmc(
     forward AIS from the guide on :math:`x^*` (:math:`\\mathbb{E}\\log\\hat p \\le \\log p(x^*)`)
     and reverse AIS from the exact posterior draw :math:`z^*` (an unbiased estimate of
     :math:`1/p(x^*)`, so :math:`\\mathbb{E}[-\\log \\widehat{1/p}] \\ge \\log p(x^*)`). The true
-    value lies in ``[lower, upper]`` up to Monte Carlo error, and so does the guide's KL gap
-    :math:`\\log p(x^*) - \\mathrm{ELBO}`. The reverse run uses the forward run's tuned step sizes.
+    value lies in ``[lower, upper]`` up to Monte Carlo error, and so the guide's KL gap
+    :math:`\\log p(x^*) - \\mathrm{ELBO}` lies in ``[lower - ELBO, upper - ELBO]``
+    (``kl_gap(..., bdmc=True)`` reports it). The reverse run uses the forward run's tuned step sizes.
 
     The guide must see :math:`x^*`: every positional or keyword argument that *is* (the same
     tensor object as) an observed site's ``obs`` is replaced by the simulated value; otherwise
@@ -346,30 +398,33 @@ def bdmc(
     Returns:
         A :class:`Sandwich` with ``lower``, ``upper``, ``width`` and the simulated data.
 
+    Raises:
+        ValueError: on an unknown transition, a discrete latent site or a subsampled plate (named).
+
     References:
         | Sandwiching the marginal likelihood using bidirectional Monte Carlo (Grosse et al., 2015)
         | https://arxiv.org/abs/1511.02543
         | On the Quantitative Analysis of Decoder-Based Generative Models (Wu et al., 2017)
         | https://arxiv.org/abs/1611.04273
     """
+    sim = simulate_data(model, args, kwargs, simulate_args)
+    return sandwich(sim, guide, num_chains=num_chains, num_steps=num_steps, transition=transition,
+                    num_leapfrog=num_leapfrog, step_size=step_size)
+
+
+def sandwich(sim: Simulated, guide: Guide, *, num_chains: int = 16, num_steps: int = 100, num_leapfrog: int = 5,
+             transition: str = "hmc", step_size: float = 0.5) -> Sandwich:
+    """Forward and reverse AIS on simulated data (see :func:`bdmc`)."""
     if transition not in TRANSITIONS:
         raise ValueError(f"unknown transition {transition!r}; choose from {tuple(TRANSITIONS)}")
-    latents, observed, original = simulate(model, args, kwargs)
-    if simulate_args is not None:
-        new_args, new_kwargs = tuple(simulate_args(observed)), dict(kwargs)
-    else:
-        swap = {id(original[name]): observed[name] for name in observed}
-        new_args = tuple(swap.get(id(a), a) for a in args)
-        new_kwargs = {k: swap.get(id(v), v) for k, v in kwargs.items()}
-    sim_model = conditioned(model, observed)
     leapfrog = 1 if transition == "mala" else num_leapfrog
     forward, scale, steps = _ais(
-        sim_model, guide, new_args, new_kwargs, num_particles=num_chains, chunk_size=num_chains,
+        sim.model, guide, sim.args, sim.kwargs, num_particles=num_chains, chunk_size=num_chains,
         num_steps=num_steps, num_leapfrog=leapfrog, target_accept=TRANSITIONS[transition],
         step_size=step_size, num_pilot_chains=max(2, num_chains // 4),
     )
-    target = JointDensity(sim_model, guide, new_args, new_kwargs, num_chains)
-    u0 = target.unconstrain(latents)
+    target = JointDensity(sim.model, guide, sim.args, sim.kwargs, num_chains)
+    u0 = target.unconstrain(sim.latents)
     betas = ais.sigmoid_schedule(num_steps).flip(0)
     reverse_steps = torch.cat([steps.flip(0)[1:], steps[:1]])  # the step size of each target beta
     run = ais.anneal(target, u0, betas, reverse_steps, scale, num_leapfrog=leapfrog)
@@ -378,4 +433,4 @@ def bdmc(
         num_chains * run.num_evals, target.observed, acceptance_rate=run.acceptance.mean(0).reshape(-1),
         step_size=run.step_size.reshape(num_steps, -1),
     )
-    return Sandwich(forward.total, reverse.total, forward, reverse, latents, observed)
+    return Sandwich(forward.total, reverse.total, forward, reverse, sim.latents, sim.observed)

@@ -12,6 +12,10 @@ bound, so
 in expectation. Every number comes with a Monte Carlo standard error; the printed intervals are
 the bounds widened by two standard errors and by the floating-point noise floor, and the verdict
 says whether the importance-sampling numbers (IWAE, CUBO) can be trusted at all.
+
+With ``bdmc=True`` the report adds the same bracket on data simulated from the model, where BDMC
+(Grosse et al., 2015) sandwiches the true :math:`\\log p(x^*)` and so tells how much of the
+bracket is q's KL and how much the estimators' looseness (:class:`SimulatedGap`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pyro_elbo import evidence
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.enum import MARGINAL_PREFIX
 from pyro_elbo._pyro.inspect import SiteShares, float64_rounding_error, raise_if_nonfinite_observed, site_shares
@@ -69,6 +75,8 @@ class KLGapReport:
         resolvable: whether the upper end of the bracket exceeds the noise floor.
         reliable: k̂ < 0.7 and ESS >= ``MIN_ESS``: IWAE and CUBO and their errors can be trusted.
         verdict: one line; warnings: why parts of the report should not be trusted.
+        simulated: with ``bdmc``, the bracket on data simulated from the model, split into q's KL
+            and the estimators' looseness by a BDMC sandwich (:class:`SimulatedGap`).
     """
 
     num_particles: int
@@ -86,6 +94,7 @@ class KLGapReport:
     joint_sites: dict[str, list[str]] = field(default_factory=dict)
     verdict: str = ""
     warnings: list[str] = field(default_factory=list)
+    simulated: SimulatedGap | None = None
 
     @property
     def gap_lower(self) -> Estimate:
@@ -140,6 +149,7 @@ def kl_gap(
     vectorize_particles: bool | str = "auto",
     per_site: bool = True,
     max_seconds: float = 3600.0,
+    bdmc: bool | Mapping[str, Any] = False,
     **kwargs: Any,
 ) -> KLGapReport:
     """Bracket :math:`\\log p(x)` and :math:`\\mathrm{KL}(q \\,\\|\\, p(z\\mid x))` from both sides.
@@ -164,13 +174,22 @@ def kl_gap(
         ladder: the K of the IWAE ladder (default 1, 10, 100, ... up to S).
         per_site: also compute k̂ per latent site (one dependency analysis of model and guide).
         max_seconds: refuse a run estimated to take longer.
+        bdmc: also simulate :math:`(z^*, x^*)` from the model at the current parameters, bracket
+            :math:`\\log p(x^*)` by BDMC, and rerun this report on :math:`x^*` (same particles),
+            to split its bracket into q's KL and the estimators' looseness (``report.simulated``,
+            see :class:`SimulatedGap`). ``True``, or a dict of options for
+            :func:`~pyro_elbo.evidence.bdmc`: ``num_chains`` (16), ``num_steps`` (100),
+            ``num_leapfrog`` (5), ``transition`` (``"hmc"``/``"mala"``), ``step_size`` (0.5),
+            ``simulate_args`` (``{site: x*} -> args``, when the data are not passed as the
+            observed tensors themselves). Costs about twice the report plus the AIS runs.
 
     Returns:
         A :class:`KLGapReport`; ``print(report)`` shows a table and ``report.plot()`` a figure.
 
     Raises:
         ValueError: observed data with ``inf``/``nan`` (names the site), a subsampled plate, or a
-            run that would exceed the memory or ``max_seconds``.
+            run that would exceed the memory or ``max_seconds``; with ``bdmc``, an unknown option,
+            or a model BDMC cannot anneal (a discrete or enumerated latent site, named).
 
     References:
         | Importance Weighted Autoencoders (Burda et al., 2016) https://arxiv.org/abs/1509.00519
@@ -178,12 +197,15 @@ def kl_gap(
         | https://arxiv.org/abs/1611.00328
         | Yes, but Did It Work?: Evaluating Variational Inference (Yao et al., 2018)
         | https://arxiv.org/abs/1802.02538
+        | Sandwiching the marginal likelihood using bidirectional Monte Carlo (Grosse et al., 2015)
+        | https://arxiv.org/abs/1511.02543
     """
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
         raise ValueError(f"kl_gap needs an integer num_particles >= 2, got {num_particles!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="kl_gap")
+    bdmc_options = _bdmc_options(bdmc, model, guide, args, kwargs)
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
     shares = site_shares(model, guide, args, kwargs) if per_site else None
@@ -215,7 +237,109 @@ def kl_gap(
         joint_sites=dict(shares.joint) if shares is not None else {},
     )
     report.verdict, report.warnings = assess(report)
+    if bdmc_options is not None:
+        again = dict(num_particles=num_particles, chunk_size=chunk_size, ladder=ladder, vectorize_particles=vectorize_particles,
+                     max_plate_nesting=max_plate_nesting, max_seconds=max_seconds)
+        report.simulated = _simulated_gap(model, guide, args, kwargs, bdmc_options, again)
     return report
+
+
+@dataclass(frozen=True)
+class SimulatedGap:
+    """The KL-gap report on data simulated from the model, where BDMC knows :math:`\\log p(x^*)`.
+
+    Draw :math:`z^* \\sim p(z)`, :math:`x^* \\sim p(x \\mid z^*)`: then :math:`z^*` is an exact
+    draw from :math:`p(z \\mid x^*)`, so reverse AIS started at it gives a stochastic upper bound
+    ``U`` and forward AIS from q a stochastic lower bound ``L`` of :math:`\\log p(x^*)` (BDMC).
+    With the report's own estimates on :math:`x^*`, ``E`` (ELBO), ``I`` (:math:`\\mathrm{IWAE}_K`,
+    largest K) and ``C`` (:math:`\\mathrm{CUBO}_2`), and :math:`\\log p = E + \\mathrm{KL}`:
+
+    .. math::
+
+        \\mathrm{KL}(q \\,\\|\\, p(z \\mid x^*)) &\\in [L - E,\\; U - E] && \\text{(q's part)} \\\\
+        \\log p(x^*) - I &\\in [L - I,\\; U - I] && \\text{(IWAE's shortfall)} \\\\
+        C - \\log p(x^*) &\\in [C - U,\\; C - L] && \\text{(CUBO's excess)}
+
+    The report's bracket :math:`[I - E, C - E]` is KL minus the shortfall to KL plus the excess:
+    its width is all looseness (shortfall + excess), and its upper end is KL (q) + excess (CUBO).
+    Intervals are widened by two standard errors (BDMC's and the report's, independent) and the
+    noise floor; the KL interval is clipped at 0. This speaks about data the model generates: for
+    the real data only insofar as the model fits them, and for a guide that does not read the data
+    (``guide_sees_data`` false) q on :math:`x^*` is the guide fit to x, not a guide for :math:`x^*`.
+
+    Attributes:
+        sandwich: the BDMC run (``lower``, ``upper``, the simulated data).
+        report: :func:`kl_gap` on :math:`x^*`, with the same particles.
+        guide_sees_data: whether the guide's arguments were replaced by :math:`x^*`.
+
+    References:
+        | Sandwiching the marginal likelihood using bidirectional Monte Carlo (Grosse et al., 2015)
+        | https://arxiv.org/abs/1511.02543
+    """
+
+    sandwich: evidence.Sandwich
+    report: KLGapReport
+    guide_sees_data: bool
+
+    def _between(self, lo: Estimate, hi: Estimate) -> tuple[float, float]:
+        floor = self.report.noise_floor
+        return lo.value - Z * lo.se - floor, hi.value + Z * hi.se + floor
+
+    @property
+    def kl_interval(self) -> tuple[float, float]:
+        """Where KL(q || p(z | x*)) lies: ``[L - E, U - E]`` widened, clipped at 0."""
+        lo, hi = self._between(self.sandwich.lower - self.report.elbo, self.sandwich.upper - self.report.elbo)
+        return max(0.0, lo), max(0.0, hi)
+
+    @property
+    def iwae_shortfall_interval(self) -> tuple[float, float]:
+        """Where ``log p(x*) - IWAE_K`` lies (K the largest of the ladder): ``[L - I, U - I]`` widened."""
+        top = self.report.iwae[max(self.report.iwae)]
+        return self._between(self.sandwich.lower - top, self.sandwich.upper - top)
+
+    @property
+    def cubo_excess_interval(self) -> tuple[float, float]:
+        """Where ``CUBO_2 - log p(x*)`` lies: ``[C - U, C - L]`` widened (below 0: CUBO biased low)."""
+        return self._between(self.report.cubo - self.sandwich.upper, self.report.cubo - self.sandwich.lower)
+
+    @property
+    def q_share(self) -> tuple[float, float]:
+        """The fraction of the bracket's upper end ``C - E`` that is q's KL, from ``kl_interval``
+        (clipped to [0, 1]; nan when ``C - E <= 0``)."""
+        top = self.report.gap_upper.value
+        if top <= 0:
+            return math.nan, math.nan
+        lo, hi = self.kl_interval
+        return min(1.0, lo / top), min(1.0, hi / top)
+
+
+BDMC_OPTIONS = ("num_chains", "num_steps", "num_leapfrog", "transition", "step_size", "simulate_args")
+
+
+def _bdmc_options(bdmc: bool | Mapping[str, Any], model: Model, guide: Guide, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The BDMC options, or None; refuses (before the long run) what BDMC cannot anneal."""
+    if bdmc is False:
+        return None
+    options = {} if bdmc is True else dict(bdmc)
+    unknown = sorted(set(options) - set(BDMC_OPTIONS))
+    if unknown:
+        raise ValueError(f"kl_gap(bdmc=...): unknown option(s) {unknown}; choose from {BDMC_OPTIONS}")
+    try:
+        evidence.check_bdmc(model, guide, args, kwargs)
+    except ValueError as error:
+        raise ValueError(f"kl_gap(bdmc=...) cannot run BDMC: {error}") from error
+    return options
+
+
+def _simulated_gap(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   options: dict[str, Any], again: dict[str, Any]) -> SimulatedGap:
+    """Simulate x*, sandwich log p(x*) by BDMC, and rerun the report on x*."""
+    options = dict(options)
+    sim = evidence.simulate_data(model, args, kwargs, options.pop("simulate_args", None))
+    sandwich = evidence.sandwich(sim, guide, **options)
+    report = kl_gap(sim.model, guide, *sim.args, per_site=False, **again, **sim.kwargs)
+    return SimulatedGap(sandwich, report, sim.guide_sees_data)
 
 
 def _rank(x: float) -> float:
@@ -379,4 +503,4 @@ def _power_mean_estimate(log_w: Tensor, n: float) -> Estimate:
     return _sum_points(value, variance)
 
 
-__all__ = ["Estimate", "KLGapReport", "kl_gap"]
+__all__ = ["Estimate", "KLGapReport", "SimulatedGap", "kl_gap"]

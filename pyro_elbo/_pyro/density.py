@@ -73,13 +73,28 @@ class JointDensity:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         self.rank = plate_nesting(guide_trace, model_trace) + 1
-        self.latents = [name for name, site in scored_sites(guide_trace, named=True)]
-        for name in self.latents:
-            if name not in model_trace.nodes:
+        guide_sites = dict(scored_sites(guide_trace, named=True))
+        self.guide_sites = list(guide_sites)
+        # the variables AIS moves: guide sites with a density (Delta sites are functions of them,
+        # as the latents of AutoNormal are of its auxiliary ``*_unconstrained`` sites)
+        self.latents = [name for name, site in guide_sites.items() if not _is_delta(site["fn"])]
+        self.deltas = [name for name in guide_sites if name not in self.latents]
+        self.model_latents = [name for name, site in scored_sites(model_trace, named=True) if not site["is_observed"]]
+        self.supports = {name: model_trace.nodes[name]["fn"].support for name in self.model_latents}  # type: ignore[index]
+        for name, site in guide_sites.items():
+            if name not in model_trace.nodes and not (name in self.latents and site["infer"].get("is_auxiliary")):
                 raise ValueError(f"guide site '{name}' is not a sample site of the model")
+        if self.deltas and len(self.latents) == 0:
+            raise ValueError(
+                f"guide site '{self.deltas[0]}' is a point mass (Delta) and the guide has no auxiliary site "
+                "with a density: AIS and BDMC need a guide density (e.g. AutoNormal, not AutoDelta)"
+            )
         for name, site in scored_sites(model_trace, named=True):
             if not site["is_observed"] and name not in guide_trace.nodes:
-                raise ValueError(f"model latent site '{name}' has no guide site")
+                raise ValueError(
+                    f"model latent site '{name}' has no guide site (enumerated or auxiliary?): AIS and "
+                    "BDMC move every latent, so each needs a continuous guide site"
+                )
         frames = _common_frames(model_trace, guide_trace)
         for frame in {f.name: f for t in (model_trace, guide_trace) for _, s in scored_sites(t, named=True)
                       for f in s["cond_indep_stack"]}.values():
@@ -147,9 +162,39 @@ class JointDensity:
         return out
 
     def unconstrain(self, latents: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Unconstrained values of given latents, broadcast to the chains' shapes."""
+        """The guide's variables ``u`` that give the model latents ``latents`` (broadcast to the
+        chains' shapes), checked by running the guide on them.
+
+        A guide site named like a model latent is its inverse transform; an auxiliary site
+        ``{name}_unconstrained`` (``AutoNormal``) the inverse of the model site's ``biject_to``; the
+        auxiliary latent of an ``AutoContinuous`` guide the concatenation of those, in its order.
+        """
         shapes = self.sample()
-        return {name: self.transforms[name].inv(latents[name]).expand_as(shapes[name]).clone() for name in shapes}
+        out = {}
+        for name, like in shapes.items():
+            if name in latents:
+                u = self.transforms[name].inv(latents[name])
+            elif name.endswith("_unconstrained") and name[: -len("_unconstrained")] in latents:
+                base = name[: -len("_unconstrained")]
+                u = biject_to(self.supports[base]).inv(latents[base])
+            elif hasattr(self.guide, "_unpack_latent") and hasattr(self.guide, "_unconstrained_shapes"):
+                order = list(self.guide._unconstrained_shapes)
+                u = torch.cat([biject_to(self.supports[n]).inv(latents[n]).reshape(-1) for n in order])
+            else:
+                raise ValueError(
+                    f"guide site '{name}' is auxiliary and its value for the simulated latents is unknown: "
+                    "BDMC starts its reverse chains in the guide's variables (supported: guide sites named as "
+                    "the model's, AutoNormal's '*_unconstrained' sites, AutoContinuous guides)"
+                )
+            out[name] = u.expand_as(like).clone()
+        if self.deltas:
+            with torch.no_grad():
+                trace = self._run_guide({k: self.transforms[k](v) for k, v in out.items()})
+            for name in self.deltas:
+                value = trace.nodes[name]["value"]
+                if name in latents and not torch.allclose(value, latents[name].expand_as(value), rtol=1e-4, atol=1e-5):
+                    raise ValueError(f"guide site '{name}': the guide's variables do not reproduce the simulated value")
+        return out
 
     def log_densities(self, u: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p(x, T(u)), log q(T(u)), log|det J_T(u)|)``, each ``[C, *B]``, differentiable in ``u``."""
@@ -161,11 +206,14 @@ class JointDensity:
             part = self.reduce(ladj, max(ladj.dim() - self.rank, 0))
             log_det = part if log_det is None else log_det + part
         guide_trace = self._run_guide(z)
-        model = _chained(poutine.condition(self.model, data=z), self.num_chains, -self.rank)
+        values = {name: guide_trace.nodes[name]["value"] for name in self.model_latents}
+        model = _chained(poutine.condition(self.model, data=values), self.num_chains, -self.rank)
         model_trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
-        log_q = self._total(guide_trace, self.latents)
+        log_q = self._total(guide_trace, self.guide_sites)
         log_p = self._total(model_trace, [name for name, _ in scored_sites(model_trace, named=True)])
         assert log_det is not None
+        if self.deltas:  # the density of u is that of the variables: q(z) |dz/du| = q_vars(u)
+            log_det = log_det + self._total(guide_trace, self.latents) - log_q
         return log_p, log_q, log_det
 
     def _total(self, trace: Trace, names: list[str]) -> Tensor:
@@ -180,6 +228,12 @@ class JointDensity:
             total = part if total is None else total + part
         assert total is not None
         return total
+
+
+def _is_delta(fn: Any) -> bool:
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return isinstance(fn, pyro.distributions.Delta)
 
 
 def _common_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
