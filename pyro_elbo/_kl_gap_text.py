@@ -105,7 +105,7 @@ def simulated_text(sim: SimulatedGap) -> list[str]:
     lines.append("  caution: this is a statement about data the model generates; it speaks for the real data only")
     lines.append("  insofar as the model fits them (check that first, e.g. with posterior predictive checks).")
     if not sim.guide_sees_data:
-        lines.append("  The guide does not take the data as an argument: on x* it is the q fit to the real data, not a")
+        lines.append("  The guide draws the same on x* as on the real data: on x* it is the q fit to the real data, not a")
         lines.append("  guide for x*, so its KL on x* is not its KL on x; what carries over is how loose IWAE and")
         lines.append("  CUBO are for a q this far from the posterior.")
     return lines

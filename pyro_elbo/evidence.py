@@ -34,7 +34,7 @@ from torch import Tensor
 
 from pyro_elbo import ais
 from pyro_elbo._estimate import Estimate
-from pyro_elbo._pyro.density import JointDensity, Observed, conditioned, simulate
+from pyro_elbo._pyro.density import JointDensity, Observed, conditioned, guide_reads_data, simulate
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.weights import log_weights
 
@@ -321,8 +321,8 @@ class Simulated:
         args, kwargs: the model's (and guide's) arguments with the data replaced by :math:`x^*`.
         latents: :math:`z^*`, by site (an exact draw from :math:`p(z \\mid x^*)`).
         observed: :math:`x^*`, by site.
-        guide_sees_data: whether any argument changed, i.e. whether a guide that reads its
-            arguments (an amortized guide) sees :math:`x^*` rather than the real data.
+        guide_sees_data: whether the guide draws differently on :math:`x^*` than on the real data
+            from the same random state (an amortized guide), rather than being fit to the data.
     """
 
     model: Model
@@ -335,13 +335,15 @@ class Simulated:
 
 def simulate_data(
     model: Model,
+    guide: Guide,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     simulate_args: Callable[[dict[str, Tensor]], tuple[Any, ...]] | None = None,
 ) -> Simulated:
     """Draw :math:`(z^*, x^*) \\sim p(z)\\,p(x \\mid z)` at the current parameters and swap
     :math:`x^*` in for the data: every positional or keyword argument that *is* (the same tensor
-    object as) an observed site's ``obs``, or the positional arguments ``simulate_args(x*)``."""
+    object as) an observed site's ``obs``, or the positional arguments ``simulate_args(x*)``;
+    ``guide_sees_data`` says whether the guide's draws change with it."""
     latents, observed, original = simulate(model, args, kwargs)
     if simulate_args is not None:
         new_args, new_kwargs = tuple(simulate_args(observed)), dict(kwargs)
@@ -349,9 +351,8 @@ def simulate_data(
         swap = {id(original[name]): observed[name] for name in observed}
         new_args = tuple(swap.get(id(a), a) for a in args)
         new_kwargs = {k: swap.get(id(v), v) for k, v in kwargs.items()}
-    changed = simulate_args is not None or any(a is not b for a, b in zip(args, new_args)) or any(
-        new_kwargs[k] is not v for k, v in kwargs.items())
-    return Simulated(conditioned(model, observed), new_args, new_kwargs, latents, observed, changed)
+    sees = guide_reads_data(guide, args, kwargs, new_args, new_kwargs)
+    return Simulated(conditioned(model, observed), new_args, new_kwargs, latents, observed, sees)
 
 
 def check_bdmc(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -407,7 +408,7 @@ def bdmc(
         | On the Quantitative Analysis of Decoder-Based Generative Models (Wu et al., 2017)
         | https://arxiv.org/abs/1611.04273
     """
-    sim = simulate_data(model, args, kwargs, simulate_args)
+    sim = simulate_data(model, guide, args, kwargs, simulate_args)
     return sandwich(sim, guide, num_chains=num_chains, num_steps=num_steps, transition=transition,
                     num_leapfrog=num_leapfrog, step_size=step_size)
 

@@ -270,7 +270,7 @@ class SimulatedGap:
     Attributes:
         sandwich: the BDMC run (``lower``, ``upper``, the simulated data).
         report: :func:`kl_gap` on :math:`x^*`, with the same particles.
-        guide_sees_data: whether the guide's arguments were replaced by :math:`x^*`.
+        guide_sees_data: whether the guide draws differently on :math:`x^*` (amortized) or not.
 
     References:
         | Sandwiching the marginal likelihood using bidirectional Monte Carlo (Grosse et al., 2015)
@@ -336,7 +336,7 @@ def _simulated_gap(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: di
                    options: dict[str, Any], again: dict[str, Any]) -> SimulatedGap:
     """Simulate x*, sandwich log p(x*) by BDMC, and rerun the report on x*."""
     options = dict(options)
-    sim = evidence.simulate_data(model, args, kwargs, options.pop("simulate_args", None))
+    sim = evidence.simulate_data(model, guide, args, kwargs, options.pop("simulate_args", None))
     sandwich = evidence.sandwich(sim, guide, **options)
     report = kl_gap(sim.model, guide, *sim.args, per_site=False, **again, **sim.kwargs)
     return SimulatedGap(sandwich, report, sim.guide_sees_data)

@@ -270,3 +270,25 @@ def simulate(
 def conditioned(fn: Any, data: dict[str, Tensor]) -> Any:
     """``fn`` with the named sites observed at ``data`` (replacing their ``obs=``)."""
     return poutine.condition(fn, data=data)
+
+
+def guide_reads_data(
+    guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], new_args: tuple[Any, ...], new_kwargs: dict[str, Any]
+) -> bool:
+    """Whether the guide draws differently on ``new_args`` than on ``args`` from the same random
+    state: true for an amortized guide given new data, false for one fit to a data set."""
+    if all(a is b for a, b in zip(args, new_args)) and len(args) == len(new_args) and all(
+        new_kwargs.get(k) is v for k, v in kwargs.items()
+    ):
+        return False
+    with forked_rng(), torch.no_grad(), poutine.block():
+        state = torch.get_rng_state()
+        before = poutine.trace(guide).get_trace(*args, **kwargs)
+        torch.set_rng_state(state)
+        after = poutine.trace(guide).get_trace(*new_args, **new_kwargs)
+    for name, site in scored_sites(before, named=True):
+        other: Any = after.nodes.get(name)
+        if other is None or other["value"].shape != site["value"].shape or not torch.equal(other["value"], site["value"]):
+            return True
+    return False
+
