@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from pyro_elbo.kl_gap import GOOD_KL, MIN_ESS, SMALL_KL
+
 if TYPE_CHECKING:
     from pyro_elbo.kl_gap import KLGapReport, SimulatedGap
 
-MEANING = ("(each end: its bound -/+ 2 standard errors and the noise floor; unless a warning below says "
-           "otherwise, the truth lies inside in about 95% of runs)")
+MEANING = (
+    "(each end: its bound -/+ 2 standard errors and the noise floor; unless a warning below says "
+    "otherwise, the truth lies inside in about 95% of runs)"
+)
 
 
 def _interval(lo: float, hi: float) -> str:
@@ -60,8 +64,9 @@ def report_text(report: KLGapReport) -> str:
             lines.append(f"    {site:<20}{site_khat:>8.3f}   {_site_verdict(site_khat)}")
     if report.joint_sites:
         shared = sorted({aux for auxs in report.joint_sites.values() for aux in auxs})
-        lines.append(f"    {', '.join(sorted(report.joint_sites))}: joint guide density ({', '.join(shared)}), "
-                     "no per-site share")
+        lines.append(
+            f"    {', '.join(sorted(report.joint_sites))}: joint guide density ({', '.join(shared)}), no per-site share"
+        )
     for message in report.warnings:
         lines.append(f"  warning: {message}")
     if report.simulated is not None:
@@ -76,7 +81,7 @@ def _pair(lo: float, hi: float) -> str:
 def simulated_text(sim: SimulatedGap) -> list[str]:
     """The BDMC section: the bracket on simulated data, split into q's KL and looseness."""
     s, r = sim.sandwich, sim.report
-    fwd, rev = s.forward, s.reverse
+    fwd = s.forward
     steps = 0 if fwd.step_size is None else fwd.step_size.shape[0]
     accept = "" if fwd.acceptance_rate is None else f", acceptance {float(fwd.acceptance_rate.mean()):.2f}"
     gap_lo, gap_hi = r.gap_lower.value, r.gap_upper.value
@@ -86,7 +91,8 @@ def simulated_text(sim: SimulatedGap) -> list[str]:
         "",
         "On data simulated from the model (z* ~ p(z), x* ~ p(x | z*) at the current parameters), where",
         "BDMC sandwiches the true log p(x*) (Grosse et al. 2015):",
-        f"  BDMC        {fwd.num_particles} chains x {steps} steps each way{accept}; width {s.width:.4f} nats",
+        f"  BDMC        {fwd.num_particles} chains x {steps} steps each way{accept}; width {s.width:.4f} nats"
+        + (" (below 0: the bounds agree within their noise)" if s.width < 0 else ""),
         f"  log p(x*)   in [{s.lower}, {s.upper}]",
         f"  ELBO(x*)    {r.elbo}",
         f"  KL(q || p(z | x*))   in {_pair(*sim.kl_interval)}   (q's part: how far q is from this posterior)",
@@ -105,7 +111,9 @@ def simulated_text(sim: SimulatedGap) -> list[str]:
     lines.append("  caution: this is a statement about data the model generates; it speaks for the real data only")
     lines.append("  insofar as the model fits them (check that first, e.g. with posterior predictive checks).")
     if not sim.guide_sees_data:
-        lines.append("  The guide draws the same on x* as on the real data: on x* it is the q fit to the real data, not a")
+        lines.append(
+            "  The guide draws the same on x* as on the real data: on x* it is the q fit to the real data, not a"
+        )
         lines.append("  guide for x*, so its KL on x* is not its KL on x; what carries over is how loose IWAE and")
         lines.append("  CUBO are for a q this far from the posterior.")
     return lines
@@ -140,3 +148,43 @@ def report_plot(report: KLGapReport, ax: Any = None) -> Any:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def assess(report: KLGapReport) -> tuple[str, list[str]]:
+    """The verdict line and the warnings of a report (see the README's ``kl_gap`` section)."""
+    lo, hi = report.kl_interval
+    if not report.resolvable:
+        return (
+            f"exact to rounding: the KL is below the {report.noise_floor:.2g}-nat noise floor",
+            [
+                "the KL gap is below the floating-point noise floor: the guide is exact to rounding, "
+                "or closer to the posterior than this dtype can resolve"
+            ],
+        )
+    untrusted = (
+        "every importance-sampling number in this report (IWAE, CUBO, their standard errors "
+        "and the upper end of the bracket) is unreliable"
+    )
+    if report.reliable:
+        if report.khat >= 0.5:
+            return "ok: q is close enough for importance sampling, but CUBO is biased low", [
+                f"k-hat {report.khat:.2f} > 0.5: w^2 has infinite variance, so the CUBO estimate (upper end) "
+                "is biased low and its standard error too small"
+            ]
+        if hi <= GOOD_KL:
+            return f"good: KL(q || p) <= {hi:.3g} nats and the importance weights are well behaved", []
+        return f"the bracket is reliable: q is {lo:.3g} to {hi:.3g} nats from the posterior", []
+    weak = f"k-hat {report.khat:.2f}" + (
+        f", ESS {report.ess:.1f} of {report.num_particles}" if report.ess < MIN_ESS else ""
+    )
+    bulk = report.log_w_sd**2 / 2
+    if bulk <= SMALL_KL and report.gap_lower.value <= SMALL_KL:
+        return "KL small, but the importance weights are heavy-tailed (q's tails are too light)", [
+            f"{weak}: log w varies little (sd {report.log_w_sd:.3g} nats; KL ~ var/2 = {bulk:.2g} nats to "
+            "second order), so q matches the posterior where q puts its mass, but q's tails are lighter than "
+            f"the posterior's and the importance weights are heavy-tailed: {untrusted}"
+        ]
+    return "BAD: q is too far from the posterior for importance sampling", [
+        f"{weak}: a few particles carry the importance weight, so q is too far from the posterior for "
+        f"importance sampling (KL >= {lo:.3g} nats, possibly much more): {untrusted}"
+    ]

@@ -99,8 +99,9 @@ class Evidence:
         return "\n".join(lines)
 
 
-def _evidence(per_point: Tensor, se: Tensor, method: str, num: int, evals: int, observed: Observed,
-              **extra: Any) -> Evidence:
+def _evidence(
+    per_point: Tensor, se: Tensor, method: str, num: int, evals: int, observed: Observed, **extra: Any
+) -> Evidence:
     per_point, se = per_point.detach().reshape(-1), se.detach().reshape(-1)
     total = Estimate(float(per_point.sum()), float(se.pow(2).sum().sqrt()))
     return Evidence(per_point, se, total, method, num, evals, observed, **extra)
@@ -155,9 +156,13 @@ def log_evidence(
     if num_particles < 1 or chunk_size < 1:
         raise ValueError(f"num_particles and chunk_size must be >= 1, got {num_particles}, {chunk_size}")
     options: dict[str, Any] = dict(
-        num_particles=num_particles, chunk_size=chunk_size, num_steps=num_steps,
-        num_leapfrog=1 if transition == "mala" else num_leapfrog, target_accept=TRANSITIONS[transition],
-        step_size=step_size, num_pilot_chains=num_pilot_chains or max(2, num_particles // 4),
+        num_particles=num_particles,
+        chunk_size=chunk_size,
+        num_steps=num_steps,
+        num_leapfrog=1 if transition == "mala" else num_leapfrog,
+        target_accept=TRANSITIONS[transition],
+        step_size=step_size,
+        num_pilot_chains=num_pilot_chains or max(2, num_particles // 4),
     )
     batches = _batches(args, device)
     results = []
@@ -215,13 +220,27 @@ def _concat(results: list[Evidence]) -> Evidence:
         return None if parts[0] is None else torch.cat(parts, dim)
 
     return _evidence(
-        cat("per_point"), cat("per_point_se"), first.method, first.num_particles, first.num_evals,  # type: ignore[arg-type]
-        first.observed, acceptance_rate=cat("acceptance_rate"), step_size=cat("step_size", 1),
+        cat("per_point"),  # type: ignore[arg-type]
+        cat("per_point_se"),  # type: ignore[arg-type]
+        first.method,
+        first.num_particles,
+        first.num_evals,
+        first.observed,
+        acceptance_rate=cat("acceptance_rate"),
+        step_size=cat("step_size", 1),
     )
 
 
-def _iwae(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], *, num_particles: int,
-          chunk_size: int, **_: Any) -> Evidence:
+def _iwae(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    num_particles: int,
+    chunk_size: int,
+    **_: Any,
+) -> Evidence:
     """Streaming IWAE: running log-sum-exps of ``log w`` and ``2 log w`` per data point."""
     observed = JointDensity(model, guide, args, kwargs, 1).observed
     lse1: Tensor | None = None
@@ -252,16 +271,28 @@ def _guide_scale(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict
     return {k: v.std(0, keepdim=True).clamp(min=1e-8) for k, v in draws.items()}
 
 
-def _ais(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], *, num_particles: int,
-         chunk_size: int, num_steps: int, num_leapfrog: int, target_accept: float, step_size: float,
-         num_pilot_chains: int) -> tuple[Evidence, ais.Sites, Tensor]:
+def _ais(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    num_particles: int,
+    chunk_size: int,
+    num_steps: int,
+    num_leapfrog: int,
+    target_accept: float,
+    step_size: float,
+    num_pilot_chains: int,
+) -> tuple[Evidence, ais.Sites, Tensor]:
     """Forward AIS in chunks of chains; returns the evidence, the scales and the step schedule."""
     betas = ais.sigmoid_schedule(num_steps)
     scale = _guide_scale(model, guide, args, kwargs)
     pilot = JointDensity(model, guide, args, kwargs, num_pilot_chains)
     eps0 = torch.full(pilot.batch_shape, float(step_size), device=next(iter(scale.values())).device)
-    tuned = ais.anneal(pilot, pilot.sample(), betas, eps0, scale, num_leapfrog=num_leapfrog, adapt=True,
-                       target_accept=target_accept)
+    tuned = ais.anneal(
+        pilot, pilot.sample(), betas, eps0, scale, num_leapfrog=num_leapfrog, adapt=True, target_accept=target_accept
+    )
     log_ws, accepts = [], []
     done = 0
     while done < num_particles:
@@ -273,7 +304,12 @@ def _ais(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, An
     log_w = torch.cat(log_ws)
     evals = (num_particles + num_pilot_chains) * tuned.num_evals + 64
     evidence = _evidence(
-        ais.logmeanexp(log_w), ais.log_mean_se(log_w), "ais", num_particles, evals, target.observed,
+        ais.logmeanexp(log_w),
+        ais.log_mean_se(log_w),
+        "ais",
+        num_particles,
+        evals,
+        target.observed,
         acceptance_rate=(torch.stack(accepts).sum(0) / num_particles).reshape(-1),
         step_size=tuned.step_size.reshape(num_steps, -1),
     )
@@ -409,20 +445,43 @@ def bdmc(
         | https://arxiv.org/abs/1611.04273
     """
     sim = simulate_data(model, guide, args, kwargs, simulate_args)
-    return sandwich(sim, guide, num_chains=num_chains, num_steps=num_steps, transition=transition,
-                    num_leapfrog=num_leapfrog, step_size=step_size)
+    return sandwich(
+        sim,
+        guide,
+        num_chains=num_chains,
+        num_steps=num_steps,
+        transition=transition,
+        num_leapfrog=num_leapfrog,
+        step_size=step_size,
+    )
 
 
-def sandwich(sim: Simulated, guide: Guide, *, num_chains: int = 16, num_steps: int = 100, num_leapfrog: int = 5,
-             transition: str = "hmc", step_size: float = 0.5) -> Sandwich:
+def sandwich(
+    sim: Simulated,
+    guide: Guide,
+    *,
+    num_chains: int = 16,
+    num_steps: int = 100,
+    num_leapfrog: int = 5,
+    transition: str = "hmc",
+    step_size: float = 0.5,
+) -> Sandwich:
     """Forward and reverse AIS on simulated data (see :func:`bdmc`)."""
     if transition not in TRANSITIONS:
         raise ValueError(f"unknown transition {transition!r}; choose from {tuple(TRANSITIONS)}")
     leapfrog = 1 if transition == "mala" else num_leapfrog
     forward, scale, steps = _ais(
-        sim.model, guide, sim.args, sim.kwargs, num_particles=num_chains, chunk_size=num_chains,
-        num_steps=num_steps, num_leapfrog=leapfrog, target_accept=TRANSITIONS[transition],
-        step_size=step_size, num_pilot_chains=max(2, num_chains // 4),
+        sim.model,
+        guide,
+        sim.args,
+        sim.kwargs,
+        num_particles=num_chains,
+        chunk_size=num_chains,
+        num_steps=num_steps,
+        num_leapfrog=leapfrog,
+        target_accept=TRANSITIONS[transition],
+        step_size=step_size,
+        num_pilot_chains=max(2, num_chains // 4),
     )
     target = JointDensity(sim.model, guide, sim.args, sim.kwargs, num_chains)
     u0 = target.unconstrain(sim.latents)
@@ -430,8 +489,13 @@ def sandwich(sim: Simulated, guide: Guide, *, num_chains: int = 16, num_steps: i
     reverse_steps = torch.cat([steps.flip(0)[1:], steps[:1]])  # the step size of each target beta
     run = ais.anneal(target, u0, betas, reverse_steps, scale, num_leapfrog=leapfrog)
     reverse = _evidence(
-        -ais.logmeanexp(run.log_w), ais.log_mean_se(run.log_w), "reverse-ais", num_chains,
-        num_chains * run.num_evals, target.observed, acceptance_rate=run.acceptance.mean(0).reshape(-1),
+        -ais.logmeanexp(run.log_w),
+        ais.log_mean_se(run.log_w),
+        "reverse-ais",
+        num_chains,
+        num_chains * run.num_evals,
+        target.observed,
+        acceptance_rate=run.acceptance.mean(0).reshape(-1),
         step_size=run.step_size.reshape(num_steps, -1),
     )
     return Sandwich(forward.total, reverse.total, forward, reverse, sim.latents, sim.observed)

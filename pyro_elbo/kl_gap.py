@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -226,8 +226,9 @@ def kl_gap(
         iwae=iwae,
         cubo=_power_mean_estimate(log_w, 2.0),
         khat=khat,
-        khat_per_site={site: max((psis_khat(s[:, b]) for b in range(s.shape[1])), key=_rank)
-                       for site, s in share_w.items()},
+        khat_per_site={
+            site: max((psis_khat(s[:, b]) for b in range(s.shape[1])), key=_rank) for site, s in share_w.items()
+        },
         ess=min(effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1])),
         noise_floor=floor,
         dtype=dtype,
@@ -236,11 +237,15 @@ def kl_gap(
         floor_source=source,
         joint_sites=dict(shares.joint) if shares is not None else {},
     )
+    from pyro_elbo._kl_gap_text import assess
+
     report.verdict, report.warnings = assess(report)
     if bdmc_options is not None:
-        again = dict(num_particles=num_particles, chunk_size=chunk_size, ladder=ladder, vectorize_particles=vectorize_particles,
-                     max_plate_nesting=max_plate_nesting, max_seconds=max_seconds)
-        report.simulated = _simulated_gap(model, guide, args, kwargs, bdmc_options, again)
+        report.simulated = _simulated_gap(
+            model, guide, args, kwargs, bdmc_options, num_particles=num_particles, chunk_size=chunk_size,
+            ladder=ladder, vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting,
+            max_seconds=max_seconds,
+        )  # fmt: skip
     return report
 
 
@@ -260,11 +265,10 @@ class SimulatedGap:
         \\log p(x^*) - I &\\in [L - I,\\; U - I] && \\text{(IWAE's shortfall)} \\\\
         C - \\log p(x^*) &\\in [C - U,\\; C - L] && \\text{(CUBO's excess)}
 
-    The report's bracket :math:`[I - E, C - E]` is KL minus the shortfall to KL plus the excess:
-    its width is all looseness (shortfall + excess), and its upper end is KL (q) + excess (CUBO).
-    Intervals are widened by two standard errors (BDMC's and the report's, independent) and the
-    noise floor; the KL interval is clipped at 0. This speaks about data the model generates: for
-    the real data only insofar as the model fits them, and for a guide that does not read the data
+    The report's bracket :math:`[I - E, C - E]` runs from KL - shortfall to KL + excess: its width
+    is all looseness, its upper end KL (q) + excess (CUBO). Intervals are widened by two standard
+    errors (BDMC's and the report's, independent) and the noise floor; KL's is clipped at 0. This
+    speaks for the real data only insofar as the model fits them, and for a guide fit to the data
     (``guide_sees_data`` false) q on :math:`x^*` is the guide fit to x, not a guide for :math:`x^*`.
 
     Attributes:
@@ -316,8 +320,9 @@ class SimulatedGap:
 BDMC_OPTIONS = ("num_chains", "num_steps", "num_leapfrog", "transition", "step_size", "simulate_args")
 
 
-def _bdmc_options(bdmc: bool | Mapping[str, Any], model: Model, guide: Guide, args: tuple[Any, ...],
-                  kwargs: dict[str, Any]) -> dict[str, Any] | None:
+def _bdmc_options(
+    bdmc: bool | Mapping[str, Any], model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any] | None:
     """The BDMC options, or None; refuses (before the long run) what BDMC cannot anneal."""
     if bdmc is False:
         return None
@@ -333,7 +338,7 @@ def _bdmc_options(bdmc: bool | Mapping[str, Any], model: Model, guide: Guide, ar
 
 
 def _simulated_gap(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   options: dict[str, Any], again: dict[str, Any]) -> SimulatedGap:
+                   options: dict[str, Any], **again: Any) -> SimulatedGap:  # fmt: skip
     """Simulate x*, sandwich log p(x*) by BDMC, and rerun the report on x*."""
     options = dict(options)
     sim = evidence.simulate_data(model, guide, args, kwargs, options.pop("simulate_args", None))
@@ -347,52 +352,35 @@ def _rank(x: float) -> float:
     return math.inf if math.isnan(x) else x
 
 
-def assess(report: KLGapReport) -> tuple[str, list[str]]:
-    """The verdict line and the warnings of a report (see the README's ``kl_gap`` section)."""
-    lo, hi = report.kl_interval
-    if not report.resolvable:
-        return (
-            f"exact to rounding: the KL is below the {report.noise_floor:.2g}-nat noise floor",
-            ["the KL gap is below the floating-point noise floor: the guide is exact to rounding, "
-             "or closer to the posterior than this dtype can resolve"],
-        )
-    untrusted = ("every importance-sampling number in this report (IWAE, CUBO, their standard errors "
-                 "and the upper end of the bracket) is unreliable")
-    if report.reliable:
-        if report.khat >= 0.5:
-            return "ok: q is close enough for importance sampling, but CUBO is biased low", [
-                f"k-hat {report.khat:.2f} > 0.5: w^2 has infinite variance, so the CUBO estimate (upper end) "
-                "is biased low and its standard error too small"]
-        if hi <= GOOD_KL:
-            return f"good: KL(q || p) <= {hi:.3g} nats and the importance weights are well behaved", []
-        return f"the bracket is reliable: q is {lo:.3g} to {hi:.3g} nats from the posterior", []
-    weak = f"k-hat {report.khat:.2f}" + (f", ESS {report.ess:.1f} of {report.num_particles}"
-                                         if report.ess < MIN_ESS else "")
-    bulk = report.log_w_sd**2 / 2
-    if bulk <= SMALL_KL and report.gap_lower.value <= SMALL_KL:
-        return "KL small, but the importance weights are heavy-tailed (q's tails are too light)", [
-            f"{weak}: log w varies little (sd {report.log_w_sd:.3g} nats; KL ~ var/2 = {bulk:.2g} nats to "
-            "second order), so q matches the posterior where q puts its mass, but q's tails are lighter than "
-            f"the posterior's and the importance weights are heavy-tailed: {untrusted}"]
-    return "BAD: q is too far from the posterior for importance sampling", [
-        f"{weak}: a few particles carry the importance weight, so q is too far from the posterior for "
-        f"importance sampling (KL >= {lo:.3g} nats, possibly much more): {untrusted}"]
-
-
 class _Run:
     """One model/guide pair under evaluation: draws chunks and measures rounding."""
 
-    def __init__(self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 max_plate_nesting: int, vectorize: bool | str, shares: SiteShares | None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        guide: Guide,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        max_plate_nesting: int,
+        vectorize: bool | str,
+        shares: SiteShares | None,
+    ) -> None:
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.max_plate_nesting, self.vectorize, self.shares = max_plate_nesting, vectorize, shares
         self.abs_terms = 0.0
         self.drawn = 0
 
     def chunk(self, size: int) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
-        lw = log_weights(self.model, self.guide, *self.args, num_particles=size,
-                         max_plate_nesting=self.max_plate_nesting, vectorize_particles=self.vectorize,
-                         need={"per_site"} if self.shares else set(), **self.kwargs)
+        lw = log_weights(
+            self.model,
+            self.guide,
+            *self.args,
+            num_particles=size,
+            max_plate_nesting=self.max_plate_nesting,
+            vectorize_particles=self.vectorize,
+            need={"per_site"} if self.shares else set(),
+            **self.kwargs,
+        )
         if lw.batch_scale != 1.0 or lw.subsampled_plates:
             plates = list(lw.subsampled_plates) or list(lw.batch_plates)
             raise ValueError(
@@ -402,8 +390,12 @@ class _Run:
         shares: dict[str, Tensor] = {}
         if self.shares is not None:
             # an enumerated group's marginal stands for every site it absorbed, counted once
-            group = {name: key for key in lw.site_log_p if key.startswith(MARGINAL_PREFIX)
-                     for name in key[len(MARGINAL_PREFIX):].split("+")}
+            group = {
+                name: key
+                for key in lw.site_log_p
+                if key.startswith(MARGINAL_PREFIX)
+                for name in key[len(MARGINAL_PREFIX) :].split("+")
+            }
             for z, model_sites in self.shares.model_sites.items():
                 if z in self.shares.joint or z in group and z not in lw.site_log_q:
                     continue  # a joint guide density, or a site summed out (it has no guide density)
@@ -411,8 +403,11 @@ class _Run:
                 share = sum((lw.site_log_p[k] for k in keys), torch.zeros_like(lw.log_p))
                 share = share - sum((lw.site_log_q[s] for s in self.shares.guide_sites[z]), torch.zeros_like(lw.log_p))
                 shares[z] = share.double().reshape(size, -1).cpu()
-        self.abs_terms += float(sum(v.abs().sum() for v in (*lw.site_log_p.values(), *lw.site_log_q.values()))
-                                if lw.site_log_p else lw.log_p.abs().sum() + lw.log_q.abs().sum())
+        self.abs_terms += float(
+            sum(v.abs().sum() for v in (*lw.site_log_p.values(), *lw.site_log_q.values()))
+            if lw.site_log_p
+            else lw.log_p.abs().sum() + lw.log_q.abs().sum()
+        )
         return lw.log_w.double().reshape(size, -1).cpu(), shares, lw.log_p.dtype
 
     def draw(self, num: int, chunk_size: int, max_seconds: float) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
@@ -429,8 +424,9 @@ class _Run:
                     share_chunks.setdefault(site, []).append(share)
                 self.drawn += size
                 if len(chunks) <= 2:  # the second chunk is timed without one-time costs
-                    _check_budget(num, chunk_size, log_w.shape[1] * (1 + len(shares)),
-                                  time.perf_counter() - start, max_seconds)
+                    _check_budget(
+                        num, chunk_size, log_w.shape[1] * (1 + len(shares)), time.perf_counter() - start, max_seconds
+                    )
         return torch.cat(chunks), {site: torch.cat(c) for site, c in share_chunks.items()}, dtype
 
     def noise_floor(self, num: int, dtype: torch.dtype) -> tuple[float, str]:
@@ -440,8 +436,7 @@ class _Run:
         if dtype == torch.float64:
             return estimated, "magnitudes"
         with torch.no_grad():
-            error = float64_rounding_error(self.model, self.guide, self.args, self.kwargs, num,
-                                           self.max_plate_nesting)
+            error = float64_rounding_error(self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting)
         if error is None or not torch.isfinite(error).all():
             return 100 * estimated, "magnitudes (float64 re-evaluation failed)"
         error = error.reshape(error.shape[0], -1)  # fewer rows when particles ran one per run

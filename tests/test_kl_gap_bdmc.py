@@ -57,8 +57,14 @@ def _posterior(family: str, obs: dict[str, Tensor]) -> tuple[torch.distributions
         return torch.distributions.Normal(0.8 * x, 0.2**0.5), float(log_p)
     if family == "beta-binomial":
         k = f64["k"]
-        log_p = (math.lgamma(201) - torch.lgamma(k + 1) - torch.lgamma(201 - k) + torch.lgamma(1 + k)
-                 + torch.lgamma(201 - k) - math.lgamma(202))
+        log_p = (
+            math.lgamma(201)
+            - torch.lgamma(k + 1)
+            - torch.lgamma(201 - k)
+            + torch.lgamma(1 + k)
+            + torch.lgamma(201 - k)
+            - math.lgamma(202)
+        )
         return torch.distributions.Beta(1 + k, 201 - k), float(log_p)
     if family == "gamma-poisson":
         x = f64["x"]
@@ -107,8 +113,11 @@ def true_kl(case: Case, obs: dict[str, Tensor]) -> tuple[float, float]:
             return (post.log_prob(z) + transform.log_abs_det_jacobian(ut, z)).numpy()
 
         return _quadrature_kl(loc, scale, log_post_u), log_p
-    name = next(n for n, s in pyro.poutine.trace(case.guide).get_trace().nodes.items()
-                if s["type"] == "sample" and not site_is_subsample(s))
+    name = next(
+        n
+        for n, s in pyro.poutine.trace(case.guide).get_trace().nodes.items()
+        if s["type"] == "sample" and not site_is_subsample(s)
+    )
     return float(kl_divergence(_as64(_guide_fn(case.guide, name)), post).sum()), log_p
 
 
@@ -165,8 +174,10 @@ def hier_truth(params: tuple[float, ...], x: Tensor) -> tuple[float, float]:
     prec[1:, 1:] = 5 * torch.eye(n, dtype=x.dtype)  # prior 1 + likelihood 1 / 0.25
     post_cov = torch.linalg.inv(prec)
     post_mean = post_cov @ torch.cat([torch.zeros(1, dtype=x.dtype), 4 * x])
-    kl = kl_divergence(torch.distributions.MultivariateNormal(q_mean, q_cov),
-                       torch.distributions.MultivariateNormal(post_mean, post_cov))
+    kl = kl_divergence(
+        torch.distributions.MultivariateNormal(q_mean, q_cov),
+        torch.distributions.MultivariateNormal(post_mean, post_cov),
+    )
     marginal = torch.outer(one, one) + 1.25 * torch.eye(n, dtype=x.dtype)
     log_p = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=x.dtype), marginal).log_prob(x)
     return float(kl), float(log_p)
@@ -179,8 +190,9 @@ def hier_data() -> Tensor:
 
 
 # ------------------------------------------------------------------ fast tests
-@pytest.mark.parametrize("make, guide", [(normal_mean, "wide"), (beta_binomial, "AutoNormal"),
-                                         (local_normal, "shifted 20 sd")])
+@pytest.mark.parametrize(
+    "make, guide", [(normal_mean, "wide"), (beta_binomial, "AutoNormal"), (local_normal, "shifted 20 sd")]
+)
 def test_simulated_kl_interval_contains_the_exact_kl(make: Callable[[str], Case], guide: str) -> None:
     case = make(guide)
     pyro.set_rng_seed(0)
@@ -257,10 +269,18 @@ def test_bdmc_refusals_name_the_site() -> None:
 
 # ------------------------------------------------------------------ slow sweep
 SWEEP_CASES: list[tuple[Callable[[str], Case], str]] = [
-    (normal_mean, "exact"), (normal_mean, "narrow"), (normal_mean, "shifted 20 sd"),
-    (beta_binomial, "exact"), (beta_binomial, "AutoNormal"), (beta_binomial, "off"),
-    (gamma_poisson, "exact"), (gamma_poisson, "AutoNormal"), (gamma_poisson, "shifted 20 sd"),
-    (dirichlet_multinomial, "off"), (local_normal, "exact"), (local_normal, "shifted 20 sd"),
+    (normal_mean, "exact"),
+    (normal_mean, "narrow"),
+    (normal_mean, "shifted 20 sd"),
+    (beta_binomial, "exact"),
+    (beta_binomial, "AutoNormal"),
+    (beta_binomial, "off"),
+    (gamma_poisson, "exact"),
+    (gamma_poisson, "AutoNormal"),
+    (gamma_poisson, "shifted 20 sd"),
+    (dirichlet_multinomial, "off"),
+    (local_normal, "exact"),
+    (local_normal, "shifted 20 sd"),
 ]
 SEEDS = 20
 
@@ -290,8 +310,7 @@ def test_simulated_kl_interval_false_alarm_rate() -> None:
     for name, params in HIER_GUIDES.items():
         for seed in range(SEEDS):
             pyro.set_rng_seed(seed)
-            report = pyro_elbo.kl_gap(hier_model, hier_guide(params), x, num_particles=2000, per_site=False,
-                                      bdmc=FAST)
+            report = pyro_elbo.kl_gap(hier_model, hier_guide(params), x, num_particles=2000, per_site=False, bdmc=FAST)
             assert report.simulated is not None
             kl, _ = hier_truth(params, report.simulated.sandwich.observed["x"])
             lo, hi = report.simulated.kl_interval

@@ -80,7 +80,8 @@ class JointDensity:
         self.latents = [name for name, site in guide_sites.items() if not _is_delta(site["fn"])]
         self.deltas = [name for name in guide_sites if name not in self.latents]
         self.model_latents = [name for name, site in scored_sites(model_trace, named=True) if not site["is_observed"]]
-        self.supports = {name: model_trace.nodes[name]["fn"].support for name in self.model_latents}  # type: ignore[index]
+        model_sites: dict[str, Any] = dict(model_trace.nodes)
+        self.supports = {name: model_sites[name]["fn"].support for name in self.model_latents}
         for name, site in guide_sites.items():
             if name not in model_trace.nodes and not (name in self.latents and site["infer"].get("is_auxiliary")):
                 raise ValueError(f"guide site '{name}' is not a sample site of the model")
@@ -96,8 +97,12 @@ class JointDensity:
                     "BDMC move every latent, so each needs a continuous guide site"
                 )
         frames = _common_frames(model_trace, guide_trace)
-        for frame in {f.name: f for t in (model_trace, guide_trace) for _, s in scored_sites(t, named=True)
-                      for f in s["cond_indep_stack"]}.values():
+        for frame in {
+            f.name: f
+            for t in (model_trace, guide_trace)
+            for _, s in scored_sites(t, named=True)
+            for f in s["cond_indep_stack"]
+        }.values():
             if frame.full_size not in (None, frame.size):
                 raise ValueError(
                     f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); score "
@@ -109,7 +114,9 @@ class JointDensity:
         num_points = math.prod(self.batch_shape)
         obs = [site for _, site in scored_sites(model_trace, named=True) if site["is_observed"]]
         dims = sum(site["value"].numel() for site in obs)
-        self.observed = Observed(dims // max(num_points, 1), bool(obs) and all(s["fn"].support.is_discrete for s in obs))
+        self.observed = Observed(
+            dims // max(num_points, 1), bool(obs) and all(s["fn"].support.is_discrete for s in obs)
+        )
         self.transforms: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ shapes
@@ -191,7 +198,7 @@ class JointDensity:
             with torch.no_grad():
                 trace = self._run_guide({k: self.transforms[k](v) for k, v in out.items()})
             for name in self.deltas:
-                value = trace.nodes[name]["value"]
+                value: Tensor = trace.nodes[name]["value"]  # type: ignore[assignment]
                 if name in latents and not torch.allclose(value, latents[name].expand_as(value), rtol=1e-4, atol=1e-5):
                     raise ValueError(f"guide site '{name}': the guide's variables do not reproduce the simulated value")
         return out
@@ -206,7 +213,7 @@ class JointDensity:
             part = self.reduce(ladj, max(ladj.dim() - self.rank, 0))
             log_det = part if log_det is None else log_det + part
         guide_trace = self._run_guide(z)
-        values = {name: guide_trace.nodes[name]["value"] for name in self.model_latents}
+        values: dict[str, Tensor] = {name: guide_trace.nodes[name]["value"] for name in self.model_latents}  # type: ignore[misc]
         model = _chained(poutine.condition(self.model, data=values), self.num_chains, -self.rank)
         model_trace = poutine.trace(model).get_trace(*self.args, **self.kwargs)
         log_q = self._total(guide_trace, self.guide_sites)
@@ -277,8 +284,10 @@ def guide_reads_data(
 ) -> bool:
     """Whether the guide draws differently on ``new_args`` than on ``args`` from the same random
     state: true for an amortized guide given new data, false for one fit to a data set."""
-    if all(a is b for a, b in zip(args, new_args)) and len(args) == len(new_args) and all(
-        new_kwargs.get(k) is v for k, v in kwargs.items()
+    if (
+        all(a is b for a, b in zip(args, new_args))
+        and len(args) == len(new_args)
+        and all(new_kwargs.get(k) is v for k, v in kwargs.items())
     ):
         return False
     with forked_rng(), torch.no_grad(), poutine.block():
@@ -288,7 +297,10 @@ def guide_reads_data(
         after = poutine.trace(guide).get_trace(*new_args, **new_kwargs)
     for name, site in scored_sites(before, named=True):
         other: Any = after.nodes.get(name)
-        if other is None or other["value"].shape != site["value"].shape or not torch.equal(other["value"], site["value"]):
+        if (
+            other is None
+            or other["value"].shape != site["value"].shape
+            or not torch.equal(other["value"], site["value"])
+        ):
             return True
     return False
-
