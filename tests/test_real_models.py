@@ -33,15 +33,15 @@ import pyro_elbo
 pytestmark = pytest.mark.filterwarnings("ignore::pyro_elbo.ParticlePathWarning")
 
 I13, I14 = "issue 13", "issue 14"
-CAPTURE = f"{I14}: compile=True falls back to eager (GuardOnDataDependentSymNode)"
+PACKED = (
+    f"{I14}: compile=True falls back to eager: the guide packs its sequences (pack_padded_sequence), whose "
+    "layout comes from the values of the lengths; the warning names the line and suggests masks"
+)
 
-#: (model, entry point) -> why it fails today (survey of 2026-11-27, after issue 13's particle paths
-#: and enumeration landed: 90 of 94 default cells pass)
+#: (model, entry point) -> why it fails today (survey of 2026-11-27)
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("dmm", "fit_compile_parity"): f"{CAPTURE} (empty message; pack_padded_sequence lengths)",
-    ("dmm", "fit_compile_inductor"): f"{CAPTURE} (empty message; pack_padded_sequence lengths)",
-    **{(m, e): f"{CAPTURE}: Eq(u0, 1) from PyroSample weights"
-       for m in ("bayes_regression_diag", "bayes_regression_mvn") for e in ("fit_compile_parity", "fit_compile_inductor")},
+    ("dmm", "fit_compile_parity"): PACKED,
+    ("dmm", "fit_compile_inductor"): PACKED,
 }
 
 #: cells too slow for the default suite (seconds on two cores, measured 2026-11-27)
@@ -51,12 +51,31 @@ SLOW: set[tuple[str, str]] = {
     ("iaf_guide", "fit_compile_parity"),  # 8 s
     ("vae", "fit_compile_parity"),  # 6 s
     ("sparse_gamma_def", "fit_compile_parity"),  # 6 s
-    *{(m, "cli") for m in ("vae", "sparse_gamma_def", "dmm", "iaf_guide", "bnaf_guide", "eight_schools",
-                           "baseball_logit", "baseball_pooled")},  # 4-10 s each (tests/test_cli.py covers the CLI)
+    *{
+        (m, "cli")
+        for m in (
+            "vae",
+            "sparse_gamma_def",
+            "dmm",
+            "iaf_guide",
+            "bnaf_guide",
+            "eight_schools",
+            "baseball_logit",
+            "baseball_pooled",
+        )
+    },  # 4-10 s each (tests/test_cli.py covers the CLI)
 }
 
-ENTRY_POINTS = ["elbo_equals_pyro", "iwae", "dreg", "kl_gap", "arviz_loo", "fit_compile_parity", "cli",
-                "fit_compile_inductor"]
+ENTRY_POINTS = [
+    "elbo_equals_pyro",
+    "iwae",
+    "dreg",
+    "kl_gap",
+    "arviz_loo",
+    "fit_compile_parity",
+    "cli",
+    "fit_compile_inductor",
+]
 ALWAYS_SLOW = {"fit_compile_inductor"}
 
 
@@ -144,8 +163,17 @@ def _fit(entry: ZooEntry, **options: Any) -> tuple[pyro_elbo.FitResult, list[str
     pyro.clear_param_store()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = pyro_elbo.fit(entry.model, entry.guide, *entry.args, num_steps=3, lr=0.01, seed=0,
-                               progress=False, **options, **entry.kwargs)
+        result = pyro_elbo.fit(
+            entry.model,
+            entry.guide,
+            *entry.args,
+            num_steps=3,
+            lr=0.01,
+            seed=0,
+            progress=False,
+            **options,
+            **entry.kwargs,
+        )
     fallbacks = [str(w.message) for w in caught if "falling back" in str(w.message)]
     return result, fallbacks
 
@@ -177,8 +205,19 @@ def cli(entry: ZooEntry, tmp_path: Path) -> None:
 
     path = tmp_path / f"{entry.name}_file.py"
     path.write_text(cli_model_file(entry.name))
-    argv = ["run", str(path), "--steps", "2", "--samples", "20", "--diagnostic-particles", "20", "--no-progress",
-            "--out", str(tmp_path / "out")]
+    argv = [
+        "run",
+        str(path),
+        "--steps",
+        "2",
+        "--samples",
+        "20",
+        "--diagnostic-particles",
+        "20",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     stderr = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("default")  # as a user's shell runs it: warnings print, they do not abort
@@ -225,3 +264,15 @@ def test_iwae_refuses_subsampled_global_latents_naming_the_plate() -> None:
     entry = ZOO["lda_amortized"]()
     with pytest.raises(ValueError, match="documents"):
         pyro_elbo.IWAE(num_particles=4).differentiable_loss(entry.model, entry.guide, *entry.args)
+
+
+def test_dmm_falls_back_naming_the_packing_and_the_line() -> None:
+    """The DMM's guide packs its sequences: the one fallback warning says so in the user's terms
+    (the line of the guide, pack_padded_sequence, masks as the way out), not in torch's."""
+    entry = ZOO["dmm"]()
+    _, fallbacks = _fit(entry, compile=True, compile_backend="eager")
+    assert len(fallbacks) == 1, fallbacks
+    message = fallbacks[0]
+    assert "the guide" in message and "pack_padded_sequence" in message and "pyro_models.py:" in message, message
+    assert "mask" in message and "compile=False" in message, message
+    assert not any(internal in message for internal in ("u0", "zuf0", "GuardOnDataDependentSymNode")), message

@@ -18,6 +18,8 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyro_elbo._pyro.capture_failures import describe_failure
+
 
 def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -> torch.fx.GraphModule:
     """``step`` traced on fake copies of ``example`` (shapes, dtypes, devices) into an FX graph.
@@ -31,7 +33,7 @@ def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -
         with pyro.validation_enabled(False), _no_distribution_validation():
             return make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
     except Exception as error:
-        raise CaptureError(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from error
+        raise CaptureError(describe_failure(error)) from error
 
 
 class CaptureError(RuntimeError):
@@ -39,14 +41,25 @@ class CaptureError(RuntimeError):
 
 
 class _no_distribution_validation:
-    """Distribution argument checks are data-dependent branches: off while capturing."""
+    """Distribution argument and sample checks are data-dependent branches: off while capturing.
+
+    Switching the default off is not enough: a distribution built before the capture with checks
+    on (a ``PyroSample`` prior made while Pyro's validation was enabled, an autoguide's prototype)
+    keeps its own ``_validate_args`` and would check every sample against its support inside the
+    trace (``torch.distributions.Distribution._validate_sample``: ``torch._is_all_true(valid)``, a
+    guard on data). While capturing, ``_validate_args`` reads ``False`` on every distribution; a
+    value assigned meanwhile is kept in the instance and reads again once the capture ends. The
+    checks ran on real tensors in the eager step that precedes every capture."""
 
     def __enter__(self) -> None:
-        self.previous = torch.distributions.Distribution._validate_args
-        torch.distributions.Distribution.set_default_validate_args(False)
+        cls = torch.distributions.Distribution
+        self.previous = cls.__dict__["_validate_args"]
+        cls._validate_args = property(  # type: ignore[assignment]
+            lambda self: False, lambda self, value: self.__dict__.__setitem__("_validate_args", value)
+        )
 
     def __exit__(self, *exc: Any) -> None:
-        torch.distributions.Distribution.set_default_validate_args(self.previous)
+        torch.distributions.Distribution._validate_args = self.previous
 
 
 def module_parameter_slots(

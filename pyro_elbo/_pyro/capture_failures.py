@@ -1,0 +1,166 @@
+"""Why a step could not be captured, in the user's terms: the site, the operation, what to change.
+
+A failed ``make_fx`` trace ends deep inside torch's symbolic-shape machinery with a message about
+symbols (``Could not guard on data-dependent expression Eq(u0, 1)``), or with none at all once Pyro
+has re-raised it with the trace's shapes. :func:`describe_failure` reads the traceback instead: the
+innermost frame of the user's code (the line of the model or guide), the innermost frame outside
+torch's tracing machinery (the operation that needed a value), and what the frames held (a
+``PackedSequence``), and says what cannot be captured and what to change.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sysconfig
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import pyro
+import torch
+
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+_PYRO = os.path.dirname(os.path.abspath(pyro.__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pyro_elbo
+#: torch's tracing and dispatch machinery: never the operation a user wrote
+_MACHINERY = tuple(
+    os.path.join(_TORCH, part)
+    for part in (
+        "fx/",
+        "_subclasses/",
+        "_dynamo/",
+        "_prims/",
+        "_prims_common/",
+        "_refs/",
+        "_decomp/",
+        "_library/",
+        "_higher_order_ops/",
+        "utils/",
+        "_logging/",
+        "_ops.py",
+        "_meta_registrations.py",
+        "_compile.py",
+        "_guards.py",
+        "__init__.py",
+        "_tensor.py",
+        "overrides.py",
+    )
+)
+#: installed code (torch, Pyro, this package, the standard library, site-packages): not the user's
+_LIBRARIES = tuple(
+    os.path.join(path, "")
+    for path in (
+        _TORCH,
+        _PYRO,
+        _PACKAGE,
+        *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+    )
+)
+
+_VALUE_FIX = (
+    "compile=True records one graph for every step, so a Python value cannot come from a tensor's "
+    "value: use tensor operations instead (torch.where, masks, poutine.mask), pass such numbers as "
+    "Python numbers, or use compile=False"
+)
+_PACKED_FIX = (
+    "a packed batch's layout is computed from the values of its lengths, which must be host integers, "
+    "so compile=True cannot capture it: run the RNN on the padded batch and mask the steps past each "
+    "sequence's length (dist.mask / poutine.mask) instead of packing, or use compile=False"
+)
+
+
+@dataclass
+class _Frame:
+    path: str
+    line: int
+    function: str
+    source: str
+
+    @property
+    def generated(self) -> bool:
+        """Code without a file (``<string>``: the wrapper ``make_fx`` generates)."""
+        return self.path.startswith("<") or os.path.basename(self.path).startswith("<")
+
+    def __str__(self) -> str:
+        where = f"{_display(self.path)}:{self.line} in {self.function}"
+        return f"{where} (`{self.source}`)" if self.source else where
+
+
+def describe_failure(error: BaseException) -> str:
+    """A one-line account of a failed trace: what the model or guide does that cannot be captured,
+    at which line of the user's code, through which operation, and what to change."""
+    frames, packed = _frames(error.__traceback__)
+    user = next((f for f in reversed(frames) if not f.path.startswith(_LIBRARIES) and not f.generated), None)
+    operation = next((f for f in reversed(frames) if not f.path.startswith(_MACHINERY) and not f.generated), None)
+    site = user or operation
+    role = _role(frames)
+    at = f" at {site}" if site else ""
+    via = f", through {operation}" if operation and user and operation.path != user.path else ""
+    if packed:
+        return f"{role} runs a PackedSequence (torch.nn.utils.rnn.pack_padded_sequence) through an RNN{at}{via}; {_PACKED_FIX}"
+    if _data_dependent(error):
+        return f"{role} turns a tensor's value into a Python value (an if, int(), float(), bool() or a size){at}{via}; {_VALUE_FIX}"
+    message = _first_message(error)
+    if "numpy" in message.lower():
+        return f"{role} converts a tensor to NumPy{at}{via}; the capture sees no values: use torch operations, or compile=False"
+    return f"{role} cannot be traced{at}{via}: {message}"
+
+
+def _frames(tb: TracebackType | None) -> tuple[list[_Frame], bool]:
+    """The traceback's frames, outermost first, and whether any of them held a ``PackedSequence``."""
+    frames, packed = [], False
+    for frame, line in traceback.walk_tb(tb):
+        code = frame.f_code
+        source = linecache.getline(code.co_filename, line).strip()
+        frames.append(_Frame(os.path.abspath(code.co_filename), line, code.co_name, source))
+        packed = packed or any(isinstance(v, torch.nn.utils.rnn.PackedSequence) for v in frame.f_locals.values())
+    return frames, packed
+
+
+def _role(frames: list[_Frame]) -> str:
+    """Which program was running: the innermost of the guide's and the model's runs."""
+    tracing = os.path.join(_PACKAGE, "_pyro", "tracing.py")
+    for frame in reversed(frames):
+        if frame.path == tracing and frame.function in ("trace_guide", "run_model"):
+            return "the guide" if frame.function == "trace_guide" else "the model"
+    return "the model/guide"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _data_dependent(error: BaseException) -> bool:
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    names = ("DataDependentOutputException", "DynamicOutputShapeException", "GuardOnDataDependentSymNode")
+    return any(isinstance(e, GuardOnDataDependentSymNode) or type(e).__name__ in names for e in _chain(error))
+
+
+def _first_message(error: BaseException) -> str:
+    """The first non-empty line of the innermost error that has one, with its type."""
+    for e in reversed(_chain(error)):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if lines:
+            return f"{type(e).__name__}: {lines[0]}"
+    return type(error).__name__
+
+
+def _display(path: str) -> str:
+    """Library files relative to their site-packages (``torch/nn/modules/rnn.py``), others to the
+    working directory when under it."""
+    for root in (_TORCH, _PYRO, _PACKAGE):
+        if path.startswith(root + os.sep):
+            return os.path.relpath(path, os.path.dirname(root))
+    try:
+        relative = Path(path).relative_to(Path.cwd())
+    except ValueError:
+        return path
+    return str(relative)

@@ -1,0 +1,198 @@
+"""Whole-step capture on small models that reproduce what real models do (issue 14.1).
+
+Each capturable pattern is checked for parity: the captured step run without compiling
+(``compile_backend="eager"``: the same random draws as the eager path) takes the same steps as
+eager training. Each pattern that cannot be captured falls back with a warning that names the
+line of the model or guide, the operation, and what to change, and never torch's internals.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoDiagonalNormal
+from pyro.nn import PyroModule, PyroSample
+from torch import Tensor, nn
+
+import pyro_elbo
+
+#: what a message must never show: torch's symbol names and the exception it wraps
+TORCH_INTERNALS = ("u0", "zuf0", "Eq(", "GuardOnDataDependentSymNode", "<string>")
+
+
+def _fit(make: Callable[[], tuple[Any, Any, tuple[Any, ...]]], compile: bool) -> tuple[Any, list[str]]:
+    """Three steps from a fresh, seeded model; the result and the fallback warnings."""
+    pyro.clear_param_store()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, guide, args = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pyro_elbo.fit(
+            model, guide, *args, num_steps=3, lr=0.01, seed=0, progress=False, compile=compile, compile_backend="eager"
+        )
+    return result, [str(w.message) for w in caught if "falling back" in str(w.message)]
+
+
+def _assert_parity(make: Callable[[], tuple[Any, Any, tuple[Any, ...]]]) -> None:
+    eager, _ = _fit(make, compile=False)
+    captured, fallbacks = _fit(make, compile=True)
+    assert not fallbacks, fallbacks[0]
+    assert captured.compile_seconds is not None
+    # float32 rounding: the graph may order sums differently (1e-6 relative on O(100) losses)
+    torch.testing.assert_close(torch.tensor(captured.history), torch.tensor(eager.history))
+    for key, value in eager.params.items():
+        torch.testing.assert_close(captured.params[key], value, msg=f"parameter {key} after 3 steps")
+
+
+def _fallback_message(make: Callable[[], tuple[Any, Any, tuple[Any, ...]]]) -> str:
+    _, fallbacks = _fit(make, compile=True)
+    assert len(fallbacks) == 1, fallbacks
+    for internal in TORCH_INTERNALS:
+        assert internal not in fallbacks[0], fallbacks[0]
+    return fallbacks[0]
+
+
+def _line_of(text: str, function: Callable[..., Any]) -> str:
+    """``test_capture.py:N``, the line of ``function`` that contains ``text``."""
+    lines, first = inspect.getsourcelines(function)
+    number = first + next(i for i, line in enumerate(lines) if text in line)
+    return f"test_capture.py:{number}"
+
+
+# --- PyroSample priors built while validation is on (the "Bayesian regression" tutorial) --------
+
+
+class _Regression(PyroModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = PyroModule[nn.Linear](3, 1)  # type: ignore[call-arg, arg-type]  # PyroModule[...] is untyped
+        # built with Pyro's validation on: the prior checks every sample against its support
+        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 3]).to_event(2))
+        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
+
+    def forward(self, x: Tensor, y: Tensor) -> None:
+        sigma = pyro.sample("sigma", dist.Uniform(0.0, 10.0))
+        mean = self.linear(x).squeeze(-1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+
+
+def _regression() -> tuple[Any, Any, tuple[Any, ...]]:
+    model = _Regression()
+    x = torch.randn(20, 3)
+    return model, AutoDiagonalNormal(model), (x, x.sum(-1) + 0.1 * torch.randn(20))
+
+
+def test_pyro_sample_priors_with_validation_capture() -> None:
+    """A distribution made with ``validate_args`` on keeps checking its samples even when the
+    default is off; the capture must not trace that check (a guard on data, ``Eq(u0, 1)``)."""
+    with pyro.validation_enabled(True):
+        assert dist.Normal(0.0, 1.0)._validate_args
+        _assert_parity(_regression)
+        assert dist.Normal(0.0, 1.0)._validate_args, "validation is on again after the capture"
+
+
+# --- sequences: a GRU guide over padded, masked sequences (the deep Markov model) ---------------
+
+
+class _Sequences(nn.Module):
+    """A small deep Markov model: GRU guide, ``pyro.markov``, ``poutine.scale``, masks."""
+
+    def __init__(self, packed: bool) -> None:
+        super().__init__()
+        self.packed = packed
+        self.rnn = nn.GRU(input_size=3, hidden_size=4, batch_first=True)
+        self.loc, self.emit = nn.Linear(4 + 2, 2), nn.Linear(2, 3)
+
+    def model(self, seqs: Tensor, mask: Tensor, lengths: Tensor) -> None:
+        pyro.module("seq", self)
+        z = seqs.new_zeros(seqs.shape[0], 2)
+        with pyro.plate("batch", seqs.shape[0]):
+            for t in pyro.markov(range(seqs.shape[1])):
+                with pyro.poutine.scale(scale=0.5):
+                    z = pyro.sample(f"z_{t}", dist.Normal(z, 1.0).mask(mask[:, t : t + 1]).to_event(1))
+                logits = self.emit(z)
+                pyro.sample(
+                    f"x_{t}", dist.Bernoulli(logits=logits).mask(mask[:, t : t + 1]).to_event(1), obs=seqs[:, t]
+                )
+
+    def guide(self, seqs: Tensor, mask: Tensor, lengths: Tensor) -> None:
+        pyro.module("seq", self)
+        if self.packed:
+            packed = nn.utils.rnn.pack_padded_sequence(seqs, lengths, batch_first=True, enforce_sorted=False)
+            hidden, _ = self.rnn(packed)
+            hidden = nn.utils.rnn.pad_packed_sequence(hidden, batch_first=True, total_length=seqs.shape[1])[0]
+        else:
+            hidden, _ = self.rnn(seqs)  # padded: steps past a sequence's end are masked out below
+        z = seqs.new_zeros(seqs.shape[0], 2)
+        with pyro.plate("batch", seqs.shape[0]):
+            for t in pyro.markov(range(seqs.shape[1])):
+                loc = self.loc(torch.cat([hidden[:, t], z], -1))
+                with pyro.poutine.scale(scale=0.5):
+                    z = pyro.sample(f"z_{t}", dist.Normal(loc, 1.0).mask(mask[:, t : t + 1]).to_event(1))
+
+
+def _sequences(packed: bool) -> tuple[Any, Any, tuple[Any, ...]]:
+    net = _Sequences(packed)
+    lengths = torch.tensor([3, 2, 3, 1])
+    mask = (torch.arange(3) < lengths.unsqueeze(-1)).to(torch.get_default_dtype())
+    seqs = torch.bernoulli(torch.full((4, 3, 3), 0.4)) * mask.unsqueeze(-1)
+    return net.model, net.guide, (seqs, mask, lengths)
+
+
+def test_masked_sequence_model_captures() -> None:
+    _assert_parity(lambda: _sequences(packed=False))
+
+
+def test_packed_sequences_fall_back_naming_pack_padded_sequence_and_the_line() -> None:
+    message = _fallback_message(lambda: _sequences(packed=True))
+    assert "the guide" in message and "pack_padded_sequence" in message, message
+    assert _line_of("hidden, _ = self.rnn(packed)", _Sequences.guide) in message, message
+    assert "mask" in message and "compile=False" in message, message
+
+
+# --- a Python value taken from a tensor --------------------------------------------------------
+
+
+def _branching() -> tuple[Any, Any, tuple[Any, ...]]:
+    def model(x: Tensor) -> None:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if float(z) > 0:
+            pyro.factor("bonus", torch.tensor(0.1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x: Tensor) -> None:
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    return model, guide, (torch.randn(5),)
+
+
+def test_python_branch_on_a_tensor_names_the_line() -> None:
+    message = _fallback_message(_branching)
+    model = _branching()[0]
+    assert "the model" in message and f"test_capture.py:{model.__code__.co_firstlineno + 2}" in message, message
+    assert "if float(z) > 0:" in message and "torch.where" in message, message
+
+
+def test_numpy_in_the_model_is_named() -> None:
+    def make() -> tuple[Any, Any, tuple[Any, ...]]:
+        _, guide, args = _branching()
+
+        def numpy_model(x: Tensor) -> None:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            shift = torch.as_tensor(z.detach().numpy())
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(z + shift, 1.0), obs=x)
+
+        return numpy_model, guide, args
+
+    message = _fallback_message(make)
+    assert "NumPy" in message and "z.detach().numpy()" in message, message
