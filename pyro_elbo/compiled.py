@@ -17,6 +17,7 @@ warning that says why.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
 Signature = tuple[Any, ...]
+#: ``(name, shape)`` of each parameter, in the order they are laid out in a flat vector
+Layout = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 class LossFunction(Protocol):
@@ -94,7 +97,6 @@ class CompiledLoss:
         ``adam_inputs = [*exp_avg, *exp_avg_sq, step, lr, beta1, beta2, eps]``."""
         if self.failed is not None:
             return None
-        names = list(params)
         tensors = [a for a in args if isinstance(a, Tensor)] + list(adam_inputs or [])
         # the same parameter and argument objects as last call (a full-batch loop): same graph
         quick_key = (tuple(map(id, params.values())), tuple(map(id, args)), tuple(kwargs.items()))
@@ -103,19 +105,58 @@ class CompiledLoss:
         else:
             signature = _signature(params, args, kwargs)
             self._last = (quick_key, signature)
+        detached = [p.detach() for p in params.values()]
+        inputs = [*detached, *list(adam_inputs or [])]
+        return self._run(signature, lambda: self._capture(params, None, args, kwargs, inputs), [*detached, *tensors])
+
+    def flat_adam(
+        self,
+        params: dict[str, Tensor],
+        layout: Layout,
+        flat: list[Tensor],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+        """Loss, gradient and Adam update of all parameters held in one flat vector.
+
+        ``flat = [params, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps]``: the parameters
+        :math:`\\theta` concatenated in ``layout`` order (``(name, shape)`` per parameter; ``params``
+        are the parameter tensors themselves, views of ``flat[0]``), the Adam moments :math:`m, v`
+        laid out alike, and one step count per parameter. Returns the loss, ``finite`` (loss and
+        gradient finite) and ``[params, exp_avg, exp_avg_sq, steps]`` after the step
+        (:func:`flat_adam_update`), which equal the inputs when ``finite`` is false: the graph
+        applies :math:`x' = \\mathrm{where}(\\text{finite}, x_{\\text{new}}, x)`, so the caller never
+        branches to keep a non-finite step from writing. ``None``: capture failed (warned).
+        """
+        if self.failed is not None:
+            return None
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        quick_key = (id(flat[0]), id(layout), tuple(map(id, args)), tuple(kwargs.items()))
+        if self._last is not None and self._last[0] == quick_key:
+            signature = self._last[1]
+        else:
+            signature = ("flat", _signature(params, args, kwargs))
+            self._last = (quick_key, signature)
+        inputs = [flat[0], *tensors, *flat[1:]]
+        return self._run(signature, lambda: self._capture(params, layout, args, kwargs, flat), inputs)
+
+    def _run(
+        self, signature: Signature, capture: Callable[[], Callable[..., Any]], inputs: list[Tensor]
+    ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+        """Call the graph of ``signature`` on ``inputs``, capturing and compiling it first if new."""
         graph = self.graphs.get(signature)
         new = graph is None
         start = time.perf_counter()
         if graph is None:
             try:
-                graph = self._capture(names, params, args, kwargs, adam_inputs)
+                graph = capture()
             except CaptureError as error:
                 self.failed = str(error)
                 warnings.warn(
                     f"compile=True: falling back to the eager path because the model/guide cannot be "
                     f"captured as one graph: {error}",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 return None
             self.graphs[signature] = graph
@@ -125,7 +166,7 @@ class CompiledLoss:
         try:
             if replayed:  # a new step: outputs of the previous replay may be overwritten from now on
                 torch.compiler.cudagraph_mark_step_begin()
-            outputs = graph(*[p.detach() for p in params.values()], *tensors)
+            outputs = graph(*inputs)
             if replayed:  # replay buffers belong to the graph: keep copies the caller may hold
                 outputs = [o.clone() for o in outputs]
         except Exception as error:
@@ -133,7 +174,7 @@ class CompiledLoss:
                 raise
             del self.graphs[signature]
             self.failed = f"compiling the captured graph failed: {type(error).__name__}: {error}"
-            warnings.warn(f"compile=True: falling back to the eager path; {self.failed}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"compile=True: falling back to the eager path; {self.failed}", RuntimeWarning, stacklevel=4)
             return None
         if new:  # capture + compilation (torch.compile compiles on the first call)
             self.capture_seconds[signature] = time.perf_counter() - start
@@ -141,45 +182,60 @@ class CompiledLoss:
 
     def _capture(
         self,
-        names: list[str],
         params: dict[str, Tensor],
+        layout: Layout | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        adam_inputs: list[Tensor] | None,
+        state: list[Tensor],
     ) -> Callable[..., Any]:
+        """Trace the step and compile it. ``state``: the parameter inputs (one per parameter, or
+        the flat vector when ``layout`` is given), then the Adam inputs if any."""
+        names = list(params)
         self._captured_cudagraphs = False
         tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         objective, model, guide = self.objective, self.model, self.guide
         objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
         _decide_eagerly(objective, model, guide, args, kwargs)
-
-        num_params, num_data = len(names), len(tensor_positions)
-        adam = self.adam
+        num_params = 1 if layout is not None else len(names)
+        leading, adam_inputs = state[:num_params], state[num_params:]
+        num_data, adam = len(tensor_positions), self.adam
         slots = module_parameter_slots((model, guide), params)
 
-        def step(*flat: Tensor) -> tuple[Tensor, ...]:
-            inputs = dict(zip(names, flat[:num_params]))
+        def loss_of(wanted: list[Tensor], data: tuple[Tensor, ...]) -> Tensor:
             call_args = list(args)
-            for position, tensor in zip(tensor_positions, flat[num_params : num_params + num_data]):
+            for position, tensor in zip(tensor_positions, data):
                 call_args[position] = tensor
+            inputs = dict(zip(names, wanted))
             with substituted_params(inputs), slots_replaced(slots, inputs):
-                loss = objective.differentiable_loss(model, guide, *call_args, **kwargs)
-            wanted = list(inputs.values())
+                return objective.differentiable_loss(model, guide, *call_args, **kwargs)
+
+        def step(*flat: Tensor) -> tuple[Tensor, ...]:
+            data, moments = flat[num_params : num_params + num_data], flat[num_params + num_data :]
+            if layout is not None:  # one flat parameter vector: views in, one flat gradient out
+                loss = loss_of(split(flat[0], layout), data)
+                (grad,) = torch.autograd.grad(loss, [flat[0]], allow_unused=True)
+                grad = torch.zeros_like(flat[0]) if grad is None else grad
+                finite = torch.isfinite(loss).all() & torch.isfinite(grad).all()
+                new = flat_adam_update(flat[0].detach(), grad, *moments)
+                old = (flat[0].detach(), *moments[:3])
+                return (loss.detach(), finite, *[torch.where(finite, n, o) for n, o in zip(new, old)])
+            wanted = list(flat[:num_params])
+            loss = loss_of(wanted, data)
             raw = torch.autograd.grad(loss, wanted, allow_unused=True)
             grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, raw)]
             finite = all_finite(loss, grads)
             if not adam:
                 return (loss.detach(), finite, *grads)
-            state = flat[num_params + num_data :]
-            return (loss.detach(), finite, *_adam_update(wanted, grads, tuple(state)))
+            return (loss.detach(), finite, *_adam_update(wanted, grads, tuple(moments)))
 
-        inputs = [args[i] for i in tensor_positions] + list(adam_inputs or [])
-        example = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()] + inputs
-        graph = trace_step(step, example)
+        inputs = [args[i] for i in tensor_positions] + list(adam_inputs)
+        trainable = [True] if layout is not None else [p.requires_grad for p in params.values()]
+        example = [t.detach().clone().requires_grad_(g) for t, g in zip(leading, trainable)]
+        graph = trace_step(step, example + inputs)
         check_no_baked_parameters(graph, params)
-        compiled, self._captured_cudagraphs = compile_graph(
-            graph, [p.detach() for p in params.values()] + inputs, self.backend
-        )
+        if self.backend != "eager":  # "eager" keeps the eager path's draws, for tests
+            standard_normals_as_randn(graph)
+        compiled, self._captured_cudagraphs = compile_graph(graph, leading + inputs, self.backend)
         return compiled
 
 
@@ -221,6 +277,38 @@ class SVICompiledSteps:
         return float(loss)
 
 
+def standard_normals_as_randn(graph: torch.fx.GraphModule) -> int:
+    """Rewrite ``torch.empty(shape).normal_()`` (how ``torch.distributions`` draws standard
+    normals) into ``torch.randn(shape)`` in ``graph``; returns how many were rewritten.
+
+    Inductor runs an in-place ``normal_`` as one library call per sample site (a buffer, a call,
+    a stride check), but generates ``randn`` inside its fused kernel from one seed per graph call.
+    The draws are still standard normals from the torch generator's stream, just other ones."""
+    aten = torch.ops.aten
+    order = {node: i for i, node in enumerate(graph.graph.nodes)}
+    count = 0
+    for node in list(graph.graph.nodes):
+        if node.target is not aten.normal_.default or len(node.args) != 1 or node.kwargs:
+            continue
+        empty = node.args[0]
+        if not isinstance(empty, torch.fx.Node) or empty.target is not aten.empty.memory_format:
+            continue
+        if any(order[user] < order[node] for user in empty.users):  # read before the draw
+            continue
+        options = {k: v for k, v in empty.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
+        with graph.graph.inserting_before(node):
+            randn = graph.graph.call_function(aten.randn.default, (empty.args[0],), options)
+        randn.meta = dict(node.meta)
+        node.replace_all_uses_with(randn)
+        empty.replace_all_uses_with(randn)
+        graph.graph.erase_node(node)
+        graph.graph.erase_node(empty)
+        count += 1
+    if count:
+        graph.recompile()
+    return count
+
+
 def _decide_eagerly(
     objective: LossFunction, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
@@ -255,6 +343,43 @@ def _adam_update(params: list[Tensor], grads: list[Tensor], state: tuple[Tensor,
         new_m.append(m)
         new_v.append(v)
     return [*new_params, *new_m, *new_v, step]
+
+
+def split(flat: Tensor, layout: Layout) -> list[Tensor]:
+    """Views of ``flat``, one per ``(name, shape)`` of ``layout``, laid out one after another."""
+    views, offset = [], 0
+    for _, shape in layout:
+        size = math.prod(shape)
+        views.append(flat[offset : offset + size].view(shape))
+        offset += size
+    return views
+
+
+def flat_adam_update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, lr: Tensor, beta1: Tensor,
+    beta2: Tensor, eps: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""torch.optim.Adam's update (no weight decay, no amsgrad) on flat vectors, as graph operations:
+
+    .. math::
+        t' = t + 1, \quad m' = \beta_1 m + (1 - \beta_1) g, \quad v' = \beta_2 v + (1 - \beta_2) g^2, \\
+        \theta' = \theta - \frac{\eta}{1 - \beta_1^{t'}} \, \frac{m'}{\sqrt{v'} / \sqrt{1 - \beta_2^{t'}} + \epsilon}
+
+    with one step count per parameter in ``steps`` (all equal; the first one is used). Returns
+    :math:`(\theta', m', v', t')`.
+
+    References:
+        | Adam: A Method for Stochastic Optimization (Kingma et al., 2015)
+        | https://arxiv.org/abs/1412.6980
+    """  # fmt: skip
+    new_steps = steps + 1
+    step = new_steps[0]
+    bias1 = 1 - beta1**step
+    bias2_sqrt = (1 - beta2**step).sqrt()
+    m = exp_avg * beta1 + grad * (1 - beta1)
+    v = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    denom = v.sqrt() / bias2_sqrt + eps
+    return param - (lr / bias1) * m / denom, m, v, new_steps
 
 
 def plain_adam(opt: torch.optim.Optimizer) -> bool:

@@ -22,6 +22,7 @@ from pyro_elbo.compiled import CompiledLoss
 from pyro_elbo.objectives import Objective
 from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, FIELDS_2, missing_fields
 from pyro_elbo.train.data import DataPosition
+from pyro_elbo.train.flat import FlatAdam
 from pyro_elbo.train.result import FitResult
 
 #: optimizer options that choose an implementation, not the update: never a difference
@@ -55,7 +56,9 @@ class TrainState:
     #: what a resume must match: ``lr`` and the optimizer, scheduler and objective (by name/repr)
     settings: dict[str, Any] = field(default_factory=dict)
     position: DataPosition = field(default_factory=DataPosition)
-    history: list[float] = field(default_factory=list)
+    #: the losses so far, as floats (``history``) and as device tensors not yet read (see :meth:`record_loss`)
+    loss_floats: list[float] = field(default_factory=list, repr=False)
+    loss_tensors: list[Tensor] = field(default_factory=list, repr=False)
     step_seconds: list[float] = field(default_factory=list)
     validation_history: list[tuple[int, float]] = field(default_factory=list)
     num_skipped: int = 0
@@ -64,6 +67,41 @@ class TrainState:
     #: ``fit(compile="auto")``'s choice and its reason, in one line
     compile_decision: str | None = None
     resumed_from_step: int | None = None
+    #: the compiled Adam step's flat parameter and moment buffers (:mod:`pyro_elbo.train.flat`)
+    flat: FlatAdam | None = field(default=None, repr=False)
+
+    #: device losses are read in one batch once this many are waiting
+    FLUSH_EVERY = 256
+
+    @property
+    def history(self) -> list[float]:
+        """The loss of every step taken (skipped steps included, as NaN/inf)."""
+        self.flush_losses()
+        return self.loss_floats
+
+    @history.setter
+    def history(self, values: list[float]) -> None:
+        self.loss_tensors.clear()
+        self.loss_floats = list(values)
+
+    def record_loss(self, loss: float | Tensor) -> None:
+        """Append a step's loss: a float as is, a 0-d device tensor kept unread until
+        :attr:`history` is read or :data:`FLUSH_EVERY` are waiting (then read in one transfer)."""
+        if isinstance(loss, Tensor):
+            self.loss_tensors.append(loss)
+            if len(self.loss_tensors) >= self.FLUSH_EVERY:
+                self.flush_losses()
+        else:
+            if self.loss_tensors:
+                self.flush_losses()
+            self.loss_floats.append(loss)
+
+    def flush_losses(self) -> None:
+        """Read the losses kept as tensors into :attr:`history` (one stack and one transfer)."""
+        if self.loss_tensors:
+            values = torch.stack([t.reshape(()).to(torch.float64) for t in self.loss_tensors]).tolist()
+            self.loss_tensors.clear()
+            self.loss_floats.extend(values)
 
     @property
     def step(self) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,27 +16,42 @@ from pyro_elbo._pyro.log_weights import log_weights
 from pyro_elbo._pyro.params import loss_and_params
 from pyro_elbo._random import set_torch_rng_state, torch_rng_state
 from pyro_elbo.compiled import adam_step, all_finite
+from pyro_elbo.train.flat import FlatAdam
 from pyro_elbo.train.result import NonFiniteLossError
 from pyro_elbo.train.state import TrainState
 
 
-@dataclass(frozen=True)
 class StepInfo:
     """What one :func:`step` did.
 
     Attributes:
         step: steps taken so far, this one included.
         loss: the loss (averaged over processes under ``torch.distributed``); NaN/inf if skipped.
+            On the compiled path it is read from the device only when asked for.
         finite: the loss and every gradient were finite, so the parameters were updated.
         seconds: wall-clock time of the step (the GPU synchronized).
         compile_seconds: set on the step that captured and compiled the graph (``compile=True``).
     """
 
-    step: int
-    loss: float
-    finite: bool
-    seconds: float
-    compile_seconds: float | None = None
+    __slots__ = ("step", "_loss", "finite", "seconds", "compile_seconds")
+
+    def __init__(
+        self, step: int, loss: float | Tensor, finite: bool, seconds: float, compile_seconds: float | None = None
+    ) -> None:
+        self.step, self._loss, self.finite = step, loss, finite
+        self.seconds, self.compile_seconds = seconds, compile_seconds
+
+    @property
+    def loss(self) -> float:
+        if isinstance(self._loss, Tensor):  # a 0-d tensor of the compiled step: read once
+            self._loss = float(self._loss)
+        return self._loss
+
+    def __repr__(self) -> str:
+        return (
+            f"StepInfo(step={self.step}, loss={self.loss}, finite={self.finite}, seconds={self.seconds}, "
+            f"compile_seconds={self.compile_seconds})"
+        )
 
 
 def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, StepInfo]:
@@ -47,25 +61,31 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
 
     A step whose loss or gradient is not finite changes no parameter and no optimizer state; with
     ``on_nonfinite="raise"`` it raises :class:`~pyro_elbo.NonFiniteLossError` naming the first
-    site whose log-density is not finite (the step's draws are replayed), with ``"skip"`` it is
-    counted in ``state.num_skipped``.
+    site whose log-density is not finite, with ``"skip"`` it is counted in ``state.num_skipped``.
+    To name the site the step is replayed: with the step's own draws on the eager path (and
+    ``compile_backend="eager"``, whose draws are the eager ones), else at the parameters before
+    the step with new draws (an inductor graph's draws cannot be replayed).
+
+    On the compiled Adam path (:mod:`pyro_elbo.train.flat`) the step is one graph call and one
+    copy; the loss stays a device tensor until read (``info.loss``, ``state.history``).
 
     Raises:
         NonFiniteLossError: see above, or ``max_consecutive_skips`` non-finite steps in a row.
     """
     args = args if args else state.args
-    kwargs = {**state.kwargs, **kwargs}
-    # the pre-step random state lets a refused step replay its draws and name the site
-    rng_before = torch_rng_state() if state.on_nonfinite == "raise" else None
+    kwargs = {**state.kwargs, **kwargs} if kwargs else state.kwargs
+    compiled = state.compiled
+    # the pre-step random state lets a refused step replay its draws (when they can be replayed)
+    replayable = compiled is None or compiled.backend == "eager"
+    rng_before = torch_rng_state() if state.on_nonfinite == "raise" and replayable else None
     start = time.perf_counter()
     with default_device(state.device):
         loss, ok = _update(state, args, kwargs)
     compile_seconds = None
-    compiled = state.compiled
     if compiled is not None and state.compile_seconds is None and compiled.capture_seconds:
         compile_seconds = state.compile_seconds = sum(compiled.capture_seconds.values())
     if not ok:
-        _refuse_or_skip(state, loss, args, kwargs, rng_before)
+        _refuse_or_skip(state, float(loss), args, kwargs, rng_before)
     else:
         state.consecutive_skips = 0
         if state.scheduler is not None:
@@ -74,16 +94,15 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
         torch.cuda.synchronize(state.device)
     seconds = time.perf_counter() - start
     state.step_seconds.append(seconds)
-    state.history.append(loss)
+    state.record_loss(loss)
     state.position.step += 1
-    return state, StepInfo(state.step, loss, ok, seconds, compile_seconds)
+    return state, StepInfo(state.position.step, loss, ok, seconds, compile_seconds)
 
 
 def _refuse_or_skip(
     state: TrainState, loss: float, args: tuple[Any, ...], kwargs: dict[str, Any], rng: dict[str, Any] | None
 ) -> None:
     if state.on_nonfinite == "raise":
-        assert rng is not None
         culprit = find_nonfinite_site(state, args, kwargs, rng)
         raise NonFiniteLossError(
             f"step {state.step}: the loss or its gradient is not finite ({loss}){culprit}; "
@@ -99,13 +118,21 @@ def _refuse_or_skip(
         )
 
 
-def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, bool]:
+def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float | Tensor, bool]:
     """Loss, gradients and (if everything is finite) the optimizer step; returns (loss, finite)."""
     compiled, params, opt = state.compiled, state.params, state.optimizer
     if compiled is not None and compiled.adam:
-        done = adam_step(compiled, params, opt, args, kwargs)
-        if done is not None:
-            return done
+        flat = state.flat
+        if flat is None or not flat.valid(params, opt):
+            flat = state.flat = FlatAdam.bind(params, opt)
+        if flat is not None:
+            lean = flat.step(compiled, opt.param_groups[0], args, kwargs)
+            if lean is not None:
+                return lean[0], bool(lean[1])
+        else:
+            done = adam_step(compiled, params, opt, args, kwargs)
+            if done is not None:
+                return done
     out = compiled(params, args, kwargs) if compiled is not None and not compiled.adam else None
     finite: Tensor | None = None
     if out is not None:
@@ -144,12 +171,18 @@ def add_new_params(seen: dict[str, Tensor], params: dict[str, Tensor], opt: torc
         opt.add_param_group({"params": list(new.values())})
 
 
-def find_nonfinite_site(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any], rng: dict[str, Any]) -> str:
-    """Replay the failed step's draws and name the first site whose log-density is not finite."""
+def find_nonfinite_site(
+    state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any], rng: dict[str, Any] | None
+) -> str:
+    """Name the first site whose log-density is not finite: replaying the failed step's draws
+    (``rng``, the random state before it), or, without it, drawing anew at the parameters the
+    failed step left unchanged (the message says which)."""
     objective, model, guide = state.objective, state.model, state.guide
     saved = torch_rng_state()
+    how = "" if rng is not None else " (found by re-running the step at the parameters before it with new draws)"
     try:
-        set_torch_rng_state(rng)
+        if rng is not None:
+            set_torch_rng_state(rng)
         with torch.no_grad():
             lw = log_weights(
                 model,
@@ -168,8 +201,8 @@ def find_nonfinite_site(state: TrainState, args: tuple[Any, ...], kwargs: dict[s
     for role, sites in (("model", lw.site_log_p), ("guide", lw.site_log_q)):
         for name, value in sites.items():
             if not torch.isfinite(value).all():
-                return f"; the {role} site '{name}' has a non-finite log-density"
-    return "; every site's log-density is finite, so the gradient overflowed"
+                return f"; the {role} site '{name}' has a non-finite log-density{how}"
+    return f"; every site's log-density is finite, so the gradient overflowed{how}"
 
 
 @contextlib.contextmanager

@@ -1,0 +1,109 @@
+"""Flat buffers for the compiled Adam step: all parameters in one vector, all moments in two.
+
+The compiled step's cost on small models is not its kernels but the Python and allocations
+around them: with one graph input and three outputs per parameter (value, first and second
+moment), every step allocates and checks ``3n`` output buffers and writes ``3n`` tensors back.
+:class:`FlatAdam` lays the parameters out one after another in a single vector
+:math:`\\theta \\in \\mathbb{R}^{D}` (:math:`D = \\sum_i |\\theta_i|`) and makes each
+parameter's ``.data`` a view of it, and likewise each ``exp_avg``/``exp_avg_sq`` of the
+optimizer's state a view of a flat :math:`m, v \\in \\mathbb{R}^{D}`. The graph
+(:meth:`~pyro_elbo.compiled.CompiledLoss.flat_adam`) then takes and returns four vectors, and one
+``_foreach_copy_`` writes the step.
+
+The parameters stay the same tensor objects (param store, modules, ``state_dict`` and
+checkpoints see them unchanged) and the optimizer state stays ``torch.optim.Adam``'s own dict,
+so an eager step, a checkpoint or a resume work as before. Whatever replaces a parameter's
+storage or the optimizer's state (``load_state_dict``, ``p.data = ...``) is noticed on the next
+step, which lays the buffers out again from the current values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pyro_elbo.compiled import CompiledLoss, Layout
+
+
+class FlatAdam:
+    """Parameters and Adam state of one :class:`~pyro_elbo.train.TrainState` in flat buffers.
+
+    Use :meth:`bind` (``None`` when the parameters cannot share one vector).
+    """
+
+    def __init__(self, params: dict[str, Tensor], opt: torch.optim.Optimizer, steps: float, step_dtype: torch.dtype) -> None:
+        tensors = list(params.values())
+        self.params = params
+        self.optimizer = opt
+        self.layout: Layout = tuple((name, tuple(p.shape)) for name, p in params.items())
+        with torch.no_grad():
+            self.flat = torch.cat([p.detach().reshape(-1) for p in tensors])
+            self.exp_avg = torch.cat([_moment(opt, p, "exp_avg") for p in tensors])
+            self.exp_avg_sq = torch.cat([_moment(opt, p, "exp_avg_sq") for p in tensors])
+        self.steps = torch.full((len(tensors),), steps, dtype=step_dtype, device=self.flat.device)
+        offset = 0
+        for i, p in enumerate(tensors):
+            size = p.numel()
+            view = slice(offset, offset + size)
+            p.data = self.flat[view].view(p.shape)
+            state = opt.state[p]
+            state["step"] = self.steps[i]
+            state["exp_avg"] = self.exp_avg[view].view(p.shape)
+            state["exp_avg_sq"] = self.exp_avg_sq[view].view(p.shape)
+            offset += size
+        self.state_dict_object = opt.state
+        self.pointers = [p.data_ptr() for p in tensors]
+        self.buffers = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps]
+        self.scalars: tuple[tuple[float, ...], list[Tensor]] | None = None
+
+    @classmethod
+    def bind(cls, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> FlatAdam | None:
+        """Lay ``params`` and their Adam state out flat; ``None`` if they differ in dtype or device,
+        are not floating point, or their step counts differ (then the per-parameter graph runs)."""
+        tensors = list(params.values())
+        if not tensors or len({(p.dtype, p.device) for p in tensors}) != 1 or not tensors[0].is_floating_point():
+            return None
+        states = [opt.state.get(p) for p in tensors]
+        counts = {float(s["step"]) for s in states if s}
+        if len(counts) > 1 or (counts and not all(states)):
+            return None
+        dtypes = {s["step"].dtype for s in states if s}
+        return cls(params, opt, counts.pop() if counts else 0.0, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+
+    def valid(self, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> bool:
+        """The parameters still live in these buffers and the optimizer still holds these views
+        (a ``load_state_dict`` replaces ``opt.state``; ``p.data = ...`` moves a parameter)."""
+        return (
+            opt is self.optimizer
+            and opt.state is self.state_dict_object
+            and [p.data_ptr() for p in params.values()] == self.pointers
+            and len(params) == len(self.layout)
+        )
+
+    def step(
+        self, compiled: CompiledLoss, group: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Tensor, Tensor] | None:
+        """One compiled loss, gradient and Adam step written into the buffers; returns the loss
+        and ``finite`` as 0-d tensors (nothing changed when not finite), or ``None`` if the graph
+        is not available (run eagerly)."""
+        beta1, beta2 = group["betas"]
+        values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
+        if self.scalars is None or self.scalars[0] != values:  # new tensors only when lr etc. change
+            flat = self.flat
+            self.scalars = (values, [torch.tensor(v, dtype=flat.dtype, device=flat.device) for v in values])
+        inputs = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps, *self.scalars[1]]
+        out = compiled.flat_adam(self.params, self.layout, inputs, args, kwargs)
+        if out is None:
+            return None
+        loss, finite, updated = out
+        torch._foreach_copy_(self.buffers, updated)
+        return loss, finite
+
+
+def _moment(opt: torch.optim.Optimizer, param: Tensor, key: str) -> Tensor:
+    state = opt.state.get(param)
+    if state and key in state:
+        return state[key].detach().to(param.dtype).reshape(-1)
+    return torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
