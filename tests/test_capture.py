@@ -8,6 +8,7 @@ line of the model or guide, the operation, and what to change, and never torch's
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.autoguide import AutoDiagonalNormal
+from pyro.distributions.transforms import iterated, planar
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormalizingFlow
 from pyro.nn import PyroModule, PyroSample
 from torch import Tensor, nn
 
@@ -97,6 +99,29 @@ def test_pyro_sample_priors_with_validation_capture() -> None:
         assert dist.Normal(0.0, 1.0)._validate_args
         _assert_parity(_regression)
         assert dist.Normal(0.0, 1.0)._validate_args, "validation is on again after the capture"
+
+
+# --- normalizing-flow guides whose transforms read their parameters outside a forward ------------
+
+
+def _hierarchical(y: Tensor) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    with pyro.plate("groups", y.shape[0]):
+        theta = pyro.sample("theta", dist.Normal(mu, 2.0))
+        pyro.sample("obs", dist.Normal(theta, 1.0), obs=y)
+
+
+def test_planar_flow_guide_captures() -> None:
+    """A planar flow reads ``bias``, ``u``, ``w`` in ``_call``, not in a ``forward``, and
+    ``AutoNormalizingFlow`` keeps its first flow parameter a second time as ``_prototype_tensor``:
+    the capture must put the parameter's input in both places (else it is baked in, refused)."""
+    _assert_parity(
+        lambda: (
+            _hierarchical,
+            AutoNormalizingFlow(_hierarchical, functools.partial(iterated, 2, planar)),
+            (torch.randn(4),),
+        )
+    )
 
 
 # --- sequences: a GRU guide over padded, masked sequences (the deep Markov model) ---------------

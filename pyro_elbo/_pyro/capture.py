@@ -70,18 +70,20 @@ def module_parameter_slots(
 
     Such a module's ``nn.Parameter`` read in the method itself, outside any ``forward``, reaches
     neither the ``pyro.param`` handler (``PyroModule`` returns the attribute, not the statement's
-    value) nor the module forward hooks; the capture puts its input in the slot instead."""
+    value) nor the module forward hooks; the capture puts its input in the slot instead. A
+    parameter held in two slots (``AutoNormalizingFlow`` keeps its first flow parameter as
+    ``_prototype_tensor`` too) gets its input in both."""
     by_id = {id(t): name for name, t in params.items()}
     slots = []
-    seen: set[int] = set()
+    seen: set[tuple[int, str]] = set()  # one parameter may sit in several slots: fill each
     for program in programs:
         owner = getattr(program, "__self__", program)
         if not isinstance(owner, torch.nn.Module):
             continue
         for module in owner.modules():
             for attribute, param in module._parameters.items():
-                if param is not None and id(param) in by_id and id(param) not in seen:
-                    seen.add(id(param))
+                if param is not None and id(param) in by_id and (id(module), attribute) not in seen:
+                    seen.add((id(module), attribute))
                     slots.append((module, attribute, by_id[id(param)]))
     return slots
 
