@@ -123,10 +123,12 @@ class CompiledLoss:
         :math:`\\theta` concatenated in ``layout`` order (``(name, shape)`` per parameter; ``params``
         are the parameter tensors themselves, views of ``flat[0]``), the Adam moments :math:`m, v`
         laid out alike, and one step count per parameter. Returns the loss, ``finite`` (loss and
-        gradient finite) and ``[params, exp_avg, exp_avg_sq, steps]`` after the step
-        (:func:`flat_adam_update`), which equal the inputs when ``finite`` is false: the graph
-        applies :math:`x' = \\mathrm{where}(\\text{finite}, x_{\\text{new}}, x)`, so the caller never
-        branches to keep a non-finite step from writing. ``None``: capture failed (warned).
+        gradient finite) and the step's :math:`(\\theta', m', v', t')` (:func:`flat_adam_update`)
+        under :math:`x' = \\mathrm{where}(\\text{finite}, x_{\\text{new}}, x)`, so a non-finite step
+        changes nothing and the caller never branches to keep it from writing. On CPU the graph
+        writes them into ``flat``'s four vectors itself and the list is empty (no output buffers,
+        no copy); on CUDA, where a graph that writes its inputs does not run as CUDA graphs, it
+        returns them for the caller to copy. ``None``: capture failed (warned).
         """
         if self.failed is not None:
             return None
@@ -198,6 +200,9 @@ class CompiledLoss:
         _decide_eagerly(objective, model, guide, args, kwargs)
         num_params = 1 if layout is not None else len(names)
         leading, adam_inputs = state[:num_params], state[num_params:]
+        # on CPU the flat graph writes its inputs; CUDA graphs are not used for a graph that
+        # mutates its inputs, so there it returns the new values and the caller copies them
+        in_place = layout is not None and leading[0].device.type != "cuda"
         num_data, adam = len(tensor_positions), self.adam
         slots = module_parameter_slots((model, guide), params)
 
@@ -218,7 +223,13 @@ class CompiledLoss:
                 finite = torch.isfinite(loss).all() & torch.isfinite(grad).all()
                 new = flat_adam_update(flat[0].detach(), grad, *moments)
                 old = (flat[0].detach(), *moments[:3])
-                return (loss.detach(), finite, *[torch.where(finite, n, o) for n, o in zip(new, old)])
+                kept = [torch.where(finite, n, o) for n, o in zip(new, old)]
+                if not in_place:
+                    return (loss.detach(), finite, *kept)
+                with torch.no_grad():  # the graph writes its inputs: no output buffers, no copy after
+                    for target, value in zip(old, kept):
+                        target.copy_(value)
+                return (loss.detach(), finite)
             wanted = list(flat[:num_params])
             loss = loss_of(wanted, data)
             raw = torch.autograd.grad(loss, wanted, allow_unused=True)

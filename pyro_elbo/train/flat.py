@@ -56,7 +56,7 @@ class FlatAdam:
         self.state_dict_object = opt.state
         self.pointers = [p.data_ptr() for p in tensors]
         self.buffers = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps]
-        self.scalars: tuple[tuple[float, ...], list[Tensor]] | None = None
+        self.scalars: tuple[tuple[Any, ...], list[Tensor]] | None = None
 
     @classmethod
     def bind(cls, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> FlatAdam | None:
@@ -88,17 +88,18 @@ class FlatAdam:
         """One compiled loss, gradient and Adam step written into the buffers; returns the loss
         and ``finite`` as 0-d tensors (nothing changed when not finite), or ``None`` if the graph
         is not available (run eagerly)."""
-        beta1, beta2 = group["betas"]
-        values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
-        if self.scalars is None or self.scalars[0] != values:  # new tensors only when lr etc. change
-            flat = self.flat
-            self.scalars = (values, [torch.tensor(v, dtype=flat.dtype, device=flat.device) for v in values])
+        key = (group["lr"], group["betas"], group["eps"])
+        if self.scalars is None or self.scalars[0] != key:  # new tensors only when lr etc. change
+            (beta1, beta2), flat = group["betas"], self.flat
+            values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
+            self.scalars = (key, [torch.tensor(v, dtype=flat.dtype, device=flat.device) for v in values])
         inputs = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps, *self.scalars[1]]
         out = compiled.flat_adam(self.params, self.layout, inputs, args, kwargs)
         if out is None:
             return None
         loss, finite, updated = out
-        torch._foreach_copy_(self.buffers, updated)
+        if updated:
+            torch._foreach_copy_(self.buffers, updated)
         return loss, finite
 
 

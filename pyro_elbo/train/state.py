@@ -99,7 +99,10 @@ class TrainState:
     def flush_losses(self) -> None:
         """Read the losses kept as tensors into :attr:`history` (one stack and one transfer)."""
         if self.loss_tensors:
-            values = torch.stack([t.reshape(()).to(torch.float64) for t in self.loss_tensors]).tolist()
+            try:  # float32 -> Python float is exact, so no conversion first
+                values = torch.stack(self.loss_tensors).tolist()
+            except RuntimeError:  # different devices or shapes
+                values = [float(t) for t in self.loss_tensors]
             self.loss_tensors.clear()
             self.loss_floats.extend(values)
 

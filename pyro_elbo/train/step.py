@@ -79,8 +79,12 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     replayable = compiled is None or compiled.backend == "eager"
     rng_before = torch_rng_state() if state.on_nonfinite == "raise" and replayable else None
     start = time.perf_counter()
-    with default_device(state.device):
+    device = state.device
+    if device is None or device.type == "cpu":
         loss, ok = _update(state, args, kwargs)
+    else:
+        with default_device(device):
+            loss, ok = _update(state, args, kwargs)
     compile_seconds = None
     if compiled is not None and state.compile_seconds is None and compiled.capture_seconds:
         compile_seconds = state.compile_seconds = sum(compiled.capture_seconds.values())
@@ -90,8 +94,8 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
         state.consecutive_skips = 0
         if state.scheduler is not None:
             state.scheduler.step()
-    if state.device is not None and state.device.type == "cuda":
-        torch.cuda.synchronize(state.device)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     state.step_seconds.append(seconds)
     state.record_loss(loss)
