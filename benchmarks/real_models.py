@@ -4,7 +4,8 @@ For each model: median µs per step of ``pyro_elbo.fit(compile=False)`` (eager),
 ``fit(compile=True)`` (the compiled step, first step excluded) and of Pyro's own ``SVI`` step with
 ``Trace_ELBO`` (``TraceEnum_ELBO`` for enumerated models); the ratios; the cold compile seconds
 (``FitResult.compile_seconds`` with an empty inductor cache) and the warm compile seconds (a second
-process, same model and shapes, same cache); and which path ran, with the fallback warning's text.
+process, same model and shapes, same cache folder), each with inductor's share and its FX graph
+cache's answer (hit/miss); and which path ran, with the fallback warning's text.
 
     python benchmarks/real_models.py                          # every model, 200 steps, 1 thread
     python benchmarks/real_models.py --models vae,dmm --steps 500 --threads 2
@@ -63,21 +64,39 @@ def fit_timing(name: str, steps: int, compile: bool) -> dict[str, Any]:
     from pyro_models import ZOO
 
     import pyro_elbo
+    from pyro_elbo import _inductor
 
     pyro.clear_param_store()
+    _inductor.last_stats = _inductor.CompileStats()
     entry = ZOO[name]()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = pyro_elbo.fit(entry.model, entry.guide, *entry.args, num_steps=steps, lr=0.01, seed=0,
-                                   progress=False, compile=compile, **entry.kwargs)
+            result = pyro_elbo.fit(
+                entry.model,
+                entry.guide,
+                *entry.args,
+                num_steps=steps,
+                lr=0.01,
+                seed=0,
+                progress=False,
+                compile=compile,
+                **entry.kwargs,
+            )
         except Exception as error:  # a model fit cannot train at all (e.g. enumerated sites): a row, not a crash
-            return {"us": None, "compile_s": None, "fallback": None,
-                    "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+            return {
+                "us": None,
+                "compile_s": None,
+                "fallback": None,
+                "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
+            }
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    stats = _inductor.last_stats if compile else None
     return {
         "us": _median_us(result.step_seconds),
         "compile_s": result.compile_seconds,
+        "inductor_s": stats.seconds if stats and stats.cache else None,  # the rest: trace and eager checks
+        "cache": stats.cache if stats else None,
         "fallback": fallback[0] if fallback else None,
     }
 
@@ -90,7 +109,7 @@ def pyro_timing(name: str, steps: int) -> float:
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     entry = ZOO[name]()
-    svi = pyro.infer.SVI(entry.model, entry.guide, pyro.optim.Adam({"lr": 0.01}), loss=entry.pyro_loss())
+    svi = pyro.infer.SVI(entry.model, entry.guide, pyro.optim.Adam({"lr": 0.01}), loss=entry.pyro_loss())  # type: ignore[attr-defined]
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -99,14 +118,16 @@ def pyro_timing(name: str, steps: int) -> float:
     return _median_us(seconds)
 
 
-def warm_compile_seconds(name: str, args: argparse.Namespace, env: dict[str, str]) -> float | None:
-    """Compile seconds in a second process with the same model, shapes and inductor cache."""
+def warm_compile(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any] | None:
+    """Compile seconds (and inductor's share, and its cache's answer) in a second process with
+    the same model, shapes and inductor cache folder (``TORCHINDUCTOR_CACHE_DIR`` in ``env``)."""
     command = [sys.executable, __file__, "--child-compile", name, "--threads", str(args.threads), "--dtype", args.dtype]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
         print(f"  warm child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def measure(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
@@ -122,10 +143,13 @@ def measure(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         row["compiled_run_s"] = time.perf_counter() - start
         row["compiled_us"] = compiled["us"]
         row["cold_compile_s"] = compiled["compile_s"]
+        row["cold_inductor_s"], row["cold_cache"] = compiled["inductor_s"], compiled["cache"]
         row["fallback"] = compiled["fallback"]
         row["path"] = "eager fallback" if compiled["fallback"] else "compiled"
         if not args.no_warm and row["path"] == "compiled":
-            row["warm_compile_s"] = warm_compile_seconds(name, args, env)
+            warm = warm_compile(name, args, env) or {}
+            row["warm_compile_s"], row["warm_inductor_s"] = warm.get("compile_s"), warm.get("inductor_s")
+            row["warm_cache"] = warm.get("cache")
     return row
 
 
@@ -133,10 +157,17 @@ def _fmt(value: Any, spec: str = ".0f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _compile_cell(row: dict[str, Any], which: str) -> str:
+    total = row.get(f"{which}_compile_s")
+    if total is None:
+        return "—"
+    return f"{total:.1f} ({_fmt(row.get(f'{which}_inductor_s'), '.1f')}, {row.get(f'{which}_cache') or '—'})"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | Pyro µs/step | eager µs/step | compiled µs/step | Pyro/eager | Pyro/compiled "
-        "| cold compile s | warm compile s | path |",
+        "| cold compile s (inductor, cache) | warm compile s (inductor, cache) | path |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -145,7 +176,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {_fmt(r['pyro_us'])} | {_fmt(r['eager_us'])} | {_fmt(compiled)} "
             f"| {_fmt(r['pyro_us'] / r['eager_us'] if r['eager_us'] else None, '.2f')}{'×' if r['eager_us'] else ''} "
             f"| {_fmt(r['pyro_us'] / compiled if compiled else None, '.2f')}{'×' if compiled else ''} "
-            f"| {_fmt(r.get('cold_compile_s'), '.1f')} | {_fmt(r.get('warm_compile_s'), '.1f')} "
+            f"| {_compile_cell(r, 'cold')} | {_compile_cell(r, 'warm')} "
             f"| {r.get('path', 'not run')} |"
         )
     fallbacks = [f"- {r['model']}: {r['fallback']}" for r in rows if r.get("fallback")]
@@ -161,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     _setup(args)
     if args.child_compile:
-        result = fit_timing(args.child_compile, 2, compile=True)
-        print(json.dumps({"compile_s": result["compile_s"], "fallback": result["fallback"]}))
+        print(json.dumps(fit_timing(args.child_compile, 2, compile=True)))
         return 0
     import torch
     from pyro_models import ZOO
@@ -172,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown models {unknown}; choose from {list(ZOO)}", file=sys.stderr)
         return 2
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.dtype}, {args.steps} steps, "
-          f"inductor cache {cache}", flush=True)
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.dtype}, {args.steps} steps, "
+        f"inductor cache {cache}, load average {load}",
+        flush=True,
+    )
     rows = []
     for name in names:
         start = time.perf_counter()

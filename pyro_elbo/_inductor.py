@@ -5,31 +5,136 @@ once by :func:`~pyro_elbo._pyro.capture.trace_step`); on CUDA it runs the graph 
 (inductor's cudagraph trees, what ``mode="reduce-overhead"`` turns on): one launch per step
 instead of one per kernel. ``compile_fx`` is a private API, so any failure there falls back to
 the public ``torch.compile``.
+
+Persistent caches. Inductor keeps two caches on disk (``TORCHINDUCTOR_CACHE_DIR``, by default
+``/tmp/torchinductor_$USER``): the FX graph cache (generated code and the compiled C++/Triton
+kernels) and the AOTAutograd cache. Both are keyed by the graph itself: its code, the value of
+every tensor constant in it, the input shapes, dtypes and strides, inductor's configuration and
+the torch version. A second process that traces the same model with the same shapes reuses the
+compiled kernels (seconds instead of tens of seconds); a different model, hyperparameter or
+constant traces to a different graph and compiles afresh, so a cache hit can never run another
+model's graph. Both caches look up guards in the shape environment of the current tracing context;
+``compile_fx`` called outside Dynamo has none and bypasses them ("No shape env"), so
+:func:`compile_graph` provides one (static shapes: no guards).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pyro_elbo._compile_progress import phase
+
+#: inductor options for a captured training step on the CPU. ``compile_threads=1``: the graph is
+#: one C++ file, so a pool of compile workers has nothing to share out, and starting it (each
+#: worker imports torch) costs seconds on a small machine.
+CPU_PATCHES: dict[str, Any] = {"compile_threads": 1}
+
+
+@dataclass
+class CompileStats:
+    """What the last :func:`compile_graph` call did (read by benchmarks and tests).
+
+    Attributes:
+        seconds: wall time of the call.
+        cache: ``"hit"`` (kernels loaded from inductor's FX graph cache), ``"miss"`` (compiled and
+            saved), ``"bypass"`` (not cacheable), or ``""`` (no inductor: eager or ``torch.compile``).
+        counters: inductor's and AOTAutograd's cache counters during the call.
+    """
+
+    seconds: float = 0.0
+    cache: str = ""
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+#: the statistics of the most recent :func:`compile_graph` call in this process
+last_stats = CompileStats()
+
 
 def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str) -> tuple[Callable[..., Any], bool]:
     """``graph`` compiled for ``inputs`` (real tensors) by ``backend``; and whether it runs as
     CUDA graphs (then a caller must call ``torch.compiler.cudagraph_mark_step_begin()`` before each
-    call and copy the outputs it keeps)."""
+    call and copy the outputs it keeps).
+
+    With ``backend="inductor"`` a second process that traces the same graph (same model, constants
+    and input signature) loads the compiled kernels from inductor's on-disk caches instead of
+    generating and compiling C++ again; see the module docstring for what the cache key covers."""
+    global last_stats
+    last_stats = CompileStats()
     if backend == "eager":
         return graph, False
+    start = time.perf_counter()
     if backend == "inductor":
         cuda = all(t.device.type == "cuda" for t in inputs)
         try:
-            from torch._inductor.compile_fx import compile_fx
+            with phase("inductor") as shown:
+                from torch._inductor.compile_fx import compile_fx
 
-            patches = {"triton.cudagraphs": True} if cuda else {}
-            compiled: Callable[..., Any] = compile_fx(graph, inputs, config_patches=patches)  # type: ignore[assignment]
+                patches: dict[str, Any] = {"triton.cudagraphs": True} if cuda else dict(CPU_PATCHES)
+                with _cache_counters() as counts, _shape_env_context():
+                    compiled: Callable[..., Any] = compile_fx(graph, inputs, config_patches=patches)  # type: ignore[assignment]
+                last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
+                shown.note = f"cache {last_stats.cache}" if last_stats.cache else ""
             return compiled, cuda
         except Exception:  # a private API: fall back to the public entry point
             pass
-    return torch.compile(graph, backend=backend, dynamic=False), False
+    compiled = torch.compile(graph, backend=backend, dynamic=False)
+    last_stats = CompileStats(time.perf_counter() - start)
+    return compiled, False
+
+
+@contextlib.contextmanager
+def _shape_env_context() -> Iterator[None]:
+    """A tracing context whose fake mode has a shape environment, so that inductor's FX graph
+    cache and AOTAutograd's cache are used (without one both bypass). The graph has static shapes:
+    the environment records no guards, and every cache entry is one exact input signature."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if torch._guards.TracingContext.try_get() is not None:  # inside someone's compile: theirs
+        yield
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with torch._guards.tracing(torch._guards.TracingContext(mode)):
+        yield
+
+
+_COUNTERS = (
+    ("inductor", "fxgraph_cache_hit"),
+    ("inductor", "fxgraph_cache_miss"),
+    ("inductor", "fxgraph_cache_bypass"),
+    ("aot_autograd", "autograd_cache_hit"),
+    ("aot_autograd", "autograd_cache_miss"),
+    ("aot_autograd", "autograd_cache_bypass"),
+)
+
+
+@contextlib.contextmanager
+def _cache_counters() -> Iterator[dict[str, int]]:
+    """The change of inductor's cache counters during the block (filled in on exit)."""
+    from torch._dynamo.utils import counters
+
+    before = {name: counters[group][name] for group, name in _COUNTERS}
+    changes: dict[str, int] = {}
+    try:
+        yield changes
+    finally:
+        for group, name in _COUNTERS:
+            change = counters[group][name] - before[name]
+            if change:
+                changes[name] = change
+
+
+def _cache_outcome(counts: dict[str, int]) -> str:
+    """The FX graph cache's answer: it holds the generated code and compiled kernels, the
+    expensive part (AOTAutograd's cache, in front of it, may bypass on a graph it cannot pickle)."""
+    for outcome in ("bypass", "miss", "hit"):
+        if counts.get(f"fxgraph_cache_{outcome}"):
+            return outcome
+    return ""
