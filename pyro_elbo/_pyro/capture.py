@@ -11,6 +11,7 @@ a trainable tensor became a constant (it would silently stop training).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +87,56 @@ def module_parameter_slots(
                     seen.add((id(module), attribute))
                     slots.append((module, attribute, by_id[id(param)]))
     return slots
+
+
+class module_state_kept:
+    """Put back, on exit, the buffers of every module the programs reach (their ``self``, modules
+    in their closures): the runs a capture adds to training (one eager run deciding the particle
+    path, the trace itself) must not move running statistics (``nn.BatchNorm1d``'s
+    ``running_mean``, ``num_batches_tracked``; a ``BatchNorm`` flow's moving averages, which its
+    forward reads), or the compiled path would train from another state than the eager one."""
+
+    def __init__(self, programs: tuple[Any, ...]) -> None:
+        self.modules = _reachable_modules(programs)
+
+    def __enter__(self) -> None:
+        self.saved = [
+            (module, name, buffer, buffer.detach().clone())
+            for module in self.modules
+            for name, buffer in module._buffers.items()
+            if buffer is not None
+        ]
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for module, name, buffer, value in self.saved:
+                module._buffers[name] = buffer
+                buffer.copy_(value)
+
+
+def _reachable_modules(programs: tuple[Any, ...]) -> list[torch.nn.Module]:
+    """Modules a program is, is a method of, or holds in its closure (``functools.partial`` seen
+    through), each with its submodules, once."""
+    found: dict[int, torch.nn.Module] = {}
+    pending = list(programs)
+    while pending:
+        obj = pending.pop()
+        if isinstance(obj, torch.nn.Module):
+            found.update((id(m), m) for m in obj.modules())
+            continue
+        if isinstance(obj, functools.partial):
+            pending += [obj.func, *obj.args, *obj.keywords.values()]
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            pending.append(owner)
+        for cell in getattr(getattr(obj, "__func__", obj), "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, torch.nn.Module):
+                pending.append(value)
+    return list(found.values())
 
 
 class slots_replaced:
