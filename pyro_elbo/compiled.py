@@ -83,6 +83,8 @@ class CompiledLoss:
         self.cudagraphs: set[Signature] = set()
         self._captured_cudagraphs = False  # the graph _capture just returned runs as CUDA graphs
         self._last: tuple[Any, Signature] | None = None
+        #: the signature and graph of the last call (not for CUDA graphs, whose outputs are copied)
+        self._hot: tuple[Signature, Callable[..., Any]] | None = None
 
     def __call__(
         self,
@@ -146,6 +148,10 @@ class CompiledLoss:
         self, signature: Signature, capture: Callable[[], Callable[..., Any]], inputs: list[Tensor]
     ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
         """Call the graph of ``signature`` on ``inputs``, capturing and compiling it first if new."""
+        hot = self._hot
+        if hot is not None and hot[0] is signature:  # the graph of the last call: no lookups
+            outputs = hot[1](*inputs)
+            return outputs[0], outputs[1], list(outputs[2:])
         graph = self.graphs.get(signature)
         new = graph is None
         start = time.perf_counter()
@@ -180,6 +186,7 @@ class CompiledLoss:
             return None
         if new:  # capture + compilation (torch.compile compiles on the first call)
             self.capture_seconds[signature] = time.perf_counter() - start
+        self._hot = None if replayed else (signature, graph)
         return outputs[0], outputs[1], list(outputs[2:])
 
     def _capture(
@@ -367,8 +374,15 @@ def split(flat: Tensor, layout: Layout) -> list[Tensor]:
 
 
 def flat_adam_update(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, lr: Tensor, beta1: Tensor,
-    beta2: Tensor, eps: Tensor,
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    steps: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""torch.optim.Adam's update (no weight decay, no amsgrad) on flat vectors, as graph operations:
 

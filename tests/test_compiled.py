@@ -22,8 +22,9 @@ from models import default_conjugate, relative_tolerance
 
 def test_fit_compile_is_available() -> None:
     c = default_conjugate()
-    result = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, num_steps=3, compile=True, compile_backend="eager",
-                           progress=False)
+    result = pyro_elbo.fit(
+        c.model, c.guide_at(0.0, 1.0), 2, num_steps=3, compile=True, compile_backend="eager", progress=False
+    )
     assert result.compile_seconds is not None and len(result.history) == 3
 
 
@@ -130,8 +131,9 @@ def test_module_parameters_train_when_compiled() -> None:
     for g, e in zip(grads, eager):
         assert torch.allclose(g, e, rtol=1e-10, atol=1e-12) and float(g.abs().sum()) > 0
     before = encoder.weight.detach().clone()
-    pyro_elbo.fit(model, guide, x, objective=objective, num_steps=5, compile=True, compile_backend="eager",
-                  progress=False)
+    pyro_elbo.fit(
+        model, guide, x, objective=objective, num_steps=5, compile=True, compile_backend="eager", progress=False
+    )
     assert not torch.equal(before, encoder.weight.detach())
     assert isinstance(encoder.weight, torch.nn.Parameter)
 
@@ -159,22 +161,55 @@ def test_in_graph_adam_matches_torch_adam_and_resume_is_exact(tmp_path: Path) ->
     runs = {}
     for compile_ in (False, True):
         pyro.clear_param_store()
-        runs[compile_] = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=4),
-                                       num_steps=30, seed=3, compile=compile_, compile_backend="eager",
-                                       progress=False, optimizer_options={"foreach": False})
+        runs[compile_] = pyro_elbo.fit(
+            c.model,
+            c.guide_at(0.0, 1.0),
+            2,
+            objective=pyro_elbo.IWAE(num_particles=4),
+            num_steps=30,
+            seed=3,
+            compile=compile_,
+            compile_backend="eager",
+            progress=False,
+            optimizer_options={"foreach": False},
+        )
     for name in runs[False].params:
         assert torch.allclose(runs[True].params[name], runs[False].params[name], rtol=relative_tolerance(), atol=1e-12)
     assert runs[True].history == pytest.approx(runs[False].history, rel=relative_tolerance())
     # checkpoint + resume on the compiled path: identical to the straight compiled run
     pyro.clear_param_store()
     path = tmp_path / "c.pt"
-    pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=4), num_steps=30, seed=3,
-                  compile=True, compile_backend="eager", checkpoint=path, checkpoint_every=5, progress=False,
-                  optimizer_options={"foreach": False}, callbacks=[lambda step, loss: step < 17])
+    pyro_elbo.fit(
+        c.model,
+        c.guide_at(0.0, 1.0),
+        2,
+        objective=pyro_elbo.IWAE(num_particles=4),
+        num_steps=30,
+        seed=3,
+        compile=True,
+        compile_backend="eager",
+        checkpoint=path,
+        checkpoint_every=5,
+        progress=False,
+        optimizer_options={"foreach": False},
+        callbacks=[lambda step, loss: step < 17],
+    )
     pyro.clear_param_store()
-    resumed = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=4),
-                            num_steps=30, seed=3, compile=True, compile_backend="eager", checkpoint=path,
-                            resume=True, checkpoint_every=5, progress=False, optimizer_options={"foreach": False})
+    resumed = pyro_elbo.fit(
+        c.model,
+        c.guide_at(0.0, 1.0),
+        2,
+        objective=pyro_elbo.IWAE(num_particles=4),
+        num_steps=30,
+        seed=3,
+        compile=True,
+        compile_backend="eager",
+        checkpoint=path,
+        resume=True,
+        checkpoint_every=5,
+        progress=False,
+        optimizer_options={"foreach": False},
+    )
     assert resumed.resumed_from_step == 17  # the stopped run saved its last step
     assert resumed.history == runs[True].history
     for name in resumed.params:
@@ -184,8 +219,17 @@ def test_in_graph_adam_matches_torch_adam_and_resume_is_exact(tmp_path: Path) ->
 def test_inductor_compiles_and_trains() -> None:
     """The real backend (a few seconds of compilation): same objective trajectory as eager."""
     c = default_conjugate()
-    result = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.STL(), num_steps=300, lr=0.05,
-                           seed=0, compile=True, progress=False)
+    result = pyro_elbo.fit(
+        c.model,
+        c.guide_at(0.0, 1.0),
+        2,
+        objective=pyro_elbo.STL(),
+        num_steps=300,
+        lr=0.05,
+        seed=0,
+        compile=True,
+        progress=False,
+    )
     assert result.compile_seconds is not None
     assert torch.allclose(result.params["loc"], torch.full((2,), c.post_loc), atol=0.02)
     assert torch.allclose(result.params["scale"], torch.full((2,), c.post_scale), atol=0.02)
@@ -200,7 +244,7 @@ def test_compiled_objective_in_pyro_svi() -> None:
     svi = pyro.infer.SVI(c.model, guide, pyro.optim.Adam({"lr": 0.05}), loss=objective)
     for _ in range(400):
         svi.step(2)
-    (compiled, names), = objective._svi_steps.programs.values()
+    ((compiled, names),) = objective._svi_steps.programs.values()
     assert set(names) == {"loc", "scale"} and len(compiled.graphs) == 1
     store = pyro.get_param_store()
     assert torch.allclose(store["loc"].detach(), torch.full((2,), c.post_loc), atol=0.02)

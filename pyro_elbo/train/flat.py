@@ -33,7 +33,9 @@ class FlatAdam:
     Use :meth:`bind` (``None`` when the parameters cannot share one vector).
     """
 
-    def __init__(self, params: dict[str, Tensor], opt: torch.optim.Optimizer, steps: float, step_dtype: torch.dtype) -> None:
+    def __init__(
+        self, params: dict[str, Tensor], opt: torch.optim.Optimizer, steps: float, step_dtype: torch.dtype
+    ) -> None:
         tensors = list(params.values())
         self.params = params
         self.optimizer = opt
@@ -106,5 +108,6 @@ class FlatAdam:
 def _moment(opt: torch.optim.Optimizer, param: Tensor, key: str) -> Tensor:
     state = opt.state.get(param)
     if state and key in state:
-        return state[key].detach().to(param.dtype).reshape(-1)
+        saved: Tensor = state[key]
+        return saved.detach().to(param.dtype).reshape(-1)
     return torch.zeros(param.numel(), dtype=param.dtype, device=param.device)

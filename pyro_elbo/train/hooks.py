@@ -70,7 +70,9 @@ class Progress(Hook):
         if state.context.is_main:
             from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
-            self.bar = tqdm(total=self.total, initial=state.step, desc="fit", unit="step", dynamic_ncols=True, mininterval=0.25)
+            self.bar = tqdm(
+                total=self.total, initial=state.step, desc="fit", unit="step", dynamic_ncols=True, mininterval=0.25
+            )
             self.last = time.monotonic()
 
     def on_step(self, state: TrainState, info: StepInfo) -> str | None:

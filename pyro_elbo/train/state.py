@@ -277,7 +277,9 @@ def _option_differences(saved_groups: list[dict[str, Any]], groups: list[dict[st
         for key in sorted((set(saved) & set(group)) - _IMPLEMENTATION_OPTIONS):
             if _plain(saved[key]) != _plain(group[key]):
                 where = f" (group {index})" if len(groups) > 1 else ""
-                differences.append(f"optimizer option {key}={_plain(saved[key])!r} in the checkpoint, {_plain(group[key])!r} now{where}")
+                differences.append(
+                    f"optimizer option {key}={_plain(saved[key])!r} in the checkpoint, {_plain(group[key])!r} now{where}"
+                )
     return differences
 
 
@@ -311,4 +313,6 @@ def check_optimizer_loads(state: dict[str, Any], optimizer: torch.optim.Optimize
                 "optimizer that wrote it. Nothing was loaded or overwritten."
             )
     if failure:
-        raise ValueError(f"the checkpoint's optimizer state does not load into {name}{failure}. Nothing was loaded or overwritten.")
+        raise ValueError(
+            f"the checkpoint's optimizer state does not load into {name}{failure}. Nothing was loaded or overwritten."
+        )

@@ -66,8 +66,9 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     ``compile_backend="eager"``, whose draws are the eager ones), else at the parameters before
     the step with new draws (an inductor graph's draws cannot be replayed).
 
-    On the compiled Adam path (:mod:`pyro_elbo.train.flat`) the step is one graph call and one
-    copy; the loss stays a device tensor until read (``info.loss``, ``state.history``).
+    On the compiled Adam path (:mod:`pyro_elbo.train.flat`) the step is one graph call that
+    writes parameters and Adam moments (on CUDA one copy follows); the loss stays a device tensor
+    until read (``info.loss``, ``state.history``), and the host reads only ``finite``.
 
     Raises:
         NonFiniteLossError: see above, or ``max_consecutive_skips`` non-finite steps in a row.
@@ -76,7 +77,7 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     kwargs = {**state.kwargs, **kwargs} if kwargs else state.kwargs
     compiled = state.compiled
     # the pre-step random state lets a refused step replay its draws (when they can be replayed)
-    replayable = compiled is None or compiled.backend == "eager"
+    replayable = compiled is None or compiled.backend == "eager" or compiled.failed is not None
     rng_before = torch_rng_state() if state.on_nonfinite == "raise" and replayable else None
     start = time.perf_counter()
     device = state.device
