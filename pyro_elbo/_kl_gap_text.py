@@ -10,6 +10,11 @@ from pyro_elbo.kl_gap import GOOD_KL, MIN_ESS, SMALL_KL
 if TYPE_CHECKING:
     from pyro_elbo.kl_gap import KLGapReport, SimulatedGap
 
+#: below this fraction of the chains effective, BDMC's standard errors are not trusted
+FEW_CHAINS = 0.25
+#: Markov: P(log Z_hat > log Z + t) <= exp(-t) for an unbiased Z_hat; t = log(1 / 0.023)
+MARKOV_T = math.log(1 / 0.023)
+
 MEANING = (
     "(each end: its bound -/+ 2 standard errors and the noise floor; unless a warning below says "
     "otherwise, the truth lies inside in about 95% of runs)"
@@ -105,6 +110,14 @@ def simulated_text(sim: SimulatedGap) -> list[str]:
     ]
     if sim.cubo_excess_interval[1] < 0:
         lines.append("    CUBO_2 is below log p(x*) here: its estimate is biased low (heavy-tailed weights)")
+    if sim.effective_chains < FEW_CHAINS * fwd.num_particles:
+        kl_lo, kl_hi = sim.kl_interval
+        lines.append(
+            f"    few chains carry BDMC's weight ({sim.effective_chains:.1f} of {fwd.num_particles} effective): its "
+            "standard errors may understate its error (raise num_steps or num_chains). Without them, Markov's "
+            f"inequality puts KL in [{max(0.0, kl_lo - MARKOV_T):.4f}, {kl_hi + MARKOV_T:.4f}] (AIS makes each end "
+            "fail with probability <= 2.3%, however heavy its weights)"
+        )
     if s.width > max(gap_hi - gap_lo, 0.0):
         lines.append("    the sandwich is wider than the bracket: BDMC cannot split it (more chains or steps)")
     lines.append(f"  simulated verdict  {r.verdict}")

@@ -210,6 +210,31 @@ def anneal(
     return AISRun(log_w, torch.stack(accepts), torch.stack(steps), state.u, num_evals)
 
 
+def mcmc(
+    target: Target, u0: Sites, beta: float, step_size: Tensor, scale: Sites, *, num_leapfrog: int, num_transitions: int
+) -> tuple[Sites, Tensor]:
+    """``num_transitions`` HMC moves leaving :math:`\\pi_\\beta` invariant, without annealing.
+
+    Chains started at one exact posterior draw and moved so (``beta = 1``) are each still an exact
+    draw, but no longer the same one: the reverse AIS chains of BDMC then start spread over the
+    posterior, and the spread of their weights measures the variability due to the start.
+
+    Returns:
+        The final states and the mean acceptance probability ``[*B]``.
+    """
+    state = _evaluate(target, u0)
+    accepts = [torch.ones_like(state.f[0])]
+    for _ in range(num_transitions):
+        state, prob = hmc_step(target, state, beta, step_size.unsqueeze(0), scale, num_leapfrog)
+        accepts.append(prob.mean(0))
+    return state.u, torch.stack(accepts[1:] or accepts).mean(0)
+
+
+def effective_chains(log_w: Tensor) -> Tensor:
+    """:math:`(\\sum_c w_c)^2 / \\sum_c w_c^2` over dim 0: how many chains carry the weight."""
+    return 1.0 / torch.softmax(log_w, 0).pow(2).sum(0)
+
+
 def logmeanexp(x: Tensor, dim: int = 0) -> Tensor:
     return torch.logsumexp(x, dim) - math.log(x.shape[dim])
 

@@ -58,6 +58,8 @@ class Evidence:
         observed: observed scalars per data point and whether they are discrete.
         acceptance_rate: ``[N]`` mean HMC acceptance probability (AIS only).
         step_size: ``[T, N]`` the step sizes of the AIS transitions (AIS only).
+        effective_chains: ``[N]`` :math:`(\\sum w)^2 / \\sum w^2` of the chains' weights (AIS only):
+            when a few chains carry the weight, ``per_point_se`` understates the error.
     """
 
     per_point: Tensor
@@ -69,6 +71,7 @@ class Evidence:
     observed: Observed
     acceptance_rate: Tensor | None = None
     step_size: Tensor | None = None
+    effective_chains: Tensor | None = None
 
     @property
     def mean(self) -> Estimate:
@@ -228,6 +231,7 @@ def _concat(results: list[Evidence]) -> Evidence:
         first.observed,
         acceptance_rate=cat("acceptance_rate"),
         step_size=cat("step_size", 1),
+        effective_chains=cat("effective_chains"),
     )
 
 
@@ -311,6 +315,7 @@ def _ais(
         evals,
         target.observed,
         acceptance_rate=(torch.stack(accepts).sum(0) / num_particles).reshape(-1),
+        effective_chains=ais.effective_chains(log_w).reshape(-1),
         step_size=tuned.step_size.reshape(num_steps, -1),
     )
     return evidence, scale, tuned.step_size
@@ -409,6 +414,7 @@ def bdmc(
     num_leapfrog: int = 5,
     transition: str = "hmc",
     step_size: float = 0.5,
+    num_spread: int | None = None,
     simulate_args: Callable[[dict[str, Tensor]], tuple[Any, ...]] | None = None,
     **kwargs: Any,
 ) -> Sandwich:
@@ -430,6 +436,11 @@ def bdmc(
         model, guide, *args, **kwargs: as for :func:`log_evidence` (one batch, not a loader).
         num_chains, num_steps, num_leapfrog, transition, step_size: as for AIS in
             :func:`log_evidence` (``num_chains`` is its ``num_particles``).
+        num_spread: HMC transitions at the posterior (default ``max(10, num_steps // 5)``) that
+            move each reverse chain away from :math:`z^*` before annealing: each start is still an
+            exact posterior draw, but the chains no longer share one, so the spread of their
+            weights includes the variability due to the start (with a shared start the standard
+            error of ``upper`` is too small).
         simulate_args: maps the simulated observations to the model's positional arguments.
 
     Returns:
@@ -445,15 +456,8 @@ def bdmc(
         | https://arxiv.org/abs/1611.04273
     """
     sim = simulate_data(model, guide, args, kwargs, simulate_args)
-    return sandwich(
-        sim,
-        guide,
-        num_chains=num_chains,
-        num_steps=num_steps,
-        transition=transition,
-        num_leapfrog=num_leapfrog,
-        step_size=step_size,
-    )
+    options: dict[str, Any] = dict(num_chains=num_chains, num_steps=num_steps, num_leapfrog=num_leapfrog)
+    return sandwich(sim, guide, transition=transition, step_size=step_size, num_spread=num_spread, **options)
 
 
 def sandwich(
@@ -465,37 +469,28 @@ def sandwich(
     num_leapfrog: int = 5,
     transition: str = "hmc",
     step_size: float = 0.5,
+    num_spread: int | None = None,
 ) -> Sandwich:
     """Forward and reverse AIS on simulated data (see :func:`bdmc`)."""
     if transition not in TRANSITIONS:
         raise ValueError(f"unknown transition {transition!r}; choose from {tuple(TRANSITIONS)}")
     leapfrog = 1 if transition == "mala" else num_leapfrog
+    options = dict(num_particles=num_chains, chunk_size=num_chains, num_steps=num_steps, num_leapfrog=leapfrog)
     forward, scale, steps = _ais(
-        sim.model,
-        guide,
-        sim.args,
-        sim.kwargs,
-        num_particles=num_chains,
-        chunk_size=num_chains,
-        num_steps=num_steps,
-        num_leapfrog=leapfrog,
-        target_accept=TRANSITIONS[transition],
-        step_size=step_size,
-        num_pilot_chains=max(2, num_chains // 4),
-    )
+        sim.model, guide, sim.args, sim.kwargs, **options, target_accept=TRANSITIONS[transition],
+        step_size=step_size, num_pilot_chains=max(2, num_chains // 4),
+    )  # fmt: skip
     target = JointDensity(sim.model, guide, sim.args, sim.kwargs, num_chains)
-    u0 = target.unconstrain(sim.latents)
+    spread = max(10, num_steps // 5) if num_spread is None else num_spread
+    u0, _ = ais.mcmc(target, target.unconstrain(sim.latents), 1.0, steps[-1], scale, num_leapfrog=leapfrog,
+                     num_transitions=spread)  # fmt: skip
     betas = ais.sigmoid_schedule(num_steps).flip(0)
     reverse_steps = torch.cat([steps.flip(0)[1:], steps[:1]])  # the step size of each target beta
     run = ais.anneal(target, u0, betas, reverse_steps, scale, num_leapfrog=leapfrog)
     reverse = _evidence(
-        -ais.logmeanexp(run.log_w),
-        ais.log_mean_se(run.log_w),
-        "reverse-ais",
-        num_chains,
-        num_chains * run.num_evals,
-        target.observed,
-        acceptance_rate=run.acceptance.mean(0).reshape(-1),
-        step_size=run.step_size.reshape(num_steps, -1),
-    )
+        -ais.logmeanexp(run.log_w), ais.log_mean_se(run.log_w), "reverse-ais", num_chains,
+        num_chains * (run.num_evals + spread * leapfrog), target.observed,
+        acceptance_rate=run.acceptance.mean(0).reshape(-1), step_size=run.step_size.reshape(num_steps, -1),
+        effective_chains=ais.effective_chains(run.log_w).reshape(-1),
+    )  # fmt: skip
     return Sandwich(forward.total, reverse.total, forward, reverse, sim.latents, sim.observed)

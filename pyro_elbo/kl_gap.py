@@ -13,9 +13,8 @@ in expectation. Every number comes with a Monte Carlo standard error; the printe
 the bounds widened by two standard errors and by the floating-point noise floor, and the verdict
 says whether the importance-sampling numbers (IWAE, CUBO) can be trusted at all.
 
-With ``bdmc=True`` the report adds the same bracket on data simulated from the model, where BDMC
-(Grosse et al., 2015) sandwiches the true :math:`\\log p(x^*)` and so tells how much of the
-bracket is q's KL and how much the estimators' looseness (:class:`SimulatedGap`).
+With ``bdmc=True``, the same on data simulated from the model, split by BDMC into q's KL and the
+estimators' looseness (:class:`SimulatedGap`; Grosse et al., 2015).
 """
 
 from __future__ import annotations
@@ -307,6 +306,11 @@ class SimulatedGap:
         return self._between(self.report.cubo - self.sandwich.upper, self.report.cubo - self.sandwich.lower)
 
     @property
+    def effective_chains(self) -> float:
+        """The fewest chains that carry the AIS weight, forward or reverse, over the data points."""
+        return min(float(e.effective_chains.min()) for e in (self.sandwich.forward, self.sandwich.reverse))  # type: ignore[union-attr]
+
+    @property
     def q_share(self) -> tuple[float, float]:
         """The fraction of the bracket's upper end ``C - E`` that is q's KL, from ``kl_interval``
         (clipped to [0, 1]; nan when ``C - E <= 0``)."""
@@ -317,7 +321,7 @@ class SimulatedGap:
         return min(1.0, lo / top), min(1.0, hi / top)
 
 
-BDMC_OPTIONS = ("num_chains", "num_steps", "num_leapfrog", "transition", "step_size", "simulate_args")
+BDMC_OPTIONS = ("num_chains", "num_steps", "num_leapfrog", "transition", "step_size", "num_spread", "simulate_args")
 
 
 def _bdmc_options(

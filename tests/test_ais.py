@@ -102,3 +102,25 @@ def test_log_mean_se() -> None:
     se = float(ais.log_mean_se(log_w))
     assert abs(se - math.sqrt((math.e - 1) / 100_000)) < 0.05 * se
     assert torch.isnan(ais.log_mean_se(torch.zeros(1, 2))).all()
+
+
+def test_mcmc_spreads_chains_from_one_exact_draw() -> None:
+    # 2000 chains all start at one draw from N(m, s^2); after 20 HMC moves at beta = 1 they are
+    # distributed as N(m, s^2) again (mean: se = s / sqrt(chains); variance: se = s^2 sqrt(2 / chains)).
+    target = make_target()
+    chains = 2000
+    start = target.m + target.s * torch.randn(*target.m.shape)
+    u0 = {"z": start.expand(chains, *target.m.shape).clone()}
+    u, accept = ais.mcmc(
+        target, u0, 1.0, torch.full((4,), 0.3), {"z": torch.ones(1, 1, 1)}, num_leapfrog=3, num_transitions=20
+    )
+    z = u["z"]
+    assert accept.shape == (4,) and 0.3 < float(accept.mean()) <= 1.0
+    assert (z.mean(0) - target.m).abs().max() < Z_TWO_SIDED * target.s / math.sqrt(chains)
+    assert (z.var(0) - target.s**2).abs().max() < Z_TWO_SIDED * target.s**2 * math.sqrt(2 / chains)
+
+
+def test_effective_chains() -> None:
+    assert torch.allclose(ais.effective_chains(torch.zeros(16, 3)), torch.full((3,), 16.0))
+    log_w = torch.tensor([[0.0], [-1000.0], [-1000.0]])
+    assert torch.allclose(ais.effective_chains(log_w), torch.ones(1))

@@ -8,7 +8,8 @@ a hierarchical Gaussian with a global latent, a plate of local latents and an am
 Tolerances: each assertion that the truth lies in an interval widens the interval's ends by
 Z_ONE_SIDED = 4.753 standard errors (false-alarm rate 1e-6 per side), the standard errors being
 the report's own (BDMC's delta-method se of each AIS total and the ELBO's particle se, added in
-quadrature). The slow sweep measures the miss rate of the printed 2-se interval itself.
+quadrature). The slow sweep measures the miss rate of the printed 2-se interval itself
+(2026-11-27: 6 misses in 300 runs, 2.0%, nominal <= 4.6%; 400 s on a shared 2-core CPU).
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ def test_simulated_kl_interval_contains_the_exact_kl(make: Callable[[str], Case]
     text = str(report)
     assert "simulated from the model" in text and "insofar as the model fits" in text
     assert "fit to the real data" in text  # the caveat for a guide that does not read x
+    assert ("few chains carry" in text) == (sim.effective_chains < 0.25 * 16)
 
 
 @pytest.mark.parametrize("guide", ["exact", "far"])
