@@ -16,6 +16,7 @@ from typing import Any
 
 import pyro
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import pytest
 import torch
 from pyro.distributions.transforms import batchnorm, iterated, planar
@@ -123,6 +124,28 @@ def test_planar_flow_guide_captures() -> None:
             (torch.randn(4),),
         )
     )
+
+
+def _closure_flow() -> tuple[Any, Any, tuple[Any, ...]]:
+    """Pyro's normalizing-flow tutorial: a flow registered with ``pyro.module`` in a hand-written
+    guide, used as the transform of a ``TransformedDistribution``."""
+    flow = T.Planar(2)
+
+    def model(x: Tensor) -> None:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x: Tensor) -> None:
+        pyro.module("flow", flow)
+        base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        pyro.sample("z", dist.TransformedDistribution(base, [flow]))
+
+    return model, guide, (torch.randn(6, 2),)
+
+
+def test_flow_in_a_guide_closure_captures() -> None:
+    _assert_parity(_closure_flow)
 
 
 #: the capture's extra runs (the eager run deciding the particle path, the trace) must leave module

@@ -1,12 +1,16 @@
 """Tracing one training step of a Pyro program into an FX graph, and the checks on that graph.
 
 :func:`trace_step` runs a step function under ``make_fx(tracing_mode="fake")`` with Pyro's and
-``torch.distributions``' argument validation off (data-dependent branches), and turns a failure
-into a :class:`CaptureError` that says why. The step function reads each parameter from a
-function input: through :func:`~pyro_elbo._pyro.params.substituted_params` for ``pyro.param``
-statements, and through :func:`module_parameter_slots` for ``nn.Parameter`` attributes a
-``PyroModule`` method reads directly. :func:`check_no_baked_parameters` refuses a graph in which
-a trainable tensor became a constant (it would silently stop training).
+``torch.distributions``' argument and sample checks off (data-dependent branches; they ran on real
+tensors in the eager step before), and turns a failure into a :class:`CaptureError` that says in
+the user's terms what cannot be captured, where, and what to change
+(:func:`~pyro_elbo._pyro.capture_failures.describe_failure`). The step function reads each
+parameter from a function input: through :func:`~pyro_elbo._pyro.params.substituted_params` for
+``pyro.param`` statements, and through :func:`module_parameter_slots` for ``nn.Parameter``
+attributes a ``PyroModule`` method or a flow's transform reads directly.
+:func:`check_no_baked_parameters` refuses a graph in which a trainable tensor became a constant
+(it would silently stop training), and :class:`module_state_kept` puts module buffers back after
+the runs a capture adds (so running statistics move once per training step, as in eager).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -
     """``step`` traced on fake copies of ``example`` (shapes, dtypes, devices) into an FX graph.
 
     Raises:
-        CaptureError: the trace failed (``.item()``, a tensor-valued ``if``, data-dependent shapes...).
+        CaptureError: the trace failed (a Python value from a tensor: ``if``, ``float()``; packed
+            sequences; NumPy...); its message names the line of the model or guide, the operation
+            and what to change.
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -67,25 +73,22 @@ def module_parameter_slots(
     programs: tuple[Any, ...], params: dict[str, Tensor]
 ) -> list[tuple[torch.nn.Module, str, str]]:
     """``(module, attribute, parameter name)`` for every parameter of ``params`` held by a module
-    that model or guide is a method of (a ``PyroModule`` with ``@pyro_method`` programs).
+    that model or guide is, is a method of (a ``PyroModule`` with ``@pyro_method`` programs), or
+    holds in its closure (a flow registered with ``pyro.module`` and used as a transform).
 
-    Such a module's ``nn.Parameter`` read in the method itself, outside any ``forward``, reaches
-    neither the ``pyro.param`` handler (``PyroModule`` returns the attribute, not the statement's
-    value) nor the module forward hooks; the capture puts its input in the slot instead. A
-    parameter held in two slots (``AutoNormalizingFlow`` keeps its first flow parameter as
-    ``_prototype_tensor`` too) gets its input in both."""
+    Such a module's ``nn.Parameter`` read outside any ``forward`` (in the method itself, or in a
+    flow transform's ``_call``) reaches neither the ``pyro.param`` handler (``PyroModule`` returns
+    the attribute, not the statement's value) nor the module forward hooks; the capture puts its
+    input in the slot instead. A parameter held in two slots (``AutoNormalizingFlow`` keeps its
+    first flow parameter as ``_prototype_tensor`` too) gets its input in both."""
     by_id = {id(t): name for name, t in params.items()}
     slots = []
     seen: set[tuple[int, str]] = set()  # one parameter may sit in several slots: fill each
-    for program in programs:
-        owner = getattr(program, "__self__", program)
-        if not isinstance(owner, torch.nn.Module):
-            continue
-        for module in owner.modules():
-            for attribute, param in module._parameters.items():
-                if param is not None and id(param) in by_id and (id(module), attribute) not in seen:
-                    seen.add((id(module), attribute))
-                    slots.append((module, attribute, by_id[id(param)]))
+    for module in _reachable_modules(programs):
+        for attribute, param in module._parameters.items():
+            if param is not None and id(param) in by_id and (id(module), attribute) not in seen:
+                seen.add((id(module), attribute))
+                slots.append((module, attribute, by_id[id(param)]))
     return slots
 
 

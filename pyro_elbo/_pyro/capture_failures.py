@@ -97,7 +97,11 @@ def describe_failure(error: BaseException) -> str:
     site = user or operation
     role = _role(frames)
     at = f" at {site}" if site else ""
-    via = f", through {operation}" if operation and user and operation.path != user.path else ""
+    via = (
+        f", through {operation}"
+        if operation and user and (operation.path, operation.line) != (user.path, user.line)
+        else ""
+    )
     if packed:
         return f"{role} runs a PackedSequence (torch.nn.utils.rnn.pack_padded_sequence) through an RNN{at}{via}; {_PACKED_FIX}"
     if _data_dependent(error):
