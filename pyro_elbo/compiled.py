@@ -135,7 +135,9 @@ class CompiledLoss:
         if self.failed is not None:
             return None
         tensors = [a for a in args if isinstance(a, Tensor)]
-        quick_key = (id(flat[0]), id(layout), tuple(map(id, args)), tuple(kwargs.items()))
+        # the layout itself, not its id: a freed layout's id may be reused by another one
+        first = flat[0]
+        quick_key = (id(first), first.dtype, first.device, layout, tuple(map(id, args)), tuple(kwargs.items()))
         if self._last is not None and self._last[0] == quick_key:
             signature = self._last[1]
         else:

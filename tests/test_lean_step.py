@@ -177,3 +177,27 @@ def test_progress_reads_the_loss_only_when_it_redraws() -> None:
         assert progress.bar.n == 20
     finally:
         progress.close()
+
+
+def test_parameters_that_cannot_share_one_vector_take_the_per_parameter_graph() -> None:
+    """Mixed dtypes cannot share a flat buffer: the per-parameter in-graph Adam runs instead and
+    still equals eager Adam on the same draws."""
+
+    other = torch.float32 if torch.get_default_dtype() == torch.float64 else torch.float64
+
+    def guide64(x: torch.Tensor) -> None:
+        loc = pyro.param("loc", torch.zeros(2))
+        scale = pyro.param("scale", torch.ones(2, dtype=other), constraint=constraints.positive)
+        pyro.sample("z", dist.Normal(loc, scale.to(loc.dtype)).to_event(1))
+
+    runs = {}
+    for compile_ in (False, True):
+        pyro.clear_param_store()
+        state = init(model, guide64, X, lr=0.05, seed=2, compile=compile_, compile_backend="eager",
+                     optimizer_options={"foreach": False})  # fmt: skip
+        for _ in range(10):
+            step(state)
+        runs[compile_] = state
+    assert runs[True].flat is None and runs[True].compiled is not None and len(runs[True].compiled.graphs) == 1
+    for name, value in runs[False].params.items():
+        assert torch.allclose(runs[True].params[name], value, rtol=relative_tolerance(), atol=1e-7), name
