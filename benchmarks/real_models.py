@@ -121,7 +121,19 @@ def pyro_timing(name: str, steps: int) -> float:
 def warm_compile(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any] | None:
     """Compile seconds (and inductor's share, and its cache's answer) in a second process with
     the same model, shapes and inductor cache folder (``TORCHINDUCTOR_CACHE_DIR`` in ``env``)."""
-    command = [sys.executable, __file__, "--child-compile", name, "--threads", str(args.threads), "--dtype", args.dtype]
+    cache = env["TORCHINDUCTOR_CACHE_DIR"]  # passed on explicitly: the child must not make a fresh one
+    command = [
+        sys.executable,
+        __file__,
+        "--child-compile",
+        name,
+        "--threads",
+        str(args.threads),
+        "--dtype",
+        args.dtype,
+        "--cache-dir",
+        cache,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
         print(f"  warm child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)

@@ -24,7 +24,8 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-#: ``show(text, final)``: draw the running line (``final=False``) or write the finished one
+#: ``show(text, final)``: draw the running line (``final=False``), or write the finished one
+#: (``final=True``; an empty ``text`` clears the line: the compile ended without a summary)
 Show = Callable[[str, bool], None]
 
 
@@ -85,9 +86,10 @@ class CompileProgress:
                 parts = ", ".join(p.text(time.perf_counter()) for p in self.phases)
                 self.show(f"{self.label}: {parts}...", False)
 
-    def finish(self) -> str | None:
+    def finish(self, write: bool = True) -> str | None:
         """Write the finished line of the phases so far and forget them; returns it (``None`` if
-        no phase ran)."""
+        no phase ran). ``write=False`` clears the line instead (e.g. the capture failed and the
+        step runs eagerly: a fallback warning says so)."""
         if self.thread is not None:
             self.wake.set()
             self.thread.join()
@@ -96,6 +98,9 @@ class CompileProgress:
             phases, self.phases = self.phases, []
         if not phases:
             return None
+        if not write:
+            self.show("", True)
+            return None
         now = time.perf_counter()
         total = sum(p.seconds if p.seconds is not None else now - p.start for p in phases)
         words = self.label.replace("compiling", "compiled", 1)
@@ -103,12 +108,15 @@ class CompileProgress:
         self.show(text, True)
         return text
 
-    def stop(self) -> str | None:
+    def stop(self, write: bool = True) -> str | None:
         """:meth:`finish`, and receive no more phases."""
         if self.token is not None:
-            _current.reset(self.token)
+            try:
+                _current.reset(self.token)
+            except ValueError:  # stopped from another context than it started in: it ends there
+                pass
             self.token = None
-        return self.finish()
+        return self.finish(write)
 
     def __enter__(self) -> CompileProgress:
         self.start()
@@ -125,11 +133,12 @@ def stream_show(stream: TextIO) -> Show:
 
     def show(text: str, final: bool) -> None:
         nonlocal width
-        if not (live or final):
+        if not (live or final) or not (live or text):
             return
         pad = " " * max(0, width - len(text)) if live else ""
         width = 0 if final else len(text)
-        stream.write(("\r" if live else "") + text + pad + ("\n" if final else ""))
+        end = ("\n" if text else "\r") if final else ""
+        stream.write(("\r" if live else "") + text + pad + end)
         stream.flush()
 
     return show

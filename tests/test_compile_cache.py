@@ -169,4 +169,14 @@ def test_stream_show_writes_only_final_lines_to_a_file() -> None:
     show = stream_show(stream)
     show("compiling the step: trace 0.1 s...", False)
     show("compiled the step in 0.1 s (trace 0.1 s)", True)
+    show("", True)  # cleared: nothing on a file
     assert stream.getvalue() == "compiled the step in 0.1 s (trace 0.1 s)\n"
+
+
+def test_a_failed_compile_clears_the_line() -> None:
+    lines: list[tuple[str, bool]] = []
+    with CompileProgress(show=lambda text, final: lines.append((text, final))) as progress:
+        with phase("trace"):
+            pass
+        assert progress.finish(write=False) is None
+    assert lines[-1] == ("", True) and not any(t.startswith("compiled") for t, _ in lines)
