@@ -148,6 +148,26 @@ def test_flow_in_a_guide_closure_captures() -> None:
     _assert_parity(_closure_flow)
 
 
+#: a flow at the top of a user's script, named by the guide as a global
+GLOBAL_FLOW = T.Radial(2)
+
+
+def _global_flow() -> tuple[Any, Any, tuple[Any, ...]]:
+    GLOBAL_FLOW.reset_parameters()  # seeded by _fit: both runs start from the same flow
+    model = _closure_flow()[0]
+
+    def guide(x: Tensor) -> None:
+        pyro.module("flow", GLOBAL_FLOW)
+        base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        pyro.sample("z", dist.TransformedDistribution(base, [GLOBAL_FLOW]))
+
+    return model, guide, (torch.randn(6, 2),)
+
+
+def test_flow_named_as_a_global_captures() -> None:
+    _assert_parity(_global_flow)
+
+
 #: the capture's extra runs (the eager run deciding the particle path, the trace) must leave module
 #: buffers as they found them; that needs ``module_state_kept`` around both calls in compiled.py
 NEEDS_STATE_KEPT = pytest.mark.xfail(

@@ -74,7 +74,7 @@ def module_parameter_slots(
 ) -> list[tuple[torch.nn.Module, str, str]]:
     """``(module, attribute, parameter name)`` for every parameter of ``params`` held by a module
     that model or guide is, is a method of (a ``PyroModule`` with ``@pyro_method`` programs), or
-    holds in its closure (a flow registered with ``pyro.module`` and used as a transform).
+    names in its closure or globals (a flow registered with ``pyro.module`` and used as a transform).
 
     Such a module's ``nn.Parameter`` read outside any ``forward`` (in the method itself, or in a
     flow transform's ``_call``) reaches neither the ``pyro.param`` handler (``PyroModule`` returns
@@ -118,8 +118,8 @@ class module_state_kept:
 
 
 def _reachable_modules(programs: tuple[Any, ...]) -> list[torch.nn.Module]:
-    """Modules a program is, is a method of, or holds in its closure (``functools.partial`` seen
-    through), each with its submodules, once."""
+    """Modules a program is, is a method of, or names (in its closure or as a global of its
+    module; ``functools.partial`` seen through), each with its submodules, once."""
     found: dict[int, torch.nn.Module] = {}
     pending = list(programs)
     while pending:
@@ -132,13 +132,16 @@ def _reachable_modules(programs: tuple[Any, ...]) -> list[torch.nn.Module]:
         owner = getattr(obj, "__self__", None)
         if isinstance(owner, torch.nn.Module):
             pending.append(owner)
-        for cell in getattr(getattr(obj, "__func__", obj), "__closure__", None) or ():
+        function = getattr(obj, "__func__", obj)
+        values = []
+        for cell in getattr(function, "__closure__", None) or ():
             try:
-                value = cell.cell_contents
+                values.append(cell.cell_contents)
             except ValueError:  # an empty cell
                 continue
-            if isinstance(value, torch.nn.Module):
-                pending.append(value)
+        code, scope = getattr(function, "__code__", None), getattr(function, "__globals__", {})
+        values += [scope[name] for name in (code.co_names if code is not None else ()) if name in scope]
+        pending += [value for value in values if isinstance(value, torch.nn.Module)]
     return list(found.values())
 
 
