@@ -61,13 +61,14 @@ _LIBRARIES = tuple(
 
 _VALUE_FIX = (
     "compile=True records one graph for every step, so a Python value cannot come from a tensor's "
-    "value: use tensor operations instead (torch.where, masks, poutine.mask), pass such numbers as "
-    "Python numbers, or use compile=False"
+    "value: use tensor operations instead (torch.where, masks, poutine.mask), pass the numbers the "
+    "model branches on as Python numbers rather than tensors, or use compile=False"
 )
 _PACKED_FIX = (
     "a packed batch's layout is computed from the values of its lengths, which must be host integers, "
     "so compile=True cannot capture it: run the RNN on the padded batch and mask the steps past each "
-    "sequence's length (dist.mask / poutine.mask) instead of packing, or use compile=False"
+    "sequence's length (the distribution's .mask(...), or poutine.mask) instead of packing, or use "
+    "compile=False"
 )
 
 
