@@ -9,6 +9,14 @@ particles, guide, model, objective and ``autograd.grad``. The graph is then comp
 ``torch.compile`` is the fallback). Random operations stay operations, so every call draws fresh
 randomness. One graph is kept per input signature (shapes, dtypes, devices, non-tensor args).
 
+With a plain Adam optimizer the update runs inside the graph too. :meth:`CompiledLoss.flat_adam`
+takes all parameters as one flat vector :math:`\\theta \\in \\mathbb{R}^D` and the Adam moments as
+two more (:mod:`pyro_elbo.train.flat` keeps them there), differentiates with respect to that
+vector, and applies :func:`flat_adam_update` only where the loss and gradient are finite; on CPU
+the graph writes the four vectors in place, so a step allocates no per-parameter outputs. For
+inductor, ``torch.empty(shape).normal_()`` draws are rewritten to ``torch.randn`` so that they are
+generated inside the fused kernel (:func:`standard_normals_as_randn`).
+
 A model that cannot be captured (``.item()``, ``float(tensor)`` or a tensor-valued ``if`` in the
 model, NumPy randomness, data-dependent shapes) falls back to the ordinary eager path with one
 warning that says why.
@@ -398,7 +406,7 @@ def flat_adam_update(
     References:
         | Adam: A Method for Stochastic Optimization (Kingma et al., 2015)
         | https://arxiv.org/abs/1412.6980
-    """  # fmt: skip
+    """
     new_steps = steps + 1
     step = new_steps[0]
     bias1 = 1 - beta1**step

@@ -292,10 +292,12 @@ def test_parameters_read_in_a_pyro_method_are_graph_inputs() -> None:
 
 def test_a_parameter_the_capture_cannot_replace_falls_back_naming_it() -> None:
     net = torch.nn.Linear(1, 1)
+    # reached through a dict, not as a module the program names (those get slots in the capture)
+    nets = {"net": net}
 
     def model():
-        pyro.module("net", net)
-        pyro.sample("z", dist.Normal(net.bias.squeeze(), 1.0))  # read outside the module's forward
+        pyro.module("net", nets["net"])
+        pyro.sample("z", dist.Normal(nets["net"].bias.squeeze(), 1.0))  # read outside the module's forward
 
     def guide():
         pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
