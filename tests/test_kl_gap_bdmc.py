@@ -9,7 +9,7 @@ Tolerances: each assertion that the truth lies in an interval widens the interva
 Z_ONE_SIDED = 4.753 standard errors (false-alarm rate 1e-6 per side), the standard errors being
 the report's own (BDMC's delta-method se of each AIS total and the ELBO's particle se, added in
 quadrature). The slow sweep measures the miss rate of the printed 2-se interval itself
-(2026-11-27: 6 misses in 300 runs, 2.0%, nominal <= 4.6%; 400 s on a shared 2-core CPU).
+(2026-11-27: 6 misses in 300 runs, 2.0%, nominal <= 4.6%; 400-700 s on a shared 2-core CPU).
 """
 
 from __future__ import annotations
