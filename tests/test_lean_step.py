@@ -80,6 +80,7 @@ def test_reload_and_replaced_storage_rebind_the_buffers() -> None:
     state.load_state_dict(saved)
     for _ in range(5):
         step(state)
+    assert state.flat is not None  # laid out again (the parameters' old views do not overlap)
     for name, value in after.items():
         assert torch.equal(state.params[name].detach(), value), name
     first = next(iter(state.params.values()))

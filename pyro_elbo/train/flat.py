@@ -14,7 +14,9 @@ The parameters stay the same tensor objects (param store, modules, ``state_dict`
 checkpoints see them unchanged) and the optimizer state stays ``torch.optim.Adam``'s own dict,
 so an eager step, a checkpoint or a resume work as before. Whatever replaces a parameter's
 storage or the optimizer's state (``load_state_dict``, ``p.data = ...``) is noticed on the next
-step, which lays the buffers out again from the current values.
+step, which lays the buffers out again from the current values. A tensor that aliased a
+parameter's memory before its first compiled step (``w = param.detach()`` taken earlier) no longer
+follows it afterwards; read parameters through the parameter (or ``state.params``).
 """
 
 from __future__ import annotations
@@ -63,10 +65,15 @@ class FlatAdam:
     @classmethod
     def bind(cls, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> FlatAdam | None:
         """Lay ``params`` and their Adam state out flat; ``None`` if they differ in dtype or device,
-        are not floating point, or their step counts differ (then the per-parameter graph runs)."""
+        are not dense floating point, share memory, or their step counts differ (then the
+        per-parameter graph runs)."""
         tensors = list(params.values())
         if not tensors or len({(p.dtype, p.device) for p in tensors}) != 1 or not tensors[0].is_floating_point():
             return None
+        if any(p.layout != torch.strided for p in tensors):
+            return None
+        if _overlap(tensors):
+            return None  # parameters sharing memory (tied views): copying them apart would untie them
         states = [opt.state.get(p) for p in tensors]
         counts = {float(s["step"]) for s in states if s}
         if len(counts) > 1 or (counts and not all(states)):
@@ -111,3 +118,15 @@ def _moment(opt: torch.optim.Optimizer, param: Tensor, key: str) -> Tensor:
         saved: Tensor = state[key]
         return saved.detach().to(param.dtype).reshape(-1)
     return torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
+
+
+def _overlap(tensors: list[Tensor]) -> bool:
+    """Whether any two tensors' memory spans intersect (views of disjoint parts of one buffer,
+    such as an earlier flat layout, do not)."""
+    spans = []
+    for t in tensors:
+        if t.numel():
+            extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+            spans.append((t.data_ptr(), t.data_ptr() + extent * t.element_size()))
+    spans.sort()
+    return any(start < end for (_, end), (start, _) in zip(spans, spans[1:]))
