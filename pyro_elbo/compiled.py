@@ -41,6 +41,7 @@ from pyro_elbo._pyro.capture import (
     CaptureError,
     check_no_baked_parameters,
     module_parameter_slots,
+    module_state_kept,
     slots_replaced,
     trace_step,
 )
@@ -214,7 +215,8 @@ class CompiledLoss:
         tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         objective, model, guide = self.objective, self.model, self.guide
         objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
-        _decide_eagerly(objective, model, guide, args, kwargs)
+        with module_state_kept((model, guide)):  # the capture's own runs leave running statistics alone
+            _decide_eagerly(objective, model, guide, args, kwargs)
         num_params = 1 if layout is not None else len(names)
         leading, adam_inputs = state[:num_params], state[num_params:]
         # on CPU the flat graph writes its inputs; CUDA graphs are not used for a graph that
@@ -259,7 +261,8 @@ class CompiledLoss:
         inputs = [args[i] for i in tensor_positions] + list(adam_inputs)
         trainable = [True] if layout is not None else [p.requires_grad for p in params.values()]
         example = [t.detach().clone().requires_grad_(g) for t, g in zip(leading, trainable)]
-        graph = trace_step(step, example + inputs)
+        with module_state_kept((model, guide)):
+            graph = trace_step(step, example + inputs)
         check_no_baked_parameters(graph, params)
         if self.backend != "eager":  # "eager" keeps the eager path's draws, for tests
             standard_normals_as_randn(graph)

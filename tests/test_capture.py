@@ -17,7 +17,6 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
-import pytest
 import torch
 from pyro.distributions.transforms import batchnorm, iterated, planar
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormalizingFlow
@@ -168,14 +167,6 @@ def test_flow_named_as_a_global_captures() -> None:
     _assert_parity(_global_flow)
 
 
-#: the capture's extra runs (the eager run deciding the particle path, the trace) must leave module
-#: buffers as they found them; that needs ``module_state_kept`` around both calls in compiled.py
-NEEDS_STATE_KEPT = pytest.mark.xfail(
-    strict=True, reason="issue 14: compiled.py must wrap _decide_eagerly and trace_step in module_state_kept"
-)
-
-
-@NEEDS_STATE_KEPT
 def test_batchnorm_flow_guide_captures_from_the_same_state() -> None:
     """A ``BatchNorm`` flow updates its moving averages when scoring (``_inverse``) and reads them
     when sampling (``_call``): one extra eager run before the capture changes the first loss."""
@@ -203,7 +194,6 @@ def _encoded(encoder: nn.Module) -> tuple[Callable[[Tensor], None], Callable[[Te
     return model, guide
 
 
-@NEEDS_STATE_KEPT
 def test_running_statistics_move_once_per_step() -> None:
     """``nn.BatchNorm1d`` in the guide: after the same steps, the compiled path has counted as many
     batches as the eager one (the capture's own runs leave no trace in the running statistics)."""
