@@ -81,7 +81,8 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
             with phase("inductor") as shown:
                 from torch._inductor.compile_fx import compile_fx
 
-                patches: dict[str, Any] = {"triton.cudagraphs": True} if cuda else dict(CPU_PATCHES)
+                cpu = all(t.device.type == "cpu" for t in inputs)
+                patches: dict[str, Any] = {"triton.cudagraphs": True} if cuda else dict(CPU_PATCHES) if cpu else {}
                 with _cache_counters() as counts, _shape_env_context():
                     compiled: Callable[..., Any] = compile_fx(graph, inputs, config_patches=patches)  # type: ignore[assignment]
                 last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
