@@ -21,6 +21,7 @@ model's graph. Both caches look up guards in the shape environment of the curren
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
 
                 cpu = all(t.device.type == "cpu" for t in inputs)
                 patches: dict[str, Any] = {"triton.cudagraphs": True} if cuda else dict(CPU_PATCHES) if cpu else {}
-                with _cache_counters() as counts, _shape_env_context():
+                with _cache_counters() as counts, _shape_env_context(), _quiet_fallback_notes():
                     compiled: Callable[..., Any] = compile_fx(graph, inputs, config_patches=patches)  # type: ignore[assignment]
                 last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
                 shown.note = f"cache {last_stats.cache}" if last_stats.cache else ""
@@ -109,6 +110,25 @@ def _shape_env_context() -> Iterator[None]:
     mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
         yield
+
+
+class _DropFallbackNotes(logging.Filter):
+    """Inductor logs a warning for each random operation without a C++ shim (``_standard_gamma``,
+    ``_sample_dirichlet`` and their gradients: gamma, beta, Dirichlet sites) and runs it through
+    its proxy executor, which works: a note for inductor's developers, not for a user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "missing a c-shim implementation" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_fallback_notes() -> Iterator[None]:
+    logger, note_filter = logging.getLogger("torch._inductor.ir"), _DropFallbackNotes()
+    logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note_filter)
 
 
 _COUNTERS = (
