@@ -35,6 +35,7 @@ import pyro
 import torch
 from torch import Tensor
 
+from pyro_elbo._compile_progress import phase
 from pyro_elbo._inductor import compile_graph
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.capture import (
@@ -214,9 +215,10 @@ class CompiledLoss:
         self._captured_cudagraphs = False
         tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         objective, model, guide = self.objective, self.model, self.guide
-        objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
-        with module_state_kept((model, guide)):  # the capture's own runs leave running statistics alone
-            _decide_eagerly(objective, model, guide, args, kwargs)
+        with phase("eager run"):
+            objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
+            with module_state_kept((model, guide)):  # the capture's own runs leave running statistics alone
+                _decide_eagerly(objective, model, guide, args, kwargs)
         num_params = 1 if layout is not None else len(names)
         leading, adam_inputs = state[:num_params], state[num_params:]
         # on CPU the flat graph writes its inputs; CUDA graphs are not used for a graph that
@@ -261,7 +263,7 @@ class CompiledLoss:
         inputs = [args[i] for i in tensor_positions] + list(adam_inputs)
         trainable = [True] if layout is not None else [p.requires_grad for p in params.values()]
         example = [t.detach().clone().requires_grad_(g) for t, g in zip(leading, trainable)]
-        with module_state_kept((model, guide)):
+        with phase("trace"), module_state_kept((model, guide)):
             graph = trace_step(step, example + inputs)
         check_no_baked_parameters(graph, params)
         if self.backend != "eager":  # "eager" keeps the eager path's draws, for tests

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pyro_elbo._compile_progress import CompileProgress
 from pyro_elbo._random import forked_rng
 from pyro_elbo.train import checkpoint
 from pyro_elbo.train.data import as_args, to_device
@@ -65,6 +66,7 @@ class Progress(Hook):
         self.decision: str | None = None
         self.pending = 0
         self.last = 0.0
+        self.compiling: CompileProgress | None = None
 
     def on_start(self, state: TrainState) -> None:
         if state.context.is_main:
@@ -74,11 +76,24 @@ class Progress(Hook):
                 total=self.total, initial=state.step, desc="fit", unit="step", dynamic_ncols=True, mininterval=0.25
             )
             self.last = time.monotonic()
+            self.compiling = CompileProgress(show=self._show_compile)  # tracing, inductor: one line
+            self.compiling.start()
+
+    def _show_compile(self, text: str, final: bool) -> None:
+        """A compile's phases in the bar's description while it runs; its summary as a line."""
+        if final:
+            self.bar.set_description_str("fit", refresh=False)
+            if text:
+                self.bar.write(text)
+        else:
+            self.bar.set_description_str(text)
 
     def on_step(self, state: TrainState, info: StepInfo) -> str | None:
         if self.bar is None:
             return None
-        if info.compile_seconds is not None:
+        if self.compiling is not None and self.compiling.phases:  # a capture ran: its summary, or
+            self.compiling.finish(write=info.compile_seconds is not None)  # none if it fell back
+        elif info.compile_seconds is not None:
             self.bar.write(f"compiled the step in {info.compile_seconds:.1f} s")
         if state.compile_decision is not None and state.compile_decision != self.decision:
             self.decision = state.compile_decision
@@ -93,6 +108,8 @@ class Progress(Hook):
         return None
 
     def close(self) -> None:
+        if self.compiling is not None:
+            self.compiling.stop(write=False)
         if self.bar is not None:
             if self.pending:
                 self.bar.update(self.pending)
