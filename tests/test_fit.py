@@ -27,7 +27,13 @@ HERE = Path(__file__).parent
 def test_fit_converges_to_the_closed_form_posterior() -> None:
     c = default_conjugate()
     result = pyro_elbo.fit(
-        c.model, c.guide_at(0.0, 1.0), 4, objective=pyro_elbo.STL(), num_steps=1500, lr=0.05, progress=False,
+        c.model,
+        c.guide_at(0.0, 1.0),
+        4,
+        objective=pyro_elbo.STL(),
+        num_steps=1500,
+        lr=0.05,
+        progress=False,
         scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.998),
     )
     # STL's gradient vanishes at the optimum: the iterates settle on the exact posterior
@@ -67,11 +73,23 @@ def test_minibatch_gradients_average_to_the_full_batch_gradient() -> None:
     assert torch.allclose(torch.stack(grads).mean(0), full, rtol=relative_tolerance(), atol=1e-12)
     result = pyro_elbo.fit(sub_model, sub_guide, loader, num_epochs=3, progress=False)
     assert result.num_steps == 3 * len(loader)
+    # num_steps caps num_epochs when both are given; alone, it may end mid-epoch
+    assert pyro_elbo.fit(sub_model, sub_guide, loader, num_epochs=3, num_steps=5, progress=False).num_steps == 5
+    assert (
+        pyro_elbo.fit(sub_model, sub_guide, loader, num_steps=len(loader) + 1, progress=False).num_steps
+        == len(loader) + 1
+    )
 
 
 def _child(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(HERE / "resume_child.py"), str(tmp_path / f"{name}.pt"), str(tmp_path / f"{name}.out"), *extra],
+        [
+            sys.executable,
+            str(HERE / "resume_child.py"),
+            str(tmp_path / f"{name}.pt"),
+            str(tmp_path / f"{name}.out"),
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -87,7 +105,9 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize(
-    "kill", [("--kill-at", "7"), ("--kill-at", "10"), ("--kill-in-write", "15")], ids=["mid-interval", "after-save", "during-write"]
+    "kill",
+    [("--kill-at", "7"), ("--kill-at", "10"), ("--kill-in-write", "15")],
+    ids=["mid-interval", "after-save", "during-write"],
 )
 def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, kill: tuple[str, str], straight_run: dict) -> None:
     killed = _child(tmp_path, "run", *kill)
@@ -181,13 +201,29 @@ def test_same_seed_gives_identical_runs() -> None:
     runs = []
     for _ in range(2):
         pyro.clear_param_store()
-        runs.append(pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 3, objective=pyro_elbo.IWAE(num_particles=4),
-                                  num_steps=50, seed=7, progress=False))
+        runs.append(
+            pyro_elbo.fit(
+                c.model,
+                c.guide_at(0.0, 1.0),
+                3,
+                objective=pyro_elbo.IWAE(num_particles=4),
+                num_steps=50,
+                seed=7,
+                progress=False,
+            )
+        )
     assert runs[0].history == runs[1].history
     assert all(torch.equal(runs[0].params[k], runs[1].params[k]) for k in runs[0].params)
     pyro.clear_param_store()
-    other = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 3, objective=pyro_elbo.IWAE(num_particles=4),
-                          num_steps=50, seed=8, progress=False)
+    other = pyro_elbo.fit(
+        c.model,
+        c.guide_at(0.0, 1.0),
+        3,
+        objective=pyro_elbo.IWAE(num_particles=4),
+        num_steps=50,
+        seed=8,
+        progress=False,
+    )
     assert other.history != runs[0].history
 
 
@@ -206,20 +242,37 @@ def test_no_growth_of_live_tensors_over_3000_steps() -> None:
         if step in (100, 3000):
             counts[step] = _live_tensors()
 
-    pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.DReG(num_particles=4), num_steps=3000,
-                  progress=False, callbacks=[count])
+    pyro_elbo.fit(
+        c.model,
+        c.guide_at(0.0, 1.0),
+        2,
+        objective=pyro_elbo.DReG(num_particles=4),
+        num_steps=3000,
+        progress=False,
+        callbacks=[count],
+    )
     assert counts[3000] <= counts[100], counts
 
 
 def test_callbacks_early_stopping_validation_and_progress(capsys: pytest.CaptureFixture[str]) -> None:
     c = default_conjugate()
-    result = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 1, num_steps=500, progress=False,
-                           callbacks=[lambda step, loss: step < 20])
+    result = pyro_elbo.fit(
+        c.model, c.guide_at(0.0, 1.0), 1, num_steps=500, progress=False, callbacks=[lambda step, loss: step < 20]
+    )
     assert result.stop_reason == "callback" and result.num_steps == 20
     pyro.clear_param_store()
-    result = pyro_elbo.fit(c.model, c.guide_at(c.post_loc, c.post_scale), 1, objective=pyro_elbo.STL(),
-                           num_steps=5000, patience=50, min_delta=1e-6, progress=False,
-                           validation=(1,), validate_every=10)
+    result = pyro_elbo.fit(
+        c.model,
+        c.guide_at(c.post_loc, c.post_scale),
+        1,
+        objective=pyro_elbo.STL(),
+        num_steps=5000,
+        patience=50,
+        min_delta=1e-6,
+        progress=False,
+        validation=(1,),
+        validate_every=10,
+    )
     assert result.stop_reason == "early_stopping" and result.num_steps < 5000
     assert result.validation_history[0][0] == 10
     assert result.validation_history[0][1] == pytest.approx(-c.log_evidence, abs=0.05)  # near the optimum
@@ -269,8 +322,9 @@ def test_explicit_cpu_device_moves_and_trains() -> None:
 def test_cuda_fit_and_checkpoint_loads_on_cpu(tmp_path: Path) -> None:
     c = default_conjugate()
     c.x = c.x.cuda()
-    result = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, num_steps=20, device="cuda", checkpoint=tmp_path / "c.pt",
-                           progress=False)
+    result = pyro_elbo.fit(
+        c.model, c.guide_at(0.0, 1.0), 2, num_steps=20, device="cuda", checkpoint=tmp_path / "c.pt", progress=False
+    )
     assert all(v.device.type == "cuda" for v in result.params.values())
     state = pyro_elbo.load_checkpoint(tmp_path / "c.pt", map_location="cpu")
     assert all(t.device.type == "cpu" for t in state["params"].values())

@@ -15,6 +15,9 @@ from torch import Tensor
 from pyro_elbo import distributed
 from pyro_elbo._random import forked_rng, rng_state, set_rng_state
 
+#: steps when neither ``num_steps`` nor ``num_epochs`` is given
+DEFAULT_STEPS = 1000
+
 
 def as_args(batch: Any) -> tuple[Any, ...]:
     """A ``DataLoader`` batch as the model's positional args (a tuple or list is splatted)."""
@@ -46,7 +49,8 @@ class Data:
 
     Args:
         args: the model's args, or a single ``DataLoader``.
-        num_steps: steps (with a ``DataLoader``: a cap on the total, if ``num_epochs`` is given).
+        num_steps: steps (default :data:`DEFAULT_STEPS`); with a ``DataLoader`` and ``num_epochs``, a cap
+            on the total.
         num_epochs: passes over a ``DataLoader``.
         device: where batches are moved.
         context: the process group (a ``DataLoader`` is sharded across its ranks).
@@ -55,7 +59,7 @@ class Data:
     def __init__(
         self,
         args: tuple[Any, ...],
-        num_steps: int,
+        num_steps: int | None,
         num_epochs: int | None,
         device: torch.device | None,
         context: distributed.Context,
@@ -69,14 +73,16 @@ class Data:
             self.num_epochs = num_epochs if num_epochs is not None else 1
             per_epoch = len(self.loader)
             self.total_steps = self.num_epochs * per_epoch
-            if num_epochs is None and num_steps:
-                self.num_epochs = math.ceil(num_steps / per_epoch)
-                self.total_steps = num_steps
+            if num_epochs is None and num_steps is None:
+                num_steps = DEFAULT_STEPS
+            if num_steps is not None:
+                self.total_steps = min(num_steps, self.total_steps) if num_epochs is not None else num_steps
+                self.num_epochs = math.ceil(self.total_steps / per_epoch) if per_epoch else self.num_epochs
         else:
             if num_epochs is not None:
                 raise ValueError("num_epochs needs a DataLoader; with tensors use num_steps")
             self.num_epochs = 0
-            self.total_steps = num_steps
+            self.total_steps = DEFAULT_STEPS if num_steps is None else num_steps
         self.device = device
         self.args = to_device(args, device) if self.loader is None else ()
 

@@ -78,7 +78,9 @@ def init(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     objective = ELBO() if objective is None else objective
     if not isinstance(objective, Objective):
-        raise TypeError(f"objective must be a pyro_elbo objective (e.g. pyro_elbo.IWAE()), got {type(objective).__name__}")
+        raise TypeError(
+            f"objective must be a pyro_elbo objective (e.g. pyro_elbo.IWAE()), got {type(objective).__name__}"
+        )
     if seed is not None:
         pyro.set_rng_seed(seed)
     context = distributed.setup(device)
@@ -121,7 +123,7 @@ def fit(
     guide: Guide,
     *args: Any,
     objective: Objective | None = None,
-    num_steps: int = 1000,
+    num_steps: int | None = None,
     num_epochs: int | None = None,
     lr: float = 1e-2,
     optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
@@ -160,7 +162,9 @@ def fit(
         *args: the model's arguments, or one ``DataLoader``.
         objective: a :class:`~pyro_elbo.Objective` (default ``ELBO()``). Its ``num_particles`` is
             checked against the memory available before the first step.
-        num_steps: optimizer steps (with a ``DataLoader``: a cap on the total, if ``num_epochs``).
+        num_steps: optimizer steps (default 1000). With a ``DataLoader`` and ``num_epochs``, a cap on
+            the total: ``min(num_steps, num_epochs * len(loader))``; ``num_epochs`` alone runs every
+            epoch.
         num_epochs: passes over a ``DataLoader``.
         lr: learning rate.
         optimizer: any ``torch.optim.Optimizer`` class (default Adam); ``optimizer_options`` go to it.
@@ -210,7 +214,7 @@ def fit(
         ValueError: a refused resume (see ``resume``), a corrupt file, an unwritable checkpoint
             location, mixed devices, too many particles for the memory, bad options.
     """
-    if num_steps < 0 or (num_epochs is not None and num_epochs < 1):
+    if (num_steps is not None and num_steps < 0) or (num_epochs is not None and num_epochs < 1):
         raise ValueError("num_steps must be >= 0 and num_epochs >= 1")
     if checkpoint_every < 1 or validate_every < 1:
         raise ValueError("checkpoint_every and validate_every must be >= 1")
