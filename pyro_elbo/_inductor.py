@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +81,11 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
         cuda = all(t.device.type == "cuda" for t in inputs)
         try:
             with phase("inductor") as shown:
-                from torch._inductor.compile_fx import compile_fx
+                with warnings.catch_warnings():  # torch's own modules use APIs torch deprecated: not actionable
+                    warnings.filterwarnings(
+                        "ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning
+                    )
+                    from torch._inductor.compile_fx import compile_fx
 
                 cpu = all(t.device.type == "cpu" for t in inputs)
                 patches: dict[str, Any] = {"triton.cudagraphs": True} if cuda else dict(CPU_PATCHES) if cpu else {}
