@@ -180,3 +180,51 @@ def test_huge_particle_count_fails_fast_naming_the_option() -> None:
     with pytest.raises(ValueError, match=r"kl_gap\(num_particles=1000000000\).*max_seconds"):
         pyro_elbo.kl_gap(case.model, case.guide, num_particles=10**9)
     assert time.perf_counter() - start < 30
+
+
+def _network_model(dtype_of_constant: torch.dtype | None) -> tuple:  # noqa: ANN001
+    """A VAE-like pair in float32 (whatever the suite's default dtype) whose networks (pyro.module)
+    hold float32 weights; optionally the model also
+    uses a constant pinned to float32, which no upcast reaches."""
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).float()
+    encoder = torch.nn.Linear(5, 4).float()
+    pinned = torch.ones(5, 5, dtype=dtype_of_constant) if dtype_of_constant is not None else None
+
+    def model(x: torch.Tensor) -> None:
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            loc = decoder(z) if pinned is None else decoder(z) @ pinned
+            pyro.sample("x", dist.Normal(loc, 0.5).to_event(1), obs=x)
+
+    def guide(x: torch.Tensor) -> None:
+        pyro.module("encoder", encoder)
+        loc, log_scale = encoder(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    return model, guide, decoder
+
+
+def test_noise_floor_is_measured_against_float64_for_float32_networks() -> None:
+    """Module weights are upcast for the float64 re-evaluation and put back exactly after it."""
+    pyro.clear_param_store()
+    model, guide, decoder = _network_model(None)
+    weight = decoder[0].weight
+    before = weight.detach().clone()
+    report = pyro_elbo.kl_gap(model, guide, torch.randn(20, 5, dtype=torch.float32), num_particles=200)
+    assert report.floor_source == "measured against float64"
+    assert decoder[0].weight is weight and weight.dtype == torch.float32 and torch.equal(weight, before)
+
+
+def test_noise_floor_falls_back_to_magnitudes_when_float64_cannot_run() -> None:
+    """A float32 constant the model multiplies by cannot be upcast: the floor is derived from the
+    magnitudes of the site log-densities, 100 times the estimate, and says so."""
+    pyro.clear_param_store()
+    model, guide, _ = _network_model(torch.float32)
+    report = pyro_elbo.kl_gap(model, guide, torch.randn(20, 5, dtype=torch.float32), num_particles=200)
+    assert report.floor_source == "magnitudes (float64 re-evaluation failed)"
+    eps = torch.finfo(torch.float32).eps
+    assert report.noise_floor > 100 * 4 * eps  # at least 100 x (4 eps x mean |log-density| >= 1 nat here)
+    assert math.isfinite(report.noise_floor)

@@ -84,7 +84,7 @@ def module_parameter_slots(
     by_id = {id(t): name for name, t in params.items()}
     slots = []
     seen: set[tuple[int, str]] = set()  # one parameter may sit in several slots: fill each
-    for module in _reachable_modules(programs):
+    for module in reachable_modules(programs):
         for attribute, param in module._parameters.items():
             if param is not None and id(param) in by_id and (id(module), attribute) not in seen:
                 seen.add((id(module), attribute))
@@ -100,7 +100,7 @@ class module_state_kept:
     forward reads), or the compiled path would train from another state than the eager one."""
 
     def __init__(self, programs: tuple[Any, ...]) -> None:
-        self.modules = _reachable_modules(programs)
+        self.modules = reachable_modules(programs)
 
     def __enter__(self) -> None:
         self.saved = [
@@ -117,7 +117,7 @@ class module_state_kept:
                 buffer.copy_(value)
 
 
-def _reachable_modules(programs: tuple[Any, ...]) -> list[torch.nn.Module]:
+def reachable_modules(programs: tuple[Any, ...]) -> list[torch.nn.Module]:
     """Modules a program is, is a method of, or names (in its closure or as a global of its
     module; ``functools.partial`` seen through), each with its submodules, once."""
     found: dict[int, torch.nn.Module] = {}

@@ -20,6 +20,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Independent, constraints, transform_to
 
+from pyro_elbo._pyro.capture import reachable_modules
 from pyro_elbo._pyro.log_weights import log_weights
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -89,8 +90,9 @@ def _provenance(site: Any) -> frozenset[str]:
         fn = fn.base_dist
 
 
-def raise_if_nonfinite_observed(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any],
-                                caller: str = "this diagnostic") -> None:
+def raise_if_nonfinite_observed(
+    model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], caller: str = "this diagnostic"
+) -> None:
     """Raise ``ValueError`` naming the first observed site whose (unmasked) data is ``inf``/``nan``.
 
     With such data every log-weight is ``-inf`` or ``nan``, and a report computed from them would
@@ -196,19 +198,41 @@ def float64_rounding_error(
     of the program: so the ``K`` particles are drawn in one particle plate, or, for a model that
     cannot take one, one particle per run (at most 16 runs), whatever path the log-weights took.
 
-    ``None`` if the program cannot run in float64 (e.g. an ``nn.Module`` with float32 weights)."""
+    The weights of ``nn.Module`` networks (those in the param store, as ``pyro.module`` and
+    ``PyroModule`` put them there, and every module the programs reach) are upcast for the
+    re-evaluation and put back after it. ``None`` if the program still cannot run in float64."""
     with forked_rng():
         try:
             return _rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting)
         except Exception:  # noqa: BLE001 - no particle plate: one particle per run
             pass
         try:
-            errors = [_rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting)
-                      for _ in range(min(num_particles, 16))]
+            errors = [
+                _rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting)
+                for _ in range(min(num_particles, 16))
+            ]
         except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
             return None
     present = [e for e in errors if e is not None]
     return torch.cat(present) if len(present) == len(errors) else None
+
+
+@contextlib.contextmanager
+def _weights_in_float64(programs: tuple[Any, ...]) -> Iterator[None]:
+    """Every floating tensor of the param store and every parameter and buffer of the modules the
+    programs reach, upcast to float64 in place (``.data`` swapped, so modules compute in float64),
+    and put back on exit, whatever happened in between (running statistics included)."""
+    tensors = {id(t): t for _, t in pyro.get_param_store().named_parameters()}
+    for module in reachable_modules(programs):
+        tensors.update((id(t), t) for t in (*module._parameters.values(), *module._buffers.values()) if t is not None)
+    saved = [(t, t.data) for t in tensors.values() if t.is_floating_point() and t.dtype != torch.float64]
+    try:
+        for tensor, data in saved:
+            tensor.data = data.double()
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
 
 
 def _rounding_error_once(
@@ -217,11 +241,25 @@ def _rounding_error_once(
     with poutine.block(), torch.no_grad():
         record = _Record()
         with record:
-            low = log_weights(model, guide, *args, num_particles=num, max_plate_nesting=max_plate_nesting,
-                              vectorize_particles="plate", **kwargs)
-        with _default_dtype(torch.float64), _Float64(record.values):
-            high = log_weights(model, guide, *_double(args), num_particles=num,
-                               max_plate_nesting=max_plate_nesting, vectorize_particles="plate", **_double(kwargs))
+            low = log_weights(
+                model,
+                guide,
+                *args,
+                num_particles=num,
+                max_plate_nesting=max_plate_nesting,
+                vectorize_particles="plate",
+                **kwargs,
+            )
+        with _default_dtype(torch.float64), _Float64(record.values), _weights_in_float64((model, guide)):
+            high = log_weights(
+                model,
+                guide,
+                *_double(args),
+                num_particles=num,
+                max_plate_nesting=max_plate_nesting,
+                vectorize_particles="plate",
+                **_double(kwargs),
+            )
     if high.log_w.dtype != torch.float64 or high.log_w.shape != low.log_w.shape:
         return None
     return low.log_w.double() - high.log_w
@@ -260,7 +298,17 @@ class FreeLocalGuide(Messenger):
             msg["fn"] = fn.expand(torch.broadcast_shapes(fn.batch_shape, target)) if fn.batch_shape != target else fn
 
 
-_FREE_PARAMS = ("loc", "scale", "scale_tril", "logits", "concentration", "rate", "concentration1", "concentration0", "df")
+_FREE_PARAMS = (
+    "loc",
+    "scale",
+    "scale_tril",
+    "logits",
+    "concentration",
+    "rate",
+    "concentration1",
+    "concentration0",
+    "df",
+)
 
 
 def _free_parameters(name: str, fn: Any) -> tuple[Callable[[dict[str, Tensor]], Any], dict[str, Tensor]]:
