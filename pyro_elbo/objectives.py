@@ -359,9 +359,7 @@ class VIMCO(Objective):
 
 #: The registry: name -> public objective class (each carries its ``estimator`` spec).
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.estimator.name: cls
-    for cls in (ELBO, IWAE, DReG, STL, RenyiELBO, CUBO, VIMCO)
-    if cls.estimator is not None
+    cls.estimator.name: cls for cls in (ELBO, IWAE, DReG, STL, RenyiELBO, CUBO, VIMCO) if cls.estimator is not None
 }
 
 
