@@ -323,15 +323,17 @@ class CUBO(Objective):
     """The χ upper bound :math:`\\frac1n\\log\\frac1S\\sum_s w_s^n` (loss = +CUBO); trains the guide only.
 
     Its gradient is biased for few particles (see :func:`pyro_elbo.estimators.cubo`), hence the
-    default of 64. Model parameters receive no gradient: minimizing an upper bound on the evidence
-    over the model would fit the model *worse*.
+    default of 64, and at least 2: with one particle :math:`\\frac1n\\log w^n = \\log w` for every
+    ``n``, the single-sample ELBO, and minimizing it trains the guide *away* from the posterior
+    (its gradient is the ELBO's, negated). Model parameters receive no gradient:
+    minimizing an upper bound on the evidence over the model would fit the model *worse*.
 
     References:
         | Variational Inference via χ Upper Bound Minimization (Dieng et al., 2017)
         | https://arxiv.org/abs/1611.00328
     """
 
-    estimator = Estimator(cubo, bound="upper", trains_model=False, options={"n": 2.0})
+    estimator = Estimator(cubo, bound="upper", trains_model=False, min_particles=2, options={"n": 2.0})
 
     def __init__(
         self, n: float = 2.0, num_particles: int = 64, max_plate_nesting: int | None = None, **kwargs: Any

@@ -152,3 +152,17 @@ def test_repr_and_options() -> None:
     assert make_objective("Trace_ELBO").estimator_name == "elbo"
     with pytest.raises(ValueError, match="unknown objective 'nope'"):
         make_objective("nope")
+
+
+def test_cubo_refuses_one_particle() -> None:
+    # with S = 1, CUBO_n's estimate (1/n) log w^n is log w for every n: the single-sample ELBO, whose
+    # minimization trains the guide away from the posterior (Pyro's test_particle_gradient showed the
+    # gradient exactly negated); two particles are the least for which n enters the estimate
+    lw = torch.tensor([[0.3], [-1.2]])
+    assert not torch.allclose(logmeanexp(2.0 * lw, 0) / 2.0, logmeanexp(3.0 * lw, 0) / 3.0)
+    for build in (lambda: pyro_elbo.CUBO(num_particles=1), lambda: make_objective("cubo", num_particles=1)):
+        with pytest.raises(ValueError, match=r"CUBO needs num_particles >= 2, got 1"):
+            build()
+    model, guide, data = make_model_guide()
+    pyro.clear_param_store()
+    assert math.isfinite(pyro_elbo.CUBO(num_particles=2).loss(model, guide, data))
