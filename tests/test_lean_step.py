@@ -202,3 +202,45 @@ def test_parameters_that_cannot_share_one_vector_take_the_per_parameter_graph() 
     assert runs[True].flat is None and runs[True].compiled is not None and len(runs[True].compiled.graphs) == 1
     for name, value in runs[False].params.items():
         assert torch.allclose(runs[True].params[name], value, rtol=relative_tolerance(), atol=1e-7), name
+
+
+def test_fit_returns_parameters_in_their_own_memory_so_saving_one_module_saves_only_it() -> None:
+    """While the compiled step runs, every parameter is a view of one shared vector, and torch.save
+    writes a view's whole storage: fit gives each parameter its own memory back before it returns
+    (values kept), so a decoder's state_dict does not carry the encoder's weights."""
+    import io
+
+    encoder, decoder = torch.nn.Linear(6, 200), torch.nn.Linear(2, 6)
+
+    def vae_model(x: torch.Tensor) -> None:
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    def vae_guide(x: torch.Tensor) -> None:
+        pyro.module("encoder", encoder)
+        h = encoder(x)[..., :4]
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(h[..., :2], h[..., 2:].exp()).to_event(1))
+
+    def saved_bytes() -> int:
+        buffer = io.BytesIO()
+        torch.save(decoder.state_dict(), buffer)
+        return len(buffer.getvalue())
+
+    pyro.clear_param_store()
+    before = saved_bytes()
+    x = torch.randn(8, 6)
+    state = init(vae_model, vae_guide, x, compile=True, compile_backend="eager", seed=0)
+    step(state)
+    assert state.flat is not None  # the compiled step laid the parameters out in one vector
+    assert decoder.weight.untyped_storage().data_ptr() == encoder.weight.untyped_storage().data_ptr()
+    value = decoder.weight.detach().clone()
+    state.release_flat_buffers()
+    assert torch.equal(decoder.weight, value) and saved_bytes() == before
+    step(state)  # lays them out again and keeps training
+    assert state.flat is not None and not torch.equal(decoder.weight, value)
+    pyro.clear_param_store()
+    pyro_elbo.fit(vae_model, vae_guide, x, num_steps=2, compile=True, compile_backend="eager", progress=False)
+    assert saved_bytes() == before

@@ -77,9 +77,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> d
             version of pyro_elbo, or lacks fields (each one named).
     """
     try:
-        state = torch.load(Path(path), map_location=map_location if map_location is not None else "cpu", weights_only=True)
+        state = torch.load(
+            Path(path), map_location=map_location if map_location is not None else "cpu", weights_only=True
+        )
     except Exception as error:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupt or unreadable ({type(error).__name__}: {error})"
+        ) from error
     tag = state.get("format") if isinstance(state, dict) else None
     if not isinstance(tag, str) or not tag.startswith("pyro_elbo.checkpoint/"):
         raise ValueError(f"{str(path)!r} is not a pyro_elbo checkpoint")
@@ -87,7 +91,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> d
         newer = re.fullmatch(r"pyro_elbo\.checkpoint/(\d+)", tag) is not None
         raise ValueError(
             f"{str(path)!r} has format {tag!r}, which this version of pyro_elbo cannot read (it reads "
-            f"{', '.join(READABLE_FORMATS)})" + ("; it was written by a newer pyro_elbo: upgrade to resume it" if newer else "")
+            f"{', '.join(READABLE_FORMATS)})"
+            + ("; it was written by a newer pyro_elbo: upgrade to resume it" if newer else "")
         )
     missing = missing_fields(state, FIELDS_1 if tag == FORMAT_1 else FIELDS_2)
     if missing:
@@ -136,7 +141,9 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"checkpoint={str(path)!r} is a folder; pass the path of a file in it (e.g. {str(path / 'checkpoint.pt')!r})")
+        raise ValueError(
+            f"checkpoint={str(path)!r} is a folder; pass the path of a file in it (e.g. {str(path / 'checkpoint.pt')!r})"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)

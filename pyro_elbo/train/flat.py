@@ -17,6 +17,11 @@ storage or the optimizer's state (``load_state_dict``, ``p.data = ...``) is noti
 step, which lays the buffers out again from the current values. A tensor that aliased a
 parameter's memory before its first compiled step (``w = param.detach()`` taken earlier) no longer
 follows it afterwards; read parameters through the parameter (or ``state.params``).
+
+While laid out, a parameter is a view of the shared vector, and ``torch.save`` writes a view's
+whole storage: :func:`~pyro_elbo.fit` therefore gives each parameter its own memory again when it
+returns (:meth:`FlatAdam.release`, through ``TrainState.release_flat_buffers``); a loop of your
+own calls ``state.release_flat_buffers()`` before saving single modules.
 """
 
 from __future__ import annotations
@@ -110,6 +115,20 @@ class FlatAdam:
         if updated:
             torch._foreach_copy_(self.buffers, updated)
         return loss, finite
+
+    def release(self) -> None:
+        """Give every parameter and each of its Adam tensors its own memory again (copies of the
+        current values): a parameter that stays a view of the shared vector is saved with all of
+        it (``torch.save(decoder.state_dict())`` would also write the encoder's weights). The next
+        compiled step lays the buffers out again."""
+        with torch.no_grad():
+            for p in self.params.values():
+                if p.data_ptr() in self.pointers:
+                    p.data = p.data.clone()
+                state = self.optimizer.state.get(p)
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    if state and key in state:
+                        state[key] = state[key].clone()
 
 
 def _moment(opt: torch.optim.Optimizer, param: Tensor, key: str) -> Tensor:

@@ -241,7 +241,10 @@ def fit(
         built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
         built += [Callbacks(callbacks)] if callbacks else []
         built += [EarlyStopping(patience, min_delta)] if patience is not None else []
-        stop_reason = run(state, data, [*built, *hooks])
+        try:
+            stop_reason = run(state, data, [*built, *hooks])
+        finally:  # parameters saved one module at a time must not carry the shared vector
+            state.release_flat_buffers()
     return state.result(stop_reason)
 
 

@@ -115,6 +115,13 @@ class TrainState:
         """Parameter name -> constrained value, detached and cloned."""
         return {name: constrained_value(name, p).detach().clone() for name, p in self.params.items()}
 
+    def release_flat_buffers(self) -> None:
+        """Parameters and Adam state out of the compiled step's flat buffers, each in its own memory
+        (see :mod:`pyro_elbo.train.flat`); a later compiled step lays them out again."""
+        if self.flat is not None:
+            self.flat.release()
+            self.flat = None
+
     def result(self, stop_reason: str = "completed") -> FitResult:
         """The run so far as a :class:`~pyro_elbo.FitResult`."""
         return FitResult(
