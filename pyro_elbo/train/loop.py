@@ -14,6 +14,7 @@ returns ``(state, info)``, the shape of NumPyro's ``SVI.init``/``update`` and Bl
         if info.step % 100 == 0:
             print(info.step, info.loss)
     params = state.constrained_params()
+    state.release_flat_buffers()           # compile=True: parameters out of the shared vector
     torch.save(state.state_dict(), "run.pt")  # later: state.load_state_dict(load_checkpoint("run.pt"))
 
 :func:`fit` is that loop with hooks (:mod:`pyro_elbo.train.hooks`) built from its keyword arguments.
