@@ -359,23 +359,17 @@ def all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:
 
 
 def _adam_update(params: list[Tensor], grads: list[Tensor], state: tuple[Tensor, ...]) -> list[Tensor]:
-    """torch.optim.Adam's update (no weight decay, no amsgrad), as graph operations:
-    returns the new parameters, first moments, second moments and step count."""
+    """torch.optim.Adam's update (no weight decay, no amsgrad) of each parameter
+    (:func:`adam_moments`), as graph operations: returns the new parameters, first moments,
+    second moments and step count."""
     n = len(params)
     exp_avg, exp_avg_sq = state[:n], state[n : 2 * n]
     step, lr, beta1, beta2, eps = state[2 * n :]
     step = step + 1
-    bias1 = 1 - beta1**step
-    bias2_sqrt = (1 - beta2**step).sqrt()
-    new_params, new_m, new_v = [], [], []
-    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
-        m = m * beta1 + g * (1 - beta1)
-        v = v * beta2 + g * g * (1 - beta2)
-        denom = v.sqrt() / bias2_sqrt + eps
-        new_params.append((p - (lr / bias1) * m / denom).detach())
-        new_m.append(m)
-        new_v.append(v)
-    return [*new_params, *new_m, *new_v, step]
+    updates = [
+        adam_moments(p, g, m, v, step, lr, beta1, beta2, eps) for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq)
+    ]
+    return [*(p.detach() for p, _, _ in updates), *(m for _, m, _ in updates), *(v for _, _, v in updates), step]
 
 
 def split(flat: Tensor, layout: Layout) -> list[Tensor]:
@@ -413,13 +407,47 @@ def flat_adam_update(
         | https://arxiv.org/abs/1412.6980
     """
     new_steps = steps + 1
-    step = new_steps[0]
+    return (*adam_moments(param, grad, exp_avg, exp_avg_sq, new_steps[0], lr, beta1, beta2, eps), new_steps)
+
+
+def adam_moments(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""One Adam update at step count ``step`` (already incremented, :math:`t'`):
+
+    .. math::
+        m' = \beta_1 m + (1 - \beta_1) g, \quad v' = \beta_2 v + (1 - \beta_2) g^2, \quad
+        \theta' = \theta - \frac{\eta}{1 - \beta_1^{t'}} \, \frac{m'}{\sqrt{v'} / \sqrt{1 - \beta_2^{t'}} + \epsilon}
+
+    Returns :math:`(\theta', m', v')`; the one formula of both in-graph Adam paths
+    (:func:`_adam_update` per parameter, :func:`flat_adam_update` on the flat vector)."""
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step).sqrt()
     m = exp_avg * beta1 + grad * (1 - beta1)
     v = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
-    denom = v.sqrt() / bias2_sqrt + eps
-    return param - (lr / bias1) * m / denom, m, v, new_steps
+    return param - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps), m, v
+
+
+def adam_scalars(
+    group: dict[str, Any], cached: tuple[Any, list[Tensor]] | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Any, list[Tensor]]:
+    """``lr, beta1, beta2, eps`` of an optimizer's param group as tensors of ``dtype`` on
+    ``device``, with the key they were made for: ``cached`` itself while that key still holds, so
+    a compiled step gets new scalar tensors only when a scheduler or the user changes them."""
+    beta1, beta2 = group["betas"]
+    values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))  # a tensor lr may change in place
+    key = (values, dtype, device)
+    if cached is not None and cached[0] == key:
+        return cached
+    return key, [torch.tensor(v, dtype=dtype, device=device) for v in values]
 
 
 def plain_adam(opt: torch.optim.Optimizer) -> bool:
@@ -455,12 +483,7 @@ def adam_step(
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states.append(state)
     device, dtype = tensors[0].device, tensors[0].dtype
-    beta1, beta2 = group["betas"]
-    values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
-    cached = compiled.adam_scalars
-    if cached is None or cached[0] != (values, dtype, device):  # new tensors only when lr etc. change
-        cached = ((values, dtype, device), [torch.tensor(v, dtype=dtype, device=device) for v in values])
-        compiled.adam_scalars = cached
+    cached = compiled.adam_scalars = adam_scalars(group, compiled.adam_scalars, dtype, device)
     step = states[0]["step"]  # float32, as torch's Adam keeps it; promoted inside the graph
     adam_inputs = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states] + [step, *cached[1]]
     out = compiled(params, args, kwargs, adam_inputs)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_elbo.compiled import CompiledLoss, Layout
+from pyro_elbo.compiled import CompiledLoss, Layout, adam_scalars
 
 
 class FlatAdam:
@@ -102,11 +102,7 @@ class FlatAdam:
         """One compiled loss, gradient and Adam step written into the buffers; returns the loss
         and ``finite`` as 0-d tensors (nothing changed when not finite), or ``None`` if the graph
         is not available (run eagerly)."""
-        key = (group["lr"], group["betas"], group["eps"])
-        if self.scalars is None or self.scalars[0] != key:  # new tensors only when lr etc. change
-            (beta1, beta2), flat = group["betas"], self.flat
-            values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))
-            self.scalars = (key, [torch.tensor(v, dtype=flat.dtype, device=flat.device) for v in values])
+        self.scalars = adam_scalars(group, self.scalars, self.flat.dtype, self.flat.device)
         inputs = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps, *self.scalars[1]]
         out = compiled.flat_adam(self.params, self.layout, inputs, args, kwargs)
         if out is None:

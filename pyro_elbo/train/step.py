@@ -81,11 +81,8 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     rng_before = torch_rng_state() if state.on_nonfinite == "raise" and replayable else None
     start = time.perf_counter()
     device = state.device
-    if device is None or device.type == "cpu":
+    with default_device(device):
         loss, ok = _update(state, args, kwargs)
-    else:
-        with default_device(device):
-            loss, ok = _update(state, args, kwargs)
     compile_seconds = None
     if compiled is not None and state.compile_seconds is None and compiled.capture_seconds:
         compile_seconds = state.compile_seconds = sum(compiled.capture_seconds.values())
@@ -210,13 +207,17 @@ def find_nonfinite_site(
     return f"; every site's log-density is finite, so the gradient overflowed{how}"
 
 
-@contextlib.contextmanager
-def default_device(device: torch.device | None) -> Iterator[None]:
+def default_device(device: torch.device | None) -> contextlib.AbstractContextManager[None]:
     """On an accelerator, tensors the model creates (plate subsample indices, constants) default
-    to it. Not on CPU, where a default-device context would only add overhead."""
+    to it. Not on CPU, where it is a ``nullcontext`` (the step's hot path enters it every step:
+    no generator, no device switch)."""
     if device is None or device.type == "cpu":
-        yield
-        return
+        return contextlib.nullcontext()
+    return _default_device(device)
+
+
+@contextlib.contextmanager
+def _default_device(device: torch.device) -> Iterator[None]:
     previous = torch.get_default_device()
     torch.set_default_device(device)
     try:
