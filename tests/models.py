@@ -110,3 +110,15 @@ def rounding_tolerance() -> float:
 def relative_tolerance() -> float:
     """Relative agreement expected between two float computations of the same quantity."""
     return 1e-9 if torch.get_default_dtype() == torch.float64 else 1e-4
+
+
+def discrete_latent_model(x: Tensor) -> None:
+    """A local Bernoulli latent: what AIS and BDMC refuse (their moves need continuous latents)."""
+    with pyro.plate("data", x.shape[0]):
+        c = pyro.sample("c", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+
+def discrete_latent_guide(x: Tensor) -> None:
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("c", dist.Bernoulli(0.5))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -158,58 +159,22 @@ def test_uncapturable_model_falls_back_with_one_warning() -> None:
 
 def test_in_graph_adam_matches_torch_adam_and_resume_is_exact(tmp_path: Path) -> None:
     c = default_conjugate()
-    runs = {}
-    for compile_ in (False, True):
+
+    def run(**options: Any) -> pyro_elbo.FitResult:
         pyro.clear_param_store()
-        runs[compile_] = pyro_elbo.fit(
-            c.model,
-            c.guide_at(0.0, 1.0),
-            2,
-            objective=pyro_elbo.IWAE(num_particles=4),
-            num_steps=30,
-            seed=3,
-            compile=compile_,
-            compile_backend="eager",
-            progress=False,
-            optimizer_options={"foreach": False},
-        )
+        return pyro_elbo.fit(
+            c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=4), num_steps=30, seed=3,
+            compile_backend="eager", progress=False, optimizer_options={"foreach": False}, **options,
+        )  # fmt: skip
+
+    runs = {compile_: run(compile=compile_) for compile_ in (False, True)}
     for name in runs[False].params:
         assert torch.allclose(runs[True].params[name], runs[False].params[name], rtol=relative_tolerance(), atol=1e-12)
     assert runs[True].history == pytest.approx(runs[False].history, rel=relative_tolerance())
     # checkpoint + resume on the compiled path: identical to the straight compiled run
-    pyro.clear_param_store()
     path = tmp_path / "c.pt"
-    pyro_elbo.fit(
-        c.model,
-        c.guide_at(0.0, 1.0),
-        2,
-        objective=pyro_elbo.IWAE(num_particles=4),
-        num_steps=30,
-        seed=3,
-        compile=True,
-        compile_backend="eager",
-        checkpoint=path,
-        checkpoint_every=5,
-        progress=False,
-        optimizer_options={"foreach": False},
-        callbacks=[lambda step, loss: step < 17],
-    )
-    pyro.clear_param_store()
-    resumed = pyro_elbo.fit(
-        c.model,
-        c.guide_at(0.0, 1.0),
-        2,
-        objective=pyro_elbo.IWAE(num_particles=4),
-        num_steps=30,
-        seed=3,
-        compile=True,
-        compile_backend="eager",
-        checkpoint=path,
-        resume=True,
-        checkpoint_every=5,
-        progress=False,
-        optimizer_options={"foreach": False},
-    )
+    run(compile=True, checkpoint=path, checkpoint_every=5, callbacks=[lambda step, loss: step < 17])
+    resumed = run(compile=True, checkpoint=path, resume=True, checkpoint_every=5)
     assert resumed.resumed_from_step == 17  # the stopped run saved its last step
     assert resumed.history == runs[True].history
     for name in resumed.params:

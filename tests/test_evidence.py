@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 
 from pyro_elbo.evidence import bdmc, log_evidence
-from tests.models import Z_ONE_SIDED, Z_TWO_SIDED, Conjugate, default_conjugate
+from tests.models import (
+    Z_ONE_SIDED,
+    Z_TWO_SIDED,
+    Conjugate,
+    default_conjugate,
+    discrete_latent_guide,
+    discrete_latent_model,
+)
 
 
 @dataclass
@@ -218,18 +225,9 @@ def test_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="unknown transition"):
         log_evidence(ppca.model, ppca.guide(1.0), x, method="ais", transition="nuts")
 
-    def discrete_model(x: Tensor) -> None:
-        with pyro.plate("data", x.shape[0]):
-            c = pyro.sample("c", dist.Bernoulli(0.5))
-            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
-
-    def discrete_guide(x: Tensor) -> None:
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("c", dist.Bernoulli(0.5))
-
     y = torch.zeros(4)
     with pytest.raises(ValueError, match="latent site 'c' is discrete"):
-        log_evidence(discrete_model, discrete_guide, y, method="ais", num_steps=2)
+        log_evidence(discrete_latent_model, discrete_latent_guide, y, method="ais", num_steps=2)
 
     def subsampled(x: Tensor) -> None:
         with pyro.plate("data", x.shape[0], subsample_size=2) as idx:

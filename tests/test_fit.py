@@ -198,33 +198,16 @@ def test_corrupt_or_mismatched_checkpoints_are_refused_and_left_alone(tmp_path: 
 
 def test_same_seed_gives_identical_runs() -> None:
     c = default_conjugate()
-    runs = []
-    for _ in range(2):
+
+    def run(seed: int) -> pyro_elbo.FitResult:
         pyro.clear_param_store()
-        runs.append(
-            pyro_elbo.fit(
-                c.model,
-                c.guide_at(0.0, 1.0),
-                3,
-                objective=pyro_elbo.IWAE(num_particles=4),
-                num_steps=50,
-                seed=7,
-                progress=False,
-            )
-        )
+        objective = pyro_elbo.IWAE(num_particles=4)
+        return pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 3, objective=objective, num_steps=50, seed=seed, progress=False)
+
+    runs = [run(7), run(7)]
     assert runs[0].history == runs[1].history
     assert all(torch.equal(runs[0].params[k], runs[1].params[k]) for k in runs[0].params)
-    pyro.clear_param_store()
-    other = pyro_elbo.fit(
-        c.model,
-        c.guide_at(0.0, 1.0),
-        3,
-        objective=pyro_elbo.IWAE(num_particles=4),
-        num_steps=50,
-        seed=8,
-        progress=False,
-    )
-    assert other.history != runs[0].history
+    assert run(8).history != runs[0].history
 
 
 def _live_tensors() -> int:

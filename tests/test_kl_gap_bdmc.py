@@ -39,7 +39,7 @@ from torch.distributions import kl_divergence
 
 import pyro_elbo
 from pyro_elbo.kl_gap import SimulatedGap
-from tests.models import Z_ONE_SIDED
+from tests.models import Z_ONE_SIDED, discrete_latent_guide, discrete_latent_model
 
 FAST = dict(num_chains=16, num_steps=50, transition="mala")
 
@@ -235,18 +235,9 @@ def test_amortized_guide_on_a_global_latent_and_a_plate(guide: str) -> None:
 
 
 def test_bdmc_refusals_name_the_site() -> None:
-    def discrete_model(x: Tensor) -> None:
-        with pyro.plate("data", x.shape[0]):
-            c = pyro.sample("c", dist.Bernoulli(0.5))
-            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
-
-    def discrete_guide(x: Tensor) -> None:
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("c", dist.Bernoulli(0.5))
-
     y = torch.zeros(4)
     with pytest.raises(ValueError, match=r"kl_gap\(bdmc=...\) cannot run BDMC: latent site 'c' is discrete"):
-        pyro_elbo.kl_gap(discrete_model, discrete_guide, y, num_particles=10, bdmc=True)
+        pyro_elbo.kl_gap(discrete_latent_model, discrete_latent_guide, y, num_particles=10, bdmc=True)
 
     def subsampled(x: Tensor) -> None:
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
