@@ -398,9 +398,10 @@ def simulate_data(
 
 def check_bdmc(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise the error BDMC would raise (a discrete latent, a subsampled plate, a latent without a
-    guide site; each named) at the cost of one guide and model run."""
-    density = JointDensity(model, guide, args, kwargs, 1)
-    density.sample()
+    guide site, a model that cannot broadcast over chains; each named) at the cost of a few guide
+    and model runs on two chains."""
+    density = JointDensity(model, guide, args, kwargs, 2)
+    density.log_densities(density.sample())
     if density.deltas:  # the reverse chains need the guide's variables at z*: check they are known
         density.unconstrain(simulate(model, args, kwargs)[0])
 

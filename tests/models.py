@@ -122,3 +122,13 @@ def discrete_latent_model(x: Tensor) -> None:
 def discrete_latent_guide(x: Tensor) -> None:
     with pyro.plate("data", x.shape[0]):
         pyro.sample("c", dist.Bernoulli(0.5))
+
+
+def unbatched_regression(x: Tensor, y: Tensor) -> None:
+    """``x @ w`` with a vector latent ``w``: a model not written for batched latents."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[-1]), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(x @ w, 1.0).to_event(1), obs=y)
+
+
+def unbatched_regression_guide(x: Tensor, y: Tensor) -> None:
+    pyro.sample("w", dist.Normal(torch.zeros(x.shape[-1]), 1.0).to_event(1))

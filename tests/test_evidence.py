@@ -28,6 +28,8 @@ from tests.models import (
     default_conjugate,
     discrete_latent_guide,
     discrete_latent_model,
+    unbatched_regression,
+    unbatched_regression_guide,
 )
 
 
@@ -235,3 +237,7 @@ def test_errors_name_the_problem() -> None:
 
     with pytest.raises(ValueError, match="plate 'data' is subsampled"):
         log_evidence(subsampled, lambda x: None, y, method="ais", num_steps=2)
+    # a model that cannot broadcast over chains: said in AIS's terms, not as torch's shape error
+    x, obs = torch.randn(6, 3), torch.randn(6)
+    with pytest.raises(ValueError, match="cannot broadcast over chains"):
+        log_evidence(unbatched_regression, unbatched_regression_guide, x, obs, method="ais", num_particles=4, num_steps=2)

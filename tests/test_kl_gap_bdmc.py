@@ -39,7 +39,13 @@ from torch.distributions import kl_divergence
 
 import pyro_elbo
 from pyro_elbo.kl_gap import SimulatedGap
-from tests.models import Z_ONE_SIDED, discrete_latent_guide, discrete_latent_model
+from tests.models import (
+    Z_ONE_SIDED,
+    discrete_latent_guide,
+    discrete_latent_model,
+    unbatched_regression,
+    unbatched_regression_guide,
+)
 
 FAST = dict(num_chains=16, num_steps=50, transition="mala")
 
@@ -258,6 +264,11 @@ def test_bdmc_refusals_name_the_site() -> None:
 
     with pytest.raises(ValueError, match=r"guide site 'mu' is a point mass"):
         pyro_elbo.kl_gap(map_model, pyro.infer.autoguide.AutoDelta(map_model), num_particles=10, bdmc=True)
+
+    # checked before the long run: the model cannot broadcast over the chains
+    x, obs = torch.randn(6, 3), torch.randn(6)
+    with pytest.raises(ValueError, match=r"cannot run BDMC: AIS and BDMC run their 2 chains .* cannot broadcast over chains"):
+        pyro_elbo.kl_gap(unbatched_regression, unbatched_regression_guide, x, obs, num_particles=10, bdmc=True)
 
 
 # ------------------------------------------------------------------ slow sweep

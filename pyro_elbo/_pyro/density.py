@@ -37,10 +37,29 @@ from pyro_elbo._typing import Guide, Model
 CHAIN_PLATE = "_pyro_elbo_chains"
 
 
+class ChainPlateError(ValueError):
+    """The model or guide cannot broadcast over AIS chains (it was not written for batched latents)."""
+
+
 def _chained(fn: Any, num_chains: int, dim: int) -> Any:
+    """``fn`` inside the chain plate; a shape failure there is said in AIS's terms."""
+
     def plated(*args: Any, **kwargs: Any) -> Any:
         with pyro.plate(CHAIN_PLATE, num_chains, dim=dim):
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except (RuntimeError, IndexError) as error:
+                if num_chains == 1:
+                    raise
+                raise ChainPlateError(
+                    f"AIS and BDMC run their {num_chains} chains in one vectorized pass (pyro.plate "
+                    f"'{CHAIN_PLATE}' at dim {dim}), and the model or guide failed under it: "
+                    f"{type(error).__name__}: {str(error).splitlines()[0]}. A model not written for batched "
+                    "latents (e.g. `x @ w` with a vector latent `w`, or an nn.Linear whose weight is a "
+                    "PyroSample) cannot broadcast over chains; AIS and BDMC do not run chains through "
+                    "torch.func.vmap or one at a time yet (log_evidence(method='iwae') and kl_gap without "
+                    "bdmc do)."
+                ) from error
 
     return plated
 
