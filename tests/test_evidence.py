@@ -241,3 +241,23 @@ def test_errors_name_the_problem() -> None:
     x, obs = torch.randn(6, 3), torch.randn(6)
     with pytest.raises(ValueError, match="cannot broadcast over chains"):
         log_evidence(unbatched_regression, unbatched_regression_guide, x, obs, method="ais", num_particles=4, num_steps=2)
+
+
+def test_ais_rejects_a_proposal_whose_density_overflows() -> None:
+    """A leapfrog proposal far out makes the model's location inf - inf = nan: AIS rejects it (a
+    non-finite density) instead of a distribution refusing its parameter. Here p(x | z) = N(x; 0, 1)
+    wherever it is finite, so every AIS weight is exactly log p(x)."""
+
+    def model(x: Tensor) -> None:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        big = torch.exp(z * OVERFLOW_AT_7)  # overflows beyond z ~ 7 in either dtype
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(big - big, 1.0), obs=x)
+
+    def guide(x: Tensor) -> None:
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    OVERFLOW_AT_7 = math.log(torch.finfo(torch.get_default_dtype()).max) / 7
+    x = torch.tensor([0.3, -0.2])
+    ev = log_evidence(model, guide, x, method="ais", num_particles=4, num_steps=5, step_size=30.0)
+    assert ev.total.value == pytest.approx(float(dist.Normal(0.0, 1.0).log_prob(x).sum()), abs=1e-5)

@@ -15,8 +15,9 @@ the runs a capture adds (so running statistics move once per training step, as i
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyro
@@ -37,7 +38,7 @@ def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -
     from torch.fx.experimental.proxy_tensor import make_fx
 
     try:
-        with pyro.validation_enabled(False), _no_distribution_validation():
+        with validation_off():
             return make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
     except Exception as error:
         raise CaptureError(describe_failure(error)) from error
@@ -45,6 +46,15 @@ def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -
 
 class CaptureError(RuntimeError):
     """The model/guide could not be captured as one graph."""
+
+
+@contextlib.contextmanager
+def validation_off() -> Iterator[None]:
+    """Pyro's and every ``torch.distributions`` distribution's argument and support checks off for
+    the block (:class:`_no_distribution_validation`): for runs whose values the checks cannot
+    help with (a trace on fake tensors; an AIS proposal, whose non-finite density rejects it)."""
+    with pyro.validation_enabled(False), _no_distribution_validation():
+        yield
 
 
 class _no_distribution_validation:

@@ -18,6 +18,7 @@ model), so each data point's chains are independent and are annealed on their ow
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import biject_to
 
+from pyro_elbo._pyro.capture import validation_off
 from pyro_elbo._pyro.tracing import plate_nesting, scored_sites
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -101,6 +103,10 @@ class JointDensity:
         self.model_latents = [name for name, site in scored_sites(model_trace, named=True) if not site["is_observed"]]
         model_sites: dict[str, Any] = dict(model_trace.nodes)
         self.supports = {name: model_sites[name]["fn"].support for name in self.model_latents}
+        #: the first :meth:`log_densities` call ran with Pyro's checks on (data, supports); later
+        #: calls (AIS proposals) run without them: a proposal that overflows gets a non-finite
+        #: density and is rejected, instead of a distribution refusing its non-finite parameter
+        self.checked = False
         for name, site in guide_sites.items():
             if name not in model_trace.nodes and not (name in self.latents and site["infer"].get("is_auxiliary")):
                 raise ValueError(f"guide site '{name}' is not a sample site of the model")
@@ -224,6 +230,12 @@ class JointDensity:
 
     def log_densities(self, u: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p(x, T(u)), log q(T(u)), log|det J_T(u)|)``, each ``[C, *B]``, differentiable in ``u``."""
+        with validation_off() if self.checked else contextlib.nullcontext():
+            densities = self._log_densities(u)
+        self.checked = True
+        return densities
+
+    def _log_densities(self, u: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         z, log_det = {}, None
         for name, value in u.items():
             transform = self.transforms[name]
