@@ -131,16 +131,17 @@ class CompiledLoss:
     ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
         """Loss, gradient and Adam update of all parameters held in one flat vector.
 
-        ``flat = [params, exp_avg, exp_avg_sq, steps, lr, beta1, beta2, eps]``: the parameters
-        :math:`\\theta` concatenated in ``layout`` order (``(name, shape)`` per parameter; ``params``
-        are the parameter tensors themselves, views of ``flat[0]``), the Adam moments :math:`m, v`
-        laid out alike, and one step count per parameter. Returns the loss, ``finite`` (loss and
-        gradient finite) and the step's :math:`(\\theta', m', v', t')` (:func:`flat_adam_update`)
-        under :math:`x' = \\mathrm{where}(\\text{finite}, x_{\\text{new}}, x)`, so a non-finite step
-        changes nothing and the caller never branches to keep it from writing. On CPU the graph
-        writes them into ``flat``'s four vectors itself and the list is empty (no output buffers,
-        no copy); on CUDA, where a graph that writes its inputs does not run as CUDA graphs, it
-        returns them for the caller to copy. ``None``: capture failed (warned).
+        ``flat = [params, exp_avg, exp_avg_sq, steps, ledger, lr, beta1, beta2, eps]``: the
+        parameters :math:`\\theta` concatenated in ``layout`` order (``(name, shape)`` per parameter;
+        ``params`` are the parameter tensors themselves, views of ``flat[0]``), the Adam moments
+        :math:`m, v` laid out alike, one step count per parameter, and the non-finite ledger of
+        :func:`guarded_step`. Returns the loss, ``applied`` (the step was finite and the ledger had
+        not halted) and the step's :math:`(\\theta', m', v', t')` (:func:`flat_adam_update`) under
+        :math:`x' = \\mathrm{where}(\\text{applied}, x_{\\text{new}}, x)`, then the new ledger, so
+        a refused step changes nothing and the host reads no flag to keep it from writing. On CPU
+        the graph writes them into ``flat``'s five buffers itself and the list is empty (no output
+        buffers, no copy); on CUDA, where a graph that writes its inputs does not run as CUDA
+        graphs, it returns them for the caller to copy. ``None``: capture failed (warned).
         """
         if self.failed is not None:
             return None
@@ -242,15 +243,17 @@ class CompiledLoss:
                 (grad,) = torch.autograd.grad(loss, [flat[0]], allow_unused=True)
                 grad = torch.zeros_like(flat[0]) if grad is None else grad
                 finite = torch.isfinite(loss).all() & torch.isfinite(grad).all()
-                new = flat_adam_update(flat[0].detach(), grad, *moments)
-                old = (flat[0].detach(), *moments[:3])
-                kept = [torch.where(finite, n, o) for n, o in zip(new, old)]
+                exp_avg, exp_avg_sq, steps, ledger, *scalars = moments
+                applied, new_ledger = guarded_step(finite, ledger)
+                new = flat_adam_update(flat[0].detach(), grad, exp_avg, exp_avg_sq, steps, *scalars)
+                old = (flat[0].detach(), exp_avg, exp_avg_sq, steps, ledger)
+                kept = [*(torch.where(applied, n, o) for n, o in zip(new, old)), new_ledger]
                 if not in_place:
-                    return (loss.detach(), finite, *kept)
+                    return (loss.detach(), applied, *kept)
                 with torch.no_grad():  # the graph writes its inputs: no output buffers, no copy after
                     for target, value in zip(old, kept):
                         target.copy_(value)
-                return (loss.detach(), finite)
+                return (loss.detach(), applied)
             wanted = list(flat[:num_params])
             loss = loss_of(wanted, data)
             raw = torch.autograd.grad(loss, wanted, allow_unused=True)
@@ -370,6 +373,44 @@ def _adam_update(params: list[Tensor], grads: list[Tensor], state: tuple[Tensor,
         adam_moments(p, g, m, v, step, lr, beta1, beta2, eps) for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq)
     ]
     return [*(p.detach() for p, _, _ in updates), *(m for _, m, _ in updates), *(v for _, _, v in updates), step]
+
+
+#: the entries of :func:`guarded_step`'s ledger, in order
+LEDGER_FIELDS = ("limit", "consecutive", "skipped", "calls", "halted_at")
+
+
+def guarded_step(finite: Tensor, ledger: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Whether a step may write, and the non-finite ledger after it: graph operations, so the host
+    need not read a flag every step (on CUDA, a synchronization).
+
+    ``ledger`` is an integer vector :math:`(\ell, c, s, n, h)` (:data:`LEDGER_FIELDS`): the limit
+    :math:`\ell` of consecutive non-finite steps, the current run :math:`c` of them, the number
+    :math:`s` of non-finite steps seen, the number :math:`n` of steps called and the call :math:`h`
+    at which the ledger halted (0: not halted). A step is *alive* while :math:`c < \ell`; it applies
+    its update iff it is alive and finite:
+
+    .. math::
+        a = [c < \ell] \wedge \text{finite}, \quad
+        c' = \begin{cases} 0 & \text{alive, finite} \\ c + 1 & \text{alive, not finite} \\
+        c & \text{halted} \end{cases}, \quad
+        s' = s + [c < \ell \wedge \neg\text{finite}], \quad n' = n + 1, \quad
+        h' = \begin{cases} n' & c < \ell \le c' \\ h & \text{else} \end{cases}
+
+    With :math:`\ell = 1` (``on_nonfinite="raise"``) the first non-finite step halts the ledger, so
+    it and every later step change nothing until the host reads it (and raises); with
+    :math:`\ell = ` ``max_consecutive_skips`` (``"skip"``) non-finite steps are skipped and
+    :math:`\ell` of them in a row halt it. Returns :math:`(a, (\ell, c', s', n', h'))`."""
+    limit, consecutive, skipped, calls, halted_at = ledger.unbind()
+    alive = consecutive < limit
+    applied = finite & alive
+    refused = alive & ~finite
+    new_consecutive = torch.where(
+        refused, consecutive + 1, torch.where(alive, torch.zeros_like(consecutive), consecutive)
+    )
+    new_calls = calls + 1
+    new_halted_at = torch.where(refused & (new_consecutive >= limit), new_calls, halted_at)
+    new_skipped = skipped + refused.to(skipped.dtype)
+    return applied, torch.stack([limit, new_consecutive, new_skipped, new_calls, new_halted_at])
 
 
 def split(flat: Tensor, layout: Layout) -> list[Tensor]:

@@ -13,9 +13,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch.distributions import constraints
+from torch.utils.data import DataLoader, TensorDataset
 
 import pyro_elbo
 from pyro_elbo.train import TrainState, init, step
+from pyro_elbo.train.hooks import Hook
 
 from models import relative_tolerance
 
@@ -118,8 +120,9 @@ def test_a_nonfinite_step_is_refused_leaving_parameters_and_adam_state_exactly(b
             step(state)
         params = {n: p.detach().clone() for n, p in state.params.items()}
         adam = _adam_state(state)
-        with pytest.raises(pyro_elbo.NonFiniteLossError, match="model site 'x'") as raised:
-            step(state, _bad_data())
+        with pytest.raises(pyro_elbo.NonFiniteLossError, match="step 3: .*model site 'x'") as raised:
+            step(state, _bad_data())  # the eager backend reads the ledger every step; inductor every 256
+            state.settle()
     assert ("new draws" in str(raised.value)) == (backend != "eager")
     assert state.flat is not None and state.step == 3
     for name, value in params.items():
@@ -130,7 +133,7 @@ def test_a_nonfinite_step_is_refused_leaving_parameters_and_adam_state_exactly(b
 
 def test_without_the_steps_draws_the_site_is_found_with_new_draws() -> None:
     """What an inductor graph's failure does (its draws cannot be replayed), on the eager backend."""
-    from pyro_elbo.train.step import find_nonfinite_site
+    from pyro_elbo.train.nonfinite import find_nonfinite_site
 
     pyro.clear_param_store()
     state = init(model, guide, X, objective=pyro_elbo.ELBO(), compile=True, compile_backend="eager")
@@ -160,6 +163,140 @@ def test_a_nonfinite_step_is_skipped_and_consecutive_skips_stop() -> None:
         with pytest.raises(pyro_elbo.NonFiniteLossError, match="2 consecutive"):
             step(state, _bad_data())
     assert state.num_skipped == 3 and len(state.history) == 4 and math.isnan(state.history[1])
+
+
+def _counting_ledger_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from pyro_elbo.train.flat import FlatAdam
+
+    reads: list[int] = []
+    original = FlatAdam.read_ledger
+
+    def counted(self: FlatAdam) -> tuple[int, int, int]:
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(FlatAdam, "read_ledger", counted)
+    return reads
+
+
+def _run(settle_every: int, data: list[bool], **options: Any) -> tuple[TrainState, list[Any], Exception | None]:
+    """Steps on good (True) or bad (False) data with the ledger read every ``settle_every``
+    steps; returns the state, the parameters after each step and what was raised."""
+    state = _state(True, **options)
+    state.settle_every = settle_every
+    after: list[Any] = []
+    try:
+        for good in data:
+            step(state) if good else step(state, _bad_data())
+            after.append({n: p.detach().clone() for n, p in state.params.items()})
+    except pyro_elbo.NonFiniteLossError as error:
+        return state, after, error
+    return state, after, None
+
+
+def test_the_ledger_is_read_every_settle_every_steps_not_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = _counting_ledger_reads(monkeypatch)
+    state, _, raised = _run(8, [True] * 20)
+    assert raised is None and len(reads) == 2  # after steps 8 and 16, none per step
+    state.result()
+    assert len(reads) == 3 and not state.unsettled  # the result reads the last 4 steps' ledger
+
+
+def test_a_refused_step_raises_at_the_next_read_with_the_run_as_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under "raise", a non-finite step halts the ledger: it and the steps after it change nothing,
+    and the next read raises for it with its number and site, the parameters, Adam state, losses,
+    timings and step count as they were before it; the run can then go on."""
+    reads = _counting_ledger_reads(monkeypatch)
+    with pyro.validation_enabled(False):
+        state, after, raised = _run(8, [True, True, True, False, True, True, True, True, True])
+        assert isinstance(raised, pyro_elbo.NonFiniteLossError) and len(reads) == 1
+        assert len(after) == 7  # the 8th call read the ledger and raised
+        message = str(raised)
+        assert message.startswith("step 3: ") and "model site 'x'" in message and "new draws" in message
+        assert state.step == 3 and len(state.history) == 3 and len(state.step_seconds) == 3
+        assert all(math.isfinite(v) for v in state.history)
+        for later in after[3:]:
+            for name, value in after[2].items():
+                assert torch.equal(later[name], value), name
+        assert all(float(s["step"]) == 3 for s in _adam_state(state))
+        _, info = step(state)  # the ledger was reset: training goes on
+        assert info.finite and not torch.equal(state.params["loc"].detach(), after[2]["loc"])
+
+
+def test_skips_counted_on_the_device_match_the_eager_reading() -> None:
+    """Under "skip" the ledger skips non-finite steps and halts after max_consecutive_skips in a
+    row: read every 8 steps, the run ends at the same step, with the same count, history and
+    parameters (the same draws) as read every step."""
+    data = [True, False, True, False, False, True, True, True]
+    runs = {}
+    with pyro.validation_enabled(False):
+        for every in (1, 8):
+            state, after, raised = _run(every, data, on_nonfinite="skip", max_consecutive_skips=2)
+            assert isinstance(raised, pyro_elbo.NonFiniteLossError)
+            assert "2 consecutive non-finite steps (last at step 4)" in str(raised)
+            runs[every] = (state, after)
+    (one, after_one), (eight, after_eight) = runs[1], runs[8]
+    assert len(after_one) == 4 and len(after_eight) == 7
+    assert one.step == eight.step == 4 and one.num_skipped == eight.num_skipped == 3
+    assert one.history[0] == eight.history[0] and math.isnan(eight.history[1]) and len(eight.history) == 4
+    for name, value in one.params.items():
+        assert torch.equal(eight.params[name].detach(), value.detach()), name
+
+
+def test_a_checkpoint_is_not_written_past_a_refused_step() -> None:
+    with pyro.validation_enabled(False):
+        state, _, raised = _run(8, [True, False, True])
+        assert raised is None
+        with pytest.raises(pyro_elbo.NonFiniteLossError, match="step 1: "):
+            state.state_dict()
+    assert state.step == 1
+
+
+class _ReadRarely(Hook):
+    """What fit does under inductor (the ledger read every 256 steps), on the eager backend."""
+
+    def on_start(self, state: TrainState) -> None:
+        state.settle_every = 256
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_fit_over_minibatches_refuses_or_skips_the_step_of_the_bad_batch(mode: str) -> None:
+    """A NaN in the 7th batch of 10 (every epoch): fit reads the ledger only at its end (30 steps
+    < 256), yet raises for step 6 on that batch's data, or skips exactly the three bad steps."""
+    data = torch.randn(40)
+    data[26] = math.nan
+    loader = DataLoader(TensorDataset(data), batch_size=4)
+    pyro.clear_param_store()
+    options: dict[str, Any] = dict(num_epochs=3, compile=True, compile_backend="eager", progress=False, seed=0)
+    with pyro.validation_enabled(False):
+        if mode == "raise":
+            with pytest.raises(pyro_elbo.NonFiniteLossError, match="step 6: .*model site 'x'"):
+                pyro_elbo.fit(model, guide, loader, hooks=[_ReadRarely()], **options)
+            return
+        result = pyro_elbo.fit(model, guide, loader, on_nonfinite="skip", hooks=[_ReadRarely()], **options)
+    assert result.num_skipped == 3 and len(result.history) == 30
+    assert [i for i, v in enumerate(result.history) if math.isnan(v)] == [6, 16, 26]
+
+
+@pytest.mark.parametrize(
+    "limit, finite, applied, ledger",
+    [  # ledger: (limit, consecutive, skipped, calls, halted_at)
+        (1, "TFTT", "TFFF", [1, 1, 1, 4, 2]),  # "raise": the first non-finite step halts it
+        (3, "TFTFFFTT", "TFTFFFFF", [3, 3, 4, 8, 6]),  # "skip": three in a row halt it
+        (3, "FFTFFT", "FFTFFT", [3, 0, 4, 6, 0]),  # never three in a row
+    ],
+)
+def test_guarded_step_halts_after_limit_consecutive_nonfinite_steps(
+    limit: int, finite: str, applied: str, ledger: list[int]
+) -> None:
+    from pyro_elbo.compiled import guarded_step
+
+    state = torch.tensor([limit, 0, 0, 0, 0])
+    seen = ""
+    for flag in finite:
+        a, state = guarded_step(torch.tensor(flag == "T"), state)
+        seen += "T" if bool(a) else "F"
+    assert seen == applied and state.tolist() == ledger
 
 
 def test_progress_reads_the_loss_only_when_it_redraws() -> None:

@@ -77,6 +77,7 @@ class AutoCompile(Hook):
         self.compiled_times: list[float] = []
         self.compiled: CompiledLoss | None = None
         self.compile_seconds = 0.0
+        self.settle_every = 1
 
     def on_start(self, state: TrainState) -> None:
         self.compiled, state.compiled = state.compiled, None  # eager until decided
@@ -96,7 +97,7 @@ class AutoCompile(Hook):
             if info.compile_seconds is None and state.compiled is not None and state.compiled.failed:
                 self.phase = "done"  # capture failed: CompiledLoss warned and the step ran eagerly
                 state.compile_decision = "compile='auto' stayed eager: the capture failed (see the warning)"
-                state.compiled = None
+                state.compiled, state.settle_every = None, self.settle_every
                 return None
             self.compile_seconds = self.seconds(info)
             self.phase = "timing"
@@ -114,11 +115,14 @@ class AutoCompile(Hook):
             self.phase, state.compile_decision = "done", why
             return
         self.phase, state.compiled = "compiling", self.compiled
+        # time the compiled steps as the eager ones were: each step waits for the device
+        self.settle_every, state.settle_every = state.settle_every, 1
 
     def _decide_to_keep(self, state: TrainState) -> None:
         eager, compiled = statistics.median(self.eager[1:]), statistics.median(self.compiled_times)
         remaining = self.total - state.step + len(self.compiled_times)
         keep, why = verdict(remaining, eager, compiled, self.compile_seconds)
         self.phase, state.compile_decision = "done", why
+        state.settle_every = self.settle_every
         if not keep:
             state.compiled = None

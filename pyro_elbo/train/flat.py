@@ -7,8 +7,9 @@ moment), every step allocates and checks ``3n`` output buffers and writes ``3n``
 :math:`\\theta \\in \\mathbb{R}^{D}` (:math:`D = \\sum_i |\\theta_i|`) and makes each
 parameter's ``.data`` a view of it, and likewise each ``exp_avg``/``exp_avg_sq`` of the
 optimizer's state a view of a flat :math:`m, v \\in \\mathbb{R}^{D}`. The graph
-(:meth:`~pyro_elbo.compiled.CompiledLoss.flat_adam`) then takes and returns four vectors, and one
-``_foreach_copy_`` writes the step.
+(:meth:`~pyro_elbo.compiled.CompiledLoss.flat_adam`) then takes four vectors and the non-finite
+ledger (:func:`~pyro_elbo.compiled.guarded_step`) and writes them in place (on CUDA it returns them
+and one ``_foreach_copy_`` writes the step).
 
 The parameters stay the same tensor objects (param store, modules, ``state_dict`` and
 checkpoints see them unchanged) and the optimizer state stays ``torch.optim.Adam``'s own dict,
@@ -41,7 +42,12 @@ class FlatAdam:
     """
 
     def __init__(
-        self, params: dict[str, Tensor], opt: torch.optim.Optimizer, steps: float, step_dtype: torch.dtype
+        self,
+        params: dict[str, Tensor],
+        opt: torch.optim.Optimizer,
+        steps: float,
+        step_dtype: torch.dtype,
+        limit: int = 1,
     ) -> None:
         tensors = list(params.values())
         self.params = params
@@ -64,14 +70,20 @@ class FlatAdam:
             offset += size
         self.state_dict_object = opt.state
         self.pointers = [p.data_ptr() for p in tensors]
-        self.buffers = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps]
+        #: :func:`~pyro_elbo.compiled.guarded_step`'s ledger, read by the host only now and then
+        self.ledger = torch.tensor([limit, 0, 0, 0, 0], dtype=torch.int64, device=self.flat.device)
+        self.limit = limit
+        #: the ledger's ``skipped`` and ``calls`` when the host last read it
+        self.seen_skipped = self.seen_calls = 0
+        self.buffers = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps, self.ledger]
         self.scalars: tuple[tuple[Any, ...], list[Tensor]] | None = None
 
     @classmethod
-    def bind(cls, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> FlatAdam | None:
-        """Lay ``params`` and their Adam state out flat; ``None`` if they differ in dtype or device,
-        are not dense floating point, share memory, or their step counts differ (then the
-        per-parameter graph runs)."""
+    def bind(cls, params: dict[str, Tensor], opt: torch.optim.Optimizer, limit: int = 1) -> FlatAdam | None:
+        """Lay ``params`` and their Adam state out flat, with a ledger that halts after ``limit``
+        consecutive non-finite steps; ``None`` if they differ in dtype or device, are not dense
+        floating point, share memory, or their step counts differ (then the per-parameter graph
+        runs)."""
         tensors = list(params.values())
         if not tensors or len({(p.dtype, p.device) for p in tensors}) != 1 or not tensors[0].is_floating_point():
             return None
@@ -84,13 +96,16 @@ class FlatAdam:
         if len(counts) > 1 or (counts and not all(states)):
             return None
         dtypes = {s["step"].dtype for s in states if s}
-        return cls(params, opt, counts.pop() if counts else 0.0, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        step_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        return cls(params, opt, counts.pop() if counts else 0.0, step_dtype, limit)
 
-    def valid(self, params: dict[str, Tensor], opt: torch.optim.Optimizer) -> bool:
+    def valid(self, params: dict[str, Tensor], opt: torch.optim.Optimizer, limit: int = 1) -> bool:
         """The parameters still live in these buffers and the optimizer still holds these views
-        (a ``load_state_dict`` replaces ``opt.state``; ``p.data = ...`` moves a parameter)."""
+        (a ``load_state_dict`` replaces ``opt.state``; ``p.data = ...`` moves a parameter), and the
+        ledger's limit is ``limit``."""
         return (
-            opt is self.optimizer
+            limit == self.limit
+            and opt is self.optimizer
             and opt.state is self.state_dict_object
             and [p.data_ptr() for p in params.values()] == self.pointers
             and len(params) == len(self.layout)
@@ -100,10 +115,10 @@ class FlatAdam:
         self, compiled: CompiledLoss, group: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Tensor, Tensor] | None:
         """One compiled loss, gradient and Adam step written into the buffers; returns the loss
-        and ``finite`` as 0-d tensors (nothing changed when not finite), or ``None`` if the graph
-        is not available (run eagerly)."""
+        and ``applied`` as 0-d tensors (nothing changed when not applied: the step was not finite,
+        or the ledger had halted), or ``None`` if the graph is not available (run eagerly)."""
         self.scalars = adam_scalars(group, self.scalars, self.flat.dtype, self.flat.device)
-        inputs = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps, *self.scalars[1]]
+        inputs = [*self.buffers, *self.scalars[1]]
         out = compiled.flat_adam(self.params, self.layout, inputs, args, kwargs)
         if out is None:
             return None
@@ -111,6 +126,21 @@ class FlatAdam:
         if updated:
             torch._foreach_copy_(self.buffers, updated)
         return loss, finite
+
+    def read_ledger(self) -> tuple[int, int, int]:
+        """Read the ledger (one transfer) and return what happened since the last read:
+        ``(new_skipped, consecutive, halted_call)``, where ``halted_call`` is the index (from 0)
+        among the calls since the last read of the step that halted it, or -1. A halted ledger is
+        reset (its run of non-finite steps to 0), so a caller that handles the halt may go on."""
+        _, consecutive, skipped, calls, halted_at = self.ledger.tolist()
+        new_skipped, first = skipped - self.seen_skipped, self.seen_calls
+        self.seen_skipped, self.seen_calls = skipped, calls
+        if consecutive < self.limit:
+            return new_skipped, consecutive, -1
+        with torch.no_grad():
+            self.ledger[1] = 0
+            self.ledger[4] = 0
+        return new_skipped, consecutive, halted_at - first - 1
 
     def release(self) -> None:
         """Give every parameter and each of its Adam tensors its own memory again (copies of the

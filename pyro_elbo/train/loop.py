@@ -113,10 +113,13 @@ def init(
         "scheduler": type(sched).__name__ if sched is not None else None,
         "objective": repr(objective),
     }
-    return TrainState(
+    state = TrainState(
         model, guide, objective, params, opt, sched, args, kwargs, clip_norm, on_nonfinite,
         max_consecutive_skips, compiled, where, context, settings,
     )  # fmt: skip
+    if sched is not None or compile_backend == "eager":  # a scheduler steps only after finite steps
+        state.settle_every = 1
+    return state
 
 
 def fit(
@@ -261,6 +264,7 @@ def run(state: TrainState, data: Data, hooks: Sequence[Hook]) -> str:
             if reason is not None:
                 stop_reason = reason
                 break
+        state.settle()  # a step refused since the last read raises now, before the last checkpoint
     finally:
         for hook in hooks:
             hook.close()

@@ -21,7 +21,7 @@ class FitResult:
 
     Attributes:
         history: the loss of every step taken (skipped steps included, as NaN/inf).
-        step_seconds: wall-clock seconds of every step (the GPU synchronized).
+        step_seconds: wall-clock seconds of every step (see :attr:`~pyro_elbo.train.StepInfo.seconds`).
         num_skipped: steps skipped as non-finite (``on_nonfinite="skip"``).
         validation_history: ``(step, loss)`` every ``validate_every`` steps.
         stop_reason: ``"completed"``, ``"early_stopping"``, ``"callback"`` or the name a hook gave.

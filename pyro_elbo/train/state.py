@@ -23,6 +23,7 @@ from pyro_elbo.objectives import Objective
 from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, FIELDS_2, missing_fields
 from pyro_elbo.train.data import DataPosition
 from pyro_elbo.train.flat import FlatAdam
+from pyro_elbo.train.nonfinite import settle
 from pyro_elbo.train.result import FitResult
 
 #: optimizer options that choose an implementation, not the update: never a difference
@@ -69,6 +70,16 @@ class TrainState:
     resumed_from_step: int | None = None
     #: the compiled Adam step's flat parameter and moment buffers (:mod:`pyro_elbo.train.flat`)
     flat: FlatAdam | None = field(default=None, repr=False)
+    #: the flat compiled step's non-finite ledger is read every this many steps
+    #: (:func:`~pyro_elbo.train.nonfinite.settle`; :func:`~pyro_elbo.train.init` sets 1 with a
+    #: scheduler or ``compile_backend="eager"``)
+    settle_every: int = 256
+    #: ``(step, args, kwargs, loss)`` of the flat compiled steps since its ledger was last read
+    unsettled: list[tuple[int, tuple[Any, ...], dict[str, Any], float | Tensor]] = field(
+        default_factory=list, repr=False
+    )
+    #: bytes of minibatch tensors those steps hold (their ledger is read before it passes 64 MiB)
+    unsettled_bytes: int = field(default=0, repr=False)
 
     #: device losses are read in one batch once this many are waiting
     FLUSH_EVERY = 256
@@ -115,15 +126,26 @@ class TrainState:
         """Parameter name -> constrained value, detached and cloned."""
         return {name: constrained_value(name, p).detach().clone() for name, p in self.params.items()}
 
+    def settle(self) -> None:
+        """Read the compiled step's non-finite ledger now (:func:`~pyro_elbo.train.nonfinite.settle`):
+        count skipped steps, and raise :class:`~pyro_elbo.NonFiniteLossError` for a refused one.
+        :meth:`state_dict`, :meth:`result` and :meth:`release_flat_buffers` call it first."""
+        settle(self)
+
     def release_flat_buffers(self) -> None:
         """Parameters and Adam state out of the compiled step's flat buffers, each in its own memory
-        (see :mod:`pyro_elbo.train.flat`); a later compiled step lays them out again."""
-        if self.flat is not None:
-            self.flat.release()
-            self.flat = None
+        (see :mod:`pyro_elbo.train.flat`); a later compiled step lays them out again. The ledger is
+        read first (:meth:`settle`), and the buffers are released even when that raises."""
+        try:
+            self.settle()
+        finally:
+            if self.flat is not None:
+                self.flat.release()
+                self.flat = None
 
     def result(self, stop_reason: str = "completed") -> FitResult:
         """The run so far as a :class:`~pyro_elbo.FitResult`."""
+        self.settle()
         return FitResult(
             history=list(self.history),
             step_seconds=list(self.step_seconds),
@@ -141,6 +163,7 @@ class TrainState:
         """Everything needed to continue the run bit-identically, as a checkpoint ``dict`` (format
         ``pyro_elbo.checkpoint/2``). Under ``torch.distributed`` every rank must call it (the
         ranks' random states are gathered)."""
+        self.settle()
         ctx = self.context
         return self._snapshot(distributed.gather_rng_states(ctx, rng_state) if ctx.active else None)
 
@@ -209,6 +232,8 @@ class TrainState:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state["objective_state"])
+        self.unsettled.clear()  # steps of the run being replaced: their ledger no longer matters
+        self.unsettled_bytes = 0
         self.history = list(state["history"])
         self.step_seconds = list(state["step_seconds"])
         self.num_skipped = state["num_skipped"]

@@ -12,13 +12,14 @@ import torch
 from torch import Tensor
 
 from pyro_elbo import distributed
-from pyro_elbo._pyro.log_weights import log_weights
 from pyro_elbo._pyro.params import loss_and_params
-from pyro_elbo._random import set_torch_rng_state, torch_rng_state
+from pyro_elbo._random import torch_rng_state
 from pyro_elbo.compiled import adam_step, all_finite
 from pyro_elbo.train.flat import FlatAdam
-from pyro_elbo.train.result import NonFiniteLossError
+from pyro_elbo.train.nonfinite import find_nonfinite_site, refuse_or_skip, settle
 from pyro_elbo.train.state import TrainState
+
+__all__ = ["StepInfo", "step", "find_nonfinite_site", "default_device"]
 
 
 class StepInfo:
@@ -28,18 +29,33 @@ class StepInfo:
         step: steps taken so far, this one included.
         loss: the loss (averaged over processes under ``torch.distributed``); NaN/inf if skipped.
             On the compiled path it is read from the device only when asked for.
-        finite: the loss and every gradient were finite, so the parameters were updated.
-        seconds: wall-clock time of the step (the GPU synchronized).
+        finite: the loss and every gradient were finite, so the parameters were updated. On the
+            compiled path it is read from the device only when asked for (and is False for the
+            steps after a refused one, up to the next read of the ledger, which raises).
+        seconds: wall-clock time of the step (the GPU synchronized; on the flat compiled path on a
+            GPU only with ``state.settle_every == 1``, else the host's time, whose mean over many
+            steps is the GPU's pace once its queue is full).
         compile_seconds: set on the step that captured and compiled the graph (``compile=True``).
     """
 
-    __slots__ = ("step", "_loss", "finite", "seconds", "compile_seconds")
+    __slots__ = ("step", "_loss", "_finite", "seconds", "compile_seconds")
 
     def __init__(
-        self, step: int, loss: float | Tensor, finite: bool, seconds: float, compile_seconds: float | None = None
+        self,
+        step: int,
+        loss: float | Tensor,
+        finite: bool | Tensor,
+        seconds: float,
+        compile_seconds: float | None = None,
     ) -> None:
-        self.step, self._loss, self.finite = step, loss, finite
+        self.step, self._loss, self._finite = step, loss, finite
         self.seconds, self.compile_seconds = seconds, compile_seconds
+
+    @property
+    def finite(self) -> bool:
+        if isinstance(self._finite, Tensor):  # a 0-d tensor of the compiled step: read once
+            self._finite = bool(self._finite)
+        return self._finite
 
     @property
     def loss(self) -> float:
@@ -67,8 +83,13 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     the step with new draws (an inductor graph's draws cannot be replayed).
 
     On the compiled Adam path (:mod:`pyro_elbo.train.flat`) the step is one graph call that
-    writes parameters and Adam moments (on CUDA one copy follows); the loss stays a device tensor
-    until read (``info.loss``, ``state.history``), and the host reads only ``finite``.
+    writes parameters and Adam moments (on CUDA one copy follows) and reads nothing back: the
+    loss and ``info.finite`` stay device tensors until read, and non-finite steps are refused or
+    skipped inside the graph (:func:`~pyro_elbo.compiled.guarded_step`). The host reads that
+    ledger every ``state.settle_every`` steps (:func:`~pyro_elbo.train.nonfinite.settle`; 256 by
+    default, 1 with a scheduler or ``compile_backend="eager"``): a refused step then raises up to
+    that many steps later, for that step, its data and its number, with the parameters, optimizer
+    state and the run's record as they were before it.
 
     Raises:
         NonFiniteLossError: see above, or ``max_consecutive_skips`` non-finite steps in a row.
@@ -86,51 +107,53 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     compile_seconds = None
     if compiled is not None and state.compile_seconds is None and compiled.capture_seconds:
         compile_seconds = state.compile_seconds = sum(compiled.capture_seconds.values())
-    if not ok:
-        _refuse_or_skip(state, float(loss), args, kwargs, rng_before)
+    lean = isinstance(ok, Tensor)  # the flat compiled step: its ledger refuses or skips on the device
+    if lean:
+        state.unsettled.append((state.step, args, kwargs, loss))
+    elif not ok:
+        refuse_or_skip(state, float(loss), args, kwargs, rng_before)
     else:
         state.consecutive_skips = 0
-        if state.scheduler is not None:
-            state.scheduler.step()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device is not None and device.type == "cuda" and (not lean or state.settle_every == 1):
+        torch.cuda.synchronize(device)  # (the lean step waits for nothing: its seconds are the host's)
     seconds = time.perf_counter() - start
     state.step_seconds.append(seconds)
     state.record_loss(loss)
     state.position.step += 1
+    if lean and (len(state.unsettled) >= state.settle_every or _holds_other_data(state, args)):
+        settle(state, rng_before)  # rewinds the record to before a refused step, and raises
+    if state.scheduler is not None and (not lean or bool(ok)):
+        state.scheduler.step()  # (init sets settle_every=1 with a scheduler: the ledger was read)
     return state, StepInfo(state.position.step, loss, ok, seconds, compile_seconds)
 
 
-def _refuse_or_skip(
-    state: TrainState, loss: float, args: tuple[Any, ...], kwargs: dict[str, Any], rng: dict[str, Any] | None
-) -> None:
-    if state.on_nonfinite == "raise":
-        culprit = find_nonfinite_site(state, args, kwargs, rng)
-        raise NonFiniteLossError(
-            f"step {state.step}: the loss or its gradient is not finite ({loss}){culprit}; "
-            "parameters and optimizer state were left as before this step. Pass "
-            "on_nonfinite='skip' to skip such steps."
-        )
-    state.consecutive_skips += 1
-    state.num_skipped += 1
-    if state.consecutive_skips >= state.max_consecutive_skips:
-        raise NonFiniteLossError(
-            f"{state.consecutive_skips} consecutive non-finite steps (last at step {state.step}); "
-            "stopping. Lower the learning rate or check the data."
-        )
+#: the most memory (bytes) of minibatches kept for steps whose ledger is not read yet
+UNSETTLED_DATA_BYTES = 64 * 2**20
 
 
-def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float | Tensor, bool]:
-    """Loss, gradients and (if everything is finite) the optimizer step; returns (loss, finite)."""
+def _holds_other_data(state: TrainState, args: tuple[Any, ...]) -> bool:
+    """Minibatch steps keep their batch until the ledger is read (to name the failing site on its
+    data): read it before they hold more than :data:`UNSETTLED_DATA_BYTES`."""
+    if args is state.args:
+        return False
+    state.unsettled_bytes += sum(a.nbytes for a in args if isinstance(a, Tensor))
+    return state.unsettled_bytes > UNSETTLED_DATA_BYTES
+
+
+def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float | Tensor, bool | Tensor]:
+    """Loss, gradients and (if everything is finite) the optimizer step; returns (loss, finite),
+    both 0-d tensors on the flat compiled path (its ledger decides on the device)."""
     compiled, params, opt = state.compiled, state.params, state.optimizer
     if compiled is not None and compiled.adam:
         flat = state.flat
-        if flat is None or not flat.valid(params, opt):
-            flat = state.flat = FlatAdam.bind(params, opt)
+        limit = 1 if state.on_nonfinite == "raise" else state.max_consecutive_skips
+        if flat is None or not flat.valid(params, opt, limit):
+            settle(state)  # the old buffers' ledger, before they are dropped
+            flat = state.flat = FlatAdam.bind(params, opt, limit)
         if flat is not None:
             lean = flat.step(compiled, opt.param_groups[0], args, kwargs)
             if lean is not None:
-                return lean[0], bool(lean[1])
+                return lean
         else:
             done = adam_step(compiled, params, opt, args, kwargs)
             if done is not None:
@@ -171,40 +194,6 @@ def add_new_params(seen: dict[str, Tensor], params: dict[str, Tensor], opt: torc
     if new:
         params.update(new)
         opt.add_param_group({"params": list(new.values())})
-
-
-def find_nonfinite_site(
-    state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any], rng: dict[str, Any] | None
-) -> str:
-    """Name the first site whose log-density is not finite: replaying the failed step's draws
-    (``rng``, the random state before it), or, without it, drawing anew at the parameters the
-    failed step left unchanged (the message says which)."""
-    objective, model, guide = state.objective, state.model, state.guide
-    saved = torch_rng_state()
-    how = "" if rng is not None else " (found by re-running the step at the parameters before it with new draws)"
-    try:
-        if rng is not None:
-            set_torch_rng_state(rng)
-        with torch.no_grad():
-            lw = log_weights(
-                model,
-                guide,
-                *args,
-                num_particles=objective.num_particles,
-                max_plate_nesting=objective.plate_nesting(model, guide, args, kwargs),
-                vectorize_particles=objective.vectorize_particles,
-                need={"per_site"},
-                **kwargs,
-            )
-    except Exception as error:  # the replay itself failed: report that
-        return f" (replaying the step raised {type(error).__name__}: {error})"
-    finally:
-        set_torch_rng_state(saved)
-    for role, sites in (("model", lw.site_log_p), ("guide", lw.site_log_q)):
-        for name, value in sites.items():
-            if not torch.isfinite(value).all():
-                return f"; the {role} site '{name}' has a non-finite log-density{how}"
-    return f"; every site's log-density is finite, so the gradient overflowed{how}"
 
 
 def default_device(device: torch.device | None) -> contextlib.AbstractContextManager[None]:
