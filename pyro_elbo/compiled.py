@@ -224,7 +224,7 @@ class CompiledLoss:
         leading, adam_inputs = state[:num_params], state[num_params:]
         # on CPU the flat graph writes its inputs; CUDA graphs are not used for a graph that
         # mutates its inputs, so there it returns the new values and the caller copies them
-        in_place = layout is not None and leading[0].device.type != "cuda"
+        in_place = layout is not None and graph_writes_inputs(leading[0].device)
         num_data, adam = len(tensor_positions), self.adam
         slots = module_parameter_slots((model, guide), params)
 
@@ -273,6 +273,13 @@ class CompiledLoss:
             standard_normals_as_randn(graph)
         compiled, self._captured_cudagraphs = compile_graph(graph, leading + inputs, self.backend)
         return compiled
+
+
+def graph_writes_inputs(device: torch.device) -> bool:
+    """Whether the flat step's graph writes its buffers itself (CPU) or returns the new values for
+    the caller to copy (CUDA, where inductor runs a graph that mutates its inputs without CUDA
+    graphs)."""
+    return device.type != "cuda"
 
 
 class SVICompiledSteps:

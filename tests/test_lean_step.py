@@ -67,6 +67,32 @@ def test_flat_step_equals_eager_adam_on_the_same_draws_and_keeps_the_parameter_o
             assert torch.allclose(c[key], e[key], rtol=relative_tolerance(), atol=1e-9)
 
 
+def test_the_copy_back_path_of_cuda_equals_the_in_place_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the flat graph returns its buffers for the caller to copy (a graph that writes its
+    inputs does not run as CUDA graphs); run that path on the CPU: same parameters, Adam state and
+    skip count as the in-place path, on the same draws."""
+    import pyro_elbo.compiled
+
+    data = [True, False, True, True]
+    runs = {}
+    with pyro.validation_enabled(False):
+        for writes in (True, False):
+            monkeypatch.setattr(pyro_elbo.compiled, "graph_writes_inputs", lambda device, w=writes: w)
+            state, _, raised = _run(8, data, on_nonfinite="skip")
+            assert raised is None
+            state.settle()
+            runs[writes] = state
+    in_place, copied = runs[True], runs[False]
+    assert copied.num_skipped == in_place.num_skipped == 1
+    assert (
+        torch.tensor(copied.history).nan_to_num(7.0).tolist() == torch.tensor(in_place.history).nan_to_num(7.0).tolist()
+    )
+    for name, value in in_place.params.items():
+        assert torch.equal(copied.params[name].detach(), value.detach()), name
+    for a, b in zip(_adam_state(in_place), _adam_state(copied)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_reload_and_replaced_storage_rebind_the_buffers() -> None:
     """A load_state_dict replaces the optimizer's state and p.data = ... moves a parameter: the
     next step lays the buffers out again, so a reload continues exactly where it was saved."""

@@ -123,7 +123,9 @@ class TrainState:
         return self.position.step
 
     def constrained_params(self) -> dict[str, Tensor]:
-        """Parameter name -> constrained value, detached and cloned."""
+        """Parameter name -> constrained value, detached and cloned (the non-finite ledger read
+        first: :meth:`settle`)."""
+        self.settle()
         return {name: constrained_value(name, p).detach().clone() for name, p in self.params.items()}
 
     def settle(self) -> None:
