@@ -96,8 +96,9 @@ def to_inference_data(
     if log_likelihood not in ("separate", COMBINED):
         raise ValueError(f"log_likelihood must be 'separate' or 'combined', got {log_likelihood!r}")
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="to_inference_data")
-    groups = _collect(model, guide, args, kwargs, (num_samples, chunk_size, max_seconds), predictive,
-                      vectorize_particles)
+    groups = _collect(
+        model, guide, args, kwargs, (num_samples, chunk_size, max_seconds), predictive, vectorize_particles
+    )
     dims = dict(dims or {})  # a name's dims apply in every group (observed, predictive, log-lik)
     if log_likelihood == COMBINED and groups["log_likelihood"]:
         plates = observed_plates(model, guide, *args, **kwargs)
@@ -136,8 +137,18 @@ def _collect(
     max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
 
     def draw(size: int) -> _CpuDraws:
-        return _to_cpu(posterior_draws(model, guide, *args, num_samples=size, max_plate_nesting=max_plate_nesting,
-                                       predictive=predictive, vectorize_particles=vectorize_particles, **kwargs))
+        return _to_cpu(
+            posterior_draws(
+                model,
+                guide,
+                *args,
+                num_samples=size,
+                max_plate_nesting=max_plate_nesting,
+                predictive=predictive,
+                vectorize_particles=vectorize_particles,
+                **kwargs,
+            )
+        )
 
     _check_memory(num_samples, draw(1))  # posterior_draws forks the random stream: the draws below are unchanged
     parts: list[_CpuDraws] = []
@@ -165,9 +176,7 @@ def _collect(
     }
 
 
-def _combine(
-    log_lik: dict[str, np.ndarray], plates: dict[str, tuple[Plate, ...]]
-) -> tuple[np.ndarray, list[str]]:
+def _combine(log_lik: dict[str, np.ndarray], plates: dict[str, tuple[Plate, ...]]) -> tuple[np.ndarray, list[str]]:
     """Sum the observed sites' pointwise log-likelihoods ``[1, S, *batch]`` over every batch dim
     but the plates all sites share; return ``[1, S, *shared plate sizes]`` and those plates' names."""
     names = list(log_lik)

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("file", metavar="FILE[:MODEL]", help="Python file with the model (and :NAME of the model function)")
+    run.add_argument(
+        "file", metavar="FILE[:MODEL]", help="Python file with the model (and :NAME of the model function)"
+    )
     run.add_argument("--guide", default="guide", help="name of the guide in FILE (default: guide, else AutoNormal)")
     run.add_argument("--objective", default="elbo", help="elbo, iwae, dreg, stl, renyi, cubo or vimco (default: elbo)")
     run.add_argument("--particles", type=count, default=None, help="particles per step (default: the objective's)")
@@ -77,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default: 0.01)")
     run.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: where the data are)")
     run.add_argument(
-        "--seed", type=int, default=0, help="random seed of the fit, the KL-gap report and the exported draws (default: 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed of the fit, the KL-gap report and the exported draws (default: 0)",
     )
     run.add_argument("--out", default="pyro-elbo-out", help="output folder (default: pyro-elbo-out)")
     run.add_argument("--samples", type=count, default=1000, help="posterior draws exported to ArviZ (default: 1000)")
@@ -93,15 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         "broadcast) or sequential (one at a time) (default: auto)",
     )
     run.add_argument(
-        "--dtype", choices=("float32", "float64"), default=None, help="torch default dtype for the model file and "
-        "its data (default: torch's, float32); float64 lowers the report's noise floor"
+        "--dtype",
+        choices=("float32", "float64"),
+        default=None,
+        help="torch default dtype for the model file and "
+        "its data (default: torch's, float32); float64 lowers the report's noise floor",
     )
     run.add_argument(
-        "--log-likelihood", choices=("separate", "combined"), default="separate", help="ArviZ log_likelihood: one "
+        "--log-likelihood",
+        choices=("separate", "combined"),
+        default="separate",
+        help="ArviZ log_likelihood: one "
         "per observed site (default), or combined: their sum per data point over the plate they share, so that "
-        "az.loo needs no var_name"
+        "az.loo needs no var_name",
     )
-    run.add_argument("--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)")
+    run.add_argument(
+        "--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)"
+    )
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
@@ -159,7 +172,9 @@ def load_model_file(spec: str) -> tuple[ModuleType, str]:
     name = name or "model"
     if not callable(getattr(module, name, None)):
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise UsageError(f"{path_text} defines no function `{name}` (callables defined: {', '.join(defined) or 'none'})")
+        raise UsageError(
+            f"{path_text} defines no function `{name}` (callables defined: {', '.join(defined) or 'none'})"
+        )
     return module, name
 
 
@@ -278,8 +293,10 @@ def _after_fit(
     if kl is not None:
         print()
         print(kl)
-        attempt("the KL-gap plot", lambda: _save(_legend_outside(kl.plot()), out / "kl_gap.png", dpi=120,
-                                                 bbox_inches="tight"))
+        attempt(
+            "the KL-gap plot",
+            lambda: _save(_legend_outside(kl.plot()), out / "kl_gap.png", dpi=120, bbox_inches="tight"),
+        )
     text = str(kl) if kl is not None else "KL-gap report: failed (see the error printed by pyro-elbo)"
     (out / "report.txt").write_text(f"{summary}\n\n{text}\n")
 
@@ -361,6 +378,7 @@ def _parse_device(text: str | None) -> Any:
 def _forest_rows(posterior: Any, budget: int = 40) -> tuple[list[str], dict[str, Any], int, str]:
     """Which variables (and entries) fit a readable forest of about ``budget`` rows: the smallest
     variables whole, then the first entries of the next one; the caption says what is left out."""
+
     def width(var: Any) -> int:
         return int(var.size // (var.sizes["chain"] * var.sizes["draw"]))
 
@@ -399,15 +417,24 @@ def _posterior_plot(idata: Any, out: Path) -> None:
             import matplotlib.pyplot as plt
 
             plot_forest: Any = az.plot_forest  # ArviZ 1.x's signature (type-checked against 0.x)
-            plot_forest(idata, var_names=names, coords=coords or None, combined=True, point_estimate="median",
-                        ci_kind="hdi", ci_probs=(0.5, 0.94), backend="matplotlib",
-                        figure_kwargs={"figsize": (8.5, size[1])})  # wider: room for labels
+            plot_forest(
+                idata,
+                var_names=names,
+                coords=coords or None,
+                combined=True,
+                point_estimate="median",
+                ci_kind="hdi",
+                ci_probs=(0.5, 0.94),
+                backend="matplotlib",
+                figure_kwargs={"figsize": (8.5, size[1])},
+            )  # wider: room for labels
             fig = plt.gcf()
             fig.suptitle(title, fontsize=9)
             _save(fig, out / "posterior.png", dpi=100, bbox_inches="tight")
             return
-        axes = az.plot_forest(idata, var_names=names, coords=coords or None, combined=True, hdi_prob=0.94,
-                              figsize=size, textsize=9)
+        axes = az.plot_forest(
+            idata, var_names=names, coords=coords or None, combined=True, hdi_prob=0.94, figsize=size, textsize=9
+        )
     ax = axes.ravel()[0] if hasattr(axes, "ravel") else axes
     ax.set_title(title, fontsize=9)  # replaces ArviZ's "94.0% HDI"
     _save(ax.figure, out / "posterior.png", dpi=100, bbox_inches="tight")

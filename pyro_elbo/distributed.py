@@ -114,7 +114,9 @@ def shard_loader(loader: DataLoader[Any], ctx: Context) -> DataLoader[Any]:
             "make the dataset yield each rank's part (torch.distributed.get_rank()) yourself"
         )
     if loader.batch_size is None:
-        raise ValueError("a DataLoader with a custom batch_sampler cannot be sharded; pass batch_size and shuffle instead")
+        raise ValueError(
+            "a DataLoader with a custom batch_sampler cannot be sharded; pass batch_size and shuffle instead"
+        )
     if isinstance(loader.sampler, DistributedSampler):
         return loader
     with torch.random.fork_rng(devices=[]):  # leave the caller's stream where it was

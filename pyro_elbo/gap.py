@@ -60,7 +60,8 @@ class GapDecomposition:
                 "Inference-gap decomposition (Cremer et al. 2018)",
                 f"  log p(x) (IWAE, best proposal)  {self.log_evidence}",
                 f"  ELBO, amortized guide           {self.elbo_amortized}",
-                f"  ELBO, optimal local guide       {self.elbo_optimal}" + ("" if self.converged else " (not converged)"),
+                f"  ELBO, optimal local guide       {self.elbo_optimal}"
+                + ("" if self.converged else " (not converged)"),
                 f"  total gap                       {self.total}",
                 *split,
             ]
@@ -117,8 +118,9 @@ def gap_decomposition(
     def check() -> float:  # the same noise every time: differences are the parameters' doing
         with forked_rng(), torch.no_grad():
             torch.manual_seed(20180)
-            lw = log_weights(model, local, *args, num_particles=CHECK_PARTICLES,
-                             max_plate_nesting=max_plate_nesting, **kwargs)
+            lw = log_weights(
+                model, local, *args, num_particles=CHECK_PARTICLES, max_plate_nesting=max_plate_nesting, **kwargs
+            )
         return float(lw.log_w.double().mean(0).sum())
 
     steps, improvement, before = 0, math.inf, check()
@@ -130,7 +132,9 @@ def gap_decomposition(
 
     def bounds(g: Guide) -> tuple[Estimate, Estimate]:
         with torch.no_grad():
-            lw = log_weights(model, g, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
+            lw = log_weights(
+                model, g, *args, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs
+            )
         log_w = lw.log_w.double().reshape(num_particles, -1).cpu()
         return _elbo_estimate(log_w), _power_mean_estimate(log_w, 1.0)
 
@@ -138,14 +142,27 @@ def gap_decomposition(
     elbo_optimal, iwae_optimal = bounds(local)
     log_evidence = max(iwae_amortized, iwae_optimal, key=lambda e: e.value)
     return GapDecomposition(
-        log_evidence, elbo_amortized, elbo_optimal, log_evidence - elbo_amortized,
-        log_evidence - elbo_optimal, elbo_optimal - elbo_amortized,
-        converged=improvement <= tol, num_steps=steps, last_improvement=improvement,
+        log_evidence,
+        elbo_amortized,
+        elbo_optimal,
+        log_evidence - elbo_amortized,
+        log_evidence - elbo_optimal,
+        elbo_optimal - elbo_amortized,
+        converged=improvement <= tol,
+        num_steps=steps,
+        last_improvement=improvement,
     )
 
 
-def _optimize(objective: Objective, model: Model, local: FreeLocalGuide, args: tuple[Any, ...],
-              kwargs: dict[str, Any], num_steps: int, lr: float) -> None:
+def _optimize(
+    objective: Objective,
+    model: Model,
+    local: FreeLocalGuide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_steps: int,
+    lr: float,
+) -> None:
     """One round: Adam with the learning rate decayed 100-fold over ``num_steps``."""
     optim = torch.optim.Adam(local.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optim, gamma=0.01 ** (1 / max(num_steps, 1)))

@@ -45,8 +45,10 @@ def gradient_snr(
     for _ in range(num_samples):
         loss, params = loss_and_params(lambda: objective.differentiable_loss(model, guide, *args, **kwargs))
         if not params:
-            raise ValueError("gradient_snr: the model and guide have no trainable parameters (pyro.param or "
-                             "PyroModule parameters), so there is no gradient to measure")
+            raise ValueError(
+                "gradient_snr: the model and guide have no trainable parameters (pyro.param or "
+                "PyroModule parameters), so there is no gradient to measure"
+            )
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for name, param, grad in zip(params, params.values(), grads):
             draws.setdefault(name, []).append(torch.zeros_like(param) if grad is None else grad.detach())

@@ -127,7 +127,9 @@ def _draws_plated(
     model_trace, guide_trace = traces(model, guide, args, kwargs, num_samples, max_plate_nesting, False)
     enumerated = enum.enumerated_sites(model_trace, guide_trace)
     particle_plate = num_samples > 1 and PARTICLE_PLATE
-    checks.check_model_guide(enum.without_sites(model_trace, enumerated), guide_trace, max_plate_nesting, particle_plate)
+    checks.check_model_guide(
+        enum.without_sites(model_trace, enumerated), guide_trace, max_plate_nesting, particle_plate
+    )
     for frame in subsampled_plates(model_trace, guide_trace).values():
         raise ValueError(
             f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
@@ -236,4 +238,3 @@ class _Shaper:
             f"site '{name}' has shape {tuple(value.shape)} with {self.num} particles but {shape} without; "
             "cannot tell its particle dim apart (pass vectorize-friendly shapes or fewer plates)"
         )
-

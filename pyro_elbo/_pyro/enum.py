@@ -107,9 +107,7 @@ def enumerated_trace(
     Returns the trace with log-densities computed and packed (Pyro's ``pack_tensors``).
     """
     enumerated = poutine.enum(plated_model, first_available_dim=-max_plate_nesting - 2)
-    trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace), graph_type="flat").get_trace(
-        *args, **kwargs
-    )
+    trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace), graph_type="flat").get_trace(*args, **kwargs)
     trace = prune_subsample_sites(trace)
     trace.compute_log_prob()
     trace.pack_tensors()
@@ -137,9 +135,7 @@ def _ordinal(trace: Trace, site: Any) -> frozenset[str]:
     return frozenset(trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized)
 
 
-def aligned_log_p(
-    enum_trace: Trace, guide_trace: Trace, reducer: Reducer
-) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+def aligned_log_p(enum_trace: Trace, guide_trace: Trace, reducer: Reducer) -> tuple[dict[str, Tensor], tuple[str, ...]]:
     """Per-factor log-densities of the model with its enumerated sites summed out, aligned.
 
     Args:
@@ -157,7 +153,8 @@ def aligned_log_p(
     """
     sites = sample_sites(enum_trace)
     enum_names = [
-        name for name, site in sites.items()
+        name
+        for name, site in sites.items()
         if name not in guide_trace.nodes and site["infer"].get("_enumerate_dim") is not None
     ]
     plate_symbols = set(enum_trace.plate_to_symbol.values())
@@ -215,7 +212,7 @@ def site_share(
         name: key
         for key in site_log_p
         if key.startswith(MARGINAL_PREFIX)
-        for name in key[len(MARGINAL_PREFIX):].split("+")
+        for name in key[len(MARGINAL_PREFIX) :].split("+")
     }
     share = -site_log_q[site]
     counted: set[str] = set()

@@ -167,7 +167,10 @@ def log_weights(
         if path == "vmap":
             return _log_weights_vmapped(model, guide, args, kwargs, num, mpn, wanted, detach_model_params)
         return _concat(
-            [_log_weights_vectorized(model, guide, args, kwargs, 1, mpn, wanted, detach_model_params) for _ in range(num)]
+            [
+                _log_weights_vectorized(model, guide, args, kwargs, 1, mpn, wanted, detach_model_params)
+                for _ in range(num)
+            ]
         )
 
     if num_particles == 1:
@@ -231,12 +234,13 @@ def _log_weights_vectorized(
     need: frozenset[str],
     detach_model_params: bool,
 ) -> LogWeights:
-    model_trace, guide_trace = traces(
-        model, guide, args, kwargs, num_particles, max_plate_nesting, detach_model_params
-    )
+    model_trace, guide_trace = traces(model, guide, args, kwargs, num_particles, max_plate_nesting, detach_model_params)
     enumerated = enum.enumerated_sites(model_trace, guide_trace)
     checks.check_model_guide(
-        enum.without_sites(model_trace, enumerated), guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE
+        enum.without_sites(model_trace, enumerated),
+        guide_trace,
+        max_plate_nesting,
+        num_particles > 1 and PARTICLE_PLATE,
     )
     plated_model = particle_plated(model, num_particles, -max_plate_nesting - 1)
     if enumerated:  # sum them out: log p(x, z) of the marginal model, as in TraceEnum_ELBO
@@ -325,7 +329,6 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
             for k in first.score_terms
         },
     )
-
 
 
 __all__ = [

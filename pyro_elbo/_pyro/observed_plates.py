@@ -43,6 +43,7 @@ def observed_plates(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> di
                     f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); export "
                     "draws with the full data set (no subsample_size)."
                 )
-        plates[name] = tuple(sorted((Plate(f.name, f.dim, f.size) for f in frames if f.dim is not None),
-                                    key=lambda p: p.dim))
+        plates[name] = tuple(
+            sorted((Plate(f.name, f.dim, f.size) for f in frames if f.dim is not None), key=lambda p: p.dim)
+        )
     return plates

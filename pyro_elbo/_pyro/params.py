@@ -79,6 +79,7 @@ def constrained_value(name: str, unconstrained: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # evaluating a program with its parameters replaced (detached, or by other tensors)
 
+
 def _keep_param_links(new: Tensor, old: Tensor) -> Tensor:
     """Carry a parameter value's link to its unconstrained leaf over to a replacement value: the
     plate that subsamples a ``pyro.param(..., event_dim=...)`` (its post-processing runs after
@@ -197,4 +198,3 @@ def substituted_params(values: dict[str, Tensor]) -> Iterator[None]:
 
     with module_params_replaced(module_value), _SubstituteParams(values):
         yield
-

@@ -67,7 +67,11 @@ def score_terms(
         names = _plate_names(site, particle_plate)
         log_r: Tensor | None = None
         for factor_site, factor in factors:
-            shared = _plate_dims(factor_site, rank, particle_plate, names) if factor_site else _plate_dims(site, rank, particle_plate)
+            shared = (
+                _plate_dims(factor_site, rank, particle_plate, names)
+                if factor_site
+                else _plate_dims(site, rank, particle_plate)
+            )
             part = _sum_to(factor, {0} | shared)
             log_r = part if log_r is None else log_r + part
         assert log_r is not None
