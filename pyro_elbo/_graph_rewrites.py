@@ -1,0 +1,224 @@
+"""Rewrites of a captured training step's FX graph before inductor compiles it.
+
+:func:`outer_contractions_as_matmul` turns a sum over an outer dimension of a broadcast product,
+``(a * b).sum(dims)`` with every summed dimension present in both factors, into a matrix product.
+The backward pass of ``(x * w).sum(-1)`` (the way Pyro models write a linear predictor) is such a
+sum: the gradient of ``w`` is :math:`\\sum_i r_i x_{ij}`, i.e. :math:`r^\\top X`, a reduction over
+the rows of ``X``. Inductor's C++ backend generates it as one pass over all rows per 8-wide
+column block, each accumulating through a cascade-sum helper (its accumulator in heap memory when
+there are more than 4096 rows) and a masked tail block; a GEMM reads ``X`` once. Measured on the
+2-core AMD EPYC (AVX2, one thread, side by side in one process, load ~1.8): the compiled SVI step
+of Bayesian logistic regression (N=5000, D=20, AutoNormal) calls its graph in 98 µs instead of
+127 µs. Sums over the innermost dimension (the forward ``x @ w`` written as
+``(x * w).sum(-1)``) are left to inductor, which vectorizes along the summed dimension and fuses
+them with their neighbours; as a GEMV they measured slower.
+
+The result differs from the fused reduction only by float32 rounding: up to 8192 summed products
+the GEMM sums them in order, as inductor's cascade sum does at that length (for N=5000 the step's
+loss, finite flag and updated buffers came out bitwise equal over 5 seeds); beyond, the sum is
+chunked like the cascade (:func:`_chunked_mm`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+#: the fewest summed elements per output for which a contraction is rewritten: inductor sums more
+#: than 4096 through its cascade-sum helper (``need_use_acc_helper``), fewer in registers, and there
+#: its loop is as fast as the library call. Graph call, rewritten vs not (logistic regression,
+#: N x D data): 2000 x 20: 70 vs 69 µs and 1200 x 50: 76 vs 74 µs (rewritten with a lower
+#: threshold); 5000 x 20: 98 vs 127 µs; 5000 x 100: 204 vs 250 µs; 20000 x 20: 326 vs 500 µs
+MIN_CONTRACTED = 4097
+#: the products a GEMM sums in order before the partial sums are added (inductor's cascade chunk)
+CHUNK = 4096
+
+
+def outer_contractions_as_matmul(graph: torch.fx.GraphModule, min_contracted: int = MIN_CONTRACTED) -> int:
+    """Rewrite ``sum(mul(a, b), dims)`` into ``mm`` (chunked by ``bmm`` past ``2 * CHUNK`` summed
+    products) in ``graph`` (CPU tensors only) where it is a contraction over outer dimensions;
+    returns how many were rewritten.
+
+    With the product's dimensions split into contracted :math:`K` (summed; present in both
+    factors), :math:`M` (kept; only in ``a``) and :math:`N` (kept; only in ``b``),
+
+    .. math:: \\sum_{k \\in K} a_{mk}\\, b_{kn} = (A B)_{mn},
+        \\quad A \\in \\mathbb{R}^{|M| \\times |K|},\\; B \\in \\mathbb{R}^{|K| \\times |N|}.
+
+    Rewritten only when: both factors are tensors of the product's floating dtype on the CPU
+    (``expand`` views are looked through to the tensor they broadcast); every summed dimension is
+    in both factors; no kept dimension is in both (no batch dimensions); the innermost dimension
+    is not summed; at least ``min_contracted`` elements are summed per output. Nodes without
+    tensor metadata (``meta["val"]``) are left alone."""
+    count = 0
+    for node in list(graph.graph.nodes):
+        plan = _plan(node, min_contracted)
+        if plan is not None:
+            _rewrite(graph.graph, node, *plan)
+            count += 1
+    if count:
+        graph.recompile()
+    return count
+
+
+_Plan = tuple[torch.fx.Node, torch.fx.Node, list[int], list[int], list[int], tuple[int, ...]]
+
+
+def _plan(node: torch.fx.Node, min_contracted: int) -> _Plan | None:
+    """``(a, b, M, N, K, full shape)`` if ``node`` is a sum this rewrite takes, else ``None``."""
+    if node.target is not aten.sum.dim_IntList or node.kwargs.get("dtype") is not None:
+        return None
+    product = node.args[0]
+    if not isinstance(product, torch.fx.Node) or product.target is not aten.mul.Tensor or product.kwargs:
+        return None
+    value = _value(product)
+    dims = node.args[1] if len(node.args) > 1 else None
+    if value is None or not value.dtype.is_floating_point or value.device.type != "cpu":
+        return None
+    if not isinstance(dims, (list, tuple)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    full = tuple(int(s) for s in value.shape)
+    summed = {d % len(full) for d in dims if isinstance(d, int)}
+    factors = [_broadcast_source(f, full, value.dtype) for f in product.args[:2]]
+    if factors[0] is None or factors[1] is None:
+        return None
+    (a, in_a), (b, in_b) = factors[0], factors[1]
+    contracted: list[int] = []
+    only_a: list[int] = []
+    only_b: list[int] = []
+    for d, size in enumerate(full):
+        if size == 1:
+            continue
+        if in_a[d] and in_b[d]:
+            if d not in summed:
+                return None  # a batch dimension
+            contracted.append(d)
+        elif d in summed:
+            return None  # summed in one factor only: not a contraction
+        else:
+            (only_a if in_a[d] else only_b).append(d)
+    inner = max((d for d, s in enumerate(full) if s != 1), default=-1)
+    k = math.prod(full[d] for d in contracted)
+    if not contracted or inner in contracted or not (only_a or only_b) or k < min_contracted:
+        return None
+    return a, b, only_a, only_b, contracted, full
+
+
+def _value(node: Any) -> Tensor | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, Tensor) else None
+
+
+def _broadcast_source(
+    factor: Any, full: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.fx.Node, list[bool]] | None:
+    """The tensor ``factor`` broadcasts (through ``expand``) and, per dimension of ``full``,
+    whether it has that dimension (its extent there is the product's, not 1)."""
+    source = factor
+    while isinstance(source, torch.fx.Node) and source.target is aten.expand.default:
+        source = source.args[0]
+    value = _value(source)
+    if not isinstance(source, torch.fx.Node) or value is None or value.dtype != dtype or value.dim() > len(full):
+        return None
+    aligned = (1,) * (len(full) - value.dim()) + tuple(int(s) for s in value.shape)
+    if any(s not in (1, f) for s, f in zip(aligned, full)):
+        return None
+    return source, [s == f != 1 for s, f in zip(aligned, full)]
+
+
+def _rewrite(
+    g: torch.fx.Graph,
+    node: torch.fx.Node,
+    a: torch.fx.Node,
+    b: torch.fx.Node,
+    only_a: list[int],
+    only_b: list[int],
+    contracted: list[int],
+    full: tuple[int, ...],
+) -> None:
+    """Replace ``node`` by ``reshape(mm(A, B))`` laid out as ``node``'s result."""
+    sizes = [full[d] for d in only_a], [full[d] for d in only_b], [full[d] for d in contracted]
+    m, n, k = (math.prod(s) for s in sizes)
+    with g.inserting_before(node):
+        left = _matrix(g, a, full, only_a, contracted, [m, k])
+        right = _matrix(g, b, full, contracted, only_b, [k, n])
+        out = _chunked_mm(g, left, right, m, n, k)
+        kept = only_a + only_b
+        order = sorted(kept)  # the sum's result keeps the product's dimension order
+        out = _emit(g, aten.reshape.default, out, [full[d] for d in kept])
+        perm = [kept.index(d) for d in order]
+        if perm != sorted(perm):
+            out = _emit(g, aten.permute.default, out, perm)
+        result = _value(node)
+        assert result is not None
+        out = _emit(g, aten.reshape.default, out, list(result.shape))
+    out.meta.update({key: v for key, v in node.meta.items() if key != "val"})
+    node.replace_all_uses_with(out)
+    product = node.args[0]
+    g.erase_node(node)
+    _erase_if_unused(g, product)
+
+
+def _erase_if_unused(g: torch.fx.Graph, node: Any) -> None:
+    """Erase the product and the ``expand`` views feeding it once nothing reads them."""
+    if isinstance(node, torch.fx.Node) and not node.users and node.target in (aten.mul.Tensor, aten.expand.default):
+        inputs = node.all_input_nodes
+        g.erase_node(node)
+        for source in inputs:
+            _erase_if_unused(g, source)
+
+
+def _chunked_mm(g: torch.fx.Graph, left: torch.fx.Node, right: torch.fx.Node, m: int, n: int, k: int) -> torch.fx.Node:
+    """``left @ right`` (``[m, k] @ [k, n]``) with inductor's accuracy. A GEMM sums its ``k``
+    products in order (float32 error up to :math:`k u`, :math:`u = 2^{-24}`); so does inductor's
+    cascade sum up to ``2 * CHUNK`` terms (one level: it sums on in order), so up to there one
+    ``mm``. Beyond, where the cascade adds chunk sums pairwise, the sum is chunked likewise: one
+    ``bmm`` over the whole chunks of :data:`CHUNK`, its partial products summed, plus one ``mm``
+    for the rest, error up to :math:`(\text{CHUNK} + k / \text{CHUNK}) u` (measured on
+    :math:`r^\top X` with 10^6 rows of positive-mean terms: 2.1e-7 relative, inductor 1.8e-7, one
+    ``mm`` 6.0e-5)."""
+    if k <= 2 * CHUNK:
+        return _emit(g, aten.mm.default, left, right)
+    whole, rest = divmod(k, CHUNK)  # whole >= 2
+    split = whole * CHUNK
+    head_left = _emit(g, aten.slice.Tensor, left, 1, 0, split) if rest else left
+    head_right = _emit(g, aten.slice.Tensor, right, 0, 0, split) if rest else right
+    chunks_left = _emit(
+        g, aten.permute.default, _emit(g, aten.reshape.default, head_left, [m, whole, CHUNK]), [1, 0, 2]
+    )
+    chunks_right = _emit(g, aten.reshape.default, head_right, [whole, CHUNK, n])
+    head = _emit(g, aten.sum.dim_IntList, _emit(g, aten.bmm.default, chunks_left, chunks_right), [0])
+    if not rest:
+        return head
+    tail_left = _emit(g, aten.slice.Tensor, left, 1, split, k)
+    tail_right = _emit(g, aten.slice.Tensor, right, 0, split, k)
+    return _emit(g, aten.add.Tensor, head, _emit(g, aten.mm.default, tail_left, tail_right))
+
+
+def _matrix(
+    g: torch.fx.Graph, source: torch.fx.Node, full: tuple[int, ...], rows: list[int], cols: list[int], shape: list[int]
+) -> torch.fx.Node:
+    """``source`` (broadcastable to ``full``, present in exactly the dimensions ``rows + cols``)
+    as a ``shape`` matrix with the ``rows`` dimensions first."""
+    present = sorted(rows + cols)
+    squeezed = _emit(g, aten.reshape.default, source, [full[d] for d in present])
+    perm = [present.index(d) for d in rows + cols]
+    if perm != list(range(len(perm))):
+        squeezed = _emit(g, aten.permute.default, squeezed, perm)
+    return _emit(g, aten.reshape.default, squeezed, shape)
+
+
+def _emit(g: torch.fx.Graph, target: Any, *args: Any) -> torch.fx.Node:
+    """A new node ``target(*args)``, with ``meta["val"]`` computed on the inputs' fake values."""
+    node = g.call_function(target, tuple(args))
+    values = [_value(x) if isinstance(x, torch.fx.Node) else x for x in args]
+    fake = torch._guards.detect_fake_mode([v for v in values if isinstance(v, Tensor)])
+    if fake is not None and all(v is not None for v in values):
+        with fake:
+            node.meta["val"] = target(*values)
+    return node

@@ -1,0 +1,113 @@
+"""``outer_contractions_as_matmul``: which sums of products become ``mm``, and that the rewritten graph
+computes the same values up to float32 rounding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from pyro_elbo._graph_rewrites import CHUNK, MIN_CONTRACTED, outer_contractions_as_matmul
+
+aten = torch.ops.aten
+
+
+def _traced(fn: Callable[..., Tensor], *args: Tensor) -> torch.fx.GraphModule:
+    """``fn`` as an aten graph with fake-tensor metadata (what the captured training step has)."""
+    return make_fx(fn, tracing_mode="fake")(*args)
+
+
+def _targets(graph: torch.fx.GraphModule) -> list[object]:
+    return [node.target for node in graph.graph.nodes]
+
+
+def _assert_same_sum(rewritten: Tensor, original: Tensor, abs_sum: Tensor, k: int) -> None:
+    """Equal up to float32 rounding. Deterministic bound, not statistical: two float32 sums of the
+    same k products (``abs_sum``: the sum of their absolute values) each differ from the exact sum
+    by at most gamma_k * abs_sum, gamma_k = k u / (1 - k u), u = 2^-24 (Higham, Accuracy and
+    Stability of Numerical Algorithms, eq. 3.5 and the bound on recursive summation)."""
+    u = 2.0**-24
+    bound = 2 * k * u / (1 - k * u) * abs_sum.double()
+    assert rewritten.shape == original.shape
+    assert ((rewritten.double() - original.double()).abs() <= bound).all()
+
+
+def test_gradient_of_a_linear_predictor_becomes_one_mm() -> None:
+    """The backward of ``(x * w).sum(-1)`` sums ``r_i x_ij`` over rows: rewritten; the forward sum
+    over the innermost dimension is left to inductor."""
+    n, d = MIN_CONTRACTED + 903, 20
+    x, w, y = torch.randn(n, d), torch.randn(d), torch.bernoulli(torch.full((n,), 0.5))
+
+    def grad_of_w(x: Tensor, w: Tensor, y: Tensor) -> Tensor:
+        w = w.detach().requires_grad_()
+        logits = (x * w).sum(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, [w])
+        return grad
+
+    graph = _traced(grad_of_w, x, w, y)
+    original = graph(x, w, y)
+    assert outer_contractions_as_matmul(graph) == 1
+    assert _targets(graph).count(aten.mm.default) == 1
+    assert _targets(graph).count(aten.sum.dim_IntList) == 1  # the forward's innermost sum stays
+    residual = torch.sigmoid(x @ w) - y
+    _assert_same_sum(graph(x, w, y), original, residual.abs() @ x.abs(), n)
+    torch.testing.assert_close(graph(x, w, y), grad_of_w(x, w, y), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_outer_product_sum_keeps_the_result_layout(keepdim: bool) -> None:
+    """``sum_k b_kj a_ki`` with the factors in the order that needs a transpose of the mm."""
+    k = MIN_CONTRACTED
+    a, b = torch.randn(k, 7), torch.randn(k, 9)
+
+    def fn(a: Tensor, b: Tensor) -> Tensor:
+        return (b[:, None, :] * a[:, :, None]).sum(0, keepdim=keepdim)
+
+    graph = _traced(fn, a, b)
+    original = graph(a, b)
+    assert outer_contractions_as_matmul(graph) == 1
+    assert aten.mm.default in _targets(graph) and aten.sum.dim_IntList not in _targets(graph)
+    _assert_same_sum(graph(a, b), original, (b[:, None, :] * a[:, :, None]).abs().sum(0, keepdim=keepdim), k)
+
+
+@pytest.mark.parametrize("rest", [0, 5])
+def test_long_sums_are_chunked_like_inductors_cascade(rest: int) -> None:
+    """Over ``2 * CHUNK`` summed products, one GEMM would sum them all in order (error growing like
+    k u); the rewrite sums chunks of ``CHUNK`` by ``bmm`` and adds the partial sums, plus one
+    ``mm`` for the ``rest``."""
+    k = 3 * CHUNK + rest
+    r, x = torch.rand(k), torch.randn(k, 3) + 1.0
+
+    def fn(r: Tensor, x: Tensor) -> Tensor:
+        return (r[:, None] * x).sum(0)
+
+    graph = _traced(fn, r, x)
+    assert outer_contractions_as_matmul(graph) == 1
+    products = [n for n in graph.graph.nodes if n.target in (aten.mm.default, aten.bmm.default)]
+    summed = [n.args[1].meta["val"].shape[-2] for n in products]  # the k extent of each GEMM
+    assert sorted(summed) == sorted([CHUNK] + ([rest] if rest else []))
+    exact = r.double() @ x.double()
+    _assert_same_sum(graph(r, x), exact.float(), r.abs() @ x.abs(), CHUNK + 4)
+
+
+def _unchanged(fn: Callable[..., Tensor], *args: Tensor) -> None:
+    graph = _traced(fn, *args)
+    code = graph.code
+    assert outer_contractions_as_matmul(graph) == 0
+    assert graph.code == code
+
+
+def test_left_to_inductor() -> None:
+    k = MIN_CONTRACTED
+    x, r = torch.randn(k, 20), torch.randn(k)
+    _unchanged(lambda x, w: (x * w).sum(-1), x.T.contiguous(), r)  # innermost dimension summed
+    _unchanged(lambda r, x: (r[:-1, None] * x[:-1]).sum(0), r, x)  # fewer than MIN_CONTRACTED summed
+    _unchanged(lambda x: (x * x).sum(0), x)  # a kept dimension in both factors (batch)
+    _unchanged(lambda r, x: (r[:, None] * x).sum([0, 1]), r, x)  # dimension 1 summed, only in x
+    _unchanged(lambda r, x: (r[:, None] * x).sum(0, dtype=torch.float64), r, x)  # a dtype change
+    ints = torch.randint(0, 3, (k, 20))
+    _unchanged(lambda r, x: (r[:, None] * x).sum(0), ints[:, 0], ints)  # not floating point
