@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._compile_progress import phase
+from pyro_elbo._graph_rewrites import outer_contractions_as_matmul
 from pyro_elbo._inductor import compile_graph
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.capture import (
@@ -111,7 +112,7 @@ class CompiledLoss:
             return None
         tensors = [a for a in args if isinstance(a, Tensor)] + list(adam_inputs or [])
         # the same parameter and argument objects as last call (a full-batch loop): same graph
-        quick_key = (tuple(map(id, params.values())), tuple(map(id, args)), tuple(kwargs.items()))
+        quick_key = (tuple(map(id, params.values())), _arg_keys(args), tuple(kwargs.items()))
         if self._last is not None and self._last[0] == quick_key:
             signature = self._last[1]
         else:
@@ -148,7 +149,7 @@ class CompiledLoss:
         tensors = [a for a in args if isinstance(a, Tensor)]
         # the layout itself, not its id: a freed layout's id may be reused by another one
         first = flat[0]
-        quick_key = (id(first), first.dtype, first.device, layout, tuple(map(id, args)), tuple(kwargs.items()))
+        quick_key = (id(first), first.dtype, first.device, layout, _arg_keys(args), tuple(kwargs.items()))
         if self._last is not None and self._last[0] == quick_key:
             signature = self._last[1]
         else:
@@ -271,6 +272,7 @@ class CompiledLoss:
         check_no_baked_parameters(graph, params)
         if self.backend != "eager":  # "eager" keeps the eager path's draws, for tests
             standard_normals_as_randn(graph)
+            outer_contractions_as_matmul(graph)
         compiled, self._captured_cudagraphs = compile_graph(graph, leading + inputs, self.backend)
         return compiled
 
@@ -551,10 +553,16 @@ def adam_step(
     return float(loss), ok
 
 
+def _arg_keys(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The arguments' identities, with each tensor's shape and strides: a tensor given again with
+    new contents (``x.data = other``) of another layout is a new signature, not the old graph."""
+    return tuple((id(a), a.shape, a.stride()) if isinstance(a, Tensor) else id(a) for a in args)
+
+
 def _signature(params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:
     def describe(value: Any) -> Any:
         if isinstance(value, Tensor):
-            return ("tensor", tuple(value.shape), value.dtype, value.device)
+            return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
         if isinstance(value, (int, float, str, bool, type(None))):
             return ("value", value)
         return ("object", id(value))
