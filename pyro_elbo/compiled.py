@@ -111,8 +111,8 @@ class CompiledLoss:
         if self.failed is not None:
             return None
         tensors = [a for a in args if isinstance(a, Tensor)] + list(adam_inputs or [])
-        # the same parameter and argument objects as last call (a full-batch loop): same graph
-        quick_key = (tuple(map(id, params.values())), _arg_keys(args), tuple(kwargs.items()))
+        # the same parameter and argument objects, of the same layout, as last call: same graph
+        quick_key = (_arg_keys(tuple(params.values())), _arg_keys(args), tuple(kwargs.items()))
         if self._last is not None and self._last[0] == quick_key:
             signature = self._last[1]
         else:
