@@ -3,9 +3,15 @@
 For each model: median µs per step of ``pyro_elbo.fit(compile=False)`` (eager), of
 ``fit(compile=True)`` (the compiled step, first step excluded) and of Pyro's own ``SVI`` step with
 ``Trace_ELBO`` (``TraceEnum_ELBO`` for enumerated models); the ratios; the cold compile seconds
-(``FitResult.compile_seconds`` with an empty inductor cache) and the warm compile seconds (a second
-process, same model and shapes, same cache folder), each with inductor's share and its FX graph
-cache's answer (hit/miss); and which path ran, with the fallback warning's text.
+(``FitResult.compile_seconds`` in a fresh process, with no entry for the model in the inductor cache)
+and the warm compile seconds (a second fresh process, same model and shapes, same cache folder), each
+with inductor's share and its FX graph cache's answer (hit/miss); and which path ran, with the
+fallback warning's text.
+
+Both compiles run in child processes, as a user's first and second run would: a compile in the
+process that already compiled another model would skip importing inductor, its CPU check and its
+hash of torch's sources (~2 s). The cache folder is shared by the models of one run, so the first
+model's cold compile also builds inductor's vector-ISA probe (once per cache folder; a few seconds).
 
     python benchmarks/real_models.py                          # every model, 200 steps, 1 thread
     python benchmarks/real_models.py --models vae,dmm --steps 500 --threads 2
@@ -43,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-warm", action="store_true", help="skip the second-process (warm cache) compile")
     parser.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh temporary one)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--child-compile", default=None, help=argparse.SUPPRESS)  # warm-compile child process
+    parser.add_argument("--child-compile", default=None, help=argparse.SUPPRESS)  # compile child process
     return parser.parse_args(argv)
 
 
@@ -118,15 +124,18 @@ def pyro_timing(name: str, steps: int) -> float:
     return _median_us(seconds)
 
 
-def warm_compile(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any] | None:
-    """Compile seconds (and inductor's share, and its cache's answer) in a second process with
-    the same model, shapes and inductor cache folder (``TORCHINDUCTOR_CACHE_DIR`` in ``env``)."""
+def child_fit(name: str, steps: int, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any] | None:
+    """:func:`fit_timing` with ``compile=True`` in a fresh process with the same inductor cache
+    folder (``TORCHINDUCTOR_CACHE_DIR`` in ``env``): the compile seconds (and inductor's share, and
+    its cache's answer) a user's new process would see."""
     cache = env["TORCHINDUCTOR_CACHE_DIR"]  # passed on explicitly: the child must not make a fresh one
     command = [
         sys.executable,
         __file__,
         "--child-compile",
         name,
+        "--steps",
+        str(steps),
         "--threads",
         str(args.threads),
         "--dtype",
@@ -136,7 +145,7 @@ def warm_compile(name: str, args: argparse.Namespace, env: dict[str, str]) -> di
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
-        print(f"  warm child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"  compile child failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
@@ -151,15 +160,21 @@ def measure(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
         row["path"] = f"fit fails: {eager['error']}"
     elif not args.no_compile:
         start = time.perf_counter()
-        compiled = fit_timing(name, args.steps, compile=True)
+        compiled = child_fit(name, args.steps, args, env)
         row["compiled_run_s"] = time.perf_counter() - start
+        if compiled is None:
+            row["path"] = "compile child failed (its last stderr line is printed above)"
+            return row
         row["compiled_us"] = compiled["us"]
         row["cold_compile_s"] = compiled["compile_s"]
-        row["cold_inductor_s"], row["cold_cache"] = compiled["inductor_s"], compiled["cache"]
+        row["cold_inductor_s"], row["cold_cache"] = compiled.get("inductor_s"), compiled.get("cache")
         row["fallback"] = compiled["fallback"]
-        row["path"] = "eager fallback" if compiled["fallback"] else "compiled"
+        if compiled.get("error"):
+            row["path"] = f"fit(compile=True) fails: {compiled['error']}"
+        else:
+            row["path"] = "eager fallback" if compiled["fallback"] else "compiled"
         if not args.no_warm and row["path"] == "compiled":
-            warm = warm_compile(name, args, env) or {}
+            warm = child_fit(name, 2, args, env) or {}
             row["warm_compile_s"], row["warm_inductor_s"] = warm.get("compile_s"), warm.get("inductor_s")
             row["warm_cache"] = warm.get("cache")
     return row
@@ -204,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     _setup(args)
     if args.child_compile:
-        print(json.dumps(fit_timing(args.child_compile, 2, compile=True)))
+        print(json.dumps(fit_timing(args.child_compile, args.steps, compile=True)))
         return 0
     import torch
     from pyro_models import ZOO
