@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -81,13 +82,15 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
         cuda = all(t.device.type == "cuda" for t in inputs)
         try:
             with phase("inductor") as shown:
+                cpu = all(t.device.type == "cpu" for t in inputs)
                 with warnings.catch_warnings():  # torch's own modules use APIs torch deprecated: not actionable
                     warnings.filterwarnings(
                         "ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning
                     )
+                    if cpu:
+                        start_cpu_check()
                     from torch._inductor.compile_fx import compile_fx
 
-                cpu = all(t.device.type == "cpu" for t in inputs)
                 patches: dict[str, Any] = {"triton.cudagraphs": True} if cuda else dict(CPU_PATCHES) if cpu else {}
                 with _cache_counters() as counts, _shape_env_context(), _quiet_fallback_notes():
                     compiled: Callable[..., Any] = compile_fx(graph, inputs, config_patches=patches)  # type: ignore[assignment]
@@ -99,6 +102,49 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
     compiled = torch.compile(graph, backend=backend, dynamic=False)
     last_stats = CompileStats(time.perf_counter() - start)
     return compiled, False
+
+
+#: the thread running :func:`start_cpu_check` (once per process)
+_cpu_check: threading.Thread | None = None
+
+
+def start_cpu_check() -> None:
+    """Start inductor's check of the CPU's vector instructions in a background thread (once per
+    process; a no-op after the first call).
+
+    Before it generates C++ for the CPU, inductor picks the widest vector ISA (AVX-512, AVX2...)
+    that the compiler builds and the machine loads: it compiles a small probe into its cache folder
+    (seconds with a fresh cache) and loads it in a child Python (~0.5 s, in every process). That
+    check waits on subprocesses, not on the interpreter, so it runs beside the trace and inductor's
+    own Python work instead of before the code generation. It is inductor's own function, cached for
+    the process: the graph compiles with the ISA it finds, as it would without the thread.
+
+    Thread safety: every module the check imports is imported here, in the calling thread, before
+    the thread starts (imports of one package racing in two threads can meet half-initialised
+    modules); what the thread then does is run subprocesses and fill ``functools.cache`` entries.
+    If the compile needs the ISA before the thread has finished, inductor runs the check again
+    itself (a duplicate, waiting on inductor's file lock; the answer is the same). An error in the
+    thread is dropped: inductor's own call then meets it and falls back as it always would."""
+    global _cpu_check
+    if _cpu_check is not None:
+        return
+    import torch._inductor.codecache  # noqa: F401  (the check's compile: codecache, cpp_builder, file lock)
+    import torch.utils.cpp_extension  # noqa: F401  (the check's include paths; imports setuptools)
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    def check() -> None:
+        try:
+            pick_vec_isa()
+        except Exception:  # inductor's own call meets it again, in the compiling thread
+            pass
+
+    _cpu_check = threading.Thread(target=check, name="pyro_elbo inductor CPU check", daemon=True)
+    _cpu_check.start()
+    # the hash of torch's sources in every cache key (~0.3 s of file reads and sha256 per process):
+    # inductor's own background computation for it (thread-safe: a lock, then a future)
+    prefetch = getattr(torch._inductor.codecache.torch_key, "prefetch", None)
+    if prefetch is not None:
+        prefetch()
 
 
 @contextlib.contextmanager

@@ -62,6 +62,21 @@ def test_cache_lookups_see_a_shape_env() -> None:
     assert FxGraphCache._get_shape_env() is None
 
 
+def test_cpu_check_runs_once_beside_the_compile() -> None:
+    """``start_cpu_check`` runs inductor's vector-ISA check in one background thread per process
+    and leaves inductor's own cached answer behind, so the compile finds it instead of waiting on
+    the probe's subprocesses."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    _inductor.start_cpu_check()
+    thread = _inductor._cpu_check
+    _inductor.start_cpu_check()
+    assert thread is not None and _inductor._cpu_check is thread  # a second call starts nothing
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert valid_vec_isa_list.cache_info().currsize == 1  # filled by the thread (an error leaves it empty)
+
+
 @pytest.mark.slow  # two inductor compiles of a small graph: 10-25 s on two shared cores
 def test_same_graph_hits_the_cache(cache_dir: None) -> None:
     w, x = torch.randn(3), torch.randn(5, 3)
