@@ -37,7 +37,7 @@ from torch import Tensor
 
 from pyro_elbo._compile_progress import phase
 from pyro_elbo._graph_rewrites import outer_contractions_as_matmul
-from pyro_elbo._inductor import compile_graph
+from pyro_elbo._inductor import compile_graph, start_cpu_check
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.capture import (
     CaptureError,
@@ -217,6 +217,8 @@ class CompiledLoss:
         self._captured_cudagraphs = False
         tensor_positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
         objective, model, guide = self.objective, self.model, self.guide
+        if self.backend == "inductor" and all(t.device.type == "cpu" for t in state):
+            start_cpu_check()  # inductor's CPU check runs in the background during the eager run and trace
         with phase("eager run"):
             objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
             with module_state_kept((model, guide)):  # the capture's own runs leave running statistics alone
