@@ -1,6 +1,7 @@
 """Seconds per SVI step: pyro_elbo's compiled step against Pyro, NumPyro and hand-written PyTorch.
 
-Everything is measured side by side in this one process, on one CPU thread: the median step
+Everything is measured side by side in this one process, on one CPU thread and one core (the
+process is pinned to ``--threads`` cores, so that JAX's extra threads share them): the median step
 latency of each block, blocks interleaved across methods, median over blocks (the machine is shared
 and noisy: read the ratios, not the absolute times).
 
@@ -304,6 +305,20 @@ def table_c() -> list[str]:
     return lines
 
 
+def pin_cpus(count: int) -> set[int] | None:
+    """Run this process (and the compile children of table c) on ``count`` cores: torch obeys its
+    thread count, but JAX runs a dispatch thread and XLA's own thread pool beside the Python thread,
+    so unpinned, NumPyro's "one thread" step used a second core when one was free (94 µs against
+    156 µs pinned, eight schools, load ~1). Returns the cores, or ``None`` where affinity cannot be
+    set."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    available = sorted(os.sched_getaffinity(0))
+    cores = set(available[-count:])
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
 def main(argv: list[str] | None = None) -> None:
     global SYNC
     parser = argparse.ArgumentParser()
@@ -326,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    cores = pin_cpus(args.threads) if device.type == "cpu" else None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: CUDA is not available (torch.cuda.is_available() is False)")
@@ -335,8 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     steps, repeats = (3, 1) if args.tiny else (20, 2) if args.quick else (200, 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"torch {torch.__version__}, pyro {pyro.__version__}, device {device} ({name}), {args.threads} thread(s), "
-        f"medians of {repeats} interleaved blocks of {steps} steps"
+        f"torch {torch.__version__}, pyro {pyro.__version__}, device {device} ({name}), {args.threads} thread(s)"
+        + (f" on core(s) {sorted(cores)}" if cores else "")
+        + f", medians of {repeats} interleaved blocks of {steps} steps"
     )
     if "a" in args.tables:
         print("\n(a) seconds per step, one particle, Adam\n")
