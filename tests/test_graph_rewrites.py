@@ -1,5 +1,6 @@
 """``outer_contractions_as_matmul``: which sums of products become ``mm``, and that the rewritten graph
-computes the same values up to float32 rounding."""
+computes the same values up to float32 rounding. ``linalg_errors_as_nan``: a failed factorization
+gives NaN instead of raising, a good one the same factor."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from pyro_elbo._graph_rewrites import CHUNK, MIN_CONTRACTED, outer_contractions_as_matmul
+from pyro_elbo._graph_rewrites import CHUNK, MIN_CONTRACTED, linalg_errors_as_nan, outer_contractions_as_matmul
 
 aten = torch.ops.aten
 
@@ -111,3 +112,24 @@ def test_left_to_inductor() -> None:
     _unchanged(lambda r, x: (r[:, None] * x).sum(0, dtype=torch.float64), r, x)  # a dtype change
     ints = torch.randint(0, 3, (k, 20))
     _unchanged(lambda r, x: (r[:, None] * x).sum(0), ints[:, 0], ints)  # not floating point
+
+
+def test_a_failed_cholesky_gives_nan_in_the_graph_instead_of_raising() -> None:
+    """The check with side effects is gone (inductor can cache the graph), a positive-definite
+    batch factors exactly as before, and the matrix whose factorization fails gets NaN, only it
+    (per matrix, as ``info`` is), and its gradient path stays finite elsewhere."""
+
+    def loss(a: Tensor) -> Tensor:
+        return torch.linalg.cholesky(a).diagonal(dim1=-2, dim2=-1).log()
+
+    good = torch.eye(3) * 2.0 + 0.5
+    bad = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # eigenvalue -1
+    graph = _traced(loss, torch.stack([good, good]))
+    assert aten._linalg_check_errors.default in _targets(graph)
+    assert linalg_errors_as_nan(graph) == 1
+    assert aten._linalg_check_errors.default not in _targets(graph)
+    assert torch.equal(graph(torch.stack([good, good])), loss(torch.stack([good, good])))
+    with pytest.raises(torch.linalg.LinAlgError):
+        loss(torch.stack([good, bad]))
+    out = graph(torch.stack([good, bad]))
+    assert torch.equal(out[0], loss(good)) and out[1].isnan().all()
