@@ -102,7 +102,9 @@ def fit_timing(name: str, steps: int, compile: bool) -> dict[str, Any]:
         "us": _median_us(result.step_seconds),
         "compile_s": result.compile_seconds,
         "inductor_s": stats.seconds if stats and stats.cache else None,  # the rest: trace and eager checks
-        "cache": stats.cache if stats else None,
+        # "torch.compile": inductor's compile_fx failed (why: "compile_fallback"), no on-disk caches
+        "cache": (stats.cache or ("torch.compile" if stats.fallback else "")) if stats else None,
+        "compile_fallback": stats.fallback if stats else None,
         "fallback": fallback[0] if fallback else None,
     }
 

@@ -58,11 +58,14 @@ class CompileStats:
         cache: ``"hit"`` (kernels loaded from inductor's FX graph cache), ``"miss"`` (compiled and
             saved), ``"bypass"`` (not cacheable), or ``""`` (no inductor: eager or ``torch.compile``).
         counters: inductor's and AOTAutograd's cache counters during the call.
+        fallback: why inductor's ``compile_fx`` failed, when the graph was compiled by
+            ``torch.compile`` instead (without the on-disk caches: every process compiles again).
     """
 
     seconds: float = 0.0
     cache: str = ""
     counters: dict[str, int] = field(default_factory=dict)
+    fallback: str = ""
 
 
 #: the statistics of the most recent :func:`compile_graph` call in this process
@@ -82,6 +85,7 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
     if backend == "eager":
         return graph, False
     start = time.perf_counter()
+    failure = ""
     if backend == "inductor":
         cuda = all(t.device.type == "cuda" for t in inputs)
         try:
@@ -101,10 +105,10 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
                 last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
                 shown.note = f"cache {last_stats.cache}" if last_stats.cache else ""
             return compiled, cuda
-        except Exception:  # a private API: fall back to the public entry point
-            pass
+        except Exception as error:  # a private API: fall back to the public entry point
+            failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     compiled = torch.compile(graph, backend=backend, dynamic=False)
-    last_stats = CompileStats(time.perf_counter() - start)
+    last_stats = CompileStats(time.perf_counter() - start, fallback=failure)
     return compiled, False
 
 
