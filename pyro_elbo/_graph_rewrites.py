@@ -1,5 +1,10 @@
 """Rewrites of a captured training step's FX graph before inductor compiles it.
 
+:func:`constant_masks_as_indices` turns indexing with a constant boolean mask (BNAF's masked
+weights, ``w[mask]``) into indexing with the mask's constant integer positions: a boolean mask's
+result has a data-dependent shape, which inductor's ``compile_fx`` refused, so such models
+compiled through ``torch.compile`` without the on-disk caches.
+
 :func:`linalg_errors_as_nan` replaces the error checks of ``torch.linalg`` (a failed Cholesky
 raises) by NaN outputs, which the step's non-finite guard refuses like any other non-finite step;
 as checks with side effects they kept inductor from caching the graph at all.
@@ -82,7 +87,7 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     cache a graph that holds one (``Can't cache HigherOrderOperator: with_effects``): the sparse GP
     of Pyro's tutorial compiled from scratch in every process, 35 s cold and 23 s "warm". Here the
     check goes, and every floating-point output of the ``_ex`` operation becomes
-    :math:`\mathrm{where}(\text{info} = 0, L, \text{NaN})` per matrix. A failed factorization then
+    :math:`\\mathrm{where}(\\text{info} = 0, L, \\text{NaN})` per matrix. A failed factorization then
     gives a non-finite loss, which the compiled step refuses or skips like any other
     (:func:`~pyro_elbo.compiled.guarded_step`); the eager replay that names the site raises the
     ``torch.linalg`` error itself. Without the rewrite the unchecked factor of a failed Cholesky is
@@ -116,6 +121,73 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     if count:
         graph.recompile()
     return count
+
+
+#: operations whose second argument is a list of index tensors (boolean masks allowed)
+_INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default)
+
+
+def constant_masks_as_indices(graph: torch.fx.GraphModule) -> int:
+    """Replace each constant boolean mask among the indices of ``aten.index``/``index_put`` in
+    ``graph`` by its integer positions, ``x[m] = x[m.nonzero(as_tuple=True)]`` (and likewise for
+    ``index_put``); returns how many masks were replaced.
+
+    A mask is constant when it is a tensor constant of the graph (``get_attr``), possibly
+    converted to ``bool`` (``_to_copy``): a module's mask buffer, as in ``pyro.nn``'s
+    ``MaskedBlockLinear`` of block neural autoregressive flows. Its positions are computed once,
+    here, so the indexed result has a static shape instead of the data-dependent one a boolean
+    mask gives; masks computed from inputs are left alone."""
+    count = 0
+    for node in list(graph.graph.nodes):
+        if node.target not in _INDEXING or len(node.args) < 2 or not isinstance(node.args[1], (list, tuple)):
+            continue
+        indices: list[Any] = []
+        for index in node.args[1]:
+            mask = _constant_mask(graph, index)
+            if mask is None:
+                indices.append(index)
+                continue
+            for position in mask.nonzero(as_tuple=True):
+                indices.append(_constant(graph, node, position))
+            count += 1
+        if len(indices) != len(node.args[1]) or any(a is not b for a, b in zip(indices, node.args[1])):
+            node.args = (node.args[0], indices, *node.args[2:])
+    if count:
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+    return count
+
+
+def _constant_mask(graph: torch.fx.GraphModule, index: Any) -> Tensor | None:
+    """The boolean tensor ``index`` is, if it is a graph constant (or one converted to ``bool``)."""
+    if not isinstance(index, torch.fx.Node):
+        return None
+    source: Any = index
+    to_bool = False
+    if index.target is aten._to_copy.default and index.kwargs.get("dtype") is torch.bool and len(index.args) == 1:
+        source, to_bool = index.args[0], True
+    if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
+        return None
+    value = getattr(graph, str(source.target), None)
+    if not isinstance(value, Tensor) or isinstance(value, torch._subclasses.FakeTensor):
+        return None
+    value = value.to(torch.bool) if to_bool else value
+    return value if value.dtype == torch.bool else None
+
+
+def _constant(graph: torch.fx.GraphModule, before: torch.fx.Node, value: Tensor) -> torch.fx.Node:
+    """A new tensor constant of ``graph`` holding ``value``, read just before ``before``."""
+    number = 0
+    while hasattr(graph, f"_mask_positions{number}"):
+        number += 1
+    name = f"_mask_positions{number}"
+    graph.register_buffer(name, value)
+    with graph.graph.inserting_before(before):
+        node = graph.graph.get_attr(name)
+    fake = torch._guards.detect_fake_mode([v for v in (_value(a) for a in before.all_input_nodes) if v is not None])
+    if fake is not None:
+        node.meta["val"] = fake.from_tensor(value)
+    return node
 
 
 def _other_than(node: torch.fx.Node) -> Callable[[torch.fx.Node], bool]:
@@ -235,8 +307,8 @@ def _chunked_mm(g: torch.fx.Graph, left: torch.fx.Node, right: torch.fx.Node, m:
     cascade sum up to ``2 * CHUNK`` terms (one level: it sums on in order), so up to there one
     ``mm``. Beyond, where the cascade adds chunk sums pairwise, the sum is chunked likewise: one
     ``bmm`` over the whole chunks of :data:`CHUNK`, its partial products summed, plus one ``mm``
-    for the rest, error up to :math:`(\text{CHUNK} + k / \text{CHUNK}) u` (measured on
-    :math:`r^\top X` with 10^6 rows of positive-mean terms: 2.1e-7 relative, inductor 1.8e-7, one
+    for the rest, error up to :math:`(\\text{CHUNK} + k / \\text{CHUNK}) u` (measured on
+    :math:`r^\\top X` with 10^6 rows of positive-mean terms: 2.1e-7 relative, inductor 1.8e-7, one
     ``mm`` 6.0e-5)."""
     if k <= 2 * CHUNK:
         return _emit(g, aten.mm.default, left, right)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._compile_progress import phase
-from pyro_elbo._graph_rewrites import linalg_errors_as_nan, outer_contractions_as_matmul
+from pyro_elbo._graph_rewrites import constant_masks_as_indices, linalg_errors_as_nan, outer_contractions_as_matmul
 from pyro_elbo._inductor import compile_graph, start_cpu_check
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.capture import (
@@ -273,6 +273,7 @@ class CompiledLoss:
             graph = trace_step(step, example + inputs)
         check_no_baked_parameters(graph, params)
         linalg_errors_as_nan(graph)  # (every backend: a failed factorization is a non-finite step)
+        constant_masks_as_indices(graph)
         if self.backend != "eager":  # "eager" keeps the eager path's draws, for tests
             standard_normals_as_randn(graph)
             outer_contractions_as_matmul(graph)

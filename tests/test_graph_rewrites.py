@@ -11,7 +11,13 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from pyro_elbo._graph_rewrites import CHUNK, MIN_CONTRACTED, linalg_errors_as_nan, outer_contractions_as_matmul
+from pyro_elbo._graph_rewrites import (
+    CHUNK,
+    MIN_CONTRACTED,
+    constant_masks_as_indices,
+    linalg_errors_as_nan,
+    outer_contractions_as_matmul,
+)
 
 aten = torch.ops.aten
 
@@ -133,3 +139,25 @@ def test_a_failed_cholesky_gives_nan_in_the_graph_instead_of_raising() -> None:
         loss(torch.stack([good, bad]))
     out = graph(torch.stack([good, bad]))
     assert torch.equal(out[0], loss(good)) and out[1].isnan().all()
+
+
+def test_a_constant_boolean_mask_becomes_its_integer_positions() -> None:
+    """``w[mask]`` with a constant mask (a module's mask buffer, as in BNAF) and its gradient
+    (an ``index_put`` with the same mask): after the rewrite no index is boolean, so the shapes are
+    static, and the values and gradient are exactly the eager ones."""
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])  # a float buffer, converted as BNAF does
+
+    def step(w: Tensor) -> tuple[Tensor, Tensor]:
+        loss = (w[mask.bool()] ** 2 * torch.arange(4.0)).sum()
+        (grad,) = torch.autograd.grad(loss, [w])
+        return loss, grad
+
+    w = torch.randn(2, 3)
+    graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(w.clone().requires_grad_(True))
+    assert constant_masks_as_indices(graph) >= 1
+    for node in graph.graph.nodes:
+        if node.target in (aten.index.Tensor, aten.index_put.default, aten._unsafe_index_put.default):
+            assert all(i is None or i.meta["val"].dtype != torch.bool for i in node.args[1])
+    loss, grad = graph(w.clone().requires_grad_(True))
+    expected_loss, expected_grad = step(w.clone().requires_grad_(True))
+    assert torch.equal(loss, expected_loss) and torch.equal(grad, expected_grad)
