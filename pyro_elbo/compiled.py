@@ -12,8 +12,9 @@ randomness. One graph is kept per input signature (shapes, dtypes, devices, non-
 With a plain Adam optimizer the update runs inside the graph too. :meth:`CompiledLoss.flat_adam`
 takes all parameters as one flat vector :math:`\\theta \\in \\mathbb{R}^D` and the Adam moments as
 two more (:mod:`pyro_elbo.train.flat` keeps them there), differentiates with respect to that
-vector, and applies :func:`flat_adam_update` only where the loss and gradient are finite; on CPU
-the graph writes the four vectors in place, so a step allocates no per-parameter outputs. For
+vector, and applies :func:`flat_adam_update` only where the loss and gradient are finite and the
+non-finite ledger (:func:`guarded_step`) has not halted; on CPU the graph writes the four vectors
+and the ledger in place, so a step allocates no per-parameter outputs and reads nothing back. For
 inductor, ``torch.empty(shape).normal_()`` draws are rewritten to ``torch.randn`` so that they are
 generated inside the fused kernel (:func:`standard_normals_as_randn`).
 

@@ -32,7 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_elbo.compiled import CompiledLoss, Layout, adam_scalars
+from pyro_elbo.compiled import LEDGER_FIELDS, CompiledLoss, Layout, adam_scalars
+
+#: the ledger entries a handled halt clears: its run of non-finite steps and the halting call
+_RESET_ON_HALT = [LEDGER_FIELDS.index("consecutive"), LEDGER_FIELDS.index("halted_at")]
 
 
 class FlatAdam:
@@ -132,14 +135,13 @@ class FlatAdam:
         ``(new_skipped, consecutive, halted_call)``, where ``halted_call`` is the index (from 0)
         among the calls since the last read of the step that halted it, or -1. A halted ledger is
         reset (its run of non-finite steps to 0), so a caller that handles the halt may go on."""
-        _, consecutive, skipped, calls, halted_at = self.ledger.tolist()
+        _, consecutive, skipped, calls, halted_at = self.ledger.tolist()  # in LEDGER_FIELDS order
         new_skipped, first = skipped - self.seen_skipped, self.seen_calls
         self.seen_skipped, self.seen_calls = skipped, calls
         if consecutive < self.limit:
             return new_skipped, consecutive, -1
         with torch.no_grad():
-            self.ledger[1] = 0
-            self.ledger[4] = 0
+            self.ledger[_RESET_ON_HALT] = 0
         return new_skipped, consecutive, halted_at - first - 1
 
     def release(self) -> None:
