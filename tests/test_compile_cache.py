@@ -77,6 +77,29 @@ def test_cpu_check_runs_once_beside_the_compile() -> None:
     assert valid_vec_isa_list.cache_info().currsize == 1  # filled by the thread (an error leaves it empty)
 
 
+def test_small_graphs_are_compiled_as_scalar_code() -> None:
+    """Vector code pays only past SCALAR_CODE_MAX_ELEMENTS elements: a graph whose every tensor is
+    at most that big compiles with ``cpp.simdlen = 1``; one larger tensor, anywhere in the graph,
+    or a value without metadata, keeps the vector code."""
+    limit = _inductor.SCALAR_CODE_MAX_ELEMENTS
+    small = [torch.randn(4), torch.randn(limit // 4, 4)]  # x @ z: the largest tensor is x itself
+    graph = _traced(_step(2.0, torch.zeros(limit // 4)), small)
+    assert _inductor.largest_tensor(graph, small) == limit
+    assert _inductor.cpu_patches(graph, small) == {**_inductor.CPU_PATCHES, "cpp.simdlen": 1}
+
+    def outer(w: Tensor, x: Tensor) -> tuple[Tensor, ...]:  # inputs as small, an intermediate past the limit
+        product = x[:, None, :] * x[None, :, :]
+        return product.sum() * w.sum(), w
+
+    graph = _traced(outer, small)
+    assert _inductor.largest_tensor(graph, small) == (limit // 4) ** 2 * 4
+    assert "cpp.simdlen" not in _inductor.cpu_patches(graph, small)
+
+    graph = _traced(_step(2.0, torch.zeros(limit // 4)), small)
+    next(n for n in graph.graph.nodes if n.op == "call_function").meta.pop("val")
+    assert "cpp.simdlen" not in _inductor.cpu_patches(graph, small)
+
+
 @pytest.mark.slow  # two inductor compiles of a small graph: 10-25 s on two shared cores
 def test_same_graph_hits_the_cache(cache_dir: None) -> None:
     w, x = torch.randn(3), torch.randn(5, 3)
