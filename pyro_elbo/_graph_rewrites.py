@@ -1,5 +1,9 @@
 """Rewrites of a captured training step's FX graph before inductor compiles it.
 
+:func:`standard_normals_as_randn` turns ``torch.empty(shape).normal_()`` (how
+``torch.distributions`` draws standard normals) into ``torch.randn(shape)``, which inductor
+generates inside its fused kernel instead of one library call per sample site.
+
 :func:`constant_masks_as_indices` turns indexing with a constant boolean mask (BNAF's masked
 weights, ``w[mask]``) into indexing with the mask's constant integer positions: a boolean mask's
 result has a data-dependent shape, which inductor's ``compile_fx`` refused, so such models
@@ -117,6 +121,37 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
                 poisoned = _emit(graph.graph, aten.where.ScalarOther, shaped, output, math.nan)
             output.replace_all_uses_with(poisoned, delete_user_cb=_other_than(poisoned))
         graph.graph.erase_node(node)
+        count += 1
+    if count:
+        graph.recompile()
+    return count
+
+
+def standard_normals_as_randn(graph: torch.fx.GraphModule) -> int:
+    """Rewrite ``torch.empty(shape).normal_()`` (how ``torch.distributions`` draws standard
+    normals) into ``torch.randn(shape)`` in ``graph``; returns how many were rewritten.
+
+    Inductor runs an in-place ``normal_`` as one library call per sample site (a buffer, a call,
+    a stride check), but generates ``randn`` inside its fused kernel from one seed per graph call.
+    The draws are still standard normals from the torch generator's stream, just other ones."""
+    order = {node: i for i, node in enumerate(graph.graph.nodes)}
+    count = 0
+    for node in list(graph.graph.nodes):
+        if node.target is not aten.normal_.default or len(node.args) != 1 or node.kwargs:
+            continue
+        empty = node.args[0]
+        if not isinstance(empty, torch.fx.Node) or empty.target is not aten.empty.memory_format:
+            continue
+        if any(order[user] < order[node] for user in empty.users):  # read before the draw
+            continue
+        options = {k: v for k, v in empty.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
+        with graph.graph.inserting_before(node):
+            randn = graph.graph.call_function(aten.randn.default, (empty.args[0],), options)
+        randn.meta = dict(node.meta)
+        node.replace_all_uses_with(randn)
+        empty.replace_all_uses_with(randn)
+        graph.graph.erase_node(node)
+        graph.graph.erase_node(empty)
         count += 1
     if count:
         graph.recompile()

@@ -16,7 +16,7 @@ vector, and applies :func:`flat_adam_update` only where the loss and gradient ar
 non-finite ledger (:func:`guarded_step`) has not halted; on CPU the graph writes the four vectors
 and the ledger in place, so a step allocates no per-parameter outputs and reads nothing back. For
 inductor, ``torch.empty(shape).normal_()`` draws are rewritten to ``torch.randn`` so that they are
-generated inside the fused kernel (:func:`standard_normals_as_randn`).
+generated inside the fused kernel (:func:`~pyro_elbo._graph_rewrites.standard_normals_as_randn`).
 
 A model that cannot be captured (``.item()``, ``float(tensor)`` or a tensor-valued ``if`` in the
 model, NumPy randomness, data-dependent shapes) falls back to the ordinary eager path with one
@@ -37,7 +37,12 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._compile_progress import phase
-from pyro_elbo._graph_rewrites import constant_masks_as_indices, linalg_errors_as_nan, outer_contractions_as_matmul
+from pyro_elbo._graph_rewrites import (
+    constant_masks_as_indices,
+    linalg_errors_as_nan,
+    outer_contractions_as_matmul,
+    standard_normals_as_randn,
+)
 from pyro_elbo._inductor import compile_graph, start_cpu_check
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.capture import (
@@ -325,38 +330,6 @@ class SVICompiledSteps:
             param.grad = grad if param.grad is None else param.grad + grad
             pyro.param(name)  # let SVI's parameter trace see it
         return float(loss)
-
-
-def standard_normals_as_randn(graph: torch.fx.GraphModule) -> int:
-    """Rewrite ``torch.empty(shape).normal_()`` (how ``torch.distributions`` draws standard
-    normals) into ``torch.randn(shape)`` in ``graph``; returns how many were rewritten.
-
-    Inductor runs an in-place ``normal_`` as one library call per sample site (a buffer, a call,
-    a stride check), but generates ``randn`` inside its fused kernel from one seed per graph call.
-    The draws are still standard normals from the torch generator's stream, just other ones."""
-    aten = torch.ops.aten
-    order = {node: i for i, node in enumerate(graph.graph.nodes)}
-    count = 0
-    for node in list(graph.graph.nodes):
-        if node.target is not aten.normal_.default or len(node.args) != 1 or node.kwargs:
-            continue
-        empty = node.args[0]
-        if not isinstance(empty, torch.fx.Node) or empty.target is not aten.empty.memory_format:
-            continue
-        if any(order[user] < order[node] for user in empty.users):  # read before the draw
-            continue
-        options = {k: v for k, v in empty.kwargs.items() if k in ("dtype", "layout", "device", "pin_memory")}
-        with graph.graph.inserting_before(node):
-            randn = graph.graph.call_function(aten.randn.default, (empty.args[0],), options)
-        randn.meta = dict(node.meta)
-        node.replace_all_uses_with(randn)
-        empty.replace_all_uses_with(randn)
-        graph.graph.erase_node(node)
-        graph.graph.erase_node(empty)
-        count += 1
-    if count:
-        graph.recompile()
-    return count
 
 
 def _decide_eagerly(
