@@ -109,7 +109,10 @@ def main() -> None:
     warm_step = make_step(warm, params)
     for _ in range(300):
         warm_step(images[torch.randint(len(images), (128,))])
-    state = {k: v.clone() for k, v in {**vae.encoder.state_dict(), **{"d" + k: v for k, v in vae.decoder.state_dict().items()}}.items()}
+    state = {
+        k: v.clone()
+        for k, v in {**vae.encoder.state_dict(), **{"d" + k: v for k, v in vae.decoder.state_dict().items()}}.items()
+    }
 
     def restore() -> None:
         vae.encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("d")})

@@ -74,8 +74,17 @@ def main(steps: int = 3000, particles: int = 100_000) -> None:
     for name, m in (("centered", centered_model), ("non-centered", noncentered_model)):
         pyro.clear_param_store()
         guide = AutoNormal(m)
-        pyro_elbo.fit(m, guide, y, sigma, num_steps=steps, lr=0.02, seed=0, progress=False,
-                      objective=pyro_elbo.ELBO(num_particles=8))
+        pyro_elbo.fit(
+            m,
+            guide,
+            y,
+            sigma,
+            num_steps=steps,
+            lr=0.02,
+            seed=0,
+            progress=False,
+            objective=pyro_elbo.ELBO(num_particles=8),
+        )
         print(f"--- {name} ---")
         print(pyro_elbo.kl_gap(m, guide, y, sigma, num_particles=particles))
         print()

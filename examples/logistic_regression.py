@@ -1,7 +1,7 @@
 """Bayesian logistic regression on generated data (N=5000, D=20), mean-field vs full-rank guide.
 
-    python examples/logistic_regression.py [steps]
-    pyro-elbo run examples/logistic_regression.py --objective iwae --particles 8
+python examples/logistic_regression.py [steps]
+pyro-elbo run examples/logistic_regression.py --objective iwae --particles 8
 """
 
 from __future__ import annotations
@@ -46,8 +46,17 @@ def main(steps: int = 1500) -> None:
     for guide_cls in (AutoNormal, AutoMultivariateNormal):
         pyro.clear_param_store()
         guide = guide_cls(model)
-        pyro_elbo.fit(model, guide, x, y, objective=pyro_elbo.IWAE(num_particles=8), num_steps=steps, lr=0.02,
-                      seed=0, progress=False)
+        pyro_elbo.fit(
+            model,
+            guide,
+            x,
+            y,
+            objective=pyro_elbo.IWAE(num_particles=8),
+            num_steps=steps,
+            lr=0.02,
+            seed=0,
+            progress=False,
+        )
         report = pyro_elbo.kl_gap(model, guide, x, y, num_particles=2000, chunk_size=500)
         print(f"--- {guide_cls.__name__} ---")
         print(report)

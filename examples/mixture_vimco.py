@@ -56,8 +56,9 @@ def main(steps: int = 1000) -> None:
     import pyro_elbo
 
     x = make_data()
-    result = pyro_elbo.fit(model, guide, x, objective=pyro_elbo.VIMCO(num_particles=8), num_steps=steps, lr=0.05,
-                           seed=0, progress=False)
+    result = pyro_elbo.fit(
+        model, guide, x, objective=pyro_elbo.VIMCO(num_particles=8), num_steps=steps, lr=0.05, seed=0, progress=False
+    )
     with torch.no_grad():
         probs = torch.softmax(classifier(x.unsqueeze(-1)), -1)
     error = (probs - exact_posterior(x)).abs().max()

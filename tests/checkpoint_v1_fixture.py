@@ -35,7 +35,11 @@ def options() -> dict:
     import pyro_elbo
 
     return dict(
-        objective=pyro_elbo.IWAE(num_particles=4), lr=0.05, seed=11, progress=False, checkpoint_every=5,
+        objective=pyro_elbo.IWAE(num_particles=4),
+        lr=0.05,
+        seed=11,
+        progress=False,
+        checkpoint_every=5,
         scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
         optimizer_options={"foreach": False},
     )

@@ -57,8 +57,17 @@ def main() -> None:
     else:
         guide, objective = AutoNormal(model), pyro_elbo.ELBO(num_particles=4)
     result = pyro_elbo.fit(
-        model, guide, loader, objective=objective, num_epochs=args.epochs, lr=0.05, seed=0, progress=False,
-        checkpoint=args.checkpoint, checkpoint_every=3, resume=args.resume,
+        model,
+        guide,
+        loader,
+        objective=objective,
+        num_epochs=args.epochs,
+        lr=0.05,
+        seed=0,
+        progress=False,
+        checkpoint=args.checkpoint,
+        checkpoint_every=3,
+        resume=args.resume,
         callbacks=[lambda step, loss: draws.append(torch.rand(2)) if step == 1 else None],
     )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -63,7 +63,9 @@ def normal_mean(guide: str) -> Case:
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     m, s = float(post.loc), float(post.scale)
-    q = {"exact": (m, s), "wide": (m + 0.3 * s, 1.5 * s), "narrow": (m, 0.5 * s), "shifted 20 sd": (m + 20 * s, s)}[guide]
+    q = {"exact": (m, s), "wide": (m + 0.3 * s, 1.5 * s), "narrow": (m, 0.5 * s), "shifted 20 sd": (m + 20 * s, s)}[
+        guide
+    ]
     fn = dist.Normal(*q)
     return Case("normal mean", guide, model, _site("z", fn), float(kl_divergence(fn, post)), log_evidence)
 
@@ -73,12 +75,16 @@ def linear_regression(guide: str) -> Case:
     gen = torch.Generator().manual_seed(3)
     X = torch.randn(20, 3, generator=gen, dtype=torch.float64)
     X[:, 1] = X[:, 0] + 0.5 * X[:, 1]
-    y = X @ torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64) + 0.5 * torch.randn(20, generator=gen, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64) + 0.5 * torch.randn(
+        20, generator=gen, dtype=torch.float64
+    )
     prec = torch.eye(3, dtype=torch.float64) + X.T @ X / 0.25
     cov = torch.linalg.inv(prec)
     mean = cov @ X.T @ y / 0.25
     post = dist.MultivariateNormal(mean, cov)
-    log_evidence = float(dist.MultivariateNormal(torch.zeros(20, dtype=torch.float64), X @ X.T + 0.25 * torch.eye(20)).log_prob(y))
+    log_evidence = float(
+        dist.MultivariateNormal(torch.zeros(20, dtype=torch.float64), X @ X.T + 0.25 * torch.eye(20)).log_prob(y)
+    )
     Xd, yd = X.to(torch.get_default_dtype()), y.to(torch.get_default_dtype())
 
     def model() -> None:
@@ -87,18 +93,29 @@ def linear_regression(guide: str) -> Case:
 
     sd = cov.diagonal().sqrt()
     mean_field = prec.diagonal().rsqrt()  # the optimal mean-field scales
-    loc, scale = {"exact": (mean, None), "mean-field": (mean, mean_field), "shifted 20 sd": (mean + 20 * sd, mean_field)}[guide]
+    loc, scale = {
+        "exact": (mean, None),
+        "mean-field": (mean, mean_field),
+        "shifted 20 sd": (mean + 20 * sd, mean_field),
+    }[guide]
     q64 = post if scale is None else dist.MultivariateNormal(loc, torch.diag(scale**2))
-    fn = (dist.MultivariateNormal(loc.to(Xd.dtype), cov.to(Xd.dtype)) if scale is None
-          else dist.Normal(loc.to(Xd.dtype), scale.to(Xd.dtype)).to_event(1))
+    fn = (
+        dist.MultivariateNormal(loc.to(Xd.dtype), cov.to(Xd.dtype))
+        if scale is None
+        else dist.Normal(loc.to(Xd.dtype), scale.to(Xd.dtype)).to_event(1)
+    )
     return Case("linear regression", guide, model, _site("w", fn), float(kl_divergence(q64, post)), log_evidence)
 
 
 def beta_binomial(guide: str) -> Case:
     """p ~ Beta(1, 1), k ~ Binomial(200, p), k = 60."""
     n, k, a, b = 200, 60, 61.0, 141.0
-    log_evidence = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + float(
-        torch.lgamma(torch.tensor(a)) + torch.lgamma(torch.tensor(b)) - torch.lgamma(torch.tensor(a + b)))
+    log_evidence = (
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + float(torch.lgamma(torch.tensor(a)) + torch.lgamma(torch.tensor(b)) - torch.lgamma(torch.tensor(a + b)))
+    )
 
     def model() -> None:
         p = pyro.sample("p", dist.Beta(1.0, 1.0))
@@ -117,7 +134,11 @@ def beta_binomial(guide: str) -> Case:
         return Case("beta-binomial", guide, model, _autonormal(model, "p", loc, scale), kl, log_evidence)
     qa, qb = {"exact": (a, b), "off": (0.6 * a, b), "shifted 20 sd": (12 * a, b)}[guide]
     fn = dist.Beta(qa, qb)
-    kl = float(kl_divergence(torch.distributions.Beta(torch.tensor(qa, dtype=torch.float64), torch.tensor(qb, dtype=torch.float64)), post))
+    kl = float(
+        kl_divergence(
+            torch.distributions.Beta(torch.tensor(qa, dtype=torch.float64), torch.tensor(qb, dtype=torch.float64)), post
+        )
+    )
     return Case("beta-binomial", guide, model, _site("p", fn), kl, log_evidence)
 
 
@@ -127,7 +148,9 @@ def gamma_poisson(guide: str) -> Case:
     x = torch.poisson(torch.full((30,), 7.0, dtype=torch.float64), generator=gen)
     a0, b0 = 2.0, 0.5
     a, b = a0 + float(x.sum()), b0 + 30
-    log_evidence = float(-torch.lgamma(x + 1).sum()) + a0 * math.log(b0) - math.lgamma(a0) + math.lgamma(a) - a * math.log(b)
+    log_evidence = (
+        float(-torch.lgamma(x + 1).sum()) + a0 * math.log(b0) - math.lgamma(a0) + math.lgamma(a) - a * math.log(b)
+    )
     xd = x.to(torch.get_default_dtype())
 
     def model() -> None:
@@ -146,7 +169,12 @@ def gamma_poisson(guide: str) -> Case:
         return Case("gamma-poisson", guide, model, _autonormal(model, "lam", loc, scale), kl, log_evidence)
     qa, qb = {"exact": (a, b), "off": (a, 0.8 * b), "shifted 20 sd": (a, b / (1 + 20 * a**-0.5))}[guide]
     fn = dist.Gamma(qa, qb)
-    kl = float(kl_divergence(torch.distributions.Gamma(torch.tensor(qa, dtype=torch.float64), torch.tensor(qb, dtype=torch.float64)), post))
+    kl = float(
+        kl_divergence(
+            torch.distributions.Gamma(torch.tensor(qa, dtype=torch.float64), torch.tensor(qb, dtype=torch.float64)),
+            post,
+        )
+    )
     return Case("gamma-poisson", guide, model, _site("lam", fn), kl, log_evidence)
 
 
@@ -163,7 +191,11 @@ def dirichlet_multinomial(guide: str) -> Case:
         pi = pyro.sample("pi", dist.Dirichlet(torch.ones(3)))
         pyro.sample("c", dist.Multinomial(100, pi), obs=cd)
 
-    q = {"exact": alpha, "off": alpha * torch.tensor([1.3, 0.8, 1.0], dtype=torch.float64), "shifted 20 sd": alpha * torch.tensor([8.0, 0.2, 1.0], dtype=torch.float64)}[guide]
+    q = {
+        "exact": alpha,
+        "off": alpha * torch.tensor([1.3, 0.8, 1.0], dtype=torch.float64),
+        "shifted 20 sd": alpha * torch.tensor([8.0, 0.2, 1.0], dtype=torch.float64),
+    }[guide]
     kl = float(kl_divergence(torch.distributions.Dirichlet(q), torch.distributions.Dirichlet(alpha)))
     return Case("dirichlet-multinomial", guide, model, _site("pi", dist.Dirichlet(q.to(cd.dtype))), kl, log_evidence)
 

@@ -187,10 +187,15 @@ class SparseGammaDEF:
         def init(*shape: int) -> Callable[[], Tensor]:
             return lambda: 0.5 + 0.1 * torch.randn(shape)
 
-        for name, size in (("top", self.top * self.mid), ("mid", self.mid * self.bottom), ("bottom", self.bottom * self.d)):
+        for name, size in (
+            ("top", self.top * self.mid),
+            ("mid", self.mid * self.bottom),
+            ("bottom", self.bottom * self.d),
+        ):
             with pyro.plate(f"w_{name}_plate", size):
-                alpha, mean = softplus(pyro.param(f"alpha_w_q_{name}", init(size))), softplus(
-                    pyro.param(f"mean_w_q_{name}", init(size))
+                alpha, mean = (
+                    softplus(pyro.param(f"alpha_w_q_{name}", init(size))),
+                    softplus(pyro.param(f"mean_w_q_{name}", init(size))),
                 )
                 pyro.sample(f"w_{name}", dist.Gamma(alpha, alpha / mean))
         with pyro.plate("data", x.size(0)):
@@ -237,7 +242,9 @@ class AmortizedLDA(nn.Module):
     def guide(self, counts: Tensor, batch_size: int | None) -> None:
         pyro.module("lda_encoder", self.encoder)
         concentration = pyro.param(
-            "topic_words_q", lambda: counts.new_ones(self.num_topics, self.num_words), constraint=dist.constraints.positive
+            "topic_words_q",
+            lambda: counts.new_ones(self.num_topics, self.num_words),
+            constraint=dist.constraints.positive,
         )
         with pyro.plate("topics", self.num_topics):
             pyro.sample("topic_words", dist.Dirichlet(concentration))
@@ -251,8 +258,18 @@ def lda_amortized() -> ZooEntry:
         words = _lda_corpus(40, num_words, num_topics, 16)
         net = AmortizedLDA(num_words, num_topics, 16)
     counts = nn.functional.one_hot(words, num_words).sum(0).to(torch.get_default_dtype())  # [docs, words]
-    return ZooEntry("lda_amortized", net.model, net.guide, (counts, 8), 1, False, len(counts), "examples/lda.py",
-                    subsampled=True, full_args=(counts, None))
+    return ZooEntry(
+        "lda_amortized",
+        net.model,
+        net.guide,
+        (counts, 8),
+        1,
+        False,
+        len(counts),
+        "examples/lda.py",
+        subsampled=True,
+        full_args=(counts, None),
+    )
 
 
 class EnumeratedLDA:
@@ -290,8 +307,9 @@ def lda_enum() -> ZooEntry:
     with _seeded(2):
         words = _lda_corpus(num_docs, num_words, num_topics, 8)
     net = EnumeratedLDA(num_words, num_topics, num_docs)
-    return ZooEntry("lda_enum", net.model, net.guide, (words.to(torch.get_default_dtype()),), 2, True, num_docs,
-                    "examples/lda.py")
+    return ZooEntry(
+        "lda_enum", net.model, net.guide, (words.to(torch.get_default_dtype()),), 2, True, num_docs, "examples/lda.py"
+    )
 
 
 # --- deep Markov model (examples/dmm.py) ----------------------------------------------------------
@@ -315,7 +333,11 @@ class _GatedTransition(nn.Module):
 class _Combiner(nn.Module):
     def __init__(self, z_dim: int, rnn_dim: int) -> None:
         super().__init__()
-        self.z_to_h, self.loc, self.scale = nn.Linear(z_dim, rnn_dim), nn.Linear(rnn_dim, z_dim), nn.Linear(rnn_dim, z_dim)
+        self.z_to_h, self.loc, self.scale = (
+            nn.Linear(z_dim, rnn_dim),
+            nn.Linear(rnn_dim, z_dim),
+            nn.Linear(rnn_dim, z_dim),
+        )
 
     def forward(self, z: Tensor, h_rnn: Tensor) -> tuple[Tensor, Tensor]:
         h = 0.5 * (torch.tanh(self.z_to_h(z)) + h_rnn)
@@ -343,7 +365,9 @@ class DMM(nn.Module):
                 with pyro.poutine.scale(scale=annealing):
                     z_t = pyro.sample(f"z_{t}", dist.Normal(z_loc, z_scale).mask(mask[:, t - 1 : t]).to_event(1))
                 probs = self.emitter(z_t)
-                pyro.sample(f"obs_x_{t}", dist.Bernoulli(probs).mask(mask[:, t - 1 : t]).to_event(1), obs=seqs[:, t - 1])
+                pyro.sample(
+                    f"obs_x_{t}", dist.Bernoulli(probs).mask(mask[:, t - 1 : t]).to_event(1), obs=seqs[:, t - 1]
+                )
                 z_prev = z_t
 
     def guide(self, seqs: Tensor, seqs_reversed: Tensor, mask: Tensor, lengths: Tensor, annealing: float) -> None:
@@ -429,8 +453,16 @@ def _bayes_regression(name: str, guide_cls: Callable[..., Any]) -> ZooEntry:
         x, y = _rugged_like()
         regression = BayesianRegression(3, 1)
     dtype = torch.get_default_dtype()
-    return ZooEntry(name, regression, guide_cls(regression), (x.to(dtype), y.to(dtype)), 1, False, len(x),
-                    "tutorial: Bayesian regression")
+    return ZooEntry(
+        name,
+        regression,
+        guide_cls(regression),
+        (x.to(dtype), y.to(dtype)),
+        1,
+        False,
+        len(x),
+        "tutorial: Bayesian regression",
+    )
 
 
 def bayes_regression_diag() -> ZooEntry:
@@ -453,8 +485,16 @@ def eight_schools_model(y: Tensor, sigma: Tensor) -> None:
 
 
 def eight_schools() -> ZooEntry:
-    return ZooEntry("eight_schools", eight_schools_model, AutoNormal(eight_schools_model), _eight_schools(), 1,
-                    False, 8, "Rubin (1981), ArviZ's bundled data")
+    return ZooEntry(
+        "eight_schools",
+        eight_schools_model,
+        AutoNormal(eight_schools_model),
+        _eight_schools(),
+        1,
+        False,
+        8,
+        "Rubin (1981), ArviZ's bundled data",
+    )
 
 
 def iaf_guide() -> ZooEntry:
@@ -466,8 +506,16 @@ def iaf_guide() -> ZooEntry:
 def bnaf_guide() -> ZooEntry:
     with _seeded(7):
         guide = AutoNormalizingFlow(eight_schools_model, functools.partial(iterated, 2, block_autoregressive))
-    return ZooEntry("bnaf_guide", eight_schools_model, guide, _eight_schools(), 1, False, 8,
-                    "AutoNormalizingFlow (block neural autoregressive flow)")
+    return ZooEntry(
+        "bnaf_guide",
+        eight_schools_model,
+        guide,
+        _eight_schools(),
+        1,
+        False,
+        8,
+        "AutoNormalizingFlow (block neural autoregressive flow)",
+    )
 
 
 # --- enumerated discrete latents: Gaussian mixture, HMM ------------------------------------------

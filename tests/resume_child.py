@@ -43,7 +43,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     data = torch.linspace(-2, 2, N)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(N), data), batch_size=8, shuffle=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.arange(N), data), batch_size=8, shuffle=True
+    )
 
     if args.kill_in_write is not None:
         real_save = torch.save

@@ -57,7 +57,11 @@ def test_value_and_gradient_unbiased_and_variance_lower() -> None:
     m = torch.tensor(M, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(S, dtype=torch.float64)
     n = len(X)
-    closed = -0.5 * ((X - m) ** 2 + s**2).sum() - n * 0.5 * math.log(2 * math.pi) - (torch.log(1 / s) + (s**2 + m**2) / 2 - 0.5)
+    closed = (
+        -0.5 * ((X - m) ** 2 + s**2).sum()
+        - n * 0.5 * math.log(2 * math.pi)
+        - (torch.log(1 / s) + (s**2 + m**2) / 2 - 0.5)
+    )
     (exact_grad,) = torch.autograd.grad(-closed, m)
     assert float(closed.detach()) == pytest.approx(exact)
     results = {}

@@ -52,10 +52,17 @@ def guide(x):
 
 def test_groups_dims_and_shapes() -> None:
     idata = pyro_elbo.to_inference_data(
-        model, guide, X, num_samples=300, chunk_size=128, dims={"z": ["point"], "obs": ["point"], "w": ["coef"]},
+        model,
+        guide,
+        X,
+        num_samples=300,
+        chunk_size=128,
+        dims={"z": ["point"], "obs": ["point"], "w": ["coef"]},
         coords={"point": list("abcdef")},
     )
-    assert {"posterior", "posterior_predictive", "log_likelihood", "observed_data", "sample_stats"} <= group_names(idata)
+    assert {"posterior", "posterior_predictive", "log_likelihood", "observed_data", "sample_stats"} <= group_names(
+        idata
+    )
     post = idata.posterior
     assert post["mu"].shape == (1, 300)
     assert post["w"].shape == (1, 300, 3) and post["w"].dims == ("chain", "draw", "coef")

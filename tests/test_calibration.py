@@ -41,8 +41,15 @@ def test_kl_bracket_false_alarm_rate_over_seeds() -> None:
     misses = 0
     for seed in range(SEEDS):
         pyro.set_rng_seed(seed)
-        report = pyro_elbo.kl_gap(c.model, c.guide_at(loc, scale), 1, num_particles=20_000, chunk_size=20_000,
-                                  per_site=False, max_plate_nesting=2)
+        report = pyro_elbo.kl_gap(
+            c.model,
+            c.guide_at(loc, scale),
+            1,
+            num_particles=20_000,
+            chunk_size=20_000,
+            per_site=False,
+            max_plate_nesting=2,
+        )
         below = report.gap_lower.value - Z * report.gap_lower.se > kl
         above = kl > report.gap_upper.value + Z * report.gap_upper.se
         misses += below or above

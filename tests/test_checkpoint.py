@@ -100,9 +100,14 @@ def test_a_resume_that_fails_while_applying_is_undone(tmp_path: Path) -> None:
     random state are put back as they were."""
     pyro_elbo.fit(model, guide, num_steps=4, checkpoint=tmp_path / "c.pt", **options())
     state = load_checkpoint(tmp_path / "c.pt")
-    train_state = init(model, guide, objective=pyro_elbo.IWAE(num_particles=4), lr=0.05,
-                       scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
-                       optimizer_options={"foreach": False})
+    train_state = init(
+        model,
+        guide,
+        objective=pyro_elbo.IWAE(num_particles=4),
+        lr=0.05,
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+        optimizer_options={"foreach": False},
+    )
     for _ in range(3):
         train_state, _ = pyro_elbo.train.step(train_state)
     before, rng = _store(), torch.get_rng_state()
@@ -121,8 +126,14 @@ def test_other_lr_objective_or_options_are_refused_by_name(tmp_path: Path) -> No
     saved, before = path.read_bytes(), _store()
     changes = {
         "lr": ({"lr": 0.01}, r"lr=0.05 in the checkpoint, lr=0.01 now"),
-        "objective": ({"objective": pyro_elbo.ELBO()}, r"objective IWAE\(num_particles=4\) in the checkpoint, ELBO\(num_particles=1\) now"),
-        "betas": ({"optimizer_options": {"foreach": False, "betas": (0.5, 0.9)}}, r"optimizer option betas=\(0.9, 0.999\) in the checkpoint, \(0.5, 0.9\) now"),
+        "objective": (
+            {"objective": pyro_elbo.ELBO()},
+            r"objective IWAE\(num_particles=4\) in the checkpoint, ELBO\(num_particles=1\) now",
+        ),
+        "betas": (
+            {"optimizer_options": {"foreach": False, "betas": (0.5, 0.9)}},
+            r"optimizer option betas=\(0.9, 0.999\) in the checkpoint, \(0.5, 0.9\) now",
+        ),
         "scheduler": ({"scheduler": None}, "a scheduler in the checkpoint, none now"),
     }
     for name, (change, match) in changes.items():
@@ -146,8 +157,14 @@ def test_unwritable_checkpoint_location_fails_before_the_first_step(tmp_path: Pa
     steps = []
     for target, match in ((blocker / "ckpt.pt", "cannot be written"), (tmp_path, "is a folder")):
         with pytest.raises(ValueError, match=match):
-            pyro_elbo.fit(model, guide, num_steps=5, checkpoint=target, progress=False,
-                          callbacks=[lambda step, loss: steps.append(step)])
+            pyro_elbo.fit(
+                model,
+                guide,
+                num_steps=5,
+                checkpoint=target,
+                progress=False,
+                callbacks=[lambda step, loss: steps.append(step)],
+            )
     assert steps == [] and blocker.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no probe file left behind
 

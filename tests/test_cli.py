@@ -12,19 +12,45 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pyro_elbo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyro_elbo.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pyro_elbo.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_run_end_to_end(tmp_path: Path) -> None:
-    result = pyro_elbo("run", str(ROOT / "examples" / "eight_schools.py"), "--steps", "60", "--samples", "200",
-                       "--diagnostic-particles", "500", "--out", "out", "--no-progress", cwd=tmp_path)
+    result = pyro_elbo(
+        "run",
+        str(ROOT / "examples" / "eight_schools.py"),
+        "--steps",
+        "60",
+        "--samples",
+        "200",
+        "--diagnostic-particles",
+        "500",
+        "--out",
+        "out",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "KL-gap report" in result.stdout and "PSIS k-hat" in result.stdout
     for name in ("inference_data.nc", "loss.png", "kl_gap.png", "posterior.png", "report.txt", "checkpoint.pt"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
-    resumed = pyro_elbo("run", str(ROOT / "examples" / "eight_schools.py"), "--steps", "80", "--samples", "50",
-                        "--diagnostic-particles", "200", "--out", "out", "--no-progress", "--resume", cwd=tmp_path)
+    resumed = pyro_elbo(
+        "run",
+        str(ROOT / "examples" / "eight_schools.py"),
+        "--steps",
+        "80",
+        "--samples",
+        "50",
+        "--diagnostic-particles",
+        "200",
+        "--out",
+        "out",
+        "--no-progress",
+        "--resume",
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 60" in resumed.stdout
 
@@ -33,8 +59,22 @@ def test_help_documents_every_option(tmp_path: Path) -> None:
     top = pyro_elbo("--help", cwd=tmp_path)
     assert top.returncode == 0 and "run" in top.stdout
     run = pyro_elbo("run", "--help", cwd=tmp_path)
-    for option in ("--objective", "--particles", "--steps", "--lr", "--device", "--out", "--seed", "--samples",
-                   "--resume", "--guide", "--vectorize", "--dtype", "--log-likelihood", "--traceback"):
+    for option in (
+        "--objective",
+        "--particles",
+        "--steps",
+        "--lr",
+        "--device",
+        "--out",
+        "--seed",
+        "--samples",
+        "--resume",
+        "--guide",
+        "--vectorize",
+        "--dtype",
+        "--log-likelihood",
+        "--traceback",
+    ):
         assert option in run.stdout, option
 
 
@@ -112,8 +152,20 @@ def test_a_finished_fit_is_kept_when_the_report_and_export_fail(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fails.py").write_text(FAILS_AFTER_FIT)
-    code, out, err = in_process(capsys, "run", "fails.py", "--steps", "20", "--samples", "100",
-                                "--diagnostic-particles", "100", "--out", "out", "--no-progress")
+    code, out, err = in_process(
+        capsys,
+        "run",
+        "fails.py",
+        "--steps",
+        "20",
+        "--samples",
+        "100",
+        "--diagnostic-particles",
+        "100",
+        "--out",
+        "out",
+        "--no-progress",
+    )
     assert code == 1, err
     assert "fit: 20 steps" in out
     for name in ("checkpoint.pt", "loss.png", "report.txt"):
@@ -198,8 +250,22 @@ def test_vectorize_reaches_every_library_call_unchanged(
         monkeypatch.setattr(pyro_elbo, name, recording(name, getattr(pyro_elbo, name)))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mv.py").write_text(NO_PARTICLE_PLATE)
-    code, out, err = in_process(capsys, "run", "mv.py", "--steps", "3", "--samples", "10", "--diagnostic-particles",
-                                "50", "--no-progress", "--vectorize", mode, "--out", "out")
+    code, out, err = in_process(
+        capsys,
+        "run",
+        "mv.py",
+        "--steps",
+        "3",
+        "--samples",
+        "10",
+        "--diagnostic-particles",
+        "50",
+        "--no-progress",
+        "--vectorize",
+        mode,
+        "--out",
+        "out",
+    )
     assert seen == {"make_objective": mode, "kl_gap": mode, "to_inference_data": mode}
     assert "fit: 3 steps" in out and (tmp_path / "out" / "checkpoint.pt").exists()
     if mode == "plate":
@@ -216,8 +282,20 @@ def test_sizes_past_the_machine_are_refused_after_the_fit_with_the_option_to_low
     """1e12 report particles (8 TB of log-weights at least) and 1e15 draws: the library's fail-fast
     messages, no traceback, the fit kept, and each option named."""
     monkeypatch.chdir(tmp_path)
-    code, out, err = in_process(capsys, "run", str(ROOT / "examples" / "eight_schools.py"), "--steps", "3",
-                                "--samples", "1e15", "--diagnostic-particles", "1e12", "--no-progress", "--out", "out")
+    code, out, err = in_process(
+        capsys,
+        "run",
+        str(ROOT / "examples" / "eight_schools.py"),
+        "--steps",
+        "3",
+        "--samples",
+        "1e15",
+        "--diagnostic-particles",
+        "1e12",
+        "--no-progress",
+        "--out",
+        "out",
+    )
     assert code == 1
     assert "fit: 3 steps" in out and (tmp_path / "out" / "checkpoint.pt").stat().st_size > 0
     assert "the KL-gap report failed: ValueError: kl_gap(num_particles=1000000000000)" in err

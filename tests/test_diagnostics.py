@@ -115,11 +115,27 @@ def test_chunked_and_unchunked_agree_on_the_same_draws() -> None:
 
     noise = torch.randn(4000, 1)
     _QueuedNormal.queue = [noise]
-    whole = pyro_elbo.kl_gap(c.model, guide, 1, num_particles=4000, chunk_size=4000, per_site=False, max_plate_nesting=2,
-                               vectorize_particles="plate")
+    whole = pyro_elbo.kl_gap(
+        c.model,
+        guide,
+        1,
+        num_particles=4000,
+        chunk_size=4000,
+        per_site=False,
+        max_plate_nesting=2,
+        vectorize_particles="plate",
+    )
     _QueuedNormal.queue = list(noise.split(500))
-    chunked = pyro_elbo.kl_gap(c.model, guide, 1, num_particles=4000, chunk_size=500, per_site=False, max_plate_nesting=2,
-                               vectorize_particles="plate")
+    chunked = pyro_elbo.kl_gap(
+        c.model,
+        guide,
+        1,
+        num_particles=4000,
+        chunk_size=500,
+        per_site=False,
+        max_plate_nesting=2,
+        vectorize_particles="plate",
+    )
     for a, b in [(whole.elbo, chunked.elbo), (whole.cubo, chunked.cubo)] + [
         (whole.iwae[k], chunked.iwae[k]) for k in whole.iwae
     ]:

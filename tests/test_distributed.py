@@ -17,8 +17,20 @@ def launch(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(CHILD), str(out), *args] if nproc > 1 else [sys.executable, str(CHILD), str(out), *args]
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(CHILD),
+            str(out),
+            *args,
+        ]
+        if nproc > 1
+        else [sys.executable, str(CHILD), str(out), *args]
+    )
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -68,18 +80,42 @@ def test_ranks_draw_different_reproducible_particles_and_resume(map_runs: dict[s
         assert torch.equal(a[0]["params"][name], b[0]["params"][name])
     # resume: 3 epochs, then 3 more from the checkpoint == 6 straight
     ckpt = str(root / "iwae_c" / "ckpt.pt")
-    part = launch(2, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "3", "--checkpoint", ckpt)
+    part = launch(
+        2, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "3", "--checkpoint", ckpt
+    )
     assert part.returncode == 0, part.stderr
-    rest = launch(2, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "6", "--checkpoint", ckpt,
-                  "--resume")
+    rest = launch(
+        2,
+        root / "iwae_c",
+        "--batch",
+        "8",
+        "--objective",
+        "stochastic",
+        "--epochs",
+        "6",
+        "--checkpoint",
+        ckpt,
+        "--resume",
+    )
     assert rest.returncode == 0, rest.stderr
     c = load(root / "iwae_c" / "rank0.pt")
     assert c["history"] == a[0]["history"]
     for name in a[0]["params"]:
         assert torch.equal(c["params"][name], a[0]["params"][name]), name
     # a different world size refuses to resume
-    wrong = launch(1, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "8", "--checkpoint", ckpt,
-                   "--resume")
+    wrong = launch(
+        1,
+        root / "iwae_c",
+        "--batch",
+        "8",
+        "--objective",
+        "stochastic",
+        "--epochs",
+        "8",
+        "--checkpoint",
+        ckpt,
+        "--resume",
+    )
     assert wrong.returncode != 0 and "world size" in wrong.stderr
 
 

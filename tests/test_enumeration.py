@@ -146,8 +146,11 @@ def test_markov_contraction_is_linear_in_length() -> None:
     hmm_guide(seqs)
     model_trace, guide_trace = traces(hmm_model, hmm_guide, (seqs,), {}, 1, 2, False)
     enum_trace = enum.enumerated_trace(hmm_model, guide_trace, (seqs,), {}, 2)
-    dims = {site["infer"]["_enumerate_dim"] for site in enum_trace.nodes.values() if site["type"] == "sample"
-            and site["infer"].get("_enumerate_dim") is not None}
+    dims = {
+        site["infer"]["_enumerate_dim"]
+        for site in enum_trace.nodes.values()
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
+    }
     assert dims == {-4, -5}
     aligned, absorbed = enum.aligned_log_p(enum_trace, guide_trace, Reducer(2, 1, (), 1.0))
     assert len(absorbed) == 60 and all(torch.isfinite(t).all() for t in aligned.values())

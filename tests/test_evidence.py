@@ -240,7 +240,9 @@ def test_errors_name_the_problem() -> None:
     # a model that cannot broadcast over chains: said in AIS's terms, not as torch's shape error
     x, obs = torch.randn(6, 3), torch.randn(6)
     with pytest.raises(ValueError, match="cannot broadcast over chains"):
-        log_evidence(unbatched_regression, unbatched_regression_guide, x, obs, method="ais", num_particles=4, num_steps=2)
+        log_evidence(
+            unbatched_regression, unbatched_regression_guide, x, obs, method="ais", num_particles=4, num_steps=2
+        )
 
 
 def test_ais_rejects_a_proposal_whose_density_overflows() -> None:

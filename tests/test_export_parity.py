@@ -107,8 +107,9 @@ def export_example(**kwargs: Any) -> Any:
     pyro.clear_param_store()
     x = torch.linspace(-1, 1, N)
     result = pyro_elbo.fit(model, guide, x, num_steps=3, progress=False, seed=0)
-    return pyro_elbo.to_inference_data(model, guide, x, num_samples=S, chunk_size=16, dims=DIMS, coords=COORDS,
-                                       fit_result=result, **kwargs)
+    return pyro_elbo.to_inference_data(
+        model, guide, x, num_samples=S, chunk_size=16, dims=DIMS, coords=COORDS, fit_result=result, **kwargs
+    )
 
 
 @pytest.mark.parametrize("builder", ["InferenceData (ArviZ 0.x)", "DataTree (ArviZ 1.x)"])

@@ -202,7 +202,9 @@ def test_same_seed_gives_identical_runs() -> None:
     def run(seed: int) -> pyro_elbo.FitResult:
         pyro.clear_param_store()
         objective = pyro_elbo.IWAE(num_particles=4)
-        return pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 3, objective=objective, num_steps=50, seed=seed, progress=False)
+        return pyro_elbo.fit(
+            c.model, c.guide_at(0.0, 1.0), 3, objective=objective, num_steps=50, seed=seed, progress=False
+        )
 
     runs = [run(7), run(7)]
     assert runs[0].history == runs[1].history

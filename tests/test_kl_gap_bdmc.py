@@ -267,7 +267,9 @@ def test_bdmc_refusals_name_the_site() -> None:
 
     # checked before the long run: the model cannot broadcast over the chains
     x, obs = torch.randn(6, 3), torch.randn(6)
-    with pytest.raises(ValueError, match=r"cannot run BDMC: AIS and BDMC run their 2 chains .* cannot broadcast over chains"):
+    with pytest.raises(
+        ValueError, match=r"cannot run BDMC: AIS and BDMC run their 2 chains .* cannot broadcast over chains"
+    ):
         pyro_elbo.kl_gap(unbatched_regression, unbatched_regression_guide, x, obs, num_particles=10, bdmc=True)
 
 

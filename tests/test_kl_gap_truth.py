@@ -23,8 +23,11 @@ from pyro_elbo.diagnostics import psis_khat
 
 def test_far_guide_is_bad_never_bounded() -> None:
     """Issue case: z ~ N(0, 1), q = N(100, 1), KL = 5000. Before: k-hat -inf "bounded", no warning."""
-    report = pyro_elbo.kl_gap(lambda: pyro.sample("z", dist.Normal(0.0, 1.0)),
-                              lambda: pyro.sample("z", dist.Normal(100.0, 1.0)), num_particles=10_000)
+    report = pyro_elbo.kl_gap(
+        lambda: pyro.sample("z", dist.Normal(0.0, 1.0)),
+        lambda: pyro.sample("z", dist.Normal(100.0, 1.0)),
+        num_particles=10_000,
+    )
     assert report.khat > 0.7 and report.ess < 20 and not report.reliable
     assert report.verdict.startswith("BAD") and "unreliable" in report.warnings[0]
     lo, hi = report.kl_interval
@@ -43,7 +46,11 @@ def test_guides_shifted_20_sd_are_bad(make) -> None:  # noqa: ANN001
 def test_psis_khat_matches_arviz_psislw() -> None:
     """ArviZ's psislw is the reference; the same Zhang-Stephens fit gives the same k (to 1e-6)."""
     torch.manual_seed(0)
-    for log_w in (torch.randn(10_000) * 50, torch.randn(10_000) * 3, torch.distributions.StudentT(2.0).sample((5000,)).abs().log()):
+    for log_w in (
+        torch.randn(10_000) * 50,
+        torch.randn(10_000) * 3,
+        torch.distributions.StudentT(2.0).sample((5000,)).abs().log(),
+    ):
         expected = float(az.psislw(log_w.double().numpy())[1])
         assert psis_khat(log_w) == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert psis_khat(torch.randn(10_000) * 50) > 10  # ArviZ: 15.0

@@ -26,7 +26,9 @@ N, D, NOISE = 12, 3, 0.5
 def _regression():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + NOISE * torch.randn(N, generator=gen, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + NOISE * torch.randn(
+        N, generator=gen, dtype=torch.float64
+    )
 
     def model(x, y):
         w = pyro.sample("w", dist.Normal(torch.zeros(D, dtype=x.dtype), 1.0).to_event(1))

@@ -22,8 +22,15 @@ from models import default_conjugate
 
 def test_init_and_step_are_the_run_fit_does() -> None:
     c = default_conjugate()
-    fitted = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 3, objective=pyro_elbo.IWAE(num_particles=4), num_steps=20,
-                           seed=4, progress=False)
+    fitted = pyro_elbo.fit(
+        c.model,
+        c.guide_at(0.0, 1.0),
+        3,
+        objective=pyro_elbo.IWAE(num_particles=4),
+        num_steps=20,
+        seed=4,
+        progress=False,
+    )
     pyro.clear_param_store()
     state = init(c.model, c.guide_at(0.0, 1.0), 3, objective=pyro_elbo.IWAE(num_particles=4), seed=4)
     infos = []
@@ -39,8 +46,14 @@ def test_init_and_step_are_the_run_fit_does() -> None:
 def test_state_dict_continues_bit_identically() -> None:
     c = default_conjugate()
     guide = c.guide_at(0.0, 1.0)
-    state = init(c.model, guide, 2, objective=pyro_elbo.DReG(num_particles=3), seed=1,
-                 scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.9))
+    state = init(
+        c.model,
+        guide,
+        2,
+        objective=pyro_elbo.DReG(num_particles=3),
+        seed=1,
+        scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.9),
+    )
     for _ in range(5):
         state, _ = step(state)
     buffer = io.BytesIO()
@@ -49,8 +62,13 @@ def test_state_dict_continues_bit_identically() -> None:
         state, _ = step(state)
     expected = state.constrained_params()  # read through the param store, which is cleared next
     pyro.clear_param_store()
-    again = init(c.model, guide, 2, objective=pyro_elbo.DReG(num_particles=3),
-                 scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.9))
+    again = init(
+        c.model,
+        guide,
+        2,
+        objective=pyro_elbo.DReG(num_particles=3),
+        scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, 0.9),
+    )
     buffer.seek(0)
     again.load_state_dict(torch.load(buffer, weights_only=True))
     assert again.step == 5
@@ -98,12 +116,20 @@ def test_huge_particle_count_is_refused_before_the_first_step_naming_the_option(
     steps = []
     start = time.perf_counter()
     with pytest.raises(ValueError, match=r"num_particles=1000000000 needs at least .* Lower num_particles"):
-        pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.ELBO(num_particles=10**9), num_steps=5,
-                      progress=False, callbacks=[lambda step, loss: steps.append(step)])
+        pyro_elbo.fit(
+            c.model,
+            c.guide_at(0.0, 1.0),
+            2,
+            objective=pyro_elbo.ELBO(num_particles=10**9),
+            num_steps=5,
+            progress=False,
+            callbacks=[lambda step, loss: steps.append(step)],
+        )
     assert steps == [] and time.perf_counter() - start < 30
     # a large count that fits passes the check and trains
-    result = pyro_elbo.fit(c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=512), num_steps=2,
-                           progress=False)
+    result = pyro_elbo.fit(
+        c.model, c.guide_at(0.0, 1.0), 2, objective=pyro_elbo.IWAE(num_particles=512), num_steps=2, progress=False
+    )
     assert result.num_steps == 2
 
 

@@ -104,7 +104,10 @@ def test_vectorized_and_sequential_particles_agree_on_the_same_draws() -> None:
         with pyro.plate("data", len(x)):
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
-    paths = [log_weights(model, guide, x, num_particles=3, vectorize_particles=p).log_w for p in ("plate", "vmap", "sequential")]
+    paths = [
+        log_weights(model, guide, x, num_particles=3, vectorize_particles=p).log_w
+        for p in ("plate", "vmap", "sequential")
+    ]
     for other in paths[1:]:
         assert torch.allclose(paths[0], other, atol=1e-12)
 
