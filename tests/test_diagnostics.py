@@ -6,6 +6,7 @@ report's own standard errors."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import matplotlib
 import pyro
@@ -113,29 +114,23 @@ def test_chunked_and_unchunked_agree_on_the_same_draws() -> None:
         with pyro.plate("rep", replicates):
             pyro.sample("z", _QueuedNormal(torch.full((replicates,), loc), scale))
 
+    def gap(chunk_size: int) -> Any:
+        return pyro_elbo.kl_gap(
+            c.model,
+            guide,
+            1,
+            num_particles=4000,
+            chunk_size=chunk_size,
+            per_site=False,
+            max_plate_nesting=2,
+            vectorize_particles="plate",
+        )
+
     noise = torch.randn(4000, 1)
     _QueuedNormal.queue = [noise]
-    whole = pyro_elbo.kl_gap(
-        c.model,
-        guide,
-        1,
-        num_particles=4000,
-        chunk_size=4000,
-        per_site=False,
-        max_plate_nesting=2,
-        vectorize_particles="plate",
-    )
+    whole = gap(4000)
     _QueuedNormal.queue = list(noise.split(500))
-    chunked = pyro_elbo.kl_gap(
-        c.model,
-        guide,
-        1,
-        num_particles=4000,
-        chunk_size=500,
-        per_site=False,
-        max_plate_nesting=2,
-        vectorize_particles="plate",
-    )
+    chunked = gap(500)
     for a, b in [(whole.elbo, chunked.elbo), (whole.cubo, chunked.cubo)] + [
         (whole.iwae[k], chunked.iwae[k]) for k in whole.iwae
     ]:

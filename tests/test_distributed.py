@@ -68,8 +68,9 @@ def test_only_rank_0_writes_the_checkpoint(map_runs: dict[str, Path]) -> None:
 
 def test_ranks_draw_different_reproducible_particles_and_resume(map_runs: dict[str, Path]) -> None:
     root = map_runs["root"]
-    first = launch(2, root / "iwae_a", "--batch", "8", "--objective", "stochastic", "--epochs", "6")
-    again = launch(2, root / "iwae_b", "--batch", "8", "--objective", "stochastic", "--epochs", "6")
+    iwae = ["--batch", "8", "--objective", "stochastic"]
+    first = launch(2, root / "iwae_a", *iwae, "--epochs", "6")
+    again = launch(2, root / "iwae_b", *iwae, "--epochs", "6")
     assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
     a = [load(root / "iwae_a" / f"rank{r}.pt") for r in (0, 1)]
     b = [load(root / "iwae_b" / f"rank{r}.pt") for r in (0, 1)]
@@ -79,43 +80,17 @@ def test_ranks_draw_different_reproducible_particles_and_resume(map_runs: dict[s
         assert torch.equal(a[0]["params"][name], a[1]["params"][name])
         assert torch.equal(a[0]["params"][name], b[0]["params"][name])
     # resume: 3 epochs, then 3 more from the checkpoint == 6 straight
-    ckpt = str(root / "iwae_c" / "ckpt.pt")
-    part = launch(
-        2, root / "iwae_c", "--batch", "8", "--objective", "stochastic", "--epochs", "3", "--checkpoint", ckpt
-    )
+    checkpoint = ["--checkpoint", str(root / "iwae_c" / "ckpt.pt")]
+    part = launch(2, root / "iwae_c", *iwae, "--epochs", "3", *checkpoint)
     assert part.returncode == 0, part.stderr
-    rest = launch(
-        2,
-        root / "iwae_c",
-        "--batch",
-        "8",
-        "--objective",
-        "stochastic",
-        "--epochs",
-        "6",
-        "--checkpoint",
-        ckpt,
-        "--resume",
-    )
+    rest = launch(2, root / "iwae_c", *iwae, "--epochs", "6", *checkpoint, "--resume")
     assert rest.returncode == 0, rest.stderr
     c = load(root / "iwae_c" / "rank0.pt")
     assert c["history"] == a[0]["history"]
     for name in a[0]["params"]:
         assert torch.equal(c["params"][name], a[0]["params"][name]), name
     # a different world size refuses to resume
-    wrong = launch(
-        1,
-        root / "iwae_c",
-        "--batch",
-        "8",
-        "--objective",
-        "stochastic",
-        "--epochs",
-        "8",
-        "--checkpoint",
-        ckpt,
-        "--resume",
-    )
+    wrong = launch(1, root / "iwae_c", *iwae, "--epochs", "8", *checkpoint, "--resume")
     assert wrong.returncode != 0 and "world size" in wrong.stderr
 
 
