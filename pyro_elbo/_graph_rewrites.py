@@ -97,6 +97,7 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     ``torch.linalg`` error itself. Without the rewrite the unchecked factor of a failed Cholesky is
     not NaN but whatever the partial factorization left, so the check cannot simply be dropped."""
     count = 0
+    order = {n: i for i, n in enumerate(graph.graph.nodes)}  # of the nodes compared below: they precede every insertion
     for node in list(graph.graph.nodes):
         if node.target is not aten._linalg_check_errors.default:
             continue
@@ -110,7 +111,6 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
             value = _value(output)
             if value is None or not (value.is_floating_point() or value.is_complex()):
                 continue
-            order = {n: i for i, n in enumerate(graph.graph.nodes)}
             with graph.graph.inserting_after(max(output, info, key=order.__getitem__)):
                 ok = _emit(graph.graph, aten.eq.Scalar, info, 0)
             with graph.graph.inserting_after(ok):
