@@ -5,6 +5,8 @@ from pyro_elbo.arviz import to_inference_data
 from pyro_elbo.diagnostics import GapDecomposition, KLGapReport, gap_decomposition, gradient_snr, kl_gap
 from pyro_elbo.estimators import Estimator
 from pyro_elbo.evidence import Evidence, Sandwich, bdmc, log_evidence
+from pyro_elbo.loo import VariationalLooWarning as VariationalLooWarning
+from pyro_elbo.loo import loo as loo
 from pyro_elbo.objectives import CUBO, ELBO, IWAE, STL, VIMCO, DReG, Objective, RenyiELBO, make_objective
 from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load_checkpoint
 from pyro_elbo.weights import LogWeights, log_weights

@@ -4,8 +4,10 @@
 builder of the installed ArviZ: ``InferenceData`` for ArviZ 0.x, ``DataTree`` through
 ``arviz.from_dict`` for ArviZ 1.x. Both get the same groups, variables, dims, coords and dtypes
 (``tests/test_export_parity.py`` checks both against one expected structure; CI runs the 0.x
-builder on Python 3.11 and the 1.x one on the newest Python). Draws are stored as ``chain=1,
-draw=S`` so that ArviZ's LOO functions, which expect both dims, work. Log-densities are exported in
+builder on Python 3.11 and the 1.x one on the newest Python). The independent draws are stored
+as ``num_chains`` chains of ``S / num_chains`` draws (4 by default), so that ArviZ's LOO functions,
+which expect both dims, work and ``az.summary``'s ``r_hat`` is a number (close to 1, as for any
+independent draws: it says nothing about q's error). Log-densities are exported in
 float64 whatever the working dtype: ``az.loo`` exponentiates them and float32 overflows to NaN.
 """
 
@@ -41,9 +43,10 @@ def to_inference_data(
     dims: dict[str, list[str]] | None = None,
     fit_result: Any = None,
     predictive: bool = True,
-    log_likelihood: str = "separate",
+    log_likelihood: str = "auto",
     vectorize_particles: bool | str = "auto",
     max_seconds: float = 3600.0,
+    num_chains: int = 4,
     **kwargs: Any,
 ) -> Any:
     """The guide's posterior as an ArviZ object.
@@ -64,7 +67,10 @@ def to_inference_data(
             ``dims={"theta": ["school"]}, coords={"school": names}``.
         fit_result: a :class:`~pyro_elbo.FitResult` whose history to attach.
         predictive: include the ``posterior_predictive`` group.
-        log_likelihood: ``"separate"`` (default): one pointwise log-likelihood per observed site,
+        log_likelihood: ``"auto"`` (default): ``"combined"`` when there are several observed sites
+            and they share a plate (a data point is then left out with all its sites, which is
+            what ``az.loo(idata)`` and :func:`~pyro_elbo.loo` compute), else ``"separate"``.
+            ``"separate"``: one pointwise log-likelihood per observed site,
             ``log p(x_i | z)`` over that site's batch shape; ``az.loo`` then needs ``var_name`` when
             there are several. ``"combined"``: one variable, ``"combined"``, over the plates that
             every observed site shares (the data plate): for data point ``i``,
@@ -75,6 +81,10 @@ def to_inference_data(
         vectorize_particles: how the draws are made: ``"auto"`` (default; the fastest path the
             model runs on), ``"plate"``, ``"vmap"`` or ``"sequential"`` (``True``/``False`` mean
             ``"plate"``/``"sequential"``), as for the objectives.
+        num_chains: the draws are split into this many chains (dim ``chain``) of
+            ``num_samples / num_chains`` draws; when ``num_samples`` is not a multiple, into the
+            largest number of chains up to ``num_chains`` that divides it. The draws are
+            independent whatever the split.
         max_seconds: refuse, after the first chunk, an export estimated (that chunk's time times
             the number of chunks) to take longer.
 
@@ -93,13 +103,22 @@ def to_inference_data(
 
     if num_samples < 1 or chunk_size < 1:
         raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples} and {chunk_size}")
-    if log_likelihood not in ("separate", COMBINED):
-        raise ValueError(f"log_likelihood must be 'separate' or 'combined', got {log_likelihood!r}")
+    if isinstance(num_chains, bool) or not isinstance(num_chains, int) or num_chains < 1:
+        raise ValueError(f"num_chains must be an int >= 1, got {num_chains!r}")
+    if log_likelihood not in ("separate", COMBINED, "auto"):
+        raise ValueError(f"log_likelihood must be 'separate', 'combined' or 'auto', got {log_likelihood!r}")
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="to_inference_data")
     groups = _collect(
         model, guide, args, kwargs, (num_samples, chunk_size, max_seconds), predictive, vectorize_particles
     )
+    chains = max(c for c in range(1, num_chains + 1) if num_samples % c == 0)
+    groups = {
+        group: (values if group == "observed_data" else {k: _as_chains(v, chains) for k, v in values.items()})
+        for group, values in groups.items()
+    }
     dims = dict(dims or {})  # a name's dims apply in every group (observed, predictive, log-lik)
+    if log_likelihood == "auto":
+        log_likelihood = _auto_log_likelihood(model, guide, args, kwargs, groups["log_likelihood"])
     if log_likelihood == COMBINED and groups["log_likelihood"]:
         plates = observed_plates(model, guide, *args, **kwargs)
         separate = groups["log_likelihood"]
@@ -176,9 +195,27 @@ def _collect(
     }
 
 
+def _as_chains(value: np.ndarray, chains: int) -> np.ndarray:
+    """``[1, S, *shape]`` -> ``[chains, S / chains, *shape]`` (consecutive draws per chain)."""
+    return value.reshape(chains, value.shape[1] // chains, *value.shape[2:])
+
+
+def _auto_log_likelihood(
+    model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], log_lik: dict[str, np.ndarray]
+) -> str:
+    """``"combined"`` for several observed sites that share a plate (a left-out data point is then
+    all of its sites), else ``"separate"``."""
+    if len(log_lik) < 2:
+        return "separate"
+    plates = observed_plates(model, guide, *args, **kwargs)
+    names = list(log_lik)
+    shared = [p for p in plates.get(names[0], ()) if all(p in plates.get(n, ()) for n in names[1:])]
+    return COMBINED if shared else "separate"
+
+
 def _combine(log_lik: dict[str, np.ndarray], plates: dict[str, tuple[Plate, ...]]) -> tuple[np.ndarray, list[str]]:
-    """Sum the observed sites' pointwise log-likelihoods ``[1, S, *batch]`` over every batch dim
-    but the plates all sites share; return ``[1, S, *shared plate sizes]`` and those plates' names."""
+    """Sum the observed sites' pointwise log-likelihoods ``[C, S/C, *batch]`` over every batch dim
+    but the plates all sites share; return ``[C, S/C, *shared plate sizes]`` and those plates' names."""
     names = list(log_lik)
     shared = [p for p in plates.get(names[0], ()) if all(p in plates.get(n, ()) for n in names[1:])]
     if not shared:
@@ -189,7 +226,7 @@ def _combine(log_lik: dict[str, np.ndarray], plates: dict[str, tuple[Plate, ...]
         )
     nesting = max([-p.dim for n in names for p in plates.get(n, ())] + [v.ndim - 2 for v in log_lik.values()])
     keep = [nesting + p.dim for p in shared]  # positions among the right-aligned batch dims
-    total = np.zeros((1, log_lik[names[0]].shape[1], *(p.size for p in shared)), dtype=np.float64)
+    total = np.zeros((*log_lik[names[0]].shape[:2], *(p.size for p in shared)), dtype=np.float64)
     for name in names:
         value = log_lik[name].astype(np.float64)
         batch = value.shape[2:]

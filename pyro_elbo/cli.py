@@ -106,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--log-likelihood",
-        choices=("separate", "combined"),
-        default="separate",
+        choices=("auto", "separate", "combined"),
+        default="auto",
         help="ArviZ log_likelihood: one "
-        "per observed site (default), or combined: their sum per data point over the plate they share, so that "
-        "az.loo needs no var_name",
+        "per observed site, or combined: their sum per data point over the plate they share, so that "
+        "az.loo needs no var_name; auto (default): combined for several observed sites that share a plate",
     )
     run.add_argument(
         "--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)"
@@ -318,8 +318,23 @@ def _after_fit(
 
     idata = attempt("the ArviZ export", export, ("to_inference_data(num_samples=", "--samples"))
     if idata is not None:
+        attempt("the variational LOO", lambda: _loo_report(idata, out))
         attempt("the posterior plot", lambda: _posterior_plot(idata, out))
     return failed
+
+
+def _loo_report(idata: Any, out: Path) -> None:
+    """Print the corrected PSIS-LOO of the export and append it to ``report.txt`` (nothing for a
+    model without observed sites)."""
+    from pyro_elbo.loo import report_text
+
+    if "log_likelihood" not in (idata.groups() if callable(idata.groups) else idata.children):
+        return
+    text = report_text(idata)
+    print()
+    print(text)
+    with (out / "report.txt").open("a") as report:
+        report.write(f"\n{text}\n")
 
 
 def _as_dtype(value: Any, dtype: str | None) -> Any:

@@ -64,13 +64,13 @@ def test_groups_dims_and_shapes() -> None:
         idata
     )
     post = idata.posterior
-    assert post["mu"].shape == (1, 300)
-    assert post["w"].shape == (1, 300, 3) and post["w"].dims == ("chain", "draw", "coef")
-    assert post["z"].shape == (1, 300, 6) and list(post["z"].point.values) == list("abcdef")
-    assert post["w_sum"].shape == (1, 300)
+    assert post["mu"].shape == (4, 75)
+    assert post["w"].shape == (4, 75, 3) and post["w"].dims == ("chain", "draw", "coef")
+    assert post["z"].shape == (4, 75, 6) and list(post["z"].point.values) == list("abcdef")
+    assert post["w_sum"].shape == (4, 75)
     assert torch.allclose(torch.as_tensor(post["w"].values.sum(-1)), torch.as_tensor(post["w_sum"].values), atol=1e-5)
-    assert idata.log_likelihood["obs"].shape == (1, 300, 6)
-    assert idata.posterior_predictive["obs"].shape == (1, 300, 6)
+    assert idata.log_likelihood["obs"].shape == (4, 75, 6)
+    assert idata.posterior_predictive["obs"].shape == (4, 75, 6)
     assert idata.observed_data["obs"].shape == (6,)
     stats = idata.sample_stats
     assert set(stats.data_vars) == {"log_p", "log_q", "log_weight"}
@@ -102,7 +102,8 @@ def test_exported_draws_follow_the_guide() -> None:
     idata = pyro_elbo.to_inference_data(model, guide, X, num_samples=n, predictive=False)
     checks = [("mu", 0.3, 0.4), ("w", torch.tensor([0.1, -0.2, 0.3]), 0.5), ("z", torch.zeros(6), 0.7)]
     for name, loc, scale in checks:
-        draws = torch.as_tensor(idata.posterior[name].values[0])
+        values = idata.posterior[name].values
+        draws = torch.as_tensor(values.reshape(-1, *values.shape[2:]))
         mean = draws.mean(0)
         assert torch.all((mean - loc).abs() <= 4.89 * scale / math.sqrt(n)), name
         sd = draws.std(0)  # the SD of a sample SD is about sd / sqrt(2 n)
@@ -135,7 +136,7 @@ def test_absurd_num_samples_fails_fast_naming_num_samples(monkeypatch: pytest.Mo
     import pyro_elbo.arviz as export
 
     monkeypatch.setattr(export, "_machine_memory", lambda: 2 * 208 * 1000)
-    assert export.to_inference_data(model, guide, X, num_samples=1000).posterior["mu"].shape == (1, 1000)
+    assert export.to_inference_data(model, guide, X, num_samples=1000).posterior["mu"].shape == (4, 250)
     with pytest.raises(ValueError, match=r"num_samples=1001\) would export .*\(26 float64 values per draw\)"):
         export.to_inference_data(model, guide, X, num_samples=1001)
 
@@ -161,8 +162,8 @@ def test_vectorize_particles_reaches_the_draws(mode: bool | str) -> None:
         idata = pyro_elbo.to_inference_data(mv_model, mv_guide, y, num_samples=20, vectorize_particles=mode)
     chosen = [str(w.message) for w in caught if issubclass(w.category, pyro_elbo.ParticlePathWarning)]
     assert (mode == "auto") == any("drawn with torch.func.vmap" in m for m in chosen), chosen  # auto says so
-    assert idata.posterior["w"].shape == (1, 20, 3)
-    assert idata.log_likelihood["y"].shape == (1, 20, 4)
+    assert idata.posterior["w"].shape == (4, 5, 3)
+    assert idata.log_likelihood["y"].shape == (4, 5, 4)
 
 
 @pytest.mark.parametrize("mode", ["plate", True])
@@ -177,4 +178,4 @@ def test_an_export_past_max_seconds_is_refused_after_its_first_chunk() -> None:
     with pytest.raises(ValueError, match=r"to_inference_data\(num_samples=30\) would take .* max_seconds \(now 0\)"):
         pyro_elbo.to_inference_data(model, guide, X, num_samples=30, chunk_size=10, max_seconds=0.0)
     idata = pyro_elbo.to_inference_data(model, guide, X, num_samples=10, chunk_size=10, max_seconds=0.0)
-    assert idata.posterior["mu"].shape == (1, 10)
+    assert idata.posterior["mu"].shape == (2, 5)

@@ -25,6 +25,7 @@ else:
 
 ARVIZ_MAJOR = int(az.__version__.split(".")[0])
 S = 40  # draws
+C = 4  # chains (of S / C draws each)
 N = 6  # data points
 POINTS = list("abcdef")
 DIMS = {"z": ["point"], "obs": ["point"], "counts": ["feature", "point"], "w": ["coef"]}
@@ -58,26 +59,26 @@ def expected(float_dtype: str) -> dict[str, Any]:
     return {
         "groups": {
             "posterior": {
-                "mu": (draw, f, (1, S)),
-                "w": ((*draw, "coef"), f, (1, S, 3)),
-                "w_sum": (draw, f, (1, S)),
-                "z": ((*draw, "point"), f, (1, S, N)),
+                "mu": (draw, f, (C, S // C)),
+                "w": ((*draw, "coef"), f, (C, S // C, 3)),
+                "w_sum": (draw, f, (C, S // C)),
+                "z": ((*draw, "point"), f, (C, S // C, N)),
             },
             "posterior_predictive": {
-                "obs": ((*draw, "point"), f, (1, S, N)),
-                "counts": ((*draw, "feature", "point"), f, (1, S, 2, N)),
+                "obs": ((*draw, "point"), f, (C, S // C, N)),
+                "counts": ((*draw, "feature", "point"), f, (C, S // C, 2, N)),
             },
             "log_likelihood": {
-                "obs": ((*draw, "point"), f64, (1, S, N)),
-                "counts": ((*draw, "feature", "point"), f64, (1, S, 2, N)),
+                "obs": ((*draw, "point"), f64, (C, S // C, N)),
+                "counts": ((*draw, "feature", "point"), f64, (C, S // C, 2, N)),
             },
             "observed_data": {"obs": (("point",), f, (N,)), "counts": (("feature", "point"), f, (2, N))},
-            "sample_stats": {name: (draw, f64, (1, S)) for name in ("log_p", "log_q", "log_weight")},
+            "sample_stats": {name: (draw, f64, (C, S // C)) for name in ("log_p", "log_q", "log_weight")},
             "fit_history": {"loss": (("step",), f64, (3,)), "step_seconds": (("step",), f64, (3,))},
         },
         "coords": {
-            "chain": [0],
-            "draw": list(range(S)),
+            "chain": list(range(C)),
+            "draw": list(range(S // C)),
             "coef": [0, 1, 2],
             "point": POINTS,
             "feature": [0, 1],
@@ -116,7 +117,7 @@ def export_example(**kwargs: Any) -> Any:
 def test_export_has_the_expected_structure(builder: str) -> None:
     if (ARVIZ_MAJOR >= 1) != builder.startswith("DataTree"):
         pytest.skip(f"ArviZ {az.__version__} installed; this builder runs in CI's other Python leg")
-    data = export_example()
+    data = export_example(log_likelihood="separate")
     assert type(data).__name__ == builder.split()[0]
     assert structure(data) == expected(str(torch.get_default_dtype()).replace("torch.", ""))
 
@@ -126,7 +127,7 @@ def _elpd(loo: Any) -> float:
 
 
 def test_loo_on_separate_and_combined_log_likelihood() -> None:
-    separate = export_example()
+    separate = export_example(log_likelihood="separate")
     combined = export_example(log_likelihood="combined")  # fit(seed=0) makes the same draws
     ll, llc = separate["log_likelihood"], combined["log_likelihood"]
     assert set(llc.data_vars) == {"combined"} and llc["combined"].dims == ("chain", "draw", "point")
@@ -149,7 +150,7 @@ def test_combined_needs_a_shared_plate_and_num_samples_must_be_positive() -> Non
     x = torch.zeros(N)
     with pytest.raises(ValueError, match=r"needs a plate that every observed site shares \('ya' in \['a'\]"):
         pyro_elbo.to_inference_data(two_plates, lambda x: None, x, num_samples=5, log_likelihood="combined")
-    with pytest.raises(ValueError, match="log_likelihood must be 'separate' or 'combined'"):
+    with pytest.raises(ValueError, match="log_likelihood must be 'separate', 'combined' or 'auto'"):
         pyro_elbo.to_inference_data(two_plates, lambda x: None, x, num_samples=5, log_likelihood="joint")
     for bad in (0, -3):
         with pytest.raises(ValueError, match=f"num_samples and chunk_size must be >= 1, got {bad}"):
