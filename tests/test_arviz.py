@@ -12,6 +12,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from pyro.infer.reparam import LocScaleReparam
 
 import pyro_elbo
 
@@ -179,3 +181,71 @@ def test_an_export_past_max_seconds_is_refused_after_its_first_chunk() -> None:
         pyro_elbo.to_inference_data(model, guide, X, num_samples=30, chunk_size=10, max_seconds=0.0)
     idata = pyro_elbo.to_inference_data(model, guide, X, num_samples=10, chunk_size=10, max_seconds=0.0)
     assert idata.posterior["mu"].shape == (2, 5)
+
+
+def reparam_model(y: torch.Tensor) -> None:
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    with pyro.plate("groups", len(y)):
+        with pyro.poutine.reparam(config={"theta": LocScaleReparam(0.0)}):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(theta, 1.0), obs=y)
+    pyro.factor("shrinkage", -0.1 * tau**2)
+
+
+def test_reparam_sites_are_latents_and_factors_are_not_observations() -> None:
+    """LocScaleReparam's ``theta`` (which Pyro marks observed, a Delta at mu + tau * decentered) is
+    in the posterior with its auxiliary site; the ``pyro.factor`` term is in log_p, not in
+    log_likelihood or observed_data; az.loo and pyro_elbo.loo take the export as it is."""
+    y = torch.linspace(-2, 2, 8)
+    guide = AutoNormal(reparam_model)
+    pyro_elbo.fit(reparam_model, guide, y, num_steps=20, progress=False, seed=0)
+    idata = pyro_elbo.to_inference_data(reparam_model, guide, y, num_samples=400)
+    post = idata.posterior
+    assert {"mu", "tau", "theta", "theta_decentered"} <= set(post.data_vars)
+    want = post["mu"].values[..., None] + post["tau"].values[..., None] * post["theta_decentered"].values
+    assert abs(post["theta"].values - want).max() < 1e-5
+    assert set(idata.log_likelihood.data_vars) == {"obs"} and set(idata.observed_data.data_vars) == {"obs"}
+    assert set(idata.posterior_predictive.data_vars) == {"obs"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-hat notes of a 20-step guide
+        assert math.isfinite(elpd(az.loo(idata))) and math.isfinite(elpd(pyro_elbo.loo(idata)))
+
+
+def capture_recapture(history: torch.Tensor) -> None:
+    """Cormack-Jolly-Seber: alive state ``z_t`` summed out, a survival logit per period sampled
+    inside ``pyro.markov`` (where Pyro's infer_discrete raises KeyError)."""
+    animals, periods = history.shape
+    rho = pyro.sample("rho", dist.Beta(2.0, 2.0))
+    alive = torch.ones(animals)
+    seen = torch.zeros(animals, dtype=torch.bool)
+    animal_plate = pyro.plate("animals", animals, dim=-1)  # one plate, entered once per period
+    for t in pyro.markov(range(periods)):
+        survival = torch.sigmoid(pyro.sample(f"s_{t}", dist.Normal(0.0, 1.0))) if t > 0 else torch.tensor(1.0)
+        with animal_plate, pyro.poutine.mask(mask=seen):
+            alive_prob = seen.float() * survival * alive + (1 - seen.float())
+            alive = pyro.sample(f"z_{t}", dist.Bernoulli(alive_prob), infer={"enumerate": "parallel"})
+            pyro.sample(f"y_{t}", dist.Bernoulli(rho * alive), obs=history[:, t])
+        seen = seen | history[:, t].bool()
+
+
+def test_where_infer_discrete_fails_the_rest_is_exported_with_the_marginal_log_likelihood() -> None:
+    """The discrete sites are left out with a warning naming Pyro's infer_discrete; the continuous
+    ones are exported; log_likelihood holds one marginal per animal whose sum, plus the prior
+    terms, is each draw's log p (the discrete states summed out)."""
+    history = (torch.rand(12, 4, generator=torch.Generator().manual_seed(0)) < 0.5).to(torch.get_default_dtype())
+    history[:, 0] = 1.0
+    continuous = ["rho", "s_1", "s_2", "s_3"]
+    guide = AutoDiagonalNormal(pyro.poutine.block(capture_recapture, expose=continuous))
+    with pytest.warns(UserWarning, match=r"Pyro's infer_discrete failed on this model \(KeyError: 's_1'\)"):
+        idata = pyro_elbo.to_inference_data(capture_recapture, guide, history, num_samples=40)
+    post = idata.posterior
+    assert set(post.data_vars) == set(continuous)
+    assert set(idata.log_likelihood.data_vars) == {"y_0"} and idata.log_likelihood["y_0"].shape == (4, 10, 12)
+    assert set(idata.observed_data.data_vars) == {f"y_{t}" for t in range(4)}
+    prior = torch.as_tensor(dist.Beta(2.0, 2.0).log_prob(torch.as_tensor(post["rho"].values)))
+    for name in continuous[1:]:
+        prior = prior + dist.Normal(0.0, 1.0).log_prob(torch.as_tensor(post[name].values))
+    log_lik = torch.as_tensor(idata.log_likelihood["y_0"].values).sum(-1)
+    log_p = torch.as_tensor(idata.sample_stats["log_p"].values)
+    assert torch.allclose(log_lik + prior.double(), log_p, atol=1e-4)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.messenger import Messenger
@@ -138,23 +140,28 @@ def _draws_plated(
     reducer = Reducer(max_plate_nesting, num_samples, (), 1.0)
     shaped = _Shaper(reference_trace, num_samples)
     marginal_log_lik: dict[str, Tensor] = {}
+    left_out: set[str] = set()
+    no_predictive: set[str] = set()
     if enumerated:  # discrete sites: exact posterior draws; log p and log-likelihood marginal over them
         plated_model = particle_plated(model, num_samples, -max_plate_nesting - 1)
-        model_trace, log_p, marginal_log_lik = _enumerated_parts(
-            plated_model, guide_trace, args, kwargs, max_plate_nesting, reducer, shaped
+        model_trace, log_p, marginal_log_lik, left_out, no_predictive = _enumerated_parts(
+            plated_model, guide_trace, args, kwargs, max_plate_nesting, reducer, shaped, model_trace
         )
     else:
         log_p = reducer.total(reducer(site) for site in scored_sites(model_trace))
     log_q = reducer.total(reducer(site) for site in scored_sites(guide_trace))
     latent, deterministic, log_lik, observed = {}, {}, dict(marginal_log_lik), {}
     for name, site in scored_sites(model_trace, named=True):
-        if site["infer"].get("_deterministic"):
+        kind = site_kind(site)
+        if kind == "deterministic":
             deterministic[name] = shaped.value(name, site["value"])
-        elif site["is_observed"]:
+        elif kind == "factor":
+            continue  # in log_p, not an observation
+        elif kind == "observed":
             observed[name] = reference_trace.nodes[name]["value"]
-            if name not in log_lik:
+            if name not in log_lik and name not in left_out:
                 log_lik[name] = shaped.batch(name, site["fn"].log_prob(site["value"]))
-        else:
+        elif name not in left_out:
             latent[name] = shaped.value(name, site["value"])
     pred: dict[str, Tensor] = {}
     if predictive and observed:
@@ -164,8 +171,30 @@ def _draws_plated(
             if site["type"] == "sample" and name not in observed:
                 latent_only.add_node(name, **site)
         pred_trace = poutine.trace(poutine.replay(plated, trace=latent_only)).get_trace(*args, **kwargs)
-        pred = {name: shaped.value(name, pred_trace.nodes[name]["value"]) for name in observed}
+        pred = {
+            name: shaped.value(name, pred_trace.nodes[name]["value"]) for name in observed if name not in no_predictive
+        }
     return Draws(latent, deterministic, log_lik, pred, observed, log_p, log_q)  # type: ignore[arg-type]
+
+
+def site_kind(site: Any) -> str:
+    """What a scored model site is, for export: ``"deterministic"`` (``pyro.deterministic``),
+    ``"factor"`` (``pyro.factor``: a term of log p, no data), ``"reparam"`` (a site that
+    ``poutine.reparam`` rewrote: Pyro marks it observed with a ``Delta`` at the value computed
+    from its auxiliary sites, but it is a latent of the original model), ``"observed"`` or
+    ``"latent"``."""
+    if site["infer"].get("_deterministic"):
+        return "deterministic"
+    if not site["is_observed"]:
+        return "latent"
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):  # Independent, MaskedDistribution, ExpandedDistribution
+        fn = fn.base_dist
+    if isinstance(fn, dist.Unit):
+        return "factor"
+    if isinstance(fn, dist.Delta):
+        return "reparam"
+    return "observed"
 
 
 def _enumerated_parts(
@@ -176,21 +205,52 @@ def _enumerated_parts(
     max_plate_nesting: int,
     reducer: Reducer,
     shaped: _Shaper,
-) -> tuple[Trace, Tensor, dict[str, Tensor]]:
+    plain_trace: Trace,
+) -> tuple[Trace, Tensor, dict[str, Tensor], set[str], set[str]]:
     """For a model with enumerated discrete sites: its trace with those sites drawn from their exact
     posterior given each particle (``infer_discrete``), the ``[S]`` log-density with them summed
     out, and each observed site's pointwise log-likelihood marginal over them (what ``az.loo``
     needs). An observed site summed together with others (an HMM's chain) gets the group's
-    log-likelihood under the first one's name, per entry of the plates the group shares."""
-    discrete = enum.discrete_posterior(plated_model, guide_trace, args, kwargs, max_plate_nesting)
-    completed = guide_trace.copy()
-    for name, value in discrete.items():
-        completed.add_node(name, name=name, type="sample", value=value, is_observed=False, infer={}, fn=None)
-    model_trace = poutine.trace(poutine.replay(plated_model, trace=completed)).get_trace(*args, **kwargs)
+    log-likelihood under the first one's name, per entry of the plates the group shares.
+
+    Where Pyro's ``infer_discrete`` fails on the model (it raises ``KeyError`` on some models
+    that sample continuous latents inside ``pyro.markov``, e.g. the Cormack-Jolly-Seber models
+    of Pyro's capture-recapture example), warns naming the error and returns ``plain_trace``
+    (``plated_model`` run with the discrete sites from their prior) with the names to leave out
+    of the export: the discrete sites, and the observed sites of the group but the first (their
+    log-likelihood is in the first one's; their data is still exported), and the observed sites
+    that depend on the discrete ones, whose posterior predictive cannot be drawn.
+
+    Returns:
+        ``(model_trace, log_p, log_lik, left_out, no_predictive)``.
+    """
     enum_trace = enum.enumerated_trace(plated_model, guide_trace, args, kwargs, max_plate_nesting)
     aligned, absorbed = enum.aligned_log_p(enum_trace, guide_trace, reducer)
     log_p = reducer.total(reducer.reduce(t) for t in aligned.values())
+    left_out: set[str] = set()
+    try:
+        discrete = enum.discrete_posterior(plated_model, guide_trace, args, kwargs, max_plate_nesting)
+    except Exception as error:  # Pyro's infer_discrete only: the model itself ran above
+        names = enum.enumerated_sites(plain_trace, guide_trace)
+        warnings.warn(
+            f"Pyro's infer_discrete failed on this model ({type(error).__name__}: {error}), so the discrete "
+            f"sites {list(names)} are not exported as posterior draws; every other site is, with the observed "
+            "sites' log-likelihood marginal over the discrete ones (in log_likelihood under the first observed "
+            "site of each group that depends on them).",
+            UserWarning,
+            stacklevel=5,
+        )
+        model_trace = plain_trace
+        left_out.update(names)
+    else:
+        completed = guide_trace.copy()
+        for name, value in discrete.items():
+            completed.add_node(name, name=name, type="sample", value=value, is_observed=False, infer={}, fn=None)
+        model_trace = poutine.trace(poutine.replay(plated_model, trace=completed)).get_trace(*args, **kwargs)
     observed = [n for n in absorbed if model_trace.nodes[n]["is_observed"]]
+    no_predictive = set(observed) if left_out else set()
+    if left_out:
+        left_out.update(observed[1:])
     marginal = next((t for key, t in aligned.items() if key.startswith(enum.MARGINAL_PREFIX)), None)
     log_lik: dict[str, Tensor] = {}
     if observed and marginal is not None:
@@ -199,14 +259,15 @@ def _enumerated_parts(
             log_lik[name] = shaped.batch(name, marginal)
         except ValueError:  # the group spans the site's plates only in part: one value per draw
             log_lik[name] = reducer.reduce(marginal)
-    return model_trace, log_p, log_lik
+    return model_trace, log_p, log_lik, left_out, no_predictive
 
 
 class _ResampleObserved(Messenger):
-    """Like ``poutine.uncondition`` but leaves ``pyro.deterministic`` sites alone."""
+    """Like ``poutine.uncondition`` but only for observed data: leaves ``pyro.deterministic``,
+    ``pyro.factor`` and ``poutine.reparam``'s rewritten sites alone."""
 
     def _pyro_sample(self, msg: Any) -> None:
-        if msg["is_observed"] and not msg["infer"].get("_deterministic", False):
+        if msg["is_observed"] and site_kind(msg) == "observed":
             msg["is_observed"] = False
             msg["value"] = None
             msg["done"] = False
