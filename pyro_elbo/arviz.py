@@ -47,15 +47,25 @@ def to_inference_data(
     vectorize_particles: bool | str = "auto",
     max_seconds: float = 3600.0,
     num_chains: int = 4,
+    draws: str = "guide",
     **kwargs: Any,
 ) -> Any:
     """The guide's posterior as an ArviZ object.
 
     Groups: ``posterior`` (every latent and ``pyro.deterministic`` site, dims ``(chain, draw,
     *site_shape)``), ``posterior_predictive`` (observed sites redrawn from the model for each
-    draw), ``log_likelihood`` (pointwise, for ``az.loo``/``az.waic``), ``observed_data``,
+    draw), ``log_likelihood`` (pointwise: ``az.loo``/``az.waic`` on the guide's draws estimate q's
+    elpd, :func:`~pyro_elbo.loo` corrects it for q), ``observed_data``,
     ``sample_stats`` (``log_p``, ``log_q`` and ``log_weight = log_p - log_q`` of each draw, for
     PSIS), and ``fit_history`` (``loss`` and ``step_seconds`` per step) when ``fit_result`` is given.
+
+    Every site as what it is: a site rewritten by ``poutine.reparam`` (e.g. ``LocScaleReparam``,
+    which Pyro records as an observed ``Delta``) is a latent, in ``posterior`` with its auxiliary
+    ``_decentered`` site; a ``pyro.factor`` term is part of ``log_p`` but not an observation, so it
+    is in neither ``log_likelihood`` nor ``observed_data``. Enumerated discrete sites are drawn
+    from their exact posterior given each draw (Pyro's ``infer_discrete``); where that fails on a
+    model, they are left out with a warning and the observed sites' log-likelihood is still the
+    marginal over them.
 
     Draws are vectorized, ``chunk_size`` at a time, and moved to CPU as they come, so device memory
     stays bounded for large ``num_samples``.
@@ -81,6 +91,18 @@ def to_inference_data(
         vectorize_particles: how the draws are made: ``"auto"`` (default; the fastest path the
             model runs on), ``"plate"``, ``"vmap"`` or ``"sequential"`` (``True``/``False`` mean
             ``"plate"``/``"sequential"``), as for the objectives.
+        draws: ``"guide"`` (default): the guide's own independent draws, ``theta_s ~ q``, with
+            ``log_p``/``log_q`` in ``sample_stats``. They stand for q, not for the posterior:
+            ArviZ's summaries and ``az.loo`` on them describe q (the worse q, the further off);
+            :func:`~pyro_elbo.loo` corrects LOO for q and needs these draws, which is why they
+            are the default. ``"psis"``: ``num_samples`` draws resampled with replacement
+            (sampling-importance-resampling) by the Pareto-smoothed importance weights
+            ``p(theta, y) / q(theta)`` of the guide's draws: closer to the posterior where the
+            k-hat of those weights is below 0.7 (warns above it: no reweighting of q's draws
+            then stands for the posterior), but with repeats (ArviZ's ESS counts them as
+            distinct), and not for :func:`~pyro_elbo.loo`. Either way the file's
+            ``sample_stats`` attributes hold ``draws`` and ``psis_khat`` (the k-hat of
+            ``log p - log q``).
         num_chains: the draws are split into this many chains (dim ``chain``) of
             ``num_samples / num_chains`` draws; when ``num_samples`` is not a multiple, into the
             largest number of chains up to ``num_chains`` that divides it. The draws are
@@ -108,9 +130,12 @@ def to_inference_data(
     if log_likelihood not in ("separate", COMBINED, "auto"):
         raise ValueError(f"log_likelihood must be 'separate', 'combined' or 'auto', got {log_likelihood!r}")
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="to_inference_data")
+    if draws not in ("guide", "psis"):
+        raise ValueError(f"draws must be 'guide' or 'psis', got {draws!r}")
     groups = _collect(
         model, guide, args, kwargs, (num_samples, chunk_size, max_seconds), predictive, vectorize_particles
     )
+    khat = _khat_and_resample(groups, draws)
     chains = max(c for c in range(1, num_chains + 1) if num_samples % c == 0)
     groups = {
         group: (values if group == "observed_data" else {k: _as_chains(v, chains) for k, v in values.items()})
@@ -137,9 +162,43 @@ def to_inference_data(
             },
             coords={"step": np.arange(len(fit_result.history))},
         )
+    attrs = {"draws": draws, "psis_khat": khat}
     if int(az.__version__.split(".")[0]) >= 1:
-        return _to_datatree(az, groups, coords, dims, history)
-    return _to_inference_data_0x(az, groups, coords, dims, history)
+        tree = _to_datatree(az, groups, coords, dims, history)
+        tree["sample_stats"].attrs.update(attrs)
+        return tree
+    data = _to_inference_data_0x(az, groups, coords, dims, history)
+    data.sample_stats.attrs.update(attrs)
+    return data
+
+
+def _khat_and_resample(groups: dict[str, dict[str, np.ndarray]], draws: str) -> float:
+    """The k-hat of ``log p - log q`` of the guide's draws (as R loo's PSIS); for
+    ``draws="psis"``, every per-draw array in ``groups`` replaced in place by ``S`` draws resampled
+    with replacement by the smoothed weights (torch's generator: ``pyro.set_rng_seed`` repeats
+    them), with a warning when k-hat > 0.7."""
+    from pyro_elbo.loo import KHAT_TOO_HIGH, psis_smooth
+
+    log_w = groups["sample_stats"]["log_weight"].reshape(-1)
+    if not np.isfinite(log_w).all():
+        return math.nan
+    smoothed, khat = psis_smooth((log_w - log_w.max())[:, None])
+    if draws == "guide":
+        return float(khat[0])
+    if khat[0] > KHAT_TOO_HIGH:
+        warnings.warn(
+            f"to_inference_data(draws='psis'): the k-hat of the guide's importance weights is {khat[0]:.2f} > "
+            f"{KHAT_TOO_HIGH}: the guide is too far from the posterior for its resampled draws to stand for it "
+            "(train a better guide; pyro_elbo.kl_gap measures how far)",
+            UserWarning,
+            stacklevel=3,
+        )
+    probs = torch.as_tensor(np.exp(smoothed[:, 0] - smoothed[:, 0].max()))
+    index = torch.multinomial(probs, log_w.size, replacement=True).numpy()
+    for group, values in groups.items():
+        if group != "observed_data":
+            groups[group] = {name: value[:, index] for name, value in values.items()}
+    return float(khat[0])
 
 
 def _collect(

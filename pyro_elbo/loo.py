@@ -359,6 +359,11 @@ def _arrays(data: Any, var_name: str | None) -> tuple[Any, np.ndarray, np.ndarra
             f"this data has no sample_stats {' and '.join(missing)}: the variational LOO needs the joint "
             f"log-densities log p(theta, y) and log q(theta) of each draw; {_TO_MAKE_ONE}"
         )
+    if stats.attrs.get("draws") == "psis":
+        raise ValueError(
+            "this export holds draws resampled by importance weights (to_inference_data(draws='psis')); the "
+            "variational LOO corrects the guide's own draws: export with draws='guide' (the default)"
+        )
     group = _group(data, "log_likelihood")
     if group is None or not group.data_vars:
         raise ValueError(

@@ -8,6 +8,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -249,3 +250,13 @@ def test_where_infer_discrete_fails_the_rest_is_exported_with_the_marginal_log_l
     log_lik = torch.as_tensor(idata.log_likelihood["y_0"].values).sum(-1)
     log_p = torch.as_tensor(idata.sample_stats["log_p"].values)
     assert torch.allclose(log_lik + prior.double(), log_p, atol=1e-4)
+
+
+def test_summary_r_hat_is_a_number_and_arviz_does_not_warn() -> None:
+    """Independent draws as 4 chains of 100: r_hat is finite (and near 1: 4.89 x its rough SE
+    sqrt(1 / (chains x draws)) allows 0.25), and ArviZ warns nothing (warnings are errors here)."""
+    idata = pyro_elbo.to_inference_data(model, guide, X, num_samples=400)
+    assert idata.posterior.sizes["chain"] == 4 and idata.posterior.sizes["draw"] == 100
+    summary = az.summary(idata, var_names=["mu", "w", "z"])
+    r_hat = summary["r_hat"].to_numpy(dtype=float)
+    assert np.isfinite(r_hat).all() and (abs(r_hat - 1) < 0.25).all(), r_hat
