@@ -34,6 +34,8 @@ def test_run_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "KL-gap report" in result.stdout and "PSIS k-hat" in result.stdout
+    assert "PSIS-LOO corrected for the guide" in result.stdout and "Pareto k-hat: of log p - log q" in result.stdout
+    assert "PSIS-LOO corrected for the guide" in (tmp_path / "out" / "report.txt").read_text()
     for name in ("inference_data.nc", "loss.png", "kl_gap.png", "posterior.png", "report.txt", "checkpoint.pt"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     resumed = pyro_elbo(

@@ -140,6 +140,16 @@ def test_loo_on_separate_and_combined_log_likelihood() -> None:
     assert all(math.isfinite(e) for e in elpds)
 
 
+def test_default_combines_observed_sites_that_share_the_data_plate() -> None:
+    """log_likelihood='auto' (the default): 'obs' and 'counts' share the plate of the points, so a
+    left-out point is both of them, and az.loo needs no var_name."""
+    auto = export_example()
+    assert set(auto["log_likelihood"].data_vars) == {"combined"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-hat warnings: 40 draws
+        assert math.isfinite(_elpd(az.loo(auto)))
+
+
 def test_combined_needs_a_shared_plate_and_num_samples_must_be_positive() -> None:
     def two_plates(x: torch.Tensor) -> None:
         with pyro.plate("a", N):
