@@ -4,6 +4,7 @@ relative. Runs where ``Rscript`` and R's ``loo`` are installed (CI installs them
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -65,17 +66,26 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(group), torch.as_tensor(y, dtype=torch.float32)
 
 
-def _exported(scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An AutoNormal fitted to the varying-intercept model, its scales times ``scale``, exported."""
+@functools.lru_cache(maxsize=1)
+def _fitted() -> dict[str, torch.Tensor]:
+    """An AutoNormal fitted to the varying-intercept model (once for every scale): its parameters."""
     pyro.clear_param_store()
-    pyro.set_rng_seed(0)
     group, y = _data()
     guide = AutoNormal(varying_intercepts)
     pyro_elbo.fit(varying_intercepts, guide, group, y, num_steps=300, lr=0.05, progress=False, seed=0)
-    with torch.no_grad():
-        for name, value in pyro.get_param_store().items():
-            if name.startswith("AutoNormal.scales"):
-                value.unconstrained().add_(np.log(scale))
+    return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
+def _exported(scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fitted AutoNormal with its scales times ``scale``, 2000 draws exported."""
+    group, y = _data()
+    pyro.clear_param_store()
+    guide = AutoNormal(varying_intercepts)
+    guide(group, y)  # creates the parameters, set below
+    store = pyro.get_param_store()
+    for name, value in _fitted().items():
+        store[name] = value * scale if name.startswith("AutoNormal.scales") else value
+    pyro.set_rng_seed(0)
     idata = pyro_elbo.to_inference_data(varying_intercepts, guide, group, y, num_samples=2000, predictive=False)
     log_lik = idata.log_likelihood["y"].values.reshape(2000, -1)
     stats = idata.sample_stats
