@@ -158,3 +158,25 @@ def gather_rng_states(ctx: Context, get_state: Callable[[], dict[str, Any]]) -> 
 def barrier(ctx: Context) -> None:
     if ctx.active:
         dist.barrier()
+
+
+def max_over_ranks(value: Tensor, ctx: Context) -> Tensor:
+    """The elementwise maximum of ``value`` over all ranks, on the CPU (a collective call)."""
+    value = value.to(ctx.device) if dist.get_backend() == "nccl" else value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.cpu()
+
+
+def agree_or_raise(ctx: Context, error: BaseException | None) -> None:
+    """Raise ``error`` (found on rank 0) on every rank, so that no rank goes on to a collective
+    the others never reach (a collective call)."""
+    if not ctx.active:
+        if error is not None:
+            raise error
+        return
+    message: list[Any] = [f"{type(error).__name__}: {error}" if error is not None else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise ValueError(f"rank 0 refused to start: {message[0]}")

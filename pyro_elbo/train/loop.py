@@ -22,6 +22,8 @@ returns ``(state, info)``, the shape of NumPyro's ``SVI.init``/``update`` and Bl
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,10 +41,14 @@ from pyro_elbo.train.autocompile import AutoCompile
 from pyro_elbo.train.checkpoint import load_checkpoint
 from pyro_elbo.train.data import Data, to_device
 from pyro_elbo.train.hooks import Callback, Callbacks, Checkpointer, EarlyStopping, Hook, Progress, Validation
+from pyro_elbo.train.lock import CheckpointLock
 from pyro_elbo.train.memory import check_particle_memory
 from pyro_elbo.train.result import FitResult
+from pyro_elbo.train.signals import StopSignals, stop_error, stop_message
 from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import default_device, step
+
+logger = logging.getLogger("pyro_elbo.train")
 
 
 def init(
@@ -188,7 +194,11 @@ def fit(
             optimizer, random state and the file exactly as they were. To continue from a
             checkpoint with new settings, use :func:`init`, ``state.load_state_dict`` with the
             old settings and change them on ``state.optimizer``. Checkpoints of format
-            ``pyro_elbo.checkpoint/1`` load; newer formats are refused by version.
+            ``pyro_elbo.checkpoint/1`` load; newer formats are refused by version. While ``fit``
+            runs, ``checkpoint + ".lock"`` names it as the path's writer: a second run on the same
+            path (a script launched twice) is refused naming the first one's pid and host, and a
+            lock left by a process that died is taken over with a warning
+            (:mod:`~pyro_elbo.train.lock`).
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose loss or gradient is not
             finite; parameters and optimizer state are left exactly as before the step either way.
         max_consecutive_skips: with ``"skip"``, raise after this many non-finite steps in a row.
@@ -210,6 +220,14 @@ def fit(
         hooks: more :class:`~pyro_elbo.train.hooks.Hook` objects, called after the built-in ones.
         **kwargs: keyword arguments of model and guide.
 
+    SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) stop the run after the step they arrive
+    in, every process after the same step: the checkpoint is written at that step, one line with
+    the step and how to resume is logged (logger ``pyro_elbo.train``, shown on stderr when logging
+    is not configured), and ``fit`` raises
+    :class:`~pyro_elbo.train.signals.TrainingTerminated` (a ``SystemExit`` with status 143) for
+    SIGTERM and ``KeyboardInterrupt`` for SIGINT; a resume then continues bit-identically. The
+    previous signal handlers are restored when ``fit`` ends (:mod:`~pyro_elbo.train.signals`).
+
     Returns:
         A :class:`FitResult`.
 
@@ -228,46 +246,81 @@ def fit(
         pyro.set_rng_seed(seed)
     context = distributed.setup(device)
     where = context.device if context.active else (torch.device(device) if device is not None else None)
-    data = Data(args, num_steps, num_epochs, where, context)
-    with default_device(where):
-        state = init(
-            model, guide, *data.peek(), objective=objective, lr=lr, optimizer=optimizer,
-            optimizer_options=optimizer_options, scheduler=scheduler, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips, device=device, compile=bool(compile),
-            compile_backend=compile_backend, **kwargs,
-        )  # fmt: skip
-        if checkpoint is not None and resume and os.path.exists(checkpoint):
-            state.load_state_dict(load_checkpoint(checkpoint, map_location=where))
-            state.resumed_from_step = state.step
-        built: list[Hook] = [AutoCompile(data.total_steps)] if compile == "auto" else []
-        built += [Progress(data.total_steps)] if progress else []
-        built += [Validation(validation, validate_every)] if validation is not None else []
-        built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
-        built += [Callbacks(callbacks)] if callbacks else []
-        built += [EarlyStopping(patience, min_delta)] if patience is not None else []
-        try:
-            stop_reason = run(state, data, [*built, *hooks])
-        finally:  # parameters saved one module at a time must not carry the shared vector
-            state.release_flat_buffers()
+    with contextlib.ExitStack() as stack:
+        if checkpoint is not None:
+            lock_checkpoint(stack, checkpoint, context)
+        data = Data(args, num_steps, num_epochs, where, context)
+        with default_device(where):
+            state = init(
+                model, guide, *data.peek(), objective=objective, lr=lr, optimizer=optimizer,
+                optimizer_options=optimizer_options, scheduler=scheduler, clip_norm=clip_norm,
+                on_nonfinite=on_nonfinite, max_consecutive_skips=max_consecutive_skips, device=device,
+                compile=bool(compile), compile_backend=compile_backend, **kwargs,
+            )  # fmt: skip
+            state.settings["compile"] = compile
+            if checkpoint is not None and resume and os.path.exists(checkpoint):
+                state.load_state_dict(load_checkpoint(checkpoint, map_location=where))
+                state.resumed_from_step = state.step
+                logger.info("resumed from step %d of %s", state.step, checkpoint)
+            built: list[Hook] = [AutoCompile(data.total_steps)] if compile == "auto" else []
+            built += [Progress(data.total_steps)] if progress else []
+            built += [Validation(validation, validate_every)] if validation is not None else []
+            built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
+            built += [Callbacks(callbacks)] if callbacks else []
+            built += [EarlyStopping(patience, min_delta)] if patience is not None else []
+            try:
+                stop_reason = run(state, data, [*built, *hooks], stack.enter_context(StopSignals()))
+            finally:  # parameters saved one module at a time must not carry the shared vector
+                state.release_flat_buffers()
     return state.result(stop_reason)
 
 
-def run(state: TrainState, data: Data, hooks: Sequence[Hook]) -> str:
-    """Step through ``data`` from ``state.position``, calling the hooks; returns the stop reason."""
+def lock_checkpoint(stack: contextlib.ExitStack, path: str | os.PathLike[str], context: distributed.Context) -> None:
+    """The main process takes the checkpoint path's lock (:mod:`~pyro_elbo.train.lock`) until the
+    stack closes; every process raises if it is refused."""
+    error = None
+    if context.is_main:
+        try:
+            stack.enter_context(CheckpointLock(path))
+        except ValueError as refused:
+            error = refused
+    distributed.agree_or_raise(context, error)
+
+
+def run(state: TrainState, data: Data, hooks: Sequence[Hook], signals: StopSignals | None = None) -> str:
+    """Step through ``data`` from ``state.position``, calling the hooks; returns the stop reason.
+
+    With ``signals``, a SIGTERM or SIGINT stops the run after the step it arrived in (the same
+    step on every rank): the hooks' ``on_interrupt`` run (the checkpoint is written), one line is
+    logged, and :class:`~pyro_elbo.train.signals.TrainingTerminated` or
+    :class:`~pyro_elbo.train.signals.TrainingInterrupted` is raised."""
     stop_reason = "completed"
+    stopped_by = None
     try:
         for hook in hooks:
             hook.on_start(state)
         for batch in data.batches(state.position):
             state, info = step(state, *batch)
             reason = next((r for r in (hook.on_step(state, info) for hook in hooks) if r is not None), None)
+            stopped_by = signals.agreed(state.context) if signals is not None else None
+            if stopped_by is not None:
+                break
             if reason is not None:
                 stop_reason = reason
                 break
         state.settle()  # a step refused since the last read raises now, before the last checkpoint
+        if stopped_by is not None:
+            for hook in hooks:
+                hook.on_interrupt(state)
     finally:
         for hook in hooks:
             hook.close()
+    if stopped_by is not None:
+        path = next((str(h.path) for h in hooks if isinstance(h, Checkpointer)), None)
+        message = stop_message(stopped_by, state.step, data.total_steps, path, written=path is not None)
+        if state.context.is_main:
+            logger.warning(message)
+        raise stop_error(stopped_by, message, state.step, path)
     for hook in hooks:
         hook.on_end(state)
     distributed.barrier(state.context)
