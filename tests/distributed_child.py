@@ -2,12 +2,19 @@
 collected). Writes OUT/rank{r}.pt with the fitted parameters and history.
 
 usage: torchrun --nproc_per_node=N distributed_child.py OUT --batch B [--epochs E]
-       [--objective map|stochastic] [--checkpoint PATH] [--resume]
+       [--objective map|stochastic] [--checkpoint PATH] [--resume] [--sigterm-launcher-at STEP]
+
+``--sigterm-launcher-at`` makes rank 1 send SIGTERM to torchrun (its parent) at that step, as a
+scheduler preempting the job does; every rank writes the steps it took to OUT/steps{r}.txt and
+``--pace`` sleeps that long after each step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import time
 from pathlib import Path
 
 import pyro
@@ -36,6 +43,8 @@ def main() -> None:
     parser.add_argument("--objective", default="map")
     parser.add_argument("--checkpoint")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--sigterm-launcher-at", type=int)
+    parser.add_argument("--pace", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     out = Path(args.out)
@@ -52,6 +61,17 @@ def main() -> None:
 
     checkpoint.save_checkpoint = marking_save  # what the Checkpointer hook calls
     draws = []
+
+    def record(step, loss):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if step == 1:
+            draws.append(torch.rand(2))
+        with open(out / f"steps{rank}.txt", "a") as steps:
+            steps.write(f"{step}\n")
+        if step == args.sigterm_launcher_at and rank == 1:
+            os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(args.pace)
+
     if args.objective == "map":
         guide, objective = AutoDelta(model), pyro_elbo.ELBO()
     else:
@@ -68,7 +88,7 @@ def main() -> None:
         checkpoint=args.checkpoint,
         checkpoint_every=3,
         resume=args.resume,
-        callbacks=[lambda step, loss: draws.append(torch.rand(2)) if step == 1 else None],
+        callbacks=[record],
     )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"params": result.params, "history": result.history, "draws": draws}, out / f"rank{rank}.pt")

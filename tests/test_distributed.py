@@ -108,3 +108,31 @@ def test_loaders_that_cannot_be_sharded_are_refused() -> None:
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), 2, False)
     with pytest.raises(ValueError, match="custom batch_sampler cannot be sharded"):
         distributed.shard_loader(torch.utils.data.DataLoader(dataset, batch_sampler=sampler), ctx)
+
+
+def test_sigterm_to_torchrun_loses_no_step_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    """The launcher forwards SIGTERM to both ranks; they stop after the same step, rank 0 writes
+    the checkpoint there, and the resumed run is the uninterrupted one."""
+    iwae = ["--batch", "8", "--objective", "stochastic", "--epochs", "20"]
+    straight = launch(2, tmp_path / "straight", *iwae)
+    assert straight.returncode == 0, straight.stderr
+    checkpoint = ["--checkpoint", str(tmp_path / "run" / "ckpt.pt")]
+    stopped = launch(2, tmp_path / "run", *iwae, *checkpoint, "--sigterm-launcher-at", "5", "--pace", "0.2")
+    assert stopped.returncode != 0
+    assert "fit: stopped by SIGTERM after step" in stopped.stderr
+    taken = [(tmp_path / "run" / f"steps{r}.txt").read_text().split() for r in (0, 1)]
+    assert taken[0] == taken[1]  # the ranks agreed on the step to stop at
+    held = checkpoint_step(tmp_path / "run" / "ckpt.pt")
+    assert held == int(taken[0][-1]) >= 5
+    resumed = launch(2, tmp_path / "run", *iwae, *checkpoint, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load(tmp_path / "straight" / "rank0.pt"), load(tmp_path / "run" / "rank0.pt")
+    assert a["history"] == b["history"]
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+def checkpoint_step(path: Path) -> int:
+    from pyro_elbo.train import load_checkpoint
+
+    return int(load_checkpoint(path)["step"])
