@@ -118,6 +118,8 @@ def init(
         "optimizer": type(opt).__name__,
         "scheduler": type(sched).__name__ if sched is not None else None,
         "objective": repr(objective),
+        "compile": compile,
+        "constraints": param_constraints(params),
     }
     state = TrainState(
         model, guide, objective, params, opt, sched, args, kwargs, clip_norm, on_nonfinite,
@@ -188,8 +190,9 @@ def fit(
         resume: continue the run saved in ``checkpoint``. A resume continues *that* run, so it
             refuses, naming each difference and changing nothing, when this call's ``lr``,
             ``optimizer``, optimizer options, ``scheduler`` (its presence and class) or
-            ``objective`` (its repr, e.g. ``IWAE(num_particles=8)``) differ from the
-            checkpoint's, and when the parameters' names or shapes, the world size or the
+            ``objective`` (its repr, e.g. ``IWAE(num_particles=8)``), ``compile`` or a
+            ``pyro.param``'s constraint (the saved unconstrained value would mean another
+            value) differ from the checkpoint's, and when the parameters' names or shapes, the world size or the
             checkpoint's fields do not match. A refused resume leaves parameters, param store,
             optimizer, random state and the file exactly as they were. To continue from a
             checkpoint with new settings, use :func:`init`, ``state.load_state_dict`` with the
@@ -325,6 +328,13 @@ def run(state: TrainState, data: Data, hooks: Sequence[Hook], signals: StopSigna
         hook.on_end(state)
     distributed.barrier(state.context)
     return stop_reason
+
+
+def param_constraints(params: dict[str, Tensor]) -> dict[str, str]:
+    """Each param-store parameter's constraint (its repr, e.g. ``GreaterThan(lower_bound=0.0)``),
+    by name: a resume reads the saved unconstrained values through it, so it must not change."""
+    saved = pyro.get_param_store().get_state()["constraints"]
+    return {name: repr(saved[name]) for name in params if name in saved}
 
 
 def _unique(params: dict[str, Tensor]) -> dict[str, Tensor]:
