@@ -106,12 +106,14 @@ def shard_loader(loader: DataLoader[Any], ctx: Context) -> DataLoader[Any]:
 
     Raises:
         ValueError: an ``IterableDataset`` or a custom ``batch_sampler``, which cannot be sharded
-            by index; shard such data yourself and pass per-rank loaders.
+            by index (``fit`` uses a loader over an ``IterableDataset`` as each rank's own stream,
+            with ``num_steps``, and never calls this for it).
     """
     if isinstance(loader.dataset, IterableDataset):
         raise ValueError(
             "a DataLoader over an IterableDataset cannot be sharded across processes by index; "
-            "make the dataset yield each rank's part (torch.distributed.get_rank()) yourself"
+            "make the dataset yield each rank's part (torch.distributed.get_rank()) yourself and pass that "
+            "loader to fit with num_steps (fit then uses it as the rank's own stream)"
         )
     if loader.batch_size is None:
         raise ValueError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,7 +40,7 @@ from pyro_elbo.compiled import CompiledLoss, plain_adam
 from pyro_elbo.objectives import ELBO, Objective
 from pyro_elbo.train.autocompile import AutoCompile
 from pyro_elbo.train.checkpoint import load_checkpoint
-from pyro_elbo.train.data import Data, to_device
+from pyro_elbo.train.data import Data, check_count, to_device
 from pyro_elbo.train.hooks import Callback, Callbacks, Checkpointer, EarlyStopping, Hook, Progress, Validation
 from pyro_elbo.train.lock import CheckpointLock
 from pyro_elbo.train.memory import check_particle_memory
@@ -83,6 +84,8 @@ def init(
     """
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     objective = ELBO() if objective is None else objective
     if not isinstance(objective, Objective):
         raise TypeError(
@@ -171,7 +174,11 @@ def fit(
 
     Args:
         model, guide: the Pyro model and guide.
-        *args: the model's arguments, or one ``DataLoader``.
+        *args: the model's arguments, or one ``DataLoader``. A ``DataLoader`` over an
+            ``IterableDataset`` without ``len()`` runs ``num_steps`` steps (restarting the stream
+            when it ends); under ``torch.distributed`` a loader over an ``IterableDataset`` is each
+            rank's own stream (it must yield that rank's part) and needs ``num_steps``. An
+            iterator, a generator or a list of batches is refused: pass the ``DataLoader``.
         objective: a :class:`~pyro_elbo.Objective` (default ``ELBO()``). Its ``num_particles`` is
             checked against the memory available before the first step.
         num_steps: optimizer steps (default 1000). With a ``DataLoader`` and ``num_epochs``, a cap on
@@ -239,10 +246,10 @@ def fit(
         ValueError: a refused resume (see ``resume``), a corrupt file, an unwritable checkpoint
             location, mixed devices, too many particles for the memory, bad options.
     """
-    if (num_steps is not None and num_steps < 0) or (num_epochs is not None and num_epochs < 1):
-        raise ValueError("num_steps must be >= 0 and num_epochs >= 1")
-    if checkpoint_every < 1 or validate_every < 1:
-        raise ValueError("checkpoint_every and validate_every must be >= 1")
+    check_count("num_steps", num_steps, 0)
+    check_count("num_epochs", num_epochs, 1)
+    check_count("checkpoint_every", checkpoint_every, 1)
+    check_count("validate_every", validate_every, 1)
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if seed is not None:
