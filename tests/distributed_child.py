@@ -7,6 +7,12 @@ usage: torchrun --nproc_per_node=N distributed_child.py OUT --batch B [--epochs 
 ``--sigterm-launcher-at`` makes rank 1 send SIGTERM to torchrun (its parent) at that step, as a
 scheduler preempting the job does; every rank writes the steps it took to OUT/steps{r}.txt and
 ``--pace`` sleeps that long after each step.
+
+Mistakes a data-parallel user makes (each rank reads ``RANK`` before ``fit``): ``--rows-by-rank
+A,B`` gives rank r only the first rows[r] rows; ``--local-param`` adds a parameter sized by the
+rank; ``--stream STEPS`` passes each rank its own IterableDataset and ``num_steps=STEPS``;
+``--stall-at STEP`` stops rank 1 for a minute at that step and ``--timeout S`` is fit's
+``process_group_timeout``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,26 @@ def model(idx, x):
         pyro.sample("x", dist.Normal(loc, log_scale.exp()), obs=x)
 
 
+class RankStream(torch.utils.data.IterableDataset):
+    """Rank r's rows r, r + 2, r + 4, ... of the data, as a stream (no __len__)."""
+
+    def __init__(self, rank, data):
+        self.rank, self.data = rank, data
+
+    def __iter__(self):
+        return ((torch.tensor(i), self.data[i]) for i in range(self.rank, N, 2))
+
+
+def with_local_param(guide, rank):
+    """The guide plus a parameter sized by the rank (as one sized by the rank's own data)."""
+
+    def local_guide(idx, x):
+        pyro.param("local_w", torch.zeros(3 + rank))
+        return guide(idx, x)
+
+    return local_guide
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -45,12 +71,23 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--sigterm-launcher-at", type=int)
     parser.add_argument("--pace", type=float, default=0.0)
+    parser.add_argument("--rows-by-rank")
+    parser.add_argument("--local-param", action="store_true")
+    parser.add_argument("--stream", type=int)
+    parser.add_argument("--stall-at", type=int)
+    parser.add_argument("--timeout", type=float)
     args = parser.parse_args()
+    env_rank = int(os.environ.get("RANK", "0"))
     torch.set_default_dtype(torch.float64)
     out = Path(args.out)
     data = torch.linspace(-2, 3, N) ** 2
-    dataset = torch.utils.data.TensorDataset(torch.arange(N), data)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=args.objective != "map")
+    rows = int(args.rows_by_rank.split(",")[env_rank]) if args.rows_by_rank else N
+    dataset = torch.utils.data.TensorDataset(torch.arange(rows), data[:rows])
+    if args.stream is not None:
+        dataset = RankStream(env_rank, data)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch, shuffle=args.objective != "map" and args.stream is None
+    )
 
     real_save = checkpoint.save_checkpoint
 
@@ -71,17 +108,23 @@ def main() -> None:
         if step == args.sigterm_launcher_at and rank == 1:
             os.kill(os.getppid(), signal.SIGTERM)
         time.sleep(args.pace)
+        if step == args.stall_at and rank == 1:
+            time.sleep(60)
 
     if args.objective == "map":
         guide, objective = AutoDelta(model), pyro_elbo.ELBO()
     else:
         guide, objective = AutoNormal(model), pyro_elbo.ELBO(num_particles=4)
+    if args.local_param:
+        guide = with_local_param(guide, env_rank)
     result = pyro_elbo.fit(
         model,
         guide,
         loader,
         objective=objective,
-        num_epochs=args.epochs,
+        num_epochs=args.epochs if args.stream is None else None,
+        num_steps=args.stream,
+        process_group_timeout=args.timeout,
         lr=0.05,
         seed=0,
         progress=False,

@@ -153,6 +153,7 @@ class Data:
     ) -> None:
         loaders = [a for a in args if isinstance(a, torch.utils.data.DataLoader)]
         self.loader: torch.utils.data.DataLoader[Any] | None = None
+        per_epoch = 0
         if loaders:
             if len(args) != 1:
                 raise ValueError("pass a DataLoader as the only positional argument after model and guide")
@@ -162,15 +163,18 @@ class Data:
                 check_rank_stream(num_steps, num_epochs)
             self.loader = distributed.shard_loader(loader, context) if context.active and not stream else loader
             self.num_epochs = num_epochs if num_epochs is not None else 1
-            per_epoch = sized_length(self.loader)
-            if per_epoch is None:  # a stream of unknown length: num_steps, over as many passes as it takes
+            length = sized_length(self.loader)
+            if length is None:  # a stream of unknown length: num_steps, over as many passes as it takes
                 if num_steps is None:
                     raise ValueError(
                         "the DataLoader's IterableDataset has no len(), so fit cannot count epochs: pass num_steps"
                     )
                 self.num_epochs = num_epochs if num_epochs is not None else UNBOUNDED_EPOCHS
-                per_epoch = 0
-            elif per_epoch == 0:
+            elif context.active and not stream:
+                per_epoch = distributed.agree_steps_per_epoch(length, context)
+            else:
+                per_epoch = length
+            if length == 0 or (length is not None and per_epoch == 0):  # (every rank raises)
                 raise ValueError(
                     f"the DataLoader yields no batches (len(loader) == 0: {describe(self.loader)}); "
                     "pass a smaller batch_size or drop_last=False"
@@ -191,6 +195,8 @@ class Data:
             self.total_steps = DEFAULT_STEPS if num_steps is None else num_steps
         self.device = device
         self.args = to_device(args, device) if self.loader is None else ()
+        #: batches taken per epoch (all of them, unless the ranks' loaders differ in length)
+        self.per_epoch = per_epoch if self.loader is not None else 0
 
     def peek(self) -> tuple[Any, ...]:
         """The first batch (without moving the caller's random stream)."""
@@ -235,6 +241,8 @@ class Data:
         for batch in iterator:
             if position.step >= self.total_steps:
                 return False
+            if self.per_epoch and position.batch_in_epoch >= self.per_epoch:
+                break
             position.batch_in_epoch += 1
             yield to_device(as_args(batch), self.device)
         if position.batch_in_epoch == 0:

@@ -146,6 +146,7 @@ def fit(
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     clip_norm: float | None = None,
     device: str | torch.device | None = None,
+    process_group_timeout: float | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
@@ -191,6 +192,10 @@ def fit(
         clip_norm: clip the global gradient norm to this value.
         device: move parameters and data there once; ``None`` keeps them where they are (and
             refuses mixed placement).
+        process_group_timeout: under ``torchrun``, when ``fit`` creates the process group: how
+            many seconds a collective call (the gradients' all-reduce) waits for a stalled rank
+            before it raises, instead of torch's default (30 minutes for Gloo, 10 for NCCL). A
+            process group created before ``fit`` keeps its own timeout.
         checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` steps and at
             the end (its location is checked for writability before the first step); with
             ``resume=True`` training continues from it when it exists.
@@ -254,7 +259,11 @@ def fit(
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    context = distributed.setup(device)
+    if process_group_timeout is not None and not (
+        isinstance(process_group_timeout, (int, float)) and 0 < process_group_timeout < math.inf
+    ):
+        raise ValueError(f"process_group_timeout must be a number of seconds > 0, got {process_group_timeout!r}")
+    context = distributed.setup(device, process_group_timeout)
     where = context.device if context.active else (torch.device(device) if device is not None else None)
     with contextlib.ExitStack() as stack:
         if checkpoint is not None:
