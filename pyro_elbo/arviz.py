@@ -25,6 +25,7 @@ from pyro_elbo._pyro.draws import Draws, posterior_draws
 from pyro_elbo._pyro.inspect import raise_if_nonfinite_observed
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting
 from pyro_elbo._pyro.observed_plates import Plate, observed_plates
+from pyro_elbo._pyro.untrained import check_trained
 from pyro_elbo._typing import Guide, Model
 
 COMBINED = "combined"
@@ -95,6 +96,7 @@ def to_inference_data(
         raise ValueError(f"num_samples and chunk_size must be >= 1, got {num_samples} and {chunk_size}")
     if log_likelihood not in ("separate", COMBINED):
         raise ValueError(f"log_likelihood must be 'separate' or 'combined', got {log_likelihood!r}")
+    check_trained(guide, args, kwargs, caller="to_inference_data")  # warns of an untrained guide
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="to_inference_data")
     groups = _collect(
         model, guide, args, kwargs, (num_samples, chunk_size, max_seconds), predictive, vectorize_particles
