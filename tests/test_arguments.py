@@ -80,3 +80,17 @@ def test_bad_counts_and_learning_rates_are_named(options: dict, error: type, mat
     with pytest.raises(error, match=match):
         pyro_elbo.fit(model, guide, X, Y, progress=False, callbacks=[lambda step, loss: steps.append(step)], **options)
     assert steps == []
+
+
+def test_eager_skip_passes_a_nan_batch_under_pyro_validation() -> None:
+    """With Pyro's validation on (as users run it) a NaN batch fails inside a distribution before
+    any loss exists: the eager path skips that step, as the compiled path does."""
+    x = torch.arange(12.0)
+    y = torch.randn(12) + 1.0
+    y[5] = float("nan")
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # the second batch holds the NaN
+    with pytest.raises(ValueError, match="found invalid values"):  # "raise" keeps Pyro's named error
+        pyro_elbo.fit(model, guide, loader, num_epochs=1, progress=False)
+    result = pyro_elbo.fit(model, guide, loader, num_epochs=2, on_nonfinite="skip", progress=False)
+    assert result.num_skipped == 2 and result.num_steps == 6
+    assert [i for i, loss in enumerate(result.history) if loss != loss] == [1, 4]
