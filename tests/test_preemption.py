@@ -208,3 +208,15 @@ def test_two_live_processes_on_one_checkpoint_path(tmp_path: Path) -> None:
     finally:
         first.kill()
         first.wait(timeout=60)
+
+
+def test_a_resume_says_so_in_the_progress_bar_and_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "run.pt"
+    pyro_elbo.fit(_model, _guide, torch.randn(6), num_steps=5, checkpoint=path, progress=False)
+    pyro_elbo.fit(_model, _guide, torch.randn(6), num_steps=8, checkpoint=path, resume=True, progress=True)
+    assert "resumed from step 5" in capsys.readouterr().out  # (written above the bar)
+    with caplog.at_level("INFO", logger="pyro_elbo.train"):
+        pyro_elbo.fit(_model, _guide, torch.randn(6), num_steps=9, checkpoint=path, resume=True, progress=False)
+    assert f"resumed from step 8 of {path}" in caplog.text
