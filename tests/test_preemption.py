@@ -220,3 +220,29 @@ def test_a_resume_says_so_in_the_progress_bar_and_the_log(
     with caplog.at_level("INFO", logger="pyro_elbo.train"):
         pyro_elbo.fit(_model, _guide, torch.randn(6), num_steps=9, checkpoint=path, resume=True, progress=False)
     assert f"resumed from step 8 of {path}" in caplog.text
+
+
+def test_the_programs_own_sigterm_handler_runs_after_the_checkpoint(tmp_path: Path) -> None:
+    """A handler installed before fit (e.g. one that requeues a Slurm job) still runs, once, after
+    the checkpoint holds the step reached; then fit raises TrainingTerminated and the handler is back."""
+    path = tmp_path / "run.pt"
+    calls: list[tuple[int, int]] = []
+
+    def requeue(signum: int, frame: object) -> None:
+        calls.append((signum, train.load_checkpoint(path)["step"]))
+
+    def preempt(step: int, loss: float) -> None:
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, requeue)
+    try:
+        with pytest.raises(train.TrainingTerminated) as stopped:
+            pyro_elbo.fit(
+                _model, _guide, torch.randn(6), num_steps=20, checkpoint=path, callbacks=[preempt], progress=False
+            )
+        assert stopped.value.code == 143 and stopped.value.step == 4
+        assert calls == [(signal.SIGTERM, 4)]
+        assert signal.getsignal(signal.SIGTERM) is requeue
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -238,7 +238,7 @@ def fit(
     SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) stop the run after the step they arrive
     in, every process after the same step: the checkpoint is written at that step, one line with
     the step and how to resume is logged (logger ``pyro_elbo.train``, shown on stderr when logging
-    is not configured), and ``fit`` raises
+    is not configured), a handler the program installed for the signal is called, and ``fit`` raises
     :class:`~pyro_elbo.train.signals.TrainingTerminated` (a ``SystemExit`` with status 143) for
     SIGTERM and ``KeyboardInterrupt`` for SIGINT; a resume then continues bit-identically. The
     previous signal handlers are restored when ``fit`` ends (:mod:`~pyro_elbo.train.signals`).
@@ -311,7 +311,7 @@ def run(state: TrainState, data: Data, hooks: Sequence[Hook], signals: StopSigna
 
     With ``signals``, a SIGTERM or SIGINT stops the run after the step it arrived in (the same
     step on every rank): the hooks' ``on_interrupt`` run (the checkpoint is written), one line is
-    logged, and :class:`~pyro_elbo.train.signals.TrainingTerminated` or
+    logged, the program's own handler of the signal (if any) is called, and :class:`~pyro_elbo.train.signals.TrainingTerminated` or
     :class:`~pyro_elbo.train.signals.TrainingInterrupted` is raised."""
     stop_reason = "completed"
     stopped_by = None
@@ -339,6 +339,8 @@ def run(state: TrainState, data: Data, hooks: Sequence[Hook], signals: StopSigna
         message = stop_message(stopped_by, state.step, data.total_steps, path, written=path is not None)
         if state.context.is_main:
             logger.warning(message)
+        if signals is not None:
+            signals.forward(stopped_by)
         raise stop_error(stopped_by, message, state.step, path)
     for hook in hooks:
         hook.on_end(state)

@@ -13,6 +13,9 @@ written there, one line says where and how to resume, and then
   shell reports for a process ended by SIGTERM), so that a script ends as it would have, with
   its ``finally`` blocks run; catch it to do something else.
 
+A handler the program installed itself (a Python function, e.g. one that requeues a Slurm job) is
+called after the checkpoint is written, with the signal's number, before the exception is raised.
+
 A second signal of the same kind while the first is being handled acts at once, as before
 ``fit`` (a second Ctrl-C interrupts the checkpoint's write; the write leaves the previous file
 intact). Signals the program ignores (``SIG_IGN``) stay ignored, a handler is installed only in the
@@ -71,6 +74,14 @@ class StopSignals:
             signal.raise_signal(sig)
             return
         self.received = sig
+
+    def forward(self, sig: signal.Signals) -> None:
+        """Restore the previous handlers and call the program's own handler of ``sig``, if it
+        installed one (a Python function other than the default Ctrl-C handler)."""
+        handler = self.previous.get(sig)
+        self.restore()
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(int(sig), None)
 
     def restore(self) -> None:
         """Put the previous handlers back (idempotent)."""
