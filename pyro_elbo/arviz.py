@@ -27,6 +27,7 @@ from pyro_elbo._pyro.draws import Draws, posterior_draws
 from pyro_elbo._pyro.inspect import raise_if_nonfinite_observed
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting
 from pyro_elbo._pyro.observed_plates import Plate, observed_plates
+from pyro_elbo._pyro.untrained import check_trained
 from pyro_elbo._typing import Guide, Model
 
 COMBINED = "combined"
@@ -129,6 +130,7 @@ def to_inference_data(
         raise ValueError(f"num_chains must be an int >= 1, got {num_chains!r}")
     if log_likelihood not in ("separate", COMBINED, "auto"):
         raise ValueError(f"log_likelihood must be 'separate', 'combined' or 'auto', got {log_likelihood!r}")
+    check_trained(guide, args, kwargs, caller="to_inference_data")  # warns of an untrained guide
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="to_inference_data")
     if draws not in ("guide", "psis"):
         raise ValueError(f"draws must be 'guide' or 'psis', got {draws!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import math
 import sys
 import traceback
@@ -133,11 +134,30 @@ def main(argv: list[str] | None = None) -> int:
         _report_error(error, args.traceback, hint=False)
         return 2
     except KeyboardInterrupt:
-        print("pyro-elbo: interrupted (the last checkpoint is kept; rerun with --resume)", file=sys.stderr)
+        print(f"pyro-elbo: interrupted (SIGINT); {_checkpoint_left(args)}", file=sys.stderr)
         return 130
+    except SystemExit as stop:  # fit's TrainingTerminated (SIGTERM), after its checkpoint
+        if stop.code != 143:
+            raise
+        print(f"pyro-elbo: stopped by SIGTERM; {_checkpoint_left(args)}", file=sys.stderr)
+        return 143
     except Exception as error:
         _report_error(error, args.traceback, hint=True, prefix=f"{type(error).__name__}: ")
         return 1
+
+
+def _checkpoint_left(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves to resume from, as it is on disk."""
+    from pyro_elbo.train.checkpoint import load_checkpoint
+
+    path = Path(args.out) / "checkpoint.pt"
+    if not path.exists():
+        return f"no checkpoint was written to {path}, so nothing can be resumed; rerun to start again"
+    try:
+        step = load_checkpoint(path)["step"]
+    except ValueError as error:
+        return f"{path} cannot be resumed ({error})"
+    return f"{path} holds step {step} of {args.steps}; rerun with --resume and the same options to continue"
 
 
 def _report_error(error: BaseException, show_traceback: bool, hint: bool, prefix: str = "") -> None:
@@ -185,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     import pyro_elbo
 
     pyro.clear_param_store()  # a fresh fit (or --resume's checkpoint), also when main() runs twice in a process
+    logging.getLogger("pyro_elbo.train").setLevel(logging.ERROR)  # main() words a signal's stop for the CLI
     if args.steps < 0 or args.samples < 1 or args.diagnostic_particles < 2:
         raise UsageError("--steps must be >= 0, --samples >= 1 and --diagnostic-particles >= 2")
     vectorize = {"vectorize_particles": args.vectorize}  # the library's own names, passed unchanged
@@ -218,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         compile=args.compile,
     )
-    if result.resumed_from_step is not None:
+    if result.resumed_from_step is not None and args.no_progress:  # (the progress bar wrote it)
         print(f"resumed from step {result.resumed_from_step}")
     final = result.history[-1] if result.history else float("nan")
     summary = f"fit: {result.num_steps} steps, final loss {final:.4f}, {result.num_skipped} skipped"

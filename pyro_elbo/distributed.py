@@ -8,7 +8,9 @@ with batch ``B`` follow the trajectory of one process with batch ``N * B``.
 
 from __future__ import annotations
 
+import datetime
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +40,13 @@ def _launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def setup(device: str | torch.device | None) -> Context:
+def setup(device: str | torch.device | None, timeout: float | None = None) -> Context:
     """Join (or initialize) the process group if this process is one of several.
 
     The backend is NCCL when CUDA is available and Gloo otherwise. Each process uses
-    ``cuda:LOCAL_RANK`` on GPU machines unless ``device`` says otherwise.
+    ``cuda:LOCAL_RANK`` on GPU machines unless ``device`` says otherwise. ``timeout`` (seconds)
+    is how long a collective call waits for a stalled rank before it raises, when this call
+    creates the process group (torch's default otherwise: 30 minutes for Gloo, 10 for NCCL).
     """
     if not dist.is_available():
         return Context()
@@ -50,7 +54,8 @@ def setup(device: str | torch.device | None) -> Context:
         if not _launched_by_torchrun():
             return Context()
         use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        wait = None if timeout is None else datetime.timedelta(seconds=timeout)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=wait)
     world_size = dist.get_world_size()
     if world_size == 1:
         return Context()
@@ -67,10 +72,62 @@ def setup(device: str | torch.device | None) -> Context:
 
 
 def broadcast_params(params: dict[str, Tensor], ctx: Context) -> None:
-    """Copy rank 0's (lazily created, then materialized) parameters to every rank."""
+    """Copy rank 0's (lazily created, then materialized) parameters to every rank, after
+    :func:`check_same_params`."""
+    check_same_params(params, ctx)
     with torch.no_grad():
         for param in params.values():
             dist.broadcast(param.data, src=0)
+
+
+def check_same_params(params: dict[str, Tensor], ctx: Context) -> None:
+    """Every rank has the same parameter names, shapes and dtypes (a collective call; each rank
+    raises the same error). Otherwise the first all-reduce of gradients would mix unrelated
+    buffers or abort the process ("collective mismatch").
+
+    Raises:
+        ValueError: naming the first differing parameter, both ranks and both shapes/dtypes.
+    """
+    mine = [(name, tuple(p.shape), str(p.dtype).removeprefix("torch.")) for name, p in params.items()]
+    every: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(every, mine)
+    reference = dict((name, (shape, dtype)) for name, shape, dtype in every[0])
+    for rank, theirs in enumerate(every[1:], start=1):
+        other = {name: (shape, dtype) for name, shape, dtype in theirs}
+        for name in [n for n in reference if n in other and reference[n] != other[n]]:
+            (shape0, dtype0), (shape, dtype) = reference[name], other[name]
+            raise ValueError(
+                f"parameter {name!r} has shape {shape0} ({dtype0}) on rank 0 but {shape} ({dtype}) on rank {rank}: "
+                "data-parallel training needs the same parameters on every rank. A parameter sized by each rank's "
+                "data (a local latent) cannot be averaged across ranks: size it by the whole data set and select "
+                "the rows of a batch (pyro.plate(..., subsample=idx))."
+            )
+        if set(other) != set(reference):
+            only0, only = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
+            raise ValueError(
+                f"the ranks have different parameters: only on rank 0: {only0}, only on rank {rank}: {only}; "
+                "data-parallel training needs the same parameters on every rank (create them from data every "
+                "rank has, not from the rank's own shard)"
+            )
+
+
+def agree_steps_per_epoch(steps: int, ctx: Context) -> int:
+    """The fewest batches per epoch over the ranks (a collective call). Ranks with different
+    numbers of batches would otherwise wait for each other at the end of the shortest epoch
+    forever; a warning names every rank's count when they differ."""
+    every: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(every, steps)
+    fewest = min(every)
+    if fewest != max(every) and ctx.is_main:
+        counts = ", ".join(f"rank {r}: {n}" for r, n in enumerate(every))
+        warnings.warn(
+            f"the ranks' DataLoaders have different numbers of batches per epoch ({counts}); every rank takes "
+            f"{fewest} per epoch so that they stay in step, and the rest of the longer shards is not used. Give every "
+            "rank the same data set (fit shards one DataLoader across the ranks) to use all of it.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return int(fewest)
 
 
 def seed_rank(ctx: Context) -> None:
@@ -106,12 +163,14 @@ def shard_loader(loader: DataLoader[Any], ctx: Context) -> DataLoader[Any]:
 
     Raises:
         ValueError: an ``IterableDataset`` or a custom ``batch_sampler``, which cannot be sharded
-            by index; shard such data yourself and pass per-rank loaders.
+            by index (``fit`` uses a loader over an ``IterableDataset`` as each rank's own stream,
+            with ``num_steps``, and never calls this for it).
     """
     if isinstance(loader.dataset, IterableDataset):
         raise ValueError(
             "a DataLoader over an IterableDataset cannot be sharded across processes by index; "
-            "make the dataset yield each rank's part (torch.distributed.get_rank()) yourself"
+            "make the dataset yield each rank's part (torch.distributed.get_rank()) yourself and pass that "
+            "loader to fit with num_steps (fit then uses it as the rank's own stream)"
         )
     if loader.batch_size is None:
         raise ValueError(
@@ -158,3 +217,25 @@ def gather_rng_states(ctx: Context, get_state: Callable[[], dict[str, Any]]) -> 
 def barrier(ctx: Context) -> None:
     if ctx.active:
         dist.barrier()
+
+
+def max_over_ranks(value: Tensor, ctx: Context) -> Tensor:
+    """The elementwise maximum of ``value`` over all ranks, on the CPU (a collective call)."""
+    value = value.to(ctx.device) if dist.get_backend() == "nccl" else value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.cpu()
+
+
+def agree_or_raise(ctx: Context, error: BaseException | None) -> None:
+    """Raise ``error`` (found on rank 0) on every rank, so that no rank goes on to a collective
+    the others never reach (a collective call)."""
+    if not ctx.active:
+        if error is not None:
+            raise error
+        return
+    message: list[Any] = [f"{type(error).__name__}: {error}" if error is not None else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise ValueError(f"rank 0 refused to start: {message[0]}")

@@ -2,12 +2,25 @@
 collected). Writes OUT/rank{r}.pt with the fitted parameters and history.
 
 usage: torchrun --nproc_per_node=N distributed_child.py OUT --batch B [--epochs E]
-       [--objective map|stochastic] [--checkpoint PATH] [--resume]
+       [--objective map|stochastic] [--checkpoint PATH] [--resume] [--sigterm-launcher-at STEP]
+
+``--sigterm-launcher-at`` makes rank 1 send SIGTERM to torchrun (its parent) at that step, as a
+scheduler preempting the job does; every rank writes the steps it took to OUT/steps{r}.txt and
+``--pace`` sleeps that long after each step.
+
+Mistakes a data-parallel user makes (each rank reads ``RANK`` before ``fit``): ``--rows-by-rank
+A,B`` gives rank r only the first rows[r] rows; ``--local-param`` adds a parameter sized by the
+rank; ``--stream STEPS`` passes each rank its own IterableDataset and ``num_steps=STEPS``;
+``--stall-at STEP`` stops rank 1 for a minute at that step and ``--timeout S`` is fit's
+``process_group_timeout``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import time
 from pathlib import Path
 
 import pyro
@@ -28,6 +41,26 @@ def model(idx, x):
         pyro.sample("x", dist.Normal(loc, log_scale.exp()), obs=x)
 
 
+class RankStream(torch.utils.data.IterableDataset):
+    """Rank r's rows r, r + 2, r + 4, ... of the data, as a stream (no __len__)."""
+
+    def __init__(self, rank, data):
+        self.rank, self.data = rank, data
+
+    def __iter__(self):
+        return ((torch.tensor(i), self.data[i]) for i in range(self.rank, N, 2))
+
+
+def with_local_param(guide, rank):
+    """The guide plus a parameter sized by the rank (as one sized by the rank's own data)."""
+
+    def local_guide(idx, x):
+        pyro.param("local_w", torch.zeros(3 + rank))
+        return guide(idx, x)
+
+    return local_guide
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -36,12 +69,25 @@ def main() -> None:
     parser.add_argument("--objective", default="map")
     parser.add_argument("--checkpoint")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--sigterm-launcher-at", type=int)
+    parser.add_argument("--pace", type=float, default=0.0)
+    parser.add_argument("--rows-by-rank")
+    parser.add_argument("--local-param", action="store_true")
+    parser.add_argument("--stream", type=int)
+    parser.add_argument("--stall-at", type=int)
+    parser.add_argument("--timeout", type=float)
     args = parser.parse_args()
+    env_rank = int(os.environ.get("RANK", "0"))
     torch.set_default_dtype(torch.float64)
     out = Path(args.out)
     data = torch.linspace(-2, 3, N) ** 2
-    dataset = torch.utils.data.TensorDataset(torch.arange(N), data)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=args.objective != "map")
+    rows = int(args.rows_by_rank.split(",")[env_rank]) if args.rows_by_rank else N
+    dataset = torch.utils.data.TensorDataset(torch.arange(rows), data[:rows])
+    if args.stream is not None:
+        dataset = RankStream(env_rank, data)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch, shuffle=args.objective != "map" and args.stream is None
+    )
 
     real_save = checkpoint.save_checkpoint
 
@@ -52,23 +98,40 @@ def main() -> None:
 
     checkpoint.save_checkpoint = marking_save  # what the Checkpointer hook calls
     draws = []
+
+    def record(step, loss):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if step == 1:
+            draws.append(torch.rand(2))
+        with open(out / f"steps{rank}.txt", "a") as steps:
+            steps.write(f"{step}\n")
+        if step == args.sigterm_launcher_at and rank == 1:
+            os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(args.pace)
+        if step == args.stall_at and rank == 1:
+            time.sleep(60)
+
     if args.objective == "map":
         guide, objective = AutoDelta(model), pyro_elbo.ELBO()
     else:
         guide, objective = AutoNormal(model), pyro_elbo.ELBO(num_particles=4)
+    if args.local_param:
+        guide = with_local_param(guide, env_rank)
     result = pyro_elbo.fit(
         model,
         guide,
         loader,
         objective=objective,
-        num_epochs=args.epochs,
+        num_epochs=args.epochs if args.stream is None else None,
+        num_steps=args.stream,
+        process_group_timeout=args.timeout,
         lr=0.05,
         seed=0,
         progress=False,
         checkpoint=args.checkpoint,
         checkpoint_every=3,
         resume=args.resume,
-        callbacks=[lambda step, loss: draws.append(torch.rand(2)) if step == 1 else None],
+        callbacks=[record],
     )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"params": result.params, "history": result.history, "draws": draws}, out / f"rank{rank}.pt")

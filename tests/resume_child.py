@@ -1,6 +1,10 @@
 """Child process for the kill -9 / resume tests (run by tests/test_fit.py, not collected).
 
 usage: python resume_child.py CHECKPOINT OUT [--kill-at STEP] [--kill-in-write STEP] [--resume]
+       [--signal-at STEP --signal TERM|INT] [--pace SECONDS --trace FILE]
+
+``--signal-at`` sends itself the signal at that step; ``--pace`` sleeps that long after each step
+and ``--trace`` writes the steps taken to FILE as they are taken (for a signal sent from outside).
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import time
 
 import pyro
 import pyro.distributions as dist
@@ -40,6 +45,10 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--kill-in-write", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--signal-at", type=int)
+    parser.add_argument("--signal", choices=("TERM", "INT"), default="TERM")
+    parser.add_argument("--pace", type=float, default=0.0)
+    parser.add_argument("--trace")
     args = parser.parse_args()
     torch.set_default_dtype(torch.float64)
     data = torch.linspace(-2, 2, N)
@@ -62,6 +71,12 @@ def main() -> None:
     def killer(step, loss):
         if step == args.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.signal_at:
+            os.kill(os.getpid(), getattr(signal, f"SIG{args.signal}"))
+        if args.trace is not None:
+            with open(args.trace, "a") as trace:
+                trace.write(f"{step}\n")
+        time.sleep(args.pace)
 
     pyro.set_rng_seed(123)
     result = pyro_elbo.fit(

@@ -177,3 +177,32 @@ def test_incomplete_settings_in_a_format_2_file_are_named(tmp_path: Path) -> Non
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"lacks the field\(s\) \['settings.lr'\]"):
         load_checkpoint(path)
+
+
+def test_a_changed_constraint_or_compile_setting_is_refused_by_name(tmp_path: Path) -> None:
+    """A constraint maps the saved unconstrained value to another value (positive -> interval(0, 10)
+    turned the saved scale 0.82 into 4.50); a changed ``compile`` diverges from the resumed step."""
+    import pyro.distributions as dist
+
+    def bounded_guide() -> None:
+        loc = pyro.param("loc", torch.tensor(0.0, dtype=torch.float64))
+        scale = pyro.param("scale", torch.tensor(1.0, dtype=torch.float64), constraint=dist.constraints.interval(0, 10))
+        pyro.sample("z", dist.Normal(loc, scale))
+
+    path = tmp_path / "run.pt"
+    pyro_elbo.fit(model, guide, num_steps=5, checkpoint=path, **options())
+    saved = path.read_bytes()
+    pyro.clear_param_store()
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 'scale' has constraint GreaterThan\(lower_bound=0.0\) in the checkpoint, "
+        r"Interval\(lower_bound=0, upper_bound=10\) now",
+    ):
+        pyro_elbo.fit(model, bounded_guide, num_steps=10, checkpoint=path, resume=True, **options())
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"compile=False in the checkpoint, compile=True now"):
+        pyro_elbo.fit(model, guide, num_steps=10, checkpoint=path, resume=True, compile=True, **options())
+    assert path.read_bytes() == saved
+    pyro.clear_param_store()
+    resumed = pyro_elbo.fit(model, guide, num_steps=10, checkpoint=path, resume=True, **options())
+    assert resumed.resumed_from_step == 5

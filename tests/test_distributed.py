@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from pyro_elbo.distributed import Context
 
 CHILD = Path(__file__).parent / "distributed_child.py"
 
@@ -94,12 +97,13 @@ def test_ranks_draw_different_reproducible_particles_and_resume(map_runs: dict[s
     assert wrong.returncode != 0 and "world size" in wrong.stderr
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(range(4))
+
+
 def test_loaders_that_cannot_be_sharded_are_refused() -> None:
     from pyro_elbo import distributed
-
-    class Stream(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(range(4))
 
     ctx = distributed.Context(active=True, rank=0, world_size=2)
     with pytest.raises(ValueError, match="IterableDataset cannot be sharded"):
@@ -108,3 +112,70 @@ def test_loaders_that_cannot_be_sharded_are_refused() -> None:
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), 2, False)
     with pytest.raises(ValueError, match="custom batch_sampler cannot be sharded"):
         distributed.shard_loader(torch.utils.data.DataLoader(dataset, batch_sampler=sampler), ctx)
+
+
+def test_sigterm_to_torchrun_loses_no_step_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    """The launcher forwards SIGTERM to both ranks; they stop after the same step, rank 0 writes
+    the checkpoint there, and the resumed run is the uninterrupted one."""
+    iwae = ["--batch", "8", "--objective", "stochastic", "--epochs", "20"]
+    straight = launch(2, tmp_path / "straight", *iwae)
+    assert straight.returncode == 0, straight.stderr
+    checkpoint = ["--checkpoint", str(tmp_path / "run" / "ckpt.pt")]
+    stopped = launch(2, tmp_path / "run", *iwae, *checkpoint, "--sigterm-launcher-at", "5", "--pace", "0.2")
+    assert stopped.returncode != 0
+    assert "fit: stopped by SIGTERM after step" in stopped.stderr
+    taken = [(tmp_path / "run" / f"steps{r}.txt").read_text().split() for r in (0, 1)]
+    assert taken[0] == taken[1]  # the ranks agreed on the step to stop at
+    held = checkpoint_step(tmp_path / "run" / "ckpt.pt")
+    assert held == int(taken[0][-1]) >= 5
+    resumed = launch(2, tmp_path / "run", *iwae, *checkpoint, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load(tmp_path / "straight" / "rank0.pt"), load(tmp_path / "run" / "rank0.pt")
+    assert a["history"] == b["history"]
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), name
+
+
+def checkpoint_step(path: Path) -> int:
+    from pyro_elbo.train import load_checkpoint
+
+    return int(load_checkpoint(path)["step"])
+
+
+def test_parameters_that_differ_across_ranks_are_refused_by_name(tmp_path: Path) -> None:
+    """The first all-reduce used to abort rank 0 (collective mismatch); now every rank refuses at start."""
+    result = launch(2, tmp_path, "--batch", "8", "--local-param")
+    assert result.returncode != 0
+    assert "parameter 'local_w' has shape (3,) (float64) on rank 0 but (4,) (float64) on rank 1" in result.stderr
+    assert "SIGABRT" not in result.stderr and "collective" not in result.stderr.lower()
+
+
+def test_ranks_with_different_amounts_of_data_agree_on_the_shortest_epoch(tmp_path: Path) -> None:
+    """Rank 0's shard has 3 batches, rank 1's 4: both take 3 per epoch (this used to hang)."""
+    result = launch(2, tmp_path, "--batch", "4", "--rows-by-rank", "24,32", "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    assert "different numbers of batches per epoch (rank 0: 3, rank 1: 4); every rank takes 3" in result.stderr
+    runs = [load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert len(runs[0]["history"]) == len(runs[1]["history"]) == 6
+
+
+def test_a_per_rank_stream_trains_with_num_steps(tmp_path: Path) -> None:
+    result = launch(2, tmp_path, "--batch", "4", "--stream", "10")
+    assert result.returncode == 0, result.stderr
+    runs = [load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert len(runs[0]["history"]) == 10 and runs[0]["history"] == runs[1]["history"]
+    from pyro_elbo.train.data import Data
+
+    ctx = Context(active=True, rank=0, world_size=2)
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=2)
+    for steps, epochs in ((None, None), (10, 2)):  # a stream is refused only without num_steps (or with epochs)
+        with pytest.raises(ValueError, match=r"yield this rank's part .* pass num_steps=N without num_epochs"):
+            Data((stream,), steps, epochs, None, ctx)
+
+
+@pytest.mark.slow  # (a rank stalled for a minute)
+def test_a_stalled_rank_fails_after_the_process_group_timeout(tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = launch(2, tmp_path, "--batch", "8", "--stall-at", "3", "--timeout", "5")
+    assert result.returncode != 0
+    assert time.monotonic() - start < 100  # torch's default would wait 30 minutes

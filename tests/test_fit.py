@@ -114,8 +114,11 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, kill: tuple[str, st
     assert killed.returncode == -9, killed.stderr
     if kill[0] == "--kill-in-write":  # the previous checkpoint survived the interrupted write
         assert train.load_checkpoint(tmp_path / "run.pt")["step"] == 10
+        assert len(list(tmp_path.glob(".run.pt.*.tmp"))) == 1
     resumed = _child(tmp_path, "run", "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert "left by a process that is no longer running" in resumed.stderr  # its lock, taken over
+    assert not list(tmp_path.glob(".run.pt.*.tmp"))  # the interrupted write's file, removed
     a = straight_run
     b = torch.load(tmp_path / "run.out", weights_only=True)
     assert a["history"] == b["history"]

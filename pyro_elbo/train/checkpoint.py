@@ -5,7 +5,9 @@ A checkpoint is the ``dict`` of :meth:`~pyro_elbo.train.TrainState.state_dict`, 
 
 Formats:
     ``pyro_elbo.checkpoint/2`` (written now): format 1 plus ``settings``, the learning rate and the
-    optimizer, scheduler and objective a resume must match.
+    optimizer, scheduler and objective a resume must match, and (in files written since they were
+    added; a file without them is not checked for them) ``compile`` and ``constraints``, each
+    ``pyro.param``'s constraint by name.
     ``pyro_elbo.checkpoint/1`` (written before ``pyro_elbo.train`` became a package): read, with the
     settings that format does not record taken from its optimizer state.
 """
@@ -64,6 +66,26 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def stray_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """The temporary files of writes to ``path`` that never finished (``.NAME.XXXX.tmp``: the
+    process was killed between creating and renaming it)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+
+
+def remove_stray_temporaries(path: str | os.PathLike[str]) -> None:
+    """Remove :func:`stray_temporaries` (call it only while no other process writes ``path``)."""
+    for tmp in stray_temporaries(path):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = None) -> dict[str, Any]:

@@ -48,6 +48,9 @@ class Hook:
     def on_end(self, state: TrainState) -> None:
         """After the last step of a run that ended without an error."""
 
+    def on_interrupt(self, state: TrainState) -> None:
+        """After the last step of a run stopped by SIGTERM or SIGINT (instead of ``on_end``)."""
+
     def close(self) -> None:
         """Always, last (release resources)."""
 
@@ -75,6 +78,8 @@ class Progress(Hook):
             self.bar = tqdm(
                 total=self.total, initial=state.step, desc="fit", unit="step", dynamic_ncols=True, mininterval=0.25
             )
+            if state.resumed_from_step is not None:
+                self.bar.write(f"resumed from step {state.resumed_from_step}")
             self.last = time.monotonic()
             self.compiling = CompileProgress(show=self._show_compile)  # tracing, inductor: one line
             self.compiling.start()
@@ -162,6 +167,9 @@ class Checkpointer(Hook):
     def on_end(self, state: TrainState) -> None:
         if state.step % self.every != 0:
             self.write(state)
+
+    def on_interrupt(self, state: TrainState) -> None:
+        self.on_end(state)
 
     def write(self, state: TrainState) -> None:
         snapshot = state.state_dict()

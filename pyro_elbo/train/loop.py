@@ -22,6 +22,9 @@ returns ``(state, info)``, the shape of NumPyro's ``SVI.init``/``update`` and Bl
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,12 +40,16 @@ from pyro_elbo.compiled import CompiledLoss, plain_adam
 from pyro_elbo.objectives import ELBO, Objective
 from pyro_elbo.train.autocompile import AutoCompile
 from pyro_elbo.train.checkpoint import load_checkpoint
-from pyro_elbo.train.data import Data, to_device
+from pyro_elbo.train.data import Data, check_count, to_device
 from pyro_elbo.train.hooks import Callback, Callbacks, Checkpointer, EarlyStopping, Hook, Progress, Validation
+from pyro_elbo.train.lock import CheckpointLock
 from pyro_elbo.train.memory import check_particle_memory
 from pyro_elbo.train.result import FitResult
+from pyro_elbo.train.signals import StopSignals, stop_error, stop_message
 from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import default_device, step
+
+logger = logging.getLogger("pyro_elbo.train")
 
 
 def init(
@@ -77,6 +84,8 @@ def init(
     """
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     objective = ELBO() if objective is None else objective
     if not isinstance(objective, Objective):
         raise TypeError(
@@ -112,6 +121,8 @@ def init(
         "optimizer": type(opt).__name__,
         "scheduler": type(sched).__name__ if sched is not None else None,
         "objective": repr(objective),
+        "compile": compile,
+        "constraints": param_constraints(params),
     }
     state = TrainState(
         model, guide, objective, params, opt, sched, args, kwargs, clip_norm, on_nonfinite,
@@ -135,6 +146,7 @@ def fit(
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     clip_norm: float | None = None,
     device: str | torch.device | None = None,
+    process_group_timeout: float | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
@@ -163,7 +175,11 @@ def fit(
 
     Args:
         model, guide: the Pyro model and guide.
-        *args: the model's arguments, or one ``DataLoader``.
+        *args: the model's arguments, or one ``DataLoader``. A ``DataLoader`` over an
+            ``IterableDataset`` without ``len()`` runs ``num_steps`` steps (restarting the stream
+            when it ends); under ``torch.distributed`` a loader over an ``IterableDataset`` is each
+            rank's own stream (it must yield that rank's part) and needs ``num_steps``. An
+            iterator, a generator or a list of batches is refused: pass the ``DataLoader``.
         objective: a :class:`~pyro_elbo.Objective` (default ``ELBO()``). Its ``num_particles`` is
             checked against the memory available before the first step.
         num_steps: optimizer steps (default 1000). With a ``DataLoader`` and ``num_epochs``, a cap on
@@ -176,19 +192,28 @@ def fit(
         clip_norm: clip the global gradient norm to this value.
         device: move parameters and data there once; ``None`` keeps them where they are (and
             refuses mixed placement).
+        process_group_timeout: under ``torchrun``, when ``fit`` creates the process group: how
+            many seconds a collective call (the gradients' all-reduce) waits for a stalled rank
+            before it raises, instead of torch's default (30 minutes for Gloo, 10 for NCCL). A
+            process group created before ``fit`` keeps its own timeout.
         checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` steps and at
             the end (its location is checked for writability before the first step); with
             ``resume=True`` training continues from it when it exists.
         resume: continue the run saved in ``checkpoint``. A resume continues *that* run, so it
             refuses, naming each difference and changing nothing, when this call's ``lr``,
             ``optimizer``, optimizer options, ``scheduler`` (its presence and class) or
-            ``objective`` (its repr, e.g. ``IWAE(num_particles=8)``) differ from the
-            checkpoint's, and when the parameters' names or shapes, the world size or the
+            ``objective`` (its repr, e.g. ``IWAE(num_particles=8)``), ``compile`` or a
+            ``pyro.param``'s constraint (the saved unconstrained value would mean another
+            value) differ from the checkpoint's, and when the parameters' names or shapes, the world size or the
             checkpoint's fields do not match. A refused resume leaves parameters, param store,
             optimizer, random state and the file exactly as they were. To continue from a
             checkpoint with new settings, use :func:`init`, ``state.load_state_dict`` with the
             old settings and change them on ``state.optimizer``. Checkpoints of format
-            ``pyro_elbo.checkpoint/1`` load; newer formats are refused by version.
+            ``pyro_elbo.checkpoint/1`` load; newer formats are refused by version. While ``fit``
+            runs, ``checkpoint + ".lock"`` names it as the path's writer: a second run on the same
+            path (a script launched twice) is refused naming the first one's pid and host, and a
+            lock left by a process that died is taken over with a warning
+            (:mod:`~pyro_elbo.train.lock`).
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose loss or gradient is not
             finite; parameters and optimizer state are left exactly as before the step either way.
         max_consecutive_skips: with ``"skip"``, raise after this many non-finite steps in a row.
@@ -210,6 +235,14 @@ def fit(
         hooks: more :class:`~pyro_elbo.train.hooks.Hook` objects, called after the built-in ones.
         **kwargs: keyword arguments of model and guide.
 
+    SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) stop the run after the step they arrive
+    in, every process after the same step: the checkpoint is written at that step, one line with
+    the step and how to resume is logged (logger ``pyro_elbo.train``, shown on stderr when logging
+    is not configured), a handler the program installed for the signal is called, and ``fit`` raises
+    :class:`~pyro_elbo.train.signals.TrainingTerminated` (a ``SystemExit`` with status 143) for
+    SIGTERM and ``KeyboardInterrupt`` for SIGINT; a resume then continues bit-identically. The
+    previous signal handlers are restored when ``fit`` ends (:mod:`~pyro_elbo.train.signals`).
+
     Returns:
         A :class:`FitResult`.
 
@@ -218,60 +251,108 @@ def fit(
         ValueError: a refused resume (see ``resume``), a corrupt file, an unwritable checkpoint
             location, mixed devices, too many particles for the memory, bad options.
     """
-    if (num_steps is not None and num_steps < 0) or (num_epochs is not None and num_epochs < 1):
-        raise ValueError("num_steps must be >= 0 and num_epochs >= 1")
-    if checkpoint_every < 1 or validate_every < 1:
-        raise ValueError("checkpoint_every and validate_every must be >= 1")
+    check_count("num_steps", num_steps, 0)
+    check_count("num_epochs", num_epochs, 1)
+    check_count("checkpoint_every", checkpoint_every, 1)
+    check_count("validate_every", validate_every, 1)
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    context = distributed.setup(device)
+    if process_group_timeout is not None and not (
+        isinstance(process_group_timeout, (int, float)) and 0 < process_group_timeout < math.inf
+    ):
+        raise ValueError(f"process_group_timeout must be a number of seconds > 0, got {process_group_timeout!r}")
+    context = distributed.setup(device, process_group_timeout)
     where = context.device if context.active else (torch.device(device) if device is not None else None)
-    data = Data(args, num_steps, num_epochs, where, context)
-    with default_device(where):
-        state = init(
-            model, guide, *data.peek(), objective=objective, lr=lr, optimizer=optimizer,
-            optimizer_options=optimizer_options, scheduler=scheduler, clip_norm=clip_norm, on_nonfinite=on_nonfinite,
-            max_consecutive_skips=max_consecutive_skips, device=device, compile=bool(compile),
-            compile_backend=compile_backend, **kwargs,
-        )  # fmt: skip
-        if checkpoint is not None and resume and os.path.exists(checkpoint):
-            state.load_state_dict(load_checkpoint(checkpoint, map_location=where))
-            state.resumed_from_step = state.step
-        built: list[Hook] = [AutoCompile(data.total_steps)] if compile == "auto" else []
-        built += [Progress(data.total_steps)] if progress else []
-        built += [Validation(validation, validate_every)] if validation is not None else []
-        built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
-        built += [Callbacks(callbacks)] if callbacks else []
-        built += [EarlyStopping(patience, min_delta)] if patience is not None else []
-        try:
-            stop_reason = run(state, data, [*built, *hooks])
-        finally:  # parameters saved one module at a time must not carry the shared vector
-            state.release_flat_buffers()
+    with contextlib.ExitStack() as stack:
+        if checkpoint is not None:
+            lock_checkpoint(stack, checkpoint, context)
+        data = Data(args, num_steps, num_epochs, where, context)
+        with default_device(where):
+            state = init(
+                model, guide, *data.peek(), objective=objective, lr=lr, optimizer=optimizer,
+                optimizer_options=optimizer_options, scheduler=scheduler, clip_norm=clip_norm,
+                on_nonfinite=on_nonfinite, max_consecutive_skips=max_consecutive_skips, device=device,
+                compile=bool(compile), compile_backend=compile_backend, **kwargs,
+            )  # fmt: skip
+            state.settings["compile"] = compile
+            if checkpoint is not None and resume and os.path.exists(checkpoint):
+                state.load_state_dict(load_checkpoint(checkpoint, map_location=where))
+                state.resumed_from_step = state.step
+                logger.info("resumed from step %d of %s", state.step, checkpoint)
+            built: list[Hook] = [AutoCompile(data.total_steps)] if compile == "auto" else []
+            built += [Progress(data.total_steps)] if progress else []
+            built += [Validation(validation, validate_every)] if validation is not None else []
+            built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
+            built += [Callbacks(callbacks)] if callbacks else []
+            built += [EarlyStopping(patience, min_delta)] if patience is not None else []
+            try:
+                stop_reason = run(state, data, [*built, *hooks], stack.enter_context(StopSignals()))
+            finally:  # parameters saved one module at a time must not carry the shared vector
+                state.release_flat_buffers()
     return state.result(stop_reason)
 
 
-def run(state: TrainState, data: Data, hooks: Sequence[Hook]) -> str:
-    """Step through ``data`` from ``state.position``, calling the hooks; returns the stop reason."""
+def lock_checkpoint(stack: contextlib.ExitStack, path: str | os.PathLike[str], context: distributed.Context) -> None:
+    """The main process takes the checkpoint path's lock (:mod:`~pyro_elbo.train.lock`) until the
+    stack closes; every process raises if it is refused."""
+    error = None
+    if context.is_main:
+        try:
+            stack.enter_context(CheckpointLock(path))
+        except ValueError as refused:
+            error = refused
+    distributed.agree_or_raise(context, error)
+
+
+def run(state: TrainState, data: Data, hooks: Sequence[Hook], signals: StopSignals | None = None) -> str:
+    """Step through ``data`` from ``state.position``, calling the hooks; returns the stop reason.
+
+    With ``signals``, a SIGTERM or SIGINT stops the run after the step it arrived in (the same
+    step on every rank): the hooks' ``on_interrupt`` run (the checkpoint is written), one line is
+    logged, the program's own handler of the signal (if any) is called, and :class:`~pyro_elbo.train.signals.TrainingTerminated` or
+    :class:`~pyro_elbo.train.signals.TrainingInterrupted` is raised."""
     stop_reason = "completed"
+    stopped_by = None
     try:
         for hook in hooks:
             hook.on_start(state)
         for batch in data.batches(state.position):
             state, info = step(state, *batch)
             reason = next((r for r in (hook.on_step(state, info) for hook in hooks) if r is not None), None)
+            stopped_by = signals.agreed(state.context) if signals is not None else None
+            if stopped_by is not None:
+                break
             if reason is not None:
                 stop_reason = reason
                 break
         state.settle()  # a step refused since the last read raises now, before the last checkpoint
+        if stopped_by is not None:
+            for hook in hooks:
+                hook.on_interrupt(state)
     finally:
         for hook in hooks:
             hook.close()
+    if stopped_by is not None:
+        path = next((str(h.path) for h in hooks if isinstance(h, Checkpointer)), None)
+        message = stop_message(stopped_by, state.step, data.total_steps, path, written=path is not None)
+        if state.context.is_main:
+            logger.warning(message)
+        if signals is not None:
+            signals.forward(stopped_by)
+        raise stop_error(stopped_by, message, state.step, path)
     for hook in hooks:
         hook.on_end(state)
     distributed.barrier(state.context)
     return stop_reason
+
+
+def param_constraints(params: dict[str, Tensor]) -> dict[str, str]:
+    """Each param-store parameter's constraint (its repr, e.g. ``GreaterThan(lower_bound=0.0)``),
+    by name: a resume reads the saved unconstrained values through it, so it must not change."""
+    saved = pyro.get_param_store().get_state()["constraints"]
+    return {name: repr(saved[name]) for name in params if name in saved}
 
 
 def _unique(params: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -54,7 +54,8 @@ class TrainState:
     compiled: CompiledLoss | None = None
     device: torch.device | None = None
     context: distributed.Context = field(default_factory=distributed.Context)
-    #: what a resume must match: ``lr`` and the optimizer, scheduler and objective (by name/repr)
+    #: what a resume must match: ``lr``, the optimizer, scheduler and objective (by name/repr),
+    #: ``compile`` and the parameters' constraints (by name)
     settings: dict[str, Any] = field(default_factory=dict)
     position: DataPosition = field(default_factory=DataPosition)
     #: the losses so far, as floats (``history``) and as device tensors not yet read (see :meth:`record_loss`)
@@ -294,6 +295,7 @@ def check_settings(state: dict[str, Any], train_state: TrainState) -> None:
     if saved["objective"] != repr(train_state.objective):
         differences.append(f"objective {saved['objective']} in the checkpoint, {train_state.objective!r} now")
     differences += _option_differences(state["optimizer"]["param_groups"], train_state.optimizer.param_groups)
+    differences += recorded_setting_differences(saved, now)
     if differences:
         raise ValueError(
             "resume=True refuses to continue a run with other settings: "
@@ -301,6 +303,22 @@ def check_settings(state: dict[str, Any], train_state: TrainState) -> None:
             + ". Nothing was loaded or overwritten. Pass the checkpoint's settings to continue it, or "
             "another checkpoint path (or resume=False) to start a new run."
         )
+
+
+def recorded_setting_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``compile`` and each parameter's constraint, where the checkpoint records them (files
+    written before they were recorded are not checked for them)."""
+    differences = []
+    if "compile" in saved and "compile" in now and saved["compile"] != now["compile"]:
+        differences.append(f"compile={saved['compile']!r} in the checkpoint, compile={now['compile']!r} now")
+    saved_constraints, constraints = saved.get("constraints") or {}, now.get("constraints") or {}
+    for name in sorted(set(saved_constraints) & set(constraints)):
+        if saved_constraints[name] != constraints[name]:
+            differences.append(
+                f"parameter {name!r} has constraint {saved_constraints[name]} in the checkpoint, "
+                f"{constraints[name]} now (its saved unconstrained value would be read through the new one)"
+            )
+    return differences
 
 
 def _option_differences(saved_groups: list[dict[str, Any]], groups: list[dict[str, Any]]) -> list[str]:

@@ -4,6 +4,7 @@ Adam in the graph; non-finite steps refused (naming the site) or skipped."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -77,7 +78,9 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
 
     A step whose loss or gradient is not finite changes no parameter and no optimizer state; with
     ``on_nonfinite="raise"`` it raises :class:`~pyro_elbo.NonFiniteLossError` naming the first
-    site whose log-density is not finite, with ``"skip"`` it is counted in ``state.num_skipped``.
+    site whose log-density is not finite, with ``"skip"`` it is counted in ``state.num_skipped``
+    (on the eager path also a step that Pyro's validation refuses for NaN values in a
+    distribution, which it raises before a loss exists).
     To name the site the step is replayed: with the step's own draws on the eager path (and
     ``compile_backend="eager"``, whose draws are the eager ones), else at the parameters before
     the step with new draws (an inductor graph's draws cannot be replayed).
@@ -166,7 +169,12 @@ def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
             param.grad = grad
     else:
         objective, model, guide = state.objective, state.model, state.guide
-        loss, seen = loss_and_params(lambda: objective.differentiable_loss(model, guide, *args, **kwargs))
+        try:
+            loss, seen = loss_and_params(lambda: objective.differentiable_loss(model, guide, *args, **kwargs))
+        except ValueError as error:  # Pyro's validation refuses NaN values: skipped like a NaN loss
+            if state.on_nonfinite != "skip" or "found invalid values" not in str(error):
+                raise
+            loss, seen = torch.tensor(math.nan), {}
         add_new_params(seen, params, opt)
         opt.zero_grad(set_to_none=True)
         if loss.requires_grad:
