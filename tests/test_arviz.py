@@ -238,6 +238,7 @@ def test_where_infer_discrete_fails_the_rest_is_exported_with_the_marginal_log_l
     history[:, 0] = 1.0
     continuous = ["rho", "s_1", "s_2", "s_3"]
     guide = AutoDiagonalNormal(pyro.poutine.block(capture_recapture, expose=continuous))
+    guide(history)  # its parameters exist, as after training (an untrained export warns of that too)
     with pytest.warns(UserWarning, match=r"Pyro's infer_discrete failed on this model \(KeyError: 's_1'\)"):
         idata = pyro_elbo.to_inference_data(capture_recapture, guide, history, num_samples=40)
     post = idata.posterior
