@@ -561,16 +561,54 @@ def main(argv: list[str] | None = None) -> int:
     text, not_ok, total = table(list(EXAMPLES) if args.table else names, Path(args.results))
     import torch
 
+    counts: dict[str, int] = {}
+    for name in list(EXAMPLES) if args.table else names:
+        cells = load(Path(args.results), name)
+        for entry_point in ENTRY_POINTS:
+            status = cells.get(entry_point, {}).get("status", "not run")
+            counts[status] = counts.get(status, 0) + 1
     header = (
         f"python benchmarks/pyro_examples.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.dtype}; "
-        f"{not_ok} of {total} cells not ok\n"
+        f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, pyro {pyro_version()}, "
+        f"{args.dtype}, one thread\n"
+        f"{not_ok} of {total} cells not ok: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + "\n"
     )
     print(header)
     print(text)
     if args.table:
-        Path(args.table).write_text(header + "\n" + text + "\n")
+        write_table(Path(args.table), header, text)
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def pyro_version() -> str:
+    import pyro
+
+    return str(pyro.__version__)
+
+
+BEGIN, END = "<!-- table: benchmarks/pyro_examples.py --table -->", "<!-- end of table -->"
+
+
+def write_table(path: Path, header: str, table_text: str) -> None:
+    """Write the command line, machine and table to ``path``, or between the markers :data:`BEGIN` and
+    :data:`END` of a page that has them (the rest of the page is kept)."""
+    block = f"```\n{header.strip()}\n```\n\n{table_text.strip()}\n"
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        path.write_text(f"{head}{BEGIN}\n\n{block}\n{END}{rest.split(END, 1)[1]}")
+    else:
+        path.write_text(block)
 
 
 if __name__ == "__main__":
