@@ -427,6 +427,8 @@ def run_cell(name: str, entry_point: str, budget: float) -> dict[str, Any]:
             if isinstance(error, KeyboardInterrupt):
                 raise
             status, detail = classify(error)
+            if isinstance(error, CellTimeout):  # the alarm can stop a cell between a handler's entry and exit
+                pyro.poutine.runtime._PYRO_STACK.clear()
     return {"status": status, "detail": detail, "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -87,6 +87,7 @@ def test_a_cell_past_its_budget_is_not_run() -> None:
     """The time budget stops a cell and records it as not run, not as a failure."""
     cell = harness.run_cell("vae", "kl_gap", budget=0.01)
     assert cell["status"] == "not run" and "budget" in cell["detail"], cell
+    assert not pyro.poutine.runtime._PYRO_STACK  # no handler of the stopped cell is left active
 
 
 @pytest.mark.parametrize("name, entry_point", _cells())
