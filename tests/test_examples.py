@@ -21,6 +21,7 @@ SHORT = {
     "eight_schools.py": ["50", "500"],
     "logistic_regression.py": ["30"],
     "mixture_vimco.py": ["30"],
+    "quickstart.py": ["50", "200"],
     "vae_digits.py": ["--steps", "10", "--batch", "32", "--test-particles", "20"],
 }
 

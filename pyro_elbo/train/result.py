@@ -47,6 +47,23 @@ class FitResult:
     def num_steps(self) -> int:
         return len(self.history)
 
+    def __repr__(self) -> str:
+        """One line: steps, final loss, skips, why it stopped, the objective and the parameter names
+        (the whole history and the parameter values stay in the attributes)."""
+        final = f"{self.history[-1]:.6g}" if self.history else "none"
+        parts = [f"{self.num_steps} steps", f"final loss {final}", f"{self.num_skipped} skipped"]
+        parts.append(f"stop_reason={self.stop_reason!r}")
+        if self.objective is not None:
+            parts.append(f"objective={self.objective!r}")
+        if self.resumed_from_step is not None:
+            parts.append(f"resumed_from_step={self.resumed_from_step}")
+        if self.compile_seconds is not None:
+            parts.append(f"compile_seconds={self.compile_seconds:.1f}")
+        names = list(self.params)
+        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        parts.append(f"params=[{shown}]")
+        return f"FitResult({', '.join(parts)})"
+
     def plot(self, ax: Any = None) -> Any:
         """The loss curve (and validation loss). Returns the figure."""
         import matplotlib.pyplot as plt
