@@ -6,7 +6,7 @@ from pyro_elbo.diagnostics import GapDecomposition, KLGapReport, gap_decompositi
 from pyro_elbo.estimators import Estimator
 from pyro_elbo.evidence import Evidence, Sandwich, bdmc, log_evidence
 from pyro_elbo.objectives import CUBO, ELBO, IWAE, STL, VIMCO, DReG, Objective, RenyiELBO, make_objective
-from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load_checkpoint
+from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load, load_checkpoint
 from pyro_elbo.weights import LogWeights, log_weights
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "gap_decomposition",
     "gradient_snr",
     "kl_gap",
+    "load",
     "load_checkpoint",
     "log_evidence",
     "log_weights",

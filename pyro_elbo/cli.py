@@ -115,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)"
     )
-    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="continue from OUT/checkpoint.pt if it exists (--no-resume, the default: start a new run, overwriting it)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     return parser
@@ -203,21 +208,26 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"pyro-elbo: {args.file} -> {out}/  model={model_name} guide={guide_label} objective={objective!r}")
-    result = pyro_elbo.fit(
-        model,
-        guide,
-        *model_args,
-        objective=objective,
-        num_steps=args.steps,
-        lr=args.lr,
-        device=device,
-        seed=args.seed,
-        checkpoint=out / "checkpoint.pt",
-        checkpoint_every=max(1, args.steps // 20),
-        resume=args.resume,
-        progress=not args.no_progress,
-        compile=args.compile,
-    )
+    try:
+        result = pyro_elbo.fit(
+            model,
+            guide,
+            *model_args,
+            objective=objective,
+            num_steps=args.steps,
+            lr=args.lr,
+            device=device,
+            seed=args.seed,
+            checkpoint=out / "checkpoint.pt",
+            checkpoint_every=max(1, args.steps // 20),
+            resume=args.resume,
+            progress=not args.no_progress,
+            compile=args.compile,
+        )
+    except ValueError as error:
+        if args.resume and any(mark in str(error) for mark in REFUSED_RESUME):
+            raise UsageError(_refused_resume_advice(str(error), out)) from error
+        raise
     if result.resumed_from_step is not None:
         print(f"resumed from step {result.resumed_from_step}")
     final = result.history[-1] if result.history else float("nan")
@@ -241,6 +251,20 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+#: the phrases of ``fit``'s refusals to resume a checkpoint (other settings, another program, another world size)
+REFUSED_RESUME = ("resume=True refuses", "belongs to a different model/guide", "resume with the same world size")
+
+
+def _refused_resume_advice(message: str, out: Path) -> str:
+    """``fit``'s refusal to resume, in the command's terms: what differs, then what to pass."""
+    what = message.split(". Nothing was loaded")[0].replace("resume=True", "--resume")
+    return (
+        f"{what}. Nothing was loaded or overwritten. To continue that run, pass the settings it was "
+        f"started with (--lr, --objective, --particles, the same model file); to start a new run, pass "
+        f"--no-resume (which overwrites {out}/checkpoint.pt) or another --out."
+    )
 
 
 def _after_fit(

@@ -6,11 +6,12 @@ step), :mod:`~pyro_elbo.train.state` (``TrainState`` and its ``state_dict``),
 :mod:`~pyro_elbo.train.checkpoint` (files), :mod:`~pyro_elbo.train.data` (data order),
 :mod:`~pyro_elbo.train.hooks` (progress, validation, checkpoints, callbacks, early stopping),
 :mod:`~pyro_elbo.train.memory` (particle-count check), :mod:`~pyro_elbo.train.autocompile`
-(``compile="auto"``), :mod:`~pyro_elbo.train.flat` (flat parameter/Adam buffers of the compiled step).
+(``compile="auto"``), :mod:`~pyro_elbo.train.loading` (``load``: a finished run for analysis), :mod:`~pyro_elbo.train.flat` (flat parameter/Adam buffers of the compiled step).
 """
 
 from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from pyro_elbo.train.hooks import Callbacks, Checkpointer, EarlyStopping, Hook, Progress, Validation
+from pyro_elbo.train.loading import load
 from pyro_elbo.train.loop import fit, init
 from pyro_elbo.train.result import FitResult, NonFiniteLossError
 from pyro_elbo.train.state import TrainState
@@ -30,6 +31,7 @@ __all__ = [
     "Validation",
     "fit",
     "init",
+    "load",
     "load_checkpoint",
     "save_checkpoint",
     "step",
