@@ -8,6 +8,7 @@ build, so a new public name appears without editing the site); the gallery runs 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pyro_elbo  # noqa: E402
@@ -30,6 +32,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax copied into the site: math renders without a network
     "sphinx.ext.viewcode",
     "myst_parser",
     "sphinx_gallery.gen_gallery",
@@ -53,7 +56,7 @@ napoleon_use_rtype = False
 # written at every build from __all__ and included by api.rst, so that a new public name is listed
 # (and its page generated) without editing the site
 (HERE / "_api_names.rst").write_text(
-    ".. autosummary::\n   :toctree: generated\n   :nosignatures:\n\n"
+    ".. currentmodule:: pyro_elbo\n\n.. autosummary::\n   :toctree: generated\n   :nosignatures:\n\n"
     + "".join(f"   {name}\n" for name in pyro_elbo.__all__),
     encoding="utf-8",
 )
@@ -66,34 +69,25 @@ html_static_path: list[str] = []
 # plain references (no network at build time: intersphinx inventories are not fetched)
 intersphinx_mapping: dict[str, Any] = {}
 
-# the example gallery: every script in examples/ is run, with arguments that keep the whole
-# gallery to a few minutes on two cores (each script's defaults are the full runs)
-GALLERY_ARGV = {
-    "quickstart.py": ["2000", "10000"],
-    "eight_schools.py": ["2000", "20000"],
-    "logistic_regression.py": ["500"],
-    "mixture_vimco.py": ["500"],
-    "vae_digits.py": ["--steps", "300", "--test-particles", "200"],
-    "diffusion_digits.py": (
-        "--steps 150 --T 8 --hidden 64 --blocks 1 --iwae-particles 16 --ais-points 2 --ais-steps 10"
-        " --ais-chains 2 --gap-particles 50 --png "
-    ).split()
-    + [str(HERE / "_build" / "diffusion_digits_samples.png")],
-}
-
-
-def gallery_argv(gallery_conf: dict[str, Any], script_vars: dict[str, Any]) -> list[str]:
-    """The command-line arguments a gallery script runs with (its full run is its default)."""
-    return list(GALLERY_ARGV.get(Path(script_vars["src_file"]).name, []))
-
-
 sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"\.py$",
-    "reset_argv": gallery_argv,
+    "reset_argv": "gallery_argv.gallery_argv",  # docs/gallery_argv.py (a name: the config stays picklable)
     "download_all_examples": False,
     "remove_config_comments": True,
     "min_reported_time": 1,
     "image_scrapers": ("matplotlib",),
 }
+
+
+# ``model, guide, *args, **kwargs:`` in a Google-style "Args:" list: the stars are literal
+_STARRED = re.compile(r"(?<![`\\*\w])(\*{1,2})(args|kwargs)\b(?!`)")
+
+
+def _escape_starred_args(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
+    lines[:] = [_STARRED.sub(lambda m: "\\*" * len(m[1]) + m[2], line) for line in lines]
+
+
+def setup(app: Any) -> None:
+    app.connect("autodoc-process-docstring", _escape_starred_args, priority=400)

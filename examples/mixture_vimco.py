@@ -1,8 +1,9 @@
-"""A model with a discrete latent trained with VIMCO: which of three clusters made each point.
+"""A model with a discrete latent trained with VIMCO: which of three clusters made each point
+==========================================================================================
 
 The guide is amortized: a small network maps each point to its cluster probabilities. VIMCO's
 leave-one-out baselines make the score-function gradient usable; the exact posterior over each
-point's cluster is available by enumeration, so the script prints how close the guide got.
+point's cluster is available by enumeration, so the script prints how close the guide got. Run::
 
     python examples/mixture_vimco.py [steps]
     pyro-elbo run examples/mixture_vimco.py --objective vimco --particles 8 --lr 0.05

@@ -4,7 +4,7 @@
 A normal model with unknown mean and scale, a mean-field :class:`~pyro.infer.autoguide.AutoNormal`
 guide trained with :func:`pyro_elbo.fit`, and the KL-gap report of
 :func:`pyro_elbo.kl_gap`: the ELBO, the IWAE ladder and CUBO with standard errors, the bracket on
-``log p(x)`` and on ``KL(q || p)``, PSIS k-hat, the effective sample size and a verdict.
+``log p(x)`` and on ``KL(q || p)``, PSIS k-hat, the effective sample size and a verdict. Run::
 
     python examples/quickstart.py [steps] [particles]
     pyro-elbo run examples/quickstart.py
@@ -33,9 +33,6 @@ def data() -> tuple[torch.Tensor]:
 
 
 def main(steps: int = 2000, particles: int = 10_000) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     from pyro.infer.autoguide import AutoNormal
 
     import pyro_elbo
@@ -45,6 +42,7 @@ def main(steps: int = 2000, particles: int = 10_000) -> None:
     guide = AutoNormal(model)
     result = pyro_elbo.fit(model, guide, y, num_steps=steps, lr=0.02, seed=0, progress=False)
     print(result)
+    result.plot()  # the loss curve, and the last half of the run on its own scale
     report = pyro_elbo.kl_gap(model, guide, y, num_particles=particles)
     print(report)
     report.plot()
