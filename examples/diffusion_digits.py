@@ -334,8 +334,7 @@ def save_samples(path: str, num: int = 64) -> None:
         ax.imshow(image, cmap="gray_r", vmin=0, vmax=LEVELS - 1)
         ax.axis("off")
     fig.suptitle(f"Diffusion model samples (T={SCHEDULE.T})")
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # left open: the gallery shows it
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,7 +6,7 @@ follow; the non-centered one removes it. The KL-gap report tells them apart. Dat
 Run::
 
     python examples/eight_schools.py               # fit both, print both reports
-    pyro-elbo run examples/eight_schools.py                      # non-centered (``model``)
+    pyro-elbo run examples/eight_schools.py                      # non-centered (the file's model)
     pyro-elbo run examples/eight_schools.py:centered_model       # centered
 """
 

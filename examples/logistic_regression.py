@@ -64,6 +64,7 @@ def main(steps: int = 1500) -> None:
         report = pyro_elbo.kl_gap(model, guide, x, y, num_particles=2000, chunk_size=500)
         print(f"--- {guide_cls.__name__} ---")
         print(report)
+        report.plot().axes[0].set_ylabel(f"{guide_cls.__name__}: bound on log p(x) (nats)")
 
 
 if __name__ == "__main__":

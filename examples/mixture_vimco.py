@@ -64,7 +64,9 @@ def main(steps: int = 1000) -> None:
         probs = torch.softmax(classifier(x.unsqueeze(-1)), -1)
     error = (probs - exact_posterior(x)).abs().max()
     print(f"final loss {result.history[-1]:.3f}; largest error in a cluster probability: {float(error):.3f}")
-    print(pyro_elbo.kl_gap(model, guide, x, num_particles=2000))
+    report = pyro_elbo.kl_gap(model, guide, x, num_particles=2000)
+    print(report)
+    report.plot()
 
 
 if __name__ == "__main__":
