@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return run(args)
+        return _run_with_resume_refusals_as_usage_errors(args)
     except UsageError as error:
         _report_error(error, args.traceback, hint=False)
         return 2
@@ -208,26 +208,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"pyro-elbo: {args.file} -> {out}/  model={model_name} guide={guide_label} objective={objective!r}")
-    try:
-        result = pyro_elbo.fit(
-            model,
-            guide,
-            *model_args,
-            objective=objective,
-            num_steps=args.steps,
-            lr=args.lr,
-            device=device,
-            seed=args.seed,
-            checkpoint=out / "checkpoint.pt",
-            checkpoint_every=max(1, args.steps // 20),
-            resume=args.resume,
-            progress=not args.no_progress,
-            compile=args.compile,
-        )
-    except ValueError as error:
-        if args.resume and any(mark in str(error) for mark in REFUSED_RESUME):
-            raise UsageError(_refused_resume_advice(str(error), out)) from error
-        raise
+    result = pyro_elbo.fit(
+        model,
+        guide,
+        *model_args,
+        objective=objective,
+        num_steps=args.steps,
+        lr=args.lr,
+        device=device,
+        seed=args.seed,
+        checkpoint=out / "checkpoint.pt",
+        checkpoint_every=max(1, args.steps // 20),
+        resume=args.resume,
+        progress=not args.no_progress,
+        compile=args.compile,
+    )
     if result.resumed_from_step is not None:
         print(f"resumed from step {result.resumed_from_step}")
     final = result.history[-1] if result.history else float("nan")
@@ -255,6 +250,17 @@ def run(args: argparse.Namespace) -> int:
 
 #: the phrases of ``fit``'s refusals to resume a checkpoint (other settings, another program, another world size)
 REFUSED_RESUME = ("resume=True refuses", "belongs to a different model/guide", "resume with the same world size")
+
+
+def _run_with_resume_refusals_as_usage_errors(args: argparse.Namespace) -> int:
+    """:func:`run`, with ``fit``'s refusal to resume a checkpoint reported as a usage mistake (exit
+    status 2) in the command's terms."""
+    try:
+        return run(args)
+    except ValueError as error:
+        if getattr(args, "resume", False) and any(mark in str(error) for mark in REFUSED_RESUME):
+            raise UsageError(_refused_resume_advice(str(error), Path(args.out))) from error
+        raise
 
 
 def _refused_resume_advice(message: str, out: Path) -> str:
