@@ -77,6 +77,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "remove_config_comments": True,
     "min_reported_time": 1,
+    "write_computation_times": False,  # no top-level page of times (the glob toctree would list it)
     "image_scrapers": ("matplotlib",),
 }
 
