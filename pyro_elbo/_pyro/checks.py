@@ -16,6 +16,7 @@ values that broadcast the ``log_prob`` beyond the distribution's batch shape (da
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "check_model_guide",
     "check_supports",
     "diagnose_shape_failure",
+    "plate_mismatch_error",
     "site_shape_error",
 ]
 
@@ -353,3 +355,81 @@ def diagnose_shape_failure(
         except (ValueError, NotImplementedError) as error:
             return error
     return None
+
+
+# Pyro's BroadcastMessenger: "Shape mismatch inside plate('data') at site y dim -1, 50 vs 3"
+_PLATE_MISMATCH = re.compile(
+    r"Shape mismatch inside plate\('(?P<plate>[^']*)'\) at site (?P<site>\S+) dim (?P<dim>-?\d+), "
+    r"(?P<size>\d+) vs (?P<other>\d+)"
+)
+
+
+def plate_mismatch_error(error: BaseException) -> ValueError | None:
+    """Pyro's bare "Shape mismatch inside plate" in the package's words, or None for other errors.
+
+    Pyro raises it while broadcasting a site's distribution to its plates, so the site never
+    reaches a trace; the site is read from the failing ``pyro.sample`` message in the error's
+    traceback. The usual cause is a multivariate distribution (a vector latent or likelihood)
+    written without ``.to_event(n)``: its last dims are taken for batch dims and collide with a
+    plate. The message names the site, the plate (size and dim), both shapes, and the
+    ``.to_event(n)`` that makes the remaining batch shape fit the site's plates.
+    """
+    match = _PLATE_MISMATCH.match(str(error)) if isinstance(error, ValueError) else None
+    if match is None:
+        return None
+    plate, site, dim = match["plate"], match["site"], int(match["dim"])
+    size, other = int(match["size"]), int(match["other"])
+    msg = _failing_sample_message(error)
+    if msg is None:
+        return ValueError(
+            f"Site '{site}' inside plate '{plate}' (size {size}, dim {dim}): its distribution's batch shape has size {other} at dim {dim}, where the plate has "
+            f"size {size}. If those {other} values are one multivariate draw, declare them as the event with "
+            ".to_event(n) (e.g. dist.Normal(loc, scale).to_event(1)); if they are independent, give them a "
+            "pyro.plate of their own at another dim."
+        )
+    fn = msg["fn"]
+    batch, event = tuple(fn.batch_shape), tuple(fn.event_shape)
+    role = "Observed site" if msg.get("is_observed") else "Latent site"
+    value = msg.get("value")
+    observed = f", observed value of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+    frames = [f for f in msg.get("cond_indep_stack", ()) if f.vectorized and f.dim is not None]
+    # the fewest trailing batch dims, the mismatching one among them, whose move to the event fits the plates
+    n = next((k for k in range(-dim, len(batch) + 1) if _fits_plates(batch[: len(batch) - k], frames)), None)
+    shapes = f"its distribution has batch shape {batch} and event shape {event}{observed}"
+    otherwise = (
+        f"give the distribution's parameters size {size} or 1 at dim {dim}, or give those {other} values a "
+        "pyro.plate of their own"
+    )
+    if n is None:
+        fix = otherwise
+    else:
+        moved = batch[len(batch) - n :]
+        fix = (
+            f"if the last {n} batch dim(s) {moved} are one multivariate draw (a vector latent or observation), "
+            f"declare them as the event with .to_event({n}) (e.g. dist.{type(fn).__name__}(...).to_event({n})): "
+            f"batch shape {batch[: len(batch) - n]} and event shape {moved + event}; otherwise {otherwise}"
+        )
+    return ValueError(
+        f"{role} '{site}' inside plate '{plate}' (size {size}, dim {dim}): {shapes}, "
+        f"so dim {dim} has size {other} where the plate has size {size}. Fix: {fix}."
+    )
+
+
+def _failing_sample_message(error: BaseException) -> dict[str, Any] | None:
+    """The ``pyro.sample`` message that Pyro's plate was broadcasting when it raised ``error``."""
+    tb = error.__traceback__
+    found = None
+    while tb is not None:
+        msg = tb.tb_frame.f_locals.get("msg") if tb.tb_frame.f_code.co_name == "_pyro_sample" else None
+        if isinstance(msg, dict) and msg.get("type") == "sample" and "fn" in msg:
+            found = msg
+        tb = tb.tb_next
+    return found
+
+
+def _fits_plates(batch: tuple[int, ...], frames: list[Any]) -> bool:
+    """Whether a batch shape has each plate's size (or 1) at that plate's dim."""
+    for frame in frames:
+        if -frame.dim <= len(batch) and batch[frame.dim] not in (1, frame.size):
+            return False
+    return True

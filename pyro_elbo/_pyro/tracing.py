@@ -30,14 +30,20 @@ def guess_max_plate_nesting(model: Model, guide: Guide, *args: Any, **kwargs: An
     inside :func:`torch.random.fork_rng`, so the caller's random stream is left where it was and a
     seeded run gives the same draws whether or not this was called first.
     """
-    with forked_rng(), torch.no_grad(), poutine.block():
-        guide_trace, model_trace = trace_guide(guide, args, kwargs)
-        try:
-            if model_trace is None:
-                model_trace = run_model(model, guide_trace, args, kwargs)
-        except Exception as error:
-            _diagnose_model_failure(model, guide_trace, args, kwargs, None, 1, error)
+    try:
+        with forked_rng(), torch.no_grad(), poutine.block():
+            guide_trace, model_trace = trace_guide(guide, args, kwargs)
+            try:
+                if model_trace is None:
+                    model_trace = run_model(model, guide_trace, args, kwargs)
+            except Exception as error:
+                _diagnose_model_failure(model, guide_trace, args, kwargs, None, 1, error)
+                raise
+    except ValueError as error:  # Pyro's bare plate shape mismatch, named (a missing .to_event)
+        named = checks.plate_mismatch_error(error)
+        if named is None:
             raise
+        raise named from error
     return plate_nesting(guide_trace, model_trace)
 
 
@@ -130,10 +136,13 @@ def traces(
             raise
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         if num_particles == 1 or isinstance(error, _NamedMismatch):
-            raise
+            plate_error = checks.plate_mismatch_error(error)
+            if plate_error is None:
+                raise
+            raise plate_error from error
         named = checks.diagnose_shape_failure(model, guide, args, kwargs, max_plate_nesting)
         if named is not None:
-            raise named from error
+            raise (checks.plate_mismatch_error(named) or named) from error
         raise ValueError(
             f"The model or guide failed when its {num_particles} particles were drawn in one "
             f"vectorized pass (an outer pyro.plate at dim {dim}): {type(error).__name__}: {error}. "
@@ -175,7 +184,8 @@ def _diagnose_model_failure(
         prior_trace = enum.without_sites(prior_trace, enum.enumerated_sites(prior_trace, guide_trace))
         checks.check_model_guide(prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
     except ValueError as mismatch:
-        raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {error})") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {first_line})") from error
 
 
 def scored_sites(trace: Trace, named: bool = False) -> Iterator[Any]:
