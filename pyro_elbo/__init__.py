@@ -31,6 +31,7 @@ __all__ = [
     "STL",
     "Sandwich",
     "VIMCO",
+    "VariationalLooWarning",
     "bdmc",
     "fit",
     "gap_decomposition",
@@ -40,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "log_evidence",
     "log_weights",
+    "loo",
     "make_objective",
     "to_inference_data",
 ]
