@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from pyro_elbo.kl_gap import GOOD_KL, MIN_ESS, SMALL_KL
+from pyro_elbo.kl_gap import EXACT_ESS_SHARE, GOOD_KL, MIN_ESS, SMALL_KL
+from pyro_elbo.kl_gap import Z as Z_TEXT
 
 if TYPE_CHECKING:
     from pyro_elbo.kl_gap import KLGapReport, SimulatedGap
@@ -53,7 +54,7 @@ def report_text(report: KLGapReport) -> str:
     lines.append(f"  {'CUBO_2':<12}{report.cubo.value:>14.4f}{report.cubo.se:>13.4f}")
     lines.append("")
     lines.append(f"  log p(x)    {_interval(*report.log_evidence_interval)}")
-    if report.resolvable:
+    if report.resolvable or not report.consistent:
         lines.append(f"  KL(q || p)  {_interval(*report.kl_interval)}")
     else:
         lines.append(f"  KL(q || p)  not resolvable: below the {report.noise_floor:.2g} nat rounding noise floor")
@@ -201,3 +202,93 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
         f"{weak}: a few particles carry the importance weight, so q is too far from the posterior for "
         f"importance sampling (KL >= {lo:.3g} nats, possibly much more): {untrusted}"
     ]
+
+
+#: standard errors a bound may stray past another before the two contradict each other
+#: (one-sided false-alarm rate 3e-5 per comparison for Gaussian errors)
+CONTRADICTION_Z = 4.0
+
+#: verdicts that claim something (a small KL, or trustworthy importance sampling)
+CLAIMS = ("exact", "good", "ok", "the bracket is reliable")
+
+
+def contradictions(report: KLGapReport) -> list[str]:
+    """Where the verdict disagrees with the report's own numbers, each naming both.
+
+    Checked: ESS and k̂ against a verdict that trusts importance sampling; an "exact" verdict
+    against the share of effective particles (the noise floor alone never decides it); the
+    ladder ``ELBO <= IWAE_K <= CUBO_2`` within ``CONTRADICTION_Z`` standard errors and the noise
+    floor (ELBO above an IWAE bound contradicts every verdict; CUBO below IWAE a trusted bracket);
+    and the lower end of the bracket against the KL a "good" or "exact" verdict claims."""
+    verdict, found = report.verdict, []
+    claim = verdict.split(":")[0]
+    claims = verdict.startswith(CLAIMS)
+    floor, n = report.noise_floor, report.num_particles
+    if claims and report.replay_error > 0:
+        found.append(f"the verdict '{claim}' against {randomness_text(report)}")
+    if claims and report.ess < MIN_ESS:
+        found.append(f"the verdict '{claim}' against ESS {report.ess:.1f} of {n}: a few particles carry the weight")
+    if claims and report.khat > 0.7:
+        found.append(f"the verdict '{claim}' against k-hat {report.khat:.2f} > 0.7: heavy-tailed importance weights")
+    if verdict.startswith("exact") and not report.ess >= EXACT_ESS_SHARE * n:
+        found.append(
+            f"'exact to rounding' (noise floor {floor:.3g} nats) against ESS {report.ess:.1f} of {n}: the weights "
+            f"vary beyond rounding (log w sd {report.log_w_sd:.3g} nats), so the floor cannot decide the verdict"
+        )
+    elbo = report.elbo
+    for k, est in sorted(report.iwae.items()):
+        diff = elbo - est
+        if k > 1 and diff.value > CONTRADICTION_Z * diff.se + floor:
+            found.append(
+                f"ELBO {elbo.value:.4f} above IWAE_{k} {est.value:.4f} by {diff.value:.3g} nats "
+                f"({diff.value / max(diff.se, 1e-300):.1f} standard errors): a lower bound cannot exceed a tighter one"
+            )
+            break
+    top = report.iwae[max(report.iwae)]
+    excess = top - report.cubo
+    trusted = verdict.startswith(("exact", "good", "the bracket is reliable"))
+    if trusted and excess.value > CONTRADICTION_Z * excess.se + floor:
+        found.append(
+            f"the verdict '{claim}' against CUBO_2 {report.cubo.value:.4f} below IWAE_{max(report.iwae)} "
+            f"{top.value:.4f} by {excess.value:.3g} nats: the upper bound is biased low"
+        )
+    low = report.gap_lower
+    if verdict.startswith(("exact", "good")):
+        claimed = (
+            floor if verdict.startswith("exact") else report.gap_upper.value + Z_TEXT * report.gap_upper.se + floor
+        )
+        if low.value - CONTRADICTION_Z * low.se > claimed:
+            found.append(
+                f"the verdict '{claim}' (KL <= {claimed:.3g} nats) against IWAE_{max(report.iwae)} - ELBO = "
+                f"{low.value:.4g} ± {low.se:.2g} nats, a lower bound on the KL"
+            )
+    return found
+
+
+def randomness_text(report: KLGapReport) -> str:
+    """What the report found about randomness outside the sample sites, and the fix."""
+    where = (
+        "a module in training mode: " + ", ".join(report.random_modules) + "; call .eval() on it before kl_gap"
+        if report.random_modules
+        else "no module in training mode was found: look for torch.rand/randn/dropout calls outside pyro.sample"
+    )
+    return (
+        f"a program random beyond its sample sites (two evaluations at the same draws differ by up to "
+        f"{report.replay_error:.3g} nats): {where}"
+    )
+
+
+def check_consistency(report: KLGapReport) -> None:
+    """Replace a verdict its own report contradicts by one that claims nothing, with a warning
+    naming the numbers that disagree (every report passes through here before it is returned)."""
+    found = contradictions(report)
+    report.contradictions = found
+    if report.replay_error > 0 and not found:
+        report.warnings.insert(0, f"{randomness_text(report)}; the bounds are those of the randomized program")
+    if not found:
+        return
+    claim = report.verdict.split(":")[0]
+    report.verdict = f"inconsistent: '{claim}' is contradicted by the report's own numbers (see the warnings)"
+    report.warnings = [
+        f"contradiction: {message}; this report claims nothing about the KL beyond its lower end" for message in found
+    ] + [w for w in report.warnings if "below the floating-point noise floor" not in w]

@@ -32,7 +32,13 @@ from torch import Tensor
 from pyro_elbo import evidence
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.enum import MARGINAL_PREFIX
-from pyro_elbo._pyro.inspect import SiteShares, float64_rounding_error, raise_if_nonfinite_observed, site_shares
+from pyro_elbo._pyro.inspect import (
+    SiteShares,
+    float64_rounding_error,
+    outside_randomness,
+    raise_if_nonfinite_observed,
+    site_shares,
+)
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.psis import effective_sample_size, psis_khat
@@ -43,6 +49,9 @@ MIN_ESS = 20.0
 SMALL_KL = 0.05
 #: the upper end of the KL interval at most this (nats) for the verdict "good"
 GOOD_KL = 1.0
+#: an "exact" verdict needs at least this share of the particles effective: the weights are
+#: nearly equal, so KL <= log(1 + chi^2) ~ log(S / ESS) <= log 2, whatever the noise floor says
+EXACT_ESS_SHARE = 0.5
 #: particles re-evaluated in float64 to measure the rounding error of the log-weights
 ROUNDING_PARTICLES = 64
 #: the measured rounding-error range over ROUNDING_PARTICLES, times this, is the noise floor
@@ -74,6 +83,14 @@ class KLGapReport:
         resolvable: whether the upper end of the bracket exceeds the noise floor.
         reliable: k̂ < 0.7 and ESS >= ``MIN_ESS``: IWAE and CUBO and their errors can be trusted.
         verdict: one line; warnings: why parts of the report should not be trusted.
+        replay_error: the largest change of a log-weight between two evaluations at the same
+            draws in the working dtype: nonzero when the program is random beyond its sample sites
+            (``random_modules`` names the modules in training mode found, e.g. ``"Dropout at
+            encoder.drop"``); the noise floor then comes from magnitudes, and no verdict claims
+            more than the lower end of the bracket.
+        contradictions: where the verdict :func:`assess` reached disagrees with the report's own
+            ESS, k̂ or ladder ``ELBO <= IWAE_K <= CUBO``; then the verdict starts with
+            "inconsistent" and claims nothing, and ``kl_interval`` has no upper end.
         simulated: with ``bdmc``, the bracket on data simulated from the model, split into q's KL
             and the estimators' looseness by a BDMC sandwich (:class:`SimulatedGap`).
     """
@@ -94,6 +111,14 @@ class KLGapReport:
     verdict: str = ""
     warnings: list[str] = field(default_factory=list)
     simulated: SimulatedGap | None = None
+    contradictions: list[str] = field(default_factory=list)
+    replay_error: float = 0.0
+    random_modules: list[str] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the verdict agrees with the report's own ESS, k̂ and ladder of bounds."""
+        return not self.contradictions
 
     @property
     def gap_lower(self) -> Estimate:
@@ -115,6 +140,8 @@ class KLGapReport:
     def kl_interval(self) -> tuple[float, float]:
         low, high = self.gap_lower, self.gap_upper
         lo = max(0.0, low.value - Z * low.se - self.noise_floor)
+        if not self.consistent:
+            return lo, math.inf
         if not self.resolvable:
             return 0.0, max(self.noise_floor, high.value + Z * high.se + self.noise_floor)
         return lo, high.value + Z * high.se + self.noise_floor if self.reliable else math.inf
@@ -122,7 +149,8 @@ class KLGapReport:
     @property
     def log_evidence_interval(self) -> tuple[float, float]:
         top = self.iwae[max(self.iwae)]
-        hi = self.cubo.value + Z * self.cubo.se + self.noise_floor if self.reliable else math.inf
+        trusted = self.reliable and self.consistent
+        hi = self.cubo.value + Z * self.cubo.se + self.noise_floor if trusted else math.inf
         return top.value - Z * top.se - self.noise_floor, hi
 
     def __str__(self) -> str:
@@ -217,7 +245,9 @@ def kl_gap(
     elbo = _elbo_estimate(log_w)
     iwae = {1: elbo} | {k: _iwae_estimate(log_w, k) for k in ladder if k > 1}
     spread = log_w.max(0).values - log_w.min(0).values
-    constant = bool((spread <= floor).all())
+    ess = min(effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1]))
+    # constant to rounding only if the weights agree: the floor alone never decides it
+    constant = bool((spread <= floor).all()) and ess >= EXACT_ESS_SHARE * num_particles
     khat = -math.inf if constant else max((psis_khat(log_w[:, b]) for b in range(log_w.shape[1])), key=_rank)
     report = KLGapReport(
         num_particles=num_particles,
@@ -228,17 +258,20 @@ def kl_gap(
         khat_per_site={
             site: max((psis_khat(s[:, b]) for b in range(s.shape[1])), key=_rank) for site, s in share_w.items()
         },
-        ess=min(effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1])),
+        ess=ess,
         noise_floor=floor,
         dtype=dtype,
         num_points=log_w.shape[1],
         log_w_sd=float(log_w.sum(1).std()),
         floor_source=source,
         joint_sites=dict(shares.joint) if shares is not None else {},
+        replay_error=run.replay_error,
+        random_modules=run.randomness,
     )
-    from pyro_elbo._kl_gap_text import assess
+    from pyro_elbo._kl_gap_text import assess, check_consistency
 
     report.verdict, report.warnings = assess(report)
+    check_consistency(report)
     if bdmc_options is not None:
         report.simulated = _simulated_gap(
             model, guide, args, kwargs, bdmc_options, num_particles=num_particles, chunk_size=chunk_size,
@@ -373,6 +406,10 @@ class _Run:
         self.max_plate_nesting, self.vectorize, self.shares = max_plate_nesting, vectorize, shares
         self.abs_terms = 0.0
         self.drawn = 0
+        #: largest change of a log-weight between two evaluations at the same draws (0: none)
+        self.replay_error = 0.0
+        #: the modules in training mode found to make the program random (by name)
+        self.randomness: list[str] = []
 
     def chunk(self, size: int) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
         lw = log_weights(
@@ -434,9 +471,18 @@ class _Run:
         return torch.cat(chunks), {site: torch.cat(c) for site, c in share_chunks.items()}, dtype
 
     def noise_floor(self, num: int, dtype: torch.dtype) -> tuple[float, str]:
-        """Bound on the rounding error of a gap: measured against float64 when possible."""
+        """Bound on the rounding error of a gap: measured against float64 when possible, and only
+        when the program reproduces its own log-weights at the same draws (``self.randomness``)."""
         eps = torch.finfo(dtype).eps
         estimated = 4 * eps * self.abs_terms / max(self.drawn, 1) + 1e-300
+        with torch.no_grad():
+            again = float64_rounding_error(
+                self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting, upcast=False
+            )
+        if again is not None and torch.isfinite(again).all() and float(again.abs().max()) > estimated:
+            self.replay_error = float(again.abs().max())
+            self.randomness = outside_randomness(self.model, self.guide, self.args, self.kwargs)
+            return estimated, "magnitudes (the program is random beyond its sample sites)"
         if dtype == torch.float64:
             return estimated, "magnitudes"
         with torch.no_grad():

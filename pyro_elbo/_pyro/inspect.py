@@ -138,17 +138,18 @@ class _Record(Messenger):
             self.values[msg["name"]] = msg["value"].detach()
 
 
-class _Float64(Messenger):
-    """Upcasts parameters, and replays recorded guide draws in float64 (the guide's pass only:
-    the first time a site is seen). Delta sites (an autoguide's transformed value) are recomputed."""
+class _Replay(Messenger):
+    """Replays recorded guide draws (the guide's pass only: the first time a site is seen), in
+    float64 with the parameters upcast when ``upcast``. Delta sites (an autoguide's transformed
+    value) are recomputed."""
 
-    def __init__(self, values: dict[str, Tensor]) -> None:
+    def __init__(self, values: dict[str, Tensor], upcast: bool = True) -> None:
         super().__init__()
-        self.values = values
+        self.values, self.upcast = values, upcast
         self.seen: set[str] = set()
 
     def _pyro_post_param(self, msg: Any) -> None:
-        if isinstance(msg["value"], Tensor) and msg["value"].is_floating_point():
+        if self.upcast and isinstance(msg["value"], Tensor) and msg["value"].is_floating_point():
             msg["value"] = msg["value"].double()
 
     def _pyro_sample(self, msg: Any) -> None:
@@ -160,7 +161,7 @@ class _Float64(Messenger):
             fn = fn.base_dist
         if first and _latent(msg) and name in self.values and type(fn).__name__ != "Delta":
             value = self.values[name]
-            msg["value"] = value.double() if value.is_floating_point() else value
+            msg["value"] = value.double() if self.upcast and value.is_floating_point() else value
 
 
 def _double(value: Any) -> Any:
@@ -190,6 +191,7 @@ def float64_rounding_error(
     kwargs: dict[str, Any],
     num_particles: int,
     max_plate_nesting: int,
+    upcast: bool = True,
 ) -> Tensor | None:
     """``[K, *B]`` rounding error of ``K`` log-weights: the working-dtype value minus the value
     re-evaluated in float64 at the same guide draws (parameters, data and draws upcast).
@@ -200,21 +202,74 @@ def float64_rounding_error(
 
     The weights of ``nn.Module`` networks (those in the param store, as ``pyro.module`` and
     ``PyroModule`` put them there, and every module the programs reach) are upcast for the
-    re-evaluation and put back after it. ``None`` if the program still cannot run in float64."""
+    re-evaluation and put back after it. ``None`` if the program still cannot run in float64.
+
+    With ``upcast=False`` the re-evaluation stays in the working dtype: a program whose
+    log-density is a function of its sample sites' values gives exactly zero; anything else is
+    randomness outside the sample sites (see :func:`outside_randomness`)."""
     with forked_rng():
         try:
-            return _rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting)
+            return _rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting, upcast)
         except Exception:  # noqa: BLE001 - no particle plate: one particle per run
             pass
         try:
             errors = [
-                _rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting)
+                _rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting, upcast)
                 for _ in range(min(num_particles, 16))
             ]
         except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
             return None
     present = [e for e in errors if e is not None]
     return torch.cat(present) if len(present) == len(errors) else None
+
+
+#: module types whose output in training mode is random (dropout) or depends on the whole batch
+#: (batch normalization): a log-density through them is not a function of the sample sites
+_TRAINING_MODE_TYPES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.modules.dropout._DropoutNd,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.RReLU,
+)
+
+
+def outside_randomness(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Modules in training mode that make a program random beyond its sample sites, by name.
+
+    The modules that run during one pass of guide and model are recorded (a global forward
+    hook); those of a dropout or batch-norm type in training mode are named by their path from
+    the outermost module that ran, itself named as ``pyro.module`` registered it in the param
+    store (``"encoder.drop"``), or by its class. Empty if none is found (the randomness may then
+    come from ``torch.rand``-style calls outside ``pyro.sample``)."""
+    ran: dict[int, torch.nn.Module] = {}
+
+    def hook(module: torch.nn.Module, inputs: Any) -> None:
+        ran[id(module)] = module
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with forked_rng(), poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - naming is best effort; the caller still reports the randomness
+        pass
+    finally:
+        handle.remove()
+    inner = {id(sub) for m in ran.values() for sub in m.modules() if sub is not m}
+    roots = [m for key, m in ran.items() if key not in inner]
+    store = {id(p): name for name, p in pyro.get_param_store().named_parameters()}
+    names: list[str] = []
+    for root in roots:
+        prefix = type(root).__name__
+        for p in root.parameters():
+            if id(p) in store and "$$$" in store[id(p)]:
+                prefix = store[id(p)].split("$$$")[0]
+                break
+        for path, sub in root.named_modules():
+            if sub.training and isinstance(sub, _TRAINING_MODE_TYPES):
+                names.append(f"{type(sub).__name__} at {prefix + ('.' + path if path else '')}")
+    return names
 
 
 @contextlib.contextmanager
@@ -236,7 +291,13 @@ def _weights_in_float64(programs: tuple[Any, ...]) -> Iterator[None]:
 
 
 def _rounding_error_once(
-    model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], num: int, max_plate_nesting: int
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num: int,
+    max_plate_nesting: int,
+    upcast: bool = True,
 ) -> Tensor | None:
     with poutine.block(), torch.no_grad():
         record = _Record()
@@ -250,17 +311,24 @@ def _rounding_error_once(
                 vectorize_particles="plate",
                 **kwargs,
             )
-        with _default_dtype(torch.float64), _Float64(record.values), _weights_in_float64((model, guide)):
-            high = log_weights(
-                model,
-                guide,
-                *_double(args),
-                num_particles=num,
-                max_plate_nesting=max_plate_nesting,
-                vectorize_particles="plate",
-                **_double(kwargs),
-            )
-    if high.log_w.dtype != torch.float64 or high.log_w.shape != low.log_w.shape:
+        if upcast:
+            with _default_dtype(torch.float64), _Replay(record.values), _weights_in_float64((model, guide)):
+                high = log_weights(
+                    model,
+                    guide,
+                    *_double(args),
+                    num_particles=num,
+                    max_plate_nesting=max_plate_nesting,
+                    vectorize_particles="plate",
+                    **_double(kwargs),
+                )
+        else:
+            with _Replay(record.values, upcast=False):
+                high = log_weights(
+                    model, guide, *args, num_particles=num, max_plate_nesting=max_plate_nesting,
+                    vectorize_particles="plate", **kwargs,
+                )  # fmt: skip
+    if (upcast and high.log_w.dtype != torch.float64) or high.log_w.shape != low.log_w.shape:
         return None
     return low.log_w.double() - high.log_w
 
