@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from pyro_elbo.kl_gap import EXACT_ESS_SHARE, GOOD_KL, MIN_ESS, SMALL_KL
 from pyro_elbo.kl_gap import Z as Z_TEXT
 
@@ -226,6 +228,8 @@ def contradictions(report: KLGapReport) -> list[str]:
     floor, n = report.noise_floor, report.num_particles
     if claims and report.replay_error > 0:
         found.append(f"the verdict '{claim}' against {randomness_text(report)}")
+    if claims and report.precision_losses and report.dtype != torch.float64:
+        found.append(f"the verdict '{claim}' against {precision_text(report, rerun=False)}")
     if claims and report.ess < MIN_ESS:
         found.append(f"the verdict '{claim}' against ESS {report.ess:.1f} of {n}: a few particles carry the weight")
     if claims and report.khat > 0.7:
@@ -276,6 +280,17 @@ def randomness_text(report: KLGapReport) -> str:
         f"a program random beyond its sample sites (two evaluations at the same draws differ by up to "
         f"{report.replay_error:.3g} nats): {where}"
     )
+
+
+def precision_text(report: KLGapReport, rerun: bool) -> str:
+    """The sites whose working-dtype log-densities are wrong, and what was done about it."""
+    dtype = str(report.dtype).replace("torch.", "")
+    done = (
+        "so this report was evaluated in float64 (parameters, modules and data upcast)"
+        if rerun
+        else "and the program could not run in float64: run it in float64 yourself"
+    )
+    return f"{dtype} against float64 at the same draws: " + "; ".join(report.precision_losses) + f"; {done}"
 
 
 def check_consistency(report: KLGapReport) -> None:

@@ -34,9 +34,13 @@ from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.enum import MARGINAL_PREFIX
 from pyro_elbo._pyro.inspect import (
     SiteShares,
+    as_float64,
+    float64_program,
     float64_rounding_error,
     outside_randomness,
+    precision_losses,
     raise_if_nonfinite_observed,
+    rounding_check,
     site_shares,
 )
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
@@ -88,6 +92,11 @@ class KLGapReport:
             (``random_modules`` names the modules in training mode found, e.g. ``"Dropout at
             encoder.drop"``); the noise floor then comes from magnitudes, and no verdict claims
             more than the lower end of the bracket.
+        precision_losses: sites whose log-density in the working dtype (float32) underflows,
+            overflows or is off by more than 0.1 nats and 1e-3 of its size against float64 at the
+            same draws, each named with its numbers; such a report is evaluated again in float64
+            when the program runs in float64 (``dtype`` says which), else no verdict claims more
+            than the lower end of the bracket.
         contradictions: where the verdict :func:`assess` reached disagrees with the report's own
             ESS, k̂ or ladder ``ELBO <= IWAE_K <= CUBO``; then the verdict starts with
             "inconsistent" and claims nothing, and ``kl_interval`` has no upper end.
@@ -114,6 +123,7 @@ class KLGapReport:
     contradictions: list[str] = field(default_factory=list)
     replay_error: float = 0.0
     random_modules: list[str] = field(default_factory=list)
+    precision_losses: list[str] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
@@ -235,12 +245,43 @@ def kl_gap(
     bdmc_options = _bdmc_options(bdmc, model, guide, args, kwargs)
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
-    shares = site_shares(model, guide, args, kwargs) if per_site else None
-    run = _Run(model, guide, args, kwargs, max_plate_nesting, vectorize_particles, shares)
-    log_w, share_w, dtype = run.draw(num_particles, chunk_size, max_seconds)
     ladder = _ladder(num_particles) if ladder is None else tuple(sorted(set(ladder)))
     if any(k < 1 or k > num_particles for k in ladder):
         raise ValueError(f"ladder values must be in [1, {num_particles}], got {ladder}")
+    options: dict[str, Any] = dict(
+        num_particles=num_particles, chunk_size=chunk_size, ladder=ladder, max_plate_nesting=max_plate_nesting,
+        vectorize_particles=vectorize_particles, per_site=per_site, max_seconds=max_seconds,
+    )  # fmt: skip
+    report = _report(model, guide, args, kwargs, **options)
+    if report.precision_losses and report.dtype != torch.float64:
+        report = _in_float64(report, model, guide, args, kwargs, options)
+    if bdmc_options is not None:
+        report.simulated = _simulated_gap(
+            model, guide, args, kwargs, bdmc_options, num_particles=num_particles, chunk_size=chunk_size,
+            ladder=ladder, vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting,
+            max_seconds=max_seconds,
+        )  # fmt: skip
+    return report
+
+
+def _report(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    num_particles: int,
+    chunk_size: int,
+    ladder: tuple[int, ...],
+    max_plate_nesting: int,
+    vectorize_particles: bool | str,
+    per_site: bool,
+    max_seconds: float,
+) -> KLGapReport:
+    """One report in the program's working dtype, checked against its own numbers."""
+    shares = site_shares(model, guide, args, kwargs) if per_site else None
+    run = _Run(model, guide, args, kwargs, max_plate_nesting, vectorize_particles, shares)
+    log_w, share_w, dtype = run.draw(num_particles, chunk_size, max_seconds)
     floor, source = run.noise_floor(min(num_particles, ROUNDING_PARTICLES), dtype)
     elbo = _elbo_estimate(log_w)
     iwae = {1: elbo} | {k: _iwae_estimate(log_w, k) for k in ladder if k > 1}
@@ -267,18 +308,39 @@ def kl_gap(
         joint_sites=dict(shares.joint) if shares is not None else {},
         replay_error=run.replay_error,
         random_modules=run.randomness,
+        precision_losses=run.precision,
     )
     from pyro_elbo._kl_gap_text import assess, check_consistency
 
     report.verdict, report.warnings = assess(report)
     check_consistency(report)
-    if bdmc_options is not None:
-        report.simulated = _simulated_gap(
-            model, guide, args, kwargs, bdmc_options, num_particles=num_particles, chunk_size=chunk_size,
-            ladder=ladder, vectorize_particles=vectorize_particles, max_plate_nesting=max_plate_nesting,
-            max_seconds=max_seconds,
-        )  # fmt: skip
     return report
+
+
+def _in_float64(
+    report: KLGapReport,
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+) -> KLGapReport:
+    """The report again in float64 (parameters, modules, data upcast), for a program whose
+    working-dtype log-densities were found wrong at some sites; the working-dtype report (whose
+    verdict then claims nothing) if the program cannot run in float64."""
+    from pyro_elbo._kl_gap_text import precision_text
+
+    try:
+        with float64_program((model, guide)):
+            again = _report(model, guide, as_float64(args), as_float64(kwargs), **options)
+    except Exception as error:  # noqa: BLE001 - the working-dtype report stands, its verdict withdrawn
+        report.warnings.append(f"the float64 re-evaluation failed ({type(error).__name__}: {error})")
+        return report
+    if again.dtype != torch.float64:
+        return report
+    again.precision_losses = report.precision_losses
+    again.warnings.insert(0, precision_text(report, rerun=True))
+    return again
 
 
 @dataclass(frozen=True)
@@ -410,6 +472,8 @@ class _Run:
         self.replay_error = 0.0
         #: the modules in training mode found to make the program random (by name)
         self.randomness: list[str] = []
+        #: sites whose working-dtype log-density is wrong against float64 (by name, with numbers)
+        self.precision: list[str] = []
 
     def chunk(self, size: int) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
         lw = log_weights(
@@ -486,7 +550,10 @@ class _Run:
         if dtype == torch.float64:
             return estimated, "magnitudes"
         with torch.no_grad():
-            error = float64_rounding_error(self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting)
+            check = rounding_check(self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting)
+        if check is not None:
+            self.precision = precision_losses(check)
+        error = None if check is None else check.error
         if error is None or not torch.isfinite(error).all():
             return 100 * estimated, "magnitudes (float64 re-evaluation failed)"
         error = error.reshape(error.shape[0], -1)  # fewer rows when particles ran one per run

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributions import Independent, constraints, transform_to
 
 from pyro_elbo._pyro.capture import reachable_modules
-from pyro_elbo._pyro.log_weights import log_weights
+from pyro_elbo._pyro.log_weights import LogWeights, log_weights
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
@@ -207,20 +207,106 @@ def float64_rounding_error(
     With ``upcast=False`` the re-evaluation stays in the working dtype: a program whose
     log-density is a function of its sample sites' values gives exactly zero; anything else is
     randomness outside the sample sites (see :func:`outside_randomness`)."""
+    check = rounding_check(model, guide, args, kwargs, num_particles, max_plate_nesting, upcast)
+    return None if check is None else check.error
+
+
+@dataclass(frozen=True)
+class RoundingCheck:
+    """The same draws evaluated twice: in the working dtype, and again (in float64, or in the
+    same dtype to test that the program is a function of its draws).
+
+    Attributes:
+        error: ``[K, *B]`` first minus second log-weight.
+        sites: ``"model site 'x'"`` / ``"guide site 'z'"`` -> ``[K, *B]`` first and second
+            evaluation of that site's log-density (float64 tensors).
+    """
+
+    error: Tensor
+    sites: dict[str, tuple[Tensor, Tensor]]
+
+
+def rounding_check(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+    upcast: bool = True,
+) -> RoundingCheck | None:
+    """:func:`float64_rounding_error` with each site's two evaluations; ``None`` if the second
+    evaluation cannot run."""
     with forked_rng():
         try:
-            return _rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting, upcast)
+            pairs = [_rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting, upcast)]
         except Exception:  # noqa: BLE001 - no particle plate: one particle per run
-            pass
-        try:
-            errors = [
-                _rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting, upcast)
-                for _ in range(min(num_particles, 16))
-            ]
-        except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
-            return None
-    present = [e for e in errors if e is not None]
-    return torch.cat(present) if len(present) == len(errors) else None
+            try:
+                pairs = [
+                    _rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting, upcast)
+                    for _ in range(min(num_particles, 16))
+                ]
+            except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
+                return None
+    present = [p for p in pairs if p is not None]
+    if len(present) != len(pairs):
+        return None
+    error = torch.cat([low.log_w.double() - high.log_w.double() for low, high in present])
+    sites: dict[str, tuple[Tensor, Tensor]] = {}
+    for kind, field_name in (("model", "site_log_p"), ("guide", "site_log_q")):
+        for name in getattr(present[0][0], field_name):
+            try:
+                first = torch.cat([getattr(low, field_name)[name].double() for low, _ in present])
+                second = torch.cat([getattr(high, field_name)[name].double() for _, high in present])
+            except (KeyError, RuntimeError):  # a site that some runs lack: no per-site comparison
+                continue
+            sites[f"{kind} site '{name}'"] = (first, second)
+    return RoundingCheck(error, sites)
+
+
+#: a site's float32 log-density is wrong when it is off by more than this many nats and ...
+PRECISION_NATS = 0.1
+#: ... by more than this fraction of its float64 magnitude (plain rounding is ~1e-7 of it)
+PRECISION_SHARE = 1e-3
+
+
+def precision_losses(check: RoundingCheck) -> list[str]:
+    """The sites whose working-dtype log-density is finite in float64 but not in the working
+    dtype (underflow or overflow), or off by more than ``PRECISION_NATS`` and ``PRECISION_SHARE``
+    of its magnitude; one line per site, naming it and the numbers."""
+    found = []
+    for site, (low, high) in check.sites.items():
+        lost = torch.isfinite(high) & ~torch.isfinite(low)
+        if lost.any():
+            found.append(
+                f"{site} is -inf/inf/nan in the working dtype at {int(lost.sum())} of {lost.numel()} "
+                "particle values where float64 finds it finite (underflow or overflow)"
+            )
+            continue
+        both = torch.isfinite(high) & torch.isfinite(low)
+        if not both.any():
+            continue
+        error = float((low - high)[both].abs().max())
+        size = float(high[both].abs().max())
+        if error > PRECISION_NATS and error > PRECISION_SHARE * size:
+            found.append(
+                f"{site} is off by up to {error:.3g} nats (its float64 value is up to "
+                f"{size:.3g} nats in size): cancellation or underflow inside its log-density"
+            )
+    return found
+
+
+@contextlib.contextmanager
+def float64_program(programs: tuple[Any, ...]) -> Iterator[None]:
+    """Run the programs in float64: default dtype, param store and reachable modules upcast (put
+    back on exit). Arguments are upcast with :func:`as_float64`."""
+    with _default_dtype(torch.float64), _weights_in_float64(programs):
+        yield
+
+
+def as_float64(value: Any) -> Any:
+    """Floating tensors (also inside lists, tuples and dicts) upcast to float64."""
+    return _double(value)
 
 
 #: module types whose output in training mode is random (dropout) or depends on the whole batch
@@ -298,7 +384,8 @@ def _rounding_error_once(
     num: int,
     max_plate_nesting: int,
     upcast: bool = True,
-) -> Tensor | None:
+) -> tuple[LogWeights, LogWeights] | None:
+    """The log-weights (per site too) of ``num`` particles, and again at the same draws."""
     with poutine.block(), torch.no_grad():
         record = _Record()
         with record:
@@ -309,6 +396,7 @@ def _rounding_error_once(
                 num_particles=num,
                 max_plate_nesting=max_plate_nesting,
                 vectorize_particles="plate",
+                need={"per_site"},
                 **kwargs,
             )
         if upcast:
@@ -320,17 +408,18 @@ def _rounding_error_once(
                     num_particles=num,
                     max_plate_nesting=max_plate_nesting,
                     vectorize_particles="plate",
+                    need={"per_site"},
                     **_double(kwargs),
                 )
         else:
             with _Replay(record.values, upcast=False):
                 high = log_weights(
                     model, guide, *args, num_particles=num, max_plate_nesting=max_plate_nesting,
-                    vectorize_particles="plate", **kwargs,
+                    vectorize_particles="plate", need={"per_site"}, **kwargs,
                 )  # fmt: skip
     if (upcast and high.log_w.dtype != torch.float64) or high.log_w.shape != low.log_w.shape:
         return None
-    return low.log_w.double() - high.log_w
+    return low, high
 
 
 class FreeLocalGuide(Messenger):
