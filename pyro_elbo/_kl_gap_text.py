@@ -62,9 +62,11 @@ def report_text(report: KLGapReport) -> str:
         lines.append(f"  KL(q || p)  not resolvable: below the {report.noise_floor:.2g} nat rounding noise floor")
     lines.append(f"              {MEANING}")
     lines.append(f"  noise floor {report.noise_floor:.3g} nats ({report.floor_source})")
-    lines.append(f"  PSIS k-hat  {report.khat:.3f}")
-    lines.append(f"  ESS         {report.ess:.1f} of {report.num_particles}")
+    worst = " (worst data point)" if report.per_point is not None else ""
+    lines.append(f"  PSIS k-hat  {report.khat:.3f}{worst}")
+    lines.append(f"  ESS         {report.ess:.1f} of {report.num_particles}{worst}")
     lines.append(f"  verdict     {report.verdict}")
+    lines.extend(per_point_text(report))
     if report.khat_per_site:
         lines.append("  k-hat per site (its share of log w):")
         ranked = sorted(report.khat_per_site.items(), key=_site_rank)
@@ -142,9 +144,14 @@ def report_plot(report: KLGapReport, ax: Any = None) -> Any:
         matplotlib.use(matplotlib.get_backend())
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        if report.per_point is not None:
+            fig, (ax, point_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        else:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            point_ax = None
     else:
         fig = ax.figure
+        point_ax = ax.inset_axes((0.08, 0.55, 0.35, 0.35)) if report.per_point is not None else None
     ks = sorted(report.iwae)
     values = [report.iwae[k].value for k in ks]
     errors = [2 * report.iwae[k].se for k in ks]
@@ -162,8 +169,62 @@ def report_plot(report: KLGapReport, ax: Any = None) -> Any:
     kl_lo, kl_hi = report.kl_interval
     ax.set_title(f"KL(q‖p) ∈ [{kl_lo:.3g}, {kl_hi:.3g}],  k̂ = {report.khat:.2f}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    if point_ax is not None and report.per_point is not None:
+        khat = report.per_point.khat.clamp(-1.0, 2.0)
+        point_ax.scatter(range(len(khat)), khat.tolist(), s=6, color="C0")
+        for level, color in ((0.5, "C1"), (0.7, "C3")):
+            point_ax.axhline(level, color=color, ls="--", lw=1)
+        point_ax.set_xlabel("data point", fontsize=8)
+        point_ax.set_ylabel("k-hat (clipped to [-1, 2])", fontsize=8)
+        point_ax.set_title("per-point PSIS k-hat", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _per_point_verdict(report: KLGapReport, untrusted: str) -> tuple[str, list[str]] | None:
+    """The verdict of a per-point report where only some points are unreliable: it names how
+    many and which, and brackets the KL over the others (None: all or none are unreliable)."""
+    points = report.per_point
+    if points is None:
+        return None
+    bad = points.unreliable
+    m, n = int(bad.sum()), points.num_points
+    if m == 0 or m == n:
+        return None
+    i = points.worst(1)[0]
+    good = ~bad
+    lo, hi = float(points.kl_lower[good].sum()), float(points.kl_upper[good].sum())
+    verdict = (
+        f"BAD for {m} of {n} data points (k-hat >= 0.7 or ESS < {MIN_ESS:g}; the worst, #{i}: k-hat "
+        f"{float(points.khat[i]):.2f}, ESS {float(points.ess[i]):.1f}); the other {n - m} are reliable"
+    )
+    return verdict, [
+        f"{m} of {n} data points have unreliable importance weights: for the total, {untrusted}. Over the "
+        f"other {n - m} points, IWAE_{report.num_particles} - ELBO = {lo:.4g} and CUBO_2 - ELBO = {hi:.4g} nats "
+        "(estimates, summed): rerun the worst points alone with more particles to bracket them"
+    ]
+
+
+def per_point_text(report: KLGapReport) -> list[str]:
+    """The distribution of the per-point k-hat, ESS and bracket, and the worst points."""
+    points = report.per_point
+    if points is None:
+        return []
+    n, bad = points.num_points, points.unreliable
+    share = float((points.khat > 0.7).double().mean())
+    worst = ", ".join(
+        f"#{i} (k-hat {float(points.khat[i]):.2f}, ESS {float(points.ess[i]):.1f})" for i in points.worst(3)
+    )
+    return [
+        f"  per data point ({n}; the k-hat and ESS above are the worst point's):",
+        f"    k-hat       median {points.quantile(points.khat, 0.5):.3f}, 90th pct "
+        f"{points.quantile(points.khat, 0.9):.3f}; > 0.7 at {100 * share:.1f}% of points",
+        f"    ESS         median {points.quantile(points.ess, 0.5):.1f}, 10th pct {points.quantile(points.ess, 0.1):.1f}"
+        f" of {report.num_particles}; unreliable (k-hat >= 0.7 or ESS < {MIN_ESS:g}) at {int(bad.sum())} of {n}",
+        f"    KL bracket  median [{points.quantile(points.kl_lower, 0.5):.4g}, "
+        f"{points.quantile(points.kl_upper, 0.5):.4g}] nats per point",
+        f"    worst       {worst}",
+    ]
 
 
 def assess(report: KLGapReport) -> tuple[str, list[str]]:
@@ -190,6 +251,9 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
         if hi <= GOOD_KL:
             return f"good: KL(q || p) <= {hi:.3g} nats and the importance weights are well behaved", []
         return f"the bracket is reliable: q is {lo:.3g} to {hi:.3g} nats from the posterior", []
+    split = _per_point_verdict(report, untrusted)
+    if split is not None:
+        return split
     weak = f"k-hat {report.khat:.2f}" + (
         f", ESS {report.ess:.1f} of {report.num_particles}" if report.ess < MIN_ESS else ""
     )

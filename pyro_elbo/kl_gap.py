@@ -42,6 +42,7 @@ from pyro_elbo._pyro.inspect import (
     raise_if_nonfinite_observed,
     rounding_check,
     site_shares,
+    sizeless_plate_problems,
 )
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
 from pyro_elbo._typing import Guide, Model
@@ -65,6 +66,41 @@ ROUNDING_SAFETY = 2.0
 Z = 2.0
 
 
+@dataclass(frozen=True)
+class PerPoint:
+    """Per-data-point diagnostics of a model whose data plate encloses every latent.
+
+    Attributes:
+        khat, ess: ``[N]`` PSIS k̂ and importance ESS of each point's own log-weights.
+        kl_lower, kl_upper: ``[N]`` each point's bracket ``IWAE_S - ELBO`` and ``CUBO_2 - ELBO``
+            (estimates; the upper end is meaningful only where k̂ < 0.7 and ESS >= ``MIN_ESS``).
+    """
+
+    khat: Tensor
+    ess: Tensor
+    kl_lower: Tensor
+    kl_upper: Tensor
+
+    @property
+    def num_points(self) -> int:
+        return int(self.khat.numel())
+
+    @property
+    def unreliable(self) -> Tensor:
+        """``[N]`` whether a point's importance sampling is unreliable (k̂ >= 0.7, ESS < 20, nan)."""
+        return ~((self.khat < 0.7) & (self.ess >= MIN_ESS))
+
+    def quantile(self, values: Tensor, q: float) -> float:
+        finite = values[~torch.isnan(values)]
+        return float(torch.quantile(finite.clamp(-1e300, 1e300), q)) if finite.numel() else math.nan
+
+    def worst(self, count: int = 3) -> list[int]:
+        """Indices of the ``count`` points with the largest k̂ (nan first), then the lowest ESS."""
+        key = torch.where(torch.isnan(self.khat), torch.full_like(self.khat, math.inf), self.khat)
+        order = sorted(range(self.num_points), key=lambda i: (-float(key[i]), float(self.ess[i])))
+        return order[:count]
+
+
 @dataclass
 class KLGapReport:
     """Two-sided bounds on :math:`\\log p(x)` and :math:`\\mathrm{KL}(q \\,\\|\\, p(z \\mid x))`.
@@ -76,6 +112,9 @@ class KLGapReport:
         kl_interval, log_evidence_interval: what the report stands behind: each bound widened
             by two standard errors and the noise floor (upper end ``inf`` when unreliable).
         khat: PSIS k̂ of the importance weights (the worst data point for per-point bounds).
+        per_point: for a data plate enclosing every latent (``num_points > 1``), each point's k̂,
+            ESS and bracket (:class:`PerPoint`); the verdict reads their distribution, and the
+            headline k̂ and ESS are the worst point's.
         khat_per_site: latent site -> k̂ of that site's share of the log-weight (its own factor
             and its children's, minus its guide density including its auxiliary guide sites).
         joint_sites: latent sites left out of ``khat_per_site``: their guide density is joint
@@ -124,6 +163,7 @@ class KLGapReport:
     replay_error: float = 0.0
     random_modules: list[str] = field(default_factory=list)
     precision_losses: list[str] = field(default_factory=list)
+    per_point: PerPoint | None = None
 
     @property
     def consistent(self) -> bool:
@@ -253,6 +293,7 @@ def kl_gap(
         vectorize_particles=vectorize_particles, per_site=per_site, max_seconds=max_seconds,
     )  # fmt: skip
     report = _report(model, guide, args, kwargs, **options)
+    report.warnings.extend(sizeless_plate_problems(model, guide, args, kwargs))
     if report.precision_losses and report.dtype != torch.float64:
         report = _in_float64(report, model, guide, args, kwargs, options)
     if bdmc_options is not None:
@@ -286,15 +327,27 @@ def _report(
     elbo = _elbo_estimate(log_w)
     iwae = {1: elbo} | {k: _iwae_estimate(log_w, k) for k in ladder if k > 1}
     spread = log_w.max(0).values - log_w.min(0).values
-    ess = min(effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1]))
+    ess_points = [effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1])]
+    ess = min(ess_points)
     # constant to rounding only if the weights agree: the floor alone never decides it
     constant = bool((spread <= floor).all()) and ess >= EXACT_ESS_SHARE * num_particles
-    khat = -math.inf if constant else max((psis_khat(log_w[:, b]) for b in range(log_w.shape[1])), key=_rank)
+    khat_points = [-math.inf if constant else psis_khat(log_w[:, b]) for b in range(log_w.shape[1])]
+    khat = max(khat_points, key=_rank)
+    cubo = _power_mean_estimate(log_w, 2.0)
+    per_point = None
+    if log_w.shape[1] > 1:
+        elbo_i = log_w.mean(0)
+        per_point = PerPoint(
+            khat=torch.tensor(khat_points, dtype=torch.float64),
+            ess=torch.tensor(ess_points, dtype=torch.float64),
+            kl_lower=torch.logsumexp(log_w, 0) - math.log(num_particles) - elbo_i,
+            kl_upper=(torch.logsumexp(2 * log_w, 0) - math.log(num_particles)) / 2 - elbo_i,
+        )
     report = KLGapReport(
         num_particles=num_particles,
         elbo=elbo,
         iwae=iwae,
-        cubo=_power_mean_estimate(log_w, 2.0),
+        cubo=cubo,
         khat=khat,
         khat_per_site={
             site: max((psis_khat(s[:, b]) for b in range(s.shape[1])), key=_rank) for site, s in share_w.items()
@@ -309,6 +362,7 @@ def _report(
         replay_error=run.replay_error,
         random_modules=run.randomness,
         precision_losses=run.precision,
+        per_point=per_point,
     )
     from pyro_elbo._kl_gap_text import assess, check_consistency
 
@@ -615,4 +669,4 @@ def _power_mean_estimate(log_w: Tensor, n: float) -> Estimate:
     return _sum_points(value, variance)
 
 
-__all__ = ["Estimate", "KLGapReport", "SimulatedGap", "kl_gap"]
+__all__ = ["Estimate", "KLGapReport", "PerPoint", "SimulatedGap", "kl_gap"]

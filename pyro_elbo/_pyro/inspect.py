@@ -126,6 +126,27 @@ def raise_if_nonfinite_observed(
             )
 
 
+def sizeless_plate_problems(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Why a plate without a size (``pyro.plate("data")``) cannot split the bound per data point:
+    a site in it has one value for all points (one line per such plate, naming the sites and
+    the fix). Empty when every size-less plate's size is read off its sites. One run of guide
+    and model on the guide's draws (the random state is left untouched)."""
+    from pyro_elbo._pyro.tracing import sizeless_plate_sizes
+
+    try:
+        with forked_rng(), poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the estimators report a failing program themselves
+        return []
+    _, why = sizeless_plate_sizes(model_trace, guide_trace)
+    return [
+        f"{reason}: every data point of the plate is merged into one. Give the plate its size "
+        f"(pyro.plate('{plate}', N)) or move the shared site(s) out of it"
+        for plate, reason in why.items()
+    ]
+
+
 class _Record(Messenger):
     """Keeps the first value of every latent site (the guide's draws)."""
 
