@@ -53,7 +53,7 @@ MIN_ESS = 20.0
 #: half the variance of log w (the KL to second order) at most this: q matches the posterior's bulk
 SMALL_KL = 0.05
 #: the upper end of the KL interval at most this (nats) for the verdict "good"
-GOOD_KL = 1.0
+GOOD_KL = 0.1
 #: an "exact" verdict needs at least this share of the particles effective: the weights are
 #: nearly equal, so KL <= log(1 + chi^2) ~ log(S / ESS) <= log 2, whatever the noise floor says
 EXACT_ESS_SHARE = 0.5

@@ -239,6 +239,8 @@ def sizeless_plate_sizes(*traces: Trace) -> tuple[dict[str, int | None], dict[st
     sizes: dict[str, dict[str, int]] = {}
     for trace in traces:
         for name, site in scored_sites(trace, named=True):
+            if (site.get("infer") or {}).get("_deterministic"):
+                continue  # pyro.deterministic: no density, and its whole value is one event
             for frame in site["cond_indep_stack"]:
                 if frame.vectorized and frame.size == -1 and frame.dim is not None:
                     sizes.setdefault(frame.name, {})[name] = _batch_size_at(site, frame.dim)
