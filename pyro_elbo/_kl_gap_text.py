@@ -292,6 +292,8 @@ def contradictions(report: KLGapReport) -> list[str]:
     floor, n = report.noise_floor, report.num_particles
     if claims and report.replay_error > 0:
         found.append(f"the verdict '{claim}' against {randomness_text(report)}")
+    for edge in report.support_edges if claims else ():
+        found.append(f"the verdict '{claim}' against {edge}")
     if claims and report.precision_losses and report.dtype != torch.float64:
         found.append(f"the verdict '{claim}' against {precision_text(report, rerun=False)}")
     if claims and report.ess < MIN_ESS:
@@ -354,7 +356,9 @@ def precision_text(report: KLGapReport, rerun: bool) -> str:
         if rerun
         else "and the program could not run in float64: run it in float64 yourself"
     )
-    return f"{dtype} against float64 at the same draws: " + "; ".join(report.precision_losses) + f"; {done}"
+    return (
+        f"in {dtype} (checked against float64 at the same draws): " + "; ".join(report.precision_losses) + f"; {done}"
+    )
 
 
 def check_consistency(report: KLGapReport) -> None:
@@ -362,6 +366,8 @@ def check_consistency(report: KLGapReport) -> None:
     naming the numbers that disagree (every report passes through here before it is returned)."""
     found = contradictions(report)
     report.contradictions = found
+    if not found:
+        report.warnings.extend(report.support_edges)
     if report.replay_error > 0 and not found:
         report.warnings.insert(0, f"{randomness_text(report)}; the bounds are those of the randomized program")
     if not found:

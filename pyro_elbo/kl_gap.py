@@ -36,13 +36,13 @@ from pyro_elbo._pyro.inspect import (
     SiteShares,
     as_float64,
     float64_program,
-    float64_rounding_error,
     outside_randomness,
     precision_losses,
     raise_if_nonfinite_observed,
     rounding_check,
     site_shares,
     sizeless_plate_problems,
+    support_edges,
 )
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
 from pyro_elbo._typing import Guide, Model
@@ -136,6 +136,9 @@ class KLGapReport:
             same draws, each named with its numbers; such a report is evaluated again in float64
             when the program runs in float64 (``dtype`` says which), else no verdict claims more
             than the lower end of the bracket.
+        support_edges: guide sites some of whose draws sit where this dtype ends their support
+            (torch clamps them there): the bounds are biased, and no verdict claims more than
+            the lower end of the bracket.
         contradictions: where the verdict :func:`assess` reached disagrees with the report's own
             ESS, k̂ or ladder ``ELBO <= IWAE_K <= CUBO``; then the verdict starts with
             "inconsistent" and claims nothing, and ``kl_interval`` has no upper end.
@@ -164,6 +167,7 @@ class KLGapReport:
     random_modules: list[str] = field(default_factory=list)
     precision_losses: list[str] = field(default_factory=list)
     per_point: PerPoint | None = None
+    support_edges: list[str] = field(default_factory=list)
 
     @property
     def consistent(self) -> bool:
@@ -362,6 +366,7 @@ def _report(
         replay_error=run.replay_error,
         random_modules=run.randomness,
         precision_losses=run.precision,
+        support_edges=run.edges,
         per_point=per_point,
     )
     from pyro_elbo._kl_gap_text import assess, check_consistency
@@ -528,6 +533,8 @@ class _Run:
         self.randomness: list[str] = []
         #: sites whose working-dtype log-density is wrong against float64 (by name, with numbers)
         self.precision: list[str] = []
+        #: guide sites with draws at the edge of the support the dtype represents (by name)
+        self.edges: list[str] = []
 
     def chunk(self, size: int) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
         lw = log_weights(
@@ -594,11 +601,16 @@ class _Run:
         eps = torch.finfo(dtype).eps
         estimated = 4 * eps * self.abs_terms / max(self.drawn, 1) + 1e-300
         with torch.no_grad():
-            again = float64_rounding_error(
+            again = rounding_check(
                 self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting, upcast=False
             )
-        if again is not None and torch.isfinite(again).all() and float(again.abs().max()) > estimated:
-            self.replay_error = float(again.abs().max())
+        if again is not None:
+            self.edges = support_edges(again, dtype)
+            if dtype != torch.float64:
+                self.precision.extend(self.edges)
+        error_again = None if again is None else again.error
+        if error_again is not None and torch.isfinite(error_again).all() and float(error_again.abs().max()) > estimated:
+            self.replay_error = float(error_again.abs().max())
             self.randomness = outside_randomness(self.model, self.guide, self.args, self.kwargs)
             return estimated, "magnitudes (the program is random beyond its sample sites)"
         if dtype == torch.float64:
@@ -606,7 +618,7 @@ class _Run:
         with torch.no_grad():
             check = rounding_check(self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting)
         if check is not None:
-            self.precision = precision_losses(check)
+            self.precision = precision_losses(check) + self.precision
         error = None if check is None else check.error
         if error is None or not torch.isfinite(error).all():
             return 100 * estimated, "magnitudes (float64 re-evaluation failed)"

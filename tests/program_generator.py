@@ -173,7 +173,14 @@ def _q_source(q: Any, index: str) -> str:
 
 def generate(seed: int, **force: Any) -> Program:
     """Draw one program (``force``: fix any of ``family``, ``layout``, ``plate``, ``guide_kind``,
-    ``dtype``, ``extras``, ``shift``)."""
+    ``dtype``, ``extras``, ``shift``). The same seed gives the same program, whatever the global
+    random state (which is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _generate(seed, **force)
+
+
+def _generate(seed: int, **force: Any) -> Program:
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     family = force.get("family", rng.choice(FAMILIES))

@@ -67,6 +67,6 @@ def test_dp_mixture_in_float32_names_the_underflowing_site_and_reruns_in_float64
     assert report.dtype == torch.float64
     assert any(loss.startswith("model site 'z'") for loss in report.precision_losses), report.precision_losses
     text = str(report)
-    assert "float32 against float64 at the same draws: model site 'z'" in text
+    assert "in float32 (checked against float64 at the same draws): model site 'z'" in text
     assert "evaluated in float64" in text
     assert pyro.param("phi").dtype == torch.float32  # the caller's parameters are left as they were

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
@@ -153,10 +153,33 @@ class _Record(Messenger):
     def __init__(self) -> None:
         super().__init__()
         self.values: dict[str, Tensor] = {}
+        self.edges: dict[str, tuple[int, int]] = {}
 
     def _pyro_post_sample(self, msg: Any) -> None:
         if _latent(msg) and msg["name"] not in self.values:
             self.values[msg["name"]] = msg["value"].detach()
+            at_edge = _at_support_edge(msg["fn"], msg["value"].detach())
+            if at_edge is not None:
+                self.edges[msg["name"]] = (int(at_edge.sum()), at_edge.numel())
+
+
+def _at_support_edge(fn: Any, value: Tensor) -> Tensor | None:
+    """Which draws sit where the dtype ends the support (where torch clamps samples): ``[0, 1]``
+    within ``eps`` of either end, a simplex with a component within ``eps`` of 1, a positive
+    value at the smallest normal number. ``None`` for other supports or non-float values."""
+    if not value.is_floating_point():
+        return None
+    support = getattr(fn, "support", None)
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    info = torch.finfo(value.dtype)
+    if support is constraints.unit_interval:
+        return (value <= info.eps) | (value >= 1 - info.eps)
+    if support is constraints.simplex:
+        return (value >= 1 - info.eps).any(-1)
+    if support is constraints.positive:
+        return value <= 2 * info.tiny
+    return None
 
 
 class _Replay(Messenger):
@@ -241,10 +264,13 @@ class RoundingCheck:
         error: ``[K, *B]`` first minus second log-weight.
         sites: ``"model site 'x'"`` / ``"guide site 'z'"`` -> ``[K, *B]`` first and second
             evaluation of that site's log-density (float64 tensors).
+        edges: guide site -> (draws, of all) that sit where the working dtype ends the site's
+            support (see :func:`support_edges`); only sites with such draws.
     """
 
     error: Tensor
     sites: dict[str, tuple[Tensor, Tensor]]
+    edges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def rounding_check(
@@ -272,17 +298,22 @@ def rounding_check(
     present = [p for p in pairs if p is not None]
     if len(present) != len(pairs):
         return None
-    error = torch.cat([low.log_w.double() - high.log_w.double() for low, high in present])
+    error = torch.cat([low.log_w.double() - high.log_w.double() for low, high, _ in present])
+    edges: dict[str, tuple[int, int]] = {}
+    for _, _, found in present:
+        for name, (hits, total) in found.items():
+            before = edges.get(name, (0, 0))
+            edges[name] = (before[0] + hits, before[1] + total)
     sites: dict[str, tuple[Tensor, Tensor]] = {}
     for kind, field_name in (("model", "site_log_p"), ("guide", "site_log_q")):
         for name in getattr(present[0][0], field_name):
             try:
-                first = torch.cat([getattr(low, field_name)[name].double() for low, _ in present])
-                second = torch.cat([getattr(high, field_name)[name].double() for _, high in present])
+                first = torch.cat([getattr(low, field_name)[name].double() for low, _, _ in present])
+                second = torch.cat([getattr(high, field_name)[name].double() for _, high, _ in present])
             except (KeyError, RuntimeError):  # a site that some runs lack: no per-site comparison
                 continue
             sites[f"{kind} site '{name}'"] = (first, second)
-    return RoundingCheck(error, sites)
+    return RoundingCheck(error, sites, {name: e for name, e in edges.items() if e[0]})
 
 
 #: a site's float32 log-density is wrong when it is off by more than this many nats and ...
@@ -315,6 +346,18 @@ def precision_losses(check: RoundingCheck) -> list[str]:
                 f"{size:.3g} nats in size): cancellation or underflow inside its log-density"
             )
     return found
+
+
+def support_edges(check: RoundingCheck, dtype: torch.dtype) -> list[str]:
+    """One line per guide site some of whose draws sit where ``dtype`` ends the site's support
+    (torch clamps a Beta draw to ``[eps, 1 - eps]``, a Gamma draw to ``tiny``): the guide's mass
+    beyond lies on one value, so every bound computed from these draws is biased."""
+    name = str(dtype).replace("torch.", "")
+    return [
+        f"guide site '{site}': {hits} of {total} draws sit at the edge of its support as {name} "
+        "represents it (clamped): the guide puts mass where this dtype cannot, so the bounds are biased"
+        for site, (hits, total) in check.edges.items()
+    ]
 
 
 @contextlib.contextmanager
@@ -405,8 +448,9 @@ def _rounding_error_once(
     num: int,
     max_plate_nesting: int,
     upcast: bool = True,
-) -> tuple[LogWeights, LogWeights] | None:
-    """The log-weights (per site too) of ``num`` particles, and again at the same draws."""
+) -> tuple[LogWeights, LogWeights, dict[str, tuple[int, int]]] | None:
+    """The log-weights (per site too) of ``num`` particles, and again at the same draws; and
+    guide site -> (draws at the edge of the dtype's support, draws)."""
     with poutine.block(), torch.no_grad():
         record = _Record()
         with record:
@@ -440,7 +484,7 @@ def _rounding_error_once(
                 )  # fmt: skip
     if (upcast and high.log_w.dtype != torch.float64) or high.log_w.shape != low.log_w.shape:
         return None
-    return low, high
+    return low, high, record.edges
 
 
 class FreeLocalGuide(Messenger):
