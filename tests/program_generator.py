@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-FAMILIES = ("normal", "linreg", "beta_bernoulli", "gamma_poisson", "dirichlet_categorical")
+FAMILIES = ("normal", "linreg", "beta_bernoulli", "gamma_poisson", "dirichlet_categorical", "hierarchical")
 GUIDES = ("exact", "shifted", "narrow", "wide", "autonormal", "automvn", "amortized", "dropout")
 PLATES = ("sized", "sizeless", "subsampled")
 
@@ -185,6 +185,8 @@ def _generate(seed: int, **force: Any) -> Program:
     gen = torch.Generator().manual_seed(seed)
     family = force.get("family", rng.choice(FAMILIES))
     layout = force.get("layout", "global" if family == "linreg" else rng.choice(("global", "local")))
+    if family == "hierarchical":  # a global mean outside the data plate, a latent per group inside it
+        layout = "local"
     plate = force.get("plate", rng.choices(PLATES, weights=(6, 3, 1))[0])
     kinds = [g for g in GUIDES if layout == "local" or g not in ("amortized", "dropout")]
     if plate == "sizeless":  # Pyro's autoguides cannot build a plate without a size
@@ -198,6 +200,8 @@ def _generate(seed: int, **force: Any) -> Program:
     if "extras" not in force and family == "normal" and guide_kind.startswith("auto") and rng.random() < 0.5:
         extras.append("reparam")
     extras_t = tuple(extras)
+    if family == "hierarchical":
+        return _hierarchical(seed, rng, gen, plate, guide_kind, dtype, extras_t, shift)
 
     groups = rng.randint(3, 6) if layout == "local" else 1
     trials = rng.randint(2, 4) if layout == "local" else rng.randint(3, 8)
@@ -395,6 +399,106 @@ def _source(family: str, layout: str, plate: str, guide_kind: str, dtype: str, e
         else:
             lines.append('    pyro.sample("z", guide_dist(data))')
     return "\n".join(lines) + "\n"
+
+
+def _hierarchical(seed: int, rng: random.Random, gen: torch.Generator, plate: str, guide_kind: str, dtype: str,
+                  extras: tuple[str, ...], shift: float) -> Program:  # fmt: skip
+    """m ~ N(m0, s0); z_g ~ N(m, tau) in the data plate; x_gj ~ N(z_g, sigma) in a nested plate.
+
+    The latents u = (m, z_1..z_G) and the data are jointly Gaussian: the posterior is
+    N(mu, Sigma) with Sigma = (Sigma0^-1 + H^T H / sigma^2)^-1, and the exact guide is
+    q(m) q(z | m) with z_g | m ~ N(alpha_g + beta_g m, gamma_g), read off the posterior precision."""
+    f64 = torch.float64
+    groups, trials = rng.randint(3, 6), rng.randint(2, 4)
+    m0, s0 = rng.uniform(-2, 2), rng.uniform(0.5, 3)
+    tau, sigma = rng.uniform(0.3, 2), rng.uniform(0.3, 2)
+    m = m0 + s0 * torch.randn((), generator=gen, dtype=f64)
+    z = m + tau * torch.randn(groups, generator=gen, dtype=f64)
+    x = z + sigma * torch.randn(trials, groups, generator=gen, dtype=f64)
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if "mask" in extras:
+        keep[-1, 0] = False
+    factor_c = round(rng.uniform(-2, 2), 3)
+    # prior of u = (m, z): mean m0, cov s0^2 everywhere plus tau^2 on the z diagonal
+    mean0 = torch.full((groups + 1,), m0, dtype=f64)
+    cov0 = torch.full((groups + 1, groups + 1), s0**2, dtype=f64) + torch.diag(torch.tensor([0.0] + [tau**2] * groups))
+    rows = [(j, g) for g in range(groups) for j in range(trials) if keep[j, g]]
+    design = torch.zeros(len(rows), groups + 1, dtype=f64)
+    for r, (_, g) in enumerate(rows):
+        design[r, g + 1] = 1.0
+    y = torch.stack([x[j, g] for j, g in rows])
+    precision = torch.linalg.inv(cov0) + design.T @ design / sigma**2
+    cov = torch.linalg.inv(precision)
+    mu = cov @ (torch.linalg.solve(cov0, mean0) + design.T @ y / sigma**2)
+    posterior = dist.MultivariateNormal(mu, covariance_matrix=cov)
+    marginal = design @ cov0 @ design.T + sigma**2 * torch.eye(len(rows), dtype=f64)
+    log_evidence = float(dist.MultivariateNormal(design @ mean0, marginal).log_prob(y))
+    if "factor" in extras:
+        log_evidence += factor_c * groups
+    # the exact guide's parameters, then moved as the guide kind says
+    lam_zz, lam_zm = precision.diagonal()[1:], precision[1:, 0]
+    beta = -lam_zm / lam_zz
+    gamma = lam_zz.rsqrt()
+    alpha = mu[1:] - beta * mu[0]
+    mu_m, sd_m = mu[0], cov[0, 0].sqrt()
+    factor = {"narrow": 0.3, "wide": 3.0}.get(guide_kind, 1.0)
+    mu_m, alpha = mu_m + shift * sd_m, alpha + shift * gamma
+    sd_m, gamma = factor * sd_m, factor * gamma
+
+    sub = plate == "subsampled"
+    plate_args = {
+        "sized": f'"data", {groups}',
+        "sizeless": '"data"',
+        "subsampled": f'"data", {groups}, subsample_size={max(1, groups // 2)}',
+    }[plate]  # noqa: E501
+    as_idx = " as idx" if sub else ""
+    n_local = "len(idx)" if sub else "data.shape[-1]"
+    obs, msk, ix = ("data[:, idx]", "mask[:, idx]", "[idx]") if sub else ("data", "mask", "")
+    lines = [
+        "import torch, pyro, pyro.distributions as dist",
+        "from pyro import poutine",
+        "from pyro.infer.autoguide import AutoNormal, AutoMultivariateNormal",
+        "from pyro.infer.reparam import LocScaleReparam",
+        f"torch.set_default_dtype(torch.{dtype})",
+        f"data = {_lit(x)}",
+        f"mask = {_lit(keep)}",
+        "",
+        "def model(data):",
+        f'    m = pyro.sample("m", dist.Normal({m0!r}, {s0!r}))',
+        f"    with pyro.plate({plate_args}){as_idx}:",
+        f'        z = pyro.sample("z", dist.Normal(m + torch.zeros({n_local}), {tau!r}))',
+    ]
+    if "deterministic" in extras:
+        lines.append('        pyro.deterministic("z_twice", 2 * z)')
+    if "factor" in extras:
+        lines.append(f'        pyro.factor("f", torch.full(({n_local},), {factor_c!r}))')
+    lines.append(f'        with pyro.plate("trials", {trials}, dim=-2), poutine.mask(mask={msk}):')
+    lines.append(f'            pyro.sample("x", dist.Normal(z, {sigma!r}), obs={obs})')
+    if "reparam" in extras:
+        lines += ["", 'model = poutine.reparam(model, config={"z": LocScaleReparam(0.0)})']
+    lines.append("")
+    if guide_kind in ("autonormal", "automvn"):
+        lines.append(f"guide = {'AutoNormal' if guide_kind == 'autonormal' else 'AutoMultivariateNormal'}(model)")
+    else:
+        lines += [
+            "def guide(data):",
+            f'    m = pyro.sample("m", dist.Normal({float(mu_m)!r}, {float(sd_m)!r}))',
+            f"    with pyro.plate({plate_args}){as_idx}:",
+            f"        alpha, beta, gamma = {_lit(alpha)}{ix}, {_lit(beta)}{ix}, {_lit(gamma)}{ix}",
+            '        pyro.sample("z", dist.Normal(alpha + beta * m, gamma))',
+        ]
+    source = "\n".join(lines) + "\n"
+    program = Program(seed, "hierarchical", "global+local", plate, guide_kind, dtype, extras, source, log_evidence, 1,
+                      shift)  # fmt: skip
+    program.namespace = build(source)
+    if guide_kind in ("exact", "shifted", "narrow", "wide") and not sub:
+        q_mean = torch.cat([mu_m.reshape(1), alpha + beta * mu_m])
+        link = torch.cat([torch.ones(1, dtype=f64), beta])
+        q_cov = sd_m**2 * torch.outer(link, link) + torch.diag(torch.cat([torch.zeros(1, dtype=f64), gamma**2]))
+        q = dist.MultivariateNormal(q_mean, covariance_matrix=q_cov)
+        program.kl = float(torch.distributions.kl_divergence(q, posterior))
+    program.namespace["posterior"] = posterior
+    return program
 
 
 def build(source: str) -> dict[str, Any]:
