@@ -244,9 +244,19 @@ def kl_gap(
     Standard errors: ELBO from the particle variance; ``IWAE_K`` (K < S) from the spread of its
     ``S // K`` independent group estimates; ``IWAE_S`` and ``CUBO_2`` by the delta method, which is
     unreliable when k̂ > 0.5 (the report warns). Per-data-point bounds are summed over points.
-    The noise floor is measured: ``64`` particles are re-evaluated in float64 (parameters, data and
-    draws upcast) and twice the range of their rounding errors is the floor. A program that cannot
-    run in float64 gets a floor from the magnitudes of its site log-densities instead.
+    The noise floor is measured: ``64`` particles are evaluated twice at the same draws in the
+    working dtype (a difference means randomness outside the sample sites, e.g. a module in
+    training mode, named in the report; the floor then comes from magnitudes), then re-evaluated
+    in float64 (parameters, data and draws upcast) and twice the range of their rounding errors is
+    the floor. A site whose float32 log-density underflows, overflows or loses more than 0.1 nats
+    against float64, or whose draws sit where float32 ends its support, is named, and the whole
+    report is evaluated again in float64. A program that cannot run in float64 gets a floor from
+    the magnitudes of its site log-densities instead. The floor never decides a verdict alone:
+    every report is checked against its own ESS, k̂ and ladder before it is returned.
+
+    For a data plate enclosing every latent (sized, or size-less with its size read off its
+    sites), ``report.per_point`` holds each point's k̂, ESS and bracket; the verdict reads their
+    distribution and the headline k̂ and ESS are the worst point's.
 
     Args:
         model, guide, *args, **kwargs: as for :func:`~pyro_elbo.log_weights`.
