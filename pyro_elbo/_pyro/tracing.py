@@ -208,14 +208,61 @@ def subsampled_plates(*traces: Trace) -> dict[str, Any]:
 
 
 def batch_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
-    """The plates shared by every scored site of model and guide, outermost first."""
+    """The plates shared by every scored site of model and guide, outermost first.
+
+    A plate without a size (``pyro.plate("data")``) is one when its size can be read off its
+    sites, as Pyro broadcasts it: every site in it has the same size ``N`` at the plate's dim
+    (its frame then carries ``N``); a site that has one value for all ``N`` is shared by every
+    point, and the plate is no batch plate (:func:`sizeless_plate_sizes`)."""
     common: dict[str, Any] | None = None
     for trace in (model_trace, guide_trace):
         for site in scored_sites(trace):
-            frames = {
-                f.name: f
-                for f in site["cond_indep_stack"]
-                if f.vectorized and f.name != PARTICLE_PLATE and f.size not in (None, -1)
-            }
+            frames = {f.name: f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
             common = frames if common is None else {k: v for k, v in common.items() if k in frames}
-    return tuple(sorted((common or {}).values(), key=lambda frame: frame.dim))
+    inferred, _ = sizeless_plate_sizes(model_trace, guide_trace)
+    found = []
+    for name, frame in (common or {}).items():
+        if frame.size not in (None, -1):
+            found.append(frame)
+        elif inferred.get(name) is not None:
+            found.append(frame._replace(size=inferred[name], full_size=inferred[name]))
+    return tuple(sorted(found, key=lambda frame: frame.dim))
+
+
+def _batch_size_at(site: Any, dim: int) -> int:
+    """The size of a site's log-density at plate dim ``dim`` (1 when it does not reach it)."""
+    fn, value = site["fn"], site["value"]
+    event = len(getattr(fn, "event_shape", ()))
+    shape = tuple(getattr(fn, "batch_shape", ()))
+    if isinstance(value, Tensor):
+        value_shape = tuple(value.shape[: value.dim() - event]) if event else tuple(value.shape)
+        try:
+            shape = tuple(torch.broadcast_shapes(shape, value_shape))
+        except RuntimeError:
+            pass
+    return int(shape[dim]) if len(shape) >= -dim else 1
+
+
+def sizeless_plate_sizes(*traces: Trace) -> tuple[dict[str, int | None], dict[str, str]]:
+    """Every plate without a size -> the size its sites give it, or ``None`` when a site in it has
+    one value for all points (that site is named in the second dict: plate -> why)."""
+    sizes: dict[str, dict[str, int]] = {}
+    for trace in traces:
+        for name, site in scored_sites(trace, named=True):
+            if (site.get("infer") or {}).get("_deterministic"):
+                continue  # pyro.deterministic: no density, and its whole value is one event
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized and frame.size == -1 and frame.dim is not None:
+                    sizes.setdefault(frame.name, {})[name] = _batch_size_at(site, frame.dim)
+    inferred: dict[str, int | None] = {}
+    why: dict[str, str] = {}
+    for plate, by_site in sizes.items():
+        size = max(by_site.values())
+        shared = sorted(site for site, n in by_site.items() if n != size)
+        inferred[plate] = None if shared else size
+        if shared:
+            why[plate] = (
+                f"plate '{plate}' has no size; its sites give it {size}, but site(s) {shared} have one value for "
+                f"all {size} points (Pyro broadcasts them), so they are shared, not per point"
+            )
+    return inferred, why
