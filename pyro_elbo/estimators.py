@@ -10,7 +10,7 @@ pass it to :class:`~pyro_elbo.Objective` (no edit to the package), or give it a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,13 +77,17 @@ def _check_shape(result: Tensor, lw: LogWeights) -> Tensor:
 # estimators
 
 
-def elbo(lw: LogWeights, *, baseline: dict[str, float] | None = None) -> Tensor:
+def elbo(lw: LogWeights, *, baseline: Mapping[str, Tensor | float] | None = None) -> Tensor:
     """The evidence lower bound :math:`\\frac1S \\sum_s \\log w_s`.
 
     Reparameterized sites get the pathwise gradient. Each non-reparameterized guide site ``g``
     adds the score term :math:`(\\log r_{g,s} - b_{g,s}) \\nabla \\log q(z_{g,s})`, where
     :math:`\\log r_g` is the log-weight restricted to the site's plates (Pyro's local
-    Rao-Blackwellization: a data point's site sees its own factors and the global ones), with a
+    Rao-Blackwellization: a data point's site sees its own factors and the global ones). The
+    baseline :math:`b_g` is the site's own when it declares one (Pyro's ``infer={"baseline": ...}``,
+    as ``TraceGraph_ELBO`` reads it: ``baseline[g]``, the decaying average, plus
+    ``lw.score_baselines[g]``, the learned baseline, which is trained by adding
+    :math:`\\sum (\\log r_g - b_g)^2`, in the cost's unscaled units, to the loss); otherwise a
     leave-one-out baseline :math:`b_{g,s} = \\frac{1}{S-1}\\sum_{t \\ne s} \\log r_{g,t}` when
     ``S >= 2``, else ``baseline[g]`` (a running mean kept by :class:`~pyro_elbo.ELBO`). The direct
     gradient of :math:`-\\log q` at such a site has expectation zero and is dropped, as in Pyro.
@@ -91,19 +95,34 @@ def elbo(lw: LogWeights, *, baseline: dict[str, float] | None = None) -> Tensor:
     References:
         | Black Box Variational Inference (Ranganath et al., 2014)
         | https://arxiv.org/abs/1401.0118
+        | Neural Variational Inference and Learning in Belief Networks (Mnih & Gregor, 2014)
+        | https://arxiv.org/abs/1402.0030
     """
     log_w = lw.log_w
     value = log_w.mean(0)
     if lw.score_terms:
+        running = baseline or {}
         score = value.new_zeros(())
+        fit: Tensor | None = None  # squared error of the learned baselines, [S, *B]
         for name, (log_r, log_q) in lw.score_terms.items():
             cost = log_r.detach()
-            if log_w.shape[0] > 1:
-                b: Tensor | float = leave_one_out_mean(cost)
+            b: Tensor | float
+            if name in lw.score_baselines or name in lw.baseline_decay:
+                b = running.get(name, 0.0) if name in lw.baseline_decay else 0.0
+                learned = lw.score_baselines.get(name)
+                if learned is not None:
+                    b = learned + b
+                    error = ((cost - b) ** 2).sum(-1)
+                    fit = error if fit is None else fit + error
+                    b = b.detach()
+            elif log_w.shape[0] > 1:
+                b = leave_one_out_mean(cost)
             else:
-                b = (baseline or {}).get(name, 0.0)
+                b = running.get(name, 0.0)
             score = score + ((cost - b) * log_q).sum(-1)
         surrogate = value + score.mean(0)
+        if fit is not None:  # the loss gains batch_scale**2 * fit: Pyro's baseline loss
+            surrogate = surrogate - lw.batch_scale * fit.mean(0)
         if lw.log_q_nonreparam is not None:  # drop the zero-mean direct gradient of log q
             surrogate = surrogate + lw.log_q_nonreparam.mean(0) - lw.log_q_nonreparam.detach().mean(0)
         value = replace_grad(value, surrogate)

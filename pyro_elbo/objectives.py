@@ -225,20 +225,38 @@ class ELBO(Objective):
         self, num_particles: int = 1, max_plate_nesting: int | None = None, analytic_kl: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(self.estimator, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
-        self._baseline: dict[str, float] = {}
+        self._baseline: dict[str, Tensor] = {}
         self.analytic_kl = bool(analytic_kl)
         self._extra_needs = frozenset({"analytic_kl"}) if analytic_kl else frozenset()
 
     def bound(self, lw: LogWeights) -> Tensor:
-        if not lw.score_terms or lw.num_particles > 1:
+        if not lw.score_terms:
             return super().bound(lw)
         result = self.spec.fn(lw, baseline=self._baseline)
-        for name, (log_r, _) in lw.score_terms.items():
-            mean = float(log_r.detach().mean())
-            if math.isfinite(mean):
-                previous = self._baseline.get(name)
-                self._baseline[name] = mean if previous is None else 0.9 * previous + 0.1 * mean
+        self._update_baselines(lw)
         return result
+
+    def _update_baselines(self, lw: LogWeights) -> None:
+        """Advance the running baselines, as tensors (no value is read to the host, so a captured
+        step keeps them in its graph): the per-site running mean of the cost for ``S = 1``
+        (:math:`b \\leftarrow 0.9 b + 0.1 \\bar c`, skipping non-finite costs), and Pyro's decaying
+        average :math:`b \\leftarrow (1-\\beta) c + \\beta b` for the sites that ask for it (only
+        when gradients are taken, as ``TraceGraph_ELBO`` does)."""
+        for name, (log_r, _) in lw.score_terms.items():
+            cost = log_r.detach()
+            previous = self._baseline.get(name)
+            if name in lw.baseline_decay:
+                if torch.is_grad_enabled():
+                    beta = lw.baseline_decay[name]
+                    old = previous if isinstance(previous, Tensor) and previous.shape == cost.shape else 0.0
+                    self._baseline[name] = (1 - beta) * cost + beta * old
+            elif lw.num_particles == 1 and name not in lw.score_baselines:
+                mean = cost.mean()
+                finite = torch.isfinite(mean)
+                if previous is None:
+                    self._baseline[name] = torch.where(finite, mean, torch.zeros_like(mean))
+                else:
+                    self._baseline[name] = torch.where(finite, 0.9 * previous + 0.1 * mean, previous)
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": dict(self._baseline)}
@@ -246,7 +264,10 @@ class ELBO(Objective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         baseline = state.get("baseline")
         # checkpoints before per-site baselines stored one float (or None): start afresh
-        self._baseline = dict(baseline) if isinstance(baseline, dict) else {}
+        if not isinstance(baseline, dict):
+            self._baseline = {}
+            return
+        self._baseline = {k: v if isinstance(v, Tensor) else torch.as_tensor(float(v)) for k, v in baseline.items()}
 
 
 class IWAE(Objective):

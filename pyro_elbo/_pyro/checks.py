@@ -31,6 +31,7 @@ from pyro_elbo._random import forked_rng
 
 __all__ = [
     "GuidePlateWarning",
+    "InferOptionWarning",
     "check_guide_plates",
     "check_model_guide",
     "check_supports",
@@ -41,6 +42,58 @@ __all__ = [
 
 class GuidePlateWarning(UserWarning):
     """A plate (vectorized or sequential) in the guide that the model does not have (Pyro warns too)."""
+
+
+class InferOptionWarning(UserWarning):
+    """A site's ``infer`` dict holds a key that pyro_elbo does not act on (said once per key)."""
+
+
+#: ``infer`` keys read here, or set by Pyro's own handlers for bookkeeping that needs nothing here
+_KNOWN_INFER_KEYS = frozenset(
+    {
+        "enumerate",  # model sites summed out (enum.py)
+        "expand",  # the shape of an enumeration, not its value
+        "is_auxiliary",
+        "baseline",  # TraceGraph_ELBO's baselines (score.py)
+        "_deterministic",
+        "was_observed",  # poutine.uncondition
+        "obs",
+        "prior",  # GuideMessenger autoguides
+        "_enumerate_dim",
+        "_enumerate_symbol",
+        "_dim_to_symbol",
+        "_dim_to_id",
+        "_markov_scope",
+        "_markov_depth",
+        "_enum_total",
+        "_do_not_trace",
+    }
+)
+
+#: keys Pyro reads that pyro_elbo does not, and what that means
+_IGNORED_INFER_KEYS = {
+    "num_samples": "Pyro's sampled enumeration; enumerated sites are summed out exactly here",
+    "tmc": "Pyro's TraceTMC_ELBO option; the site is sampled or summed as without it",
+    "_do_not_score": "pyro.contrib.funsor's flag; the site is scored here",
+}
+
+_warned_infer_keys: set[str] = set()
+
+
+def warn_unknown_infer_keys(*traces: Trace) -> None:
+    """Warn once per key (:class:`InferOptionWarning`) about ``infer`` keys that change nothing here."""
+    for trace in traces:
+        for name, site in sample_sites(trace).items():
+            for key in site["infer"]:
+                if key in _KNOWN_INFER_KEYS or key in _warned_infer_keys:
+                    continue
+                _warned_infer_keys.add(key)
+                why = _IGNORED_INFER_KEYS.get(key, "a key neither Pyro nor pyro_elbo reads (a misspelling?)")
+                warnings.warn(
+                    f"pyro_elbo: infer={{{key!r}: ...}} at site '{name}' has no effect here ({why}).",
+                    InferOptionWarning,
+                    stacklevel=2,
+                )
 
 
 def _plates(site: Any, particle_plate: str | bool) -> dict[str, Any]:
@@ -74,6 +127,7 @@ def check_model_guide(
     """
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
+    warn_unknown_infer_keys(model_trace, guide_trace)
     _check_guide_sites(model_sites, guide_sites)
     _check_model_sites(model_sites, guide_sites, particle_plate)
     for role, sites in (("model", model_sites), ("guide", guide_sites)):

@@ -77,6 +77,11 @@ class LogWeights:
             the log-weight restricted to the site's plates (Pyro's Rao-Blackwellization) and the
             site's unscaled log-density, whose gradient is the score function
             (:mod:`pyro_elbo._pyro.score`).
+        score_baselines: non-reparameterized guide site -> ``[S, *B, E]`` its learned baseline
+            (Pyro's ``nn_baseline`` or ``baseline_value``, in the units of ``log_r``), whose
+            squared error to the cost trains it (:mod:`pyro_elbo._pyro.score`).
+        baseline_decay: non-reparameterized guide site -> ``baseline_beta`` of the sites that
+            ask for Pyro's decaying-average baseline (kept by :class:`~pyro_elbo.ELBO`).
         log_q_nonreparam: ``[S, *B]`` the scaled part of ``log_q`` from non-reparameterized
             sites (``None`` if there are none). Its direct gradient has expectation zero; the ELBO
             drops it, as Pyro's ``Trace_ELBO`` does.
@@ -95,6 +100,8 @@ class LogWeights:
     site_log_q: dict[str, Tensor] = field(default_factory=dict)
     score_terms: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     log_q_nonreparam: Tensor | None = None
+    score_baselines: dict[str, Tensor] = field(default_factory=dict)
+    baseline_decay: dict[str, float] = field(default_factory=dict)
 
     @property
     def log_w(self) -> Tensor:
@@ -221,6 +228,7 @@ _TENSOR_FIELDS = (
     "site_log_q",
     "score_terms",
     "log_q_nonreparam",
+    "score_baselines",
 )
 
 
@@ -257,7 +265,7 @@ def _log_weights_vectorized(
         model_aligned, _ = enum.aligned_log_p(model_trace, guide_trace, reducer)
     else:
         model_aligned = {name: reducer.aligned(site) for name, site in model_sites.items()}
-    guide_aligned = {name: reducer.aligned(site) for name, site in guide_sites.items()}
+    guide_aligned = {name: reducer.aligned(site, role="guide") for name, site in guide_sites.items()}
     if "analytic_kl" in need:
         replace_with_kl(model_sites, guide_sites, model_aligned, guide_aligned, reducer)
     site_log_p = {name: reducer.reduce(t) for name, t in model_aligned.items()}
@@ -265,7 +273,9 @@ def _log_weights_vectorized(
     score_sites = tuple(name for name, site in guide_sites.items() if not site["fn"].has_rsample)
     log_p = reducer.total(site_log_p.values())
     log_q = reducer.total(site_log_q.values())
-    terms = score_terms(model_sites, guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE)
+    terms, baselines = score_terms(
+        model_sites, guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE
+    )
     log_q_score = reducer.total(reducer.reduce(reducer.aligned(guide_sites[n], scaled=False)) for n in score_sites)
 
     log_q_stopped = None
@@ -303,6 +313,8 @@ def _log_weights_vectorized(
         site_log_q=site_log_q if per_site else {},
         score_terms=terms,
         log_q_nonreparam=reducer.total(site_log_q[n] for n in score_sites) if score_sites else None,
+        score_baselines=baselines.learned,
+        baseline_decay=baselines.decay,
     )
 
 
@@ -328,6 +340,8 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
             k: (torch.cat([p.score_terms[k][0] for p in parts]), torch.cat([p.score_terms[k][1] for p in parts]))
             for k in first.score_terms
         },
+        score_baselines={k: torch.cat([p.score_baselines[k] for p in parts]) for k in first.score_baselines},
+        baseline_decay=first.baseline_decay,
     )
 
 

@@ -10,12 +10,14 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.tracegraph_elbo import TrackNonReparam
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from pyro_elbo._pyro import checks, enum
+from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.params import params_stopped
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -117,7 +119,7 @@ def traces(
     plated_model = particle_plated(model, num_particles, dim)
     try:
         with params_stopped() if detach_model_params and _is_messenger(guide) else contextlib.nullcontext():
-            guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
+            guide_trace, inner_model_trace = _trace_guide_tracked(model, guide, args, kwargs, num_particles, dim)
         try:
             with params_stopped() if detach_model_params else contextlib.nullcontext():
                 model_trace = (
@@ -142,6 +144,32 @@ def traces(
             "draw them with torch.func.vmap or one at a time, or use num_particles=1."
         ) from error
     return model_trace, guide_trace
+
+
+#: model/guide pairs whose guide declares Pyro baseline options: their values carry provenance
+_TRACKED = ProgramCache()
+
+
+def has_baseline_options(trace: Trace) -> bool:
+    """Whether a guide site declares ``infer={"baseline": ...}`` (``TraceGraph_ELBO``'s options)."""
+    return any(site["infer"].get("baseline") for site in scored_sites(trace))
+
+
+def _trace_guide_tracked(
+    model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], num_particles: int, dim: int
+) -> tuple[Trace, Trace | None]:
+    """The guide's trace; for a guide with baseline options, under Pyro's ``TrackNonReparam``, so
+    each log-density knows which non-reparameterized sites it depends on (``TraceGraph_ELBO``'s
+    downstream costs). The first run of such a guide finds the options and is replayed tracked."""
+    if _TRACKED.get(model, guide):
+        with TrackNonReparam():
+            return trace_guide(guide, args, kwargs, num_particles, dim)
+    guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
+    if not has_baseline_options(guide_trace):
+        return guide_trace, inner_model_trace
+    _TRACKED.put(model, guide, True)
+    with TrackNonReparam():
+        return trace_guide(guide, args, kwargs, num_particles, dim, replay=guide_trace)
 
 
 def _is_messenger(guide: Guide) -> bool:

@@ -1,0 +1,140 @@
+"""Pyro's baseline options (``infer={"baseline": {...}}``) as ``TraceGraph_ELBO`` reads them:
+the same surrogate loss on the same draws, so equal gradients for the guide and the baseline."""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyro_elbo
+
+N, STEPS = 5, 2
+
+
+class _AIRLike:
+    """Two steps of AIR's structure in a data plate: a presence bit per step (Bernoulli, scored by
+    the score function, each step's baseline a different option) and a reparameterized location."""
+
+    def __init__(self, options: tuple[str, str]) -> None:
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(2, 2)
+        self.baseline_net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        self.options = options
+        self.data = torch.linspace(-1.0, 1.5, N * 2).reshape(N, 2)
+
+    def model(self, x):
+        with pyro.plate("data", N):
+            present = torch.ones(N)
+            total = torch.zeros(N)
+            for t in range(STEPS):
+                present = pyro.sample(f"z_pres_{t}", dist.Bernoulli(0.6 * present))
+                where = pyro.sample(f"z_where_{t}", dist.Normal(0.0, 1.0).mask(present.bool()))
+                total = total + present * where
+            pyro.sample("x", dist.Normal(total.unsqueeze(-1), 0.5).expand([N, 2]).to_event(1), obs=x)
+
+    def baseline(self, t: int, x, present):
+        kind = self.options[t]
+        if kind == "nn":
+            net_input = torch.cat([x, present.unsqueeze(-1)], -1)
+            return {"nn_baseline": lambda v: self.baseline_net(v).squeeze(-1), "nn_baseline_input": net_input}
+        if kind == "decaying":
+            return {"use_decaying_avg_baseline": True, "baseline_beta": 0.8}
+        if kind == "value":
+            return {"baseline_value": pyro.param("bl_value", lambda: torch.full((N,), -1.0))}
+        if kind == "nn+decaying":
+            net_input = torch.cat([x, present.unsqueeze(-1)], -1)
+            return {
+                "nn_baseline": lambda v: self.baseline_net(v).squeeze(-1),
+                "nn_baseline_input": net_input,
+                "use_decaying_avg_baseline": True,
+            }
+        raise AssertionError(kind)
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        pyro.module("baseline_net", self.baseline_net)
+        with pyro.plate("data", N):
+            present = torch.ones(N)
+            for t in range(STEPS):
+                logits = self.encoder(x)[:, 0] + 0.5 * t
+                present = pyro.sample(
+                    f"z_pres_{t}",
+                    dist.Bernoulli(logits=logits).mask(present.bool()),
+                    infer={"baseline": self.baseline(t, x, present)},
+                )
+                loc = self.encoder(x)[:, 1] * present
+                pyro.sample(f"z_where_{t}", dist.Normal(loc, 0.7).mask(present.bool()))
+
+
+def _step_grads(objective, program: _AIRLike, seed: int) -> tuple[float, dict[str, torch.Tensor]]:
+    pyro.set_rng_seed(seed)
+    program.guide(program.data)  # create the parameters
+    params = {
+        name: pyro.param(name).unconstrained() for name in pyro.get_param_store().keys() if "__baseline" not in name
+    }
+    for p in params.values():
+        p.grad = None
+    pyro.set_rng_seed(seed)
+    loss = objective.loss_and_grads(program.model, program.guide, program.data)
+    return loss, {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+
+
+@pytest.mark.parametrize("options", [("nn", "decaying"), ("value", "nn+decaying")])
+def test_baseline_options_give_trace_graph_elbo_gradients_on_the_same_draws(options) -> None:
+    """Three successive steps (so the decaying averages have moved): the loss and every
+    parameter's gradient, the baseline network's and ``baseline_value``'s included, equal
+    ``TraceGraph_ELBO``'s up to float rounding."""
+    program = _AIRLike(options)
+    ours, theirs = pyro_elbo.ELBO(), pyro.infer.TraceGraph_ELBO()
+    for seed in range(3):
+        loss_ours, grads_ours = _step_grads(ours, program, seed)
+        loss_theirs, grads_theirs = _step_grads(theirs, program, seed)
+        assert loss_ours == pytest.approx(loss_theirs, rel=1e-6)
+        assert grads_ours.keys() == grads_theirs.keys()
+        baseline_params = [n for n in grads_ours if "baseline_net" in n or n == "bl_value"]
+        assert baseline_params, "the baseline must receive a gradient"
+        for name, grad in grads_theirs.items():
+            assert torch.allclose(grads_ours[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_baseline_of_the_wrong_shape_is_named() -> None:
+    def model():
+        with pyro.plate("data", 3):
+            pyro.sample("z", dist.Bernoulli(0.5))
+
+    def guide():
+        with pyro.plate("data", 3):
+            pyro.sample("z", dist.Bernoulli(0.4), infer={"baseline": {"baseline_value": torch.zeros(2)}})
+
+    with pytest.raises(ValueError, match="'z'.*baseline"):
+        pyro_elbo.ELBO().differentiable_loss(model, guide)
+
+
+def test_unknown_baseline_option_is_refused_by_name() -> None:
+    def model():
+        pyro.sample("z", dist.Bernoulli(0.5))
+
+    def guide():
+        pyro.sample("z", dist.Bernoulli(0.4), infer={"baseline": {"use_avg": True}})
+
+    with pytest.raises(ValueError, match="use_avg"):
+        pyro_elbo.ELBO().differentiable_loss(model, guide)
+
+
+def test_unknown_infer_key_is_warned_about_once_by_name() -> None:
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.1, 1.0), infer={"my_option": 3})
+
+    with pytest.warns(UserWarning, match="my_option"):
+        pyro_elbo.ELBO().loss(model, guide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyro_elbo.ELBO().loss(model, guide)
