@@ -131,8 +131,9 @@ class Objective(pyro.infer.ELBO):
         if self.spec.reparameterized_only and lw.score_sites:
             raise ValueError(
                 f"{name} needs reparameterized guide sites, but {', '.join(map(repr, lw.score_sites))} "
-                "cannot be reparameterized (e.g. a discrete latent); train it with pyro_elbo.ELBO "
-                "(score function with baseline) or pyro_elbo.VIMCO."
+                "cannot be reparameterized (e.g. a discrete latent), and its gradient has no "
+                "score-function form; train it with pyro_elbo.ELBO (score function with baseline), "
+                "pyro_elbo.IWAE, pyro_elbo.RenyiELBO or pyro_elbo.VIMCO (leave-one-out score function)."
             )
         if not self.spec.linear and lw.num_particles > 1 and lw.subsampled_plates:
             raise ValueError(
@@ -273,12 +274,16 @@ class ELBO(Objective):
 class IWAE(Objective):
     """The importance-weighted bound :math:`\\log\\frac1S\\sum_s w_s`, tighter as ``S`` grows.
 
+    Discrete (non-reparameterized) guide sites are trained by the score function with VIMCO's
+    leave-one-out control variate: unbiased, with a score-function estimator's variance (see
+    :func:`pyro_elbo.estimators.iwae`).
+
     References:
         | Importance Weighted Autoencoders (Burda et al., 2016)
         | https://arxiv.org/abs/1509.00519
     """
 
-    estimator = Estimator(iwae)
+    estimator = Estimator(iwae, reparameterized_only=False)
 
     def __init__(self, num_particles: int = 8, max_plate_nesting: int | None = None, **kwargs: Any) -> None:
         super().__init__(self.estimator, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
@@ -317,14 +322,16 @@ class RenyiELBO(Objective):
 
     Defaults match Pyro's ``RenyiELBO`` (``alpha=0``, ``num_particles=2``), and so do the positional
     arguments. Unlike Pyro's, the bound is per data point whenever every site sits in the data
-    plate, so local-latent models (VAEs) get the intended objective.
+    plate, so local-latent models (VAEs) get the intended objective. Discrete guide sites are
+    trained as in :class:`IWAE` (leave-one-out score function); Pyro's ``RenyiELBO`` weights their
+    score function by a constant, not by the bound, so its guide gradient is biased there.
 
     References:
         | Rényi Divergence Variational Inference (Li & Turner, 2016)
         | https://arxiv.org/abs/1602.02311
     """
 
-    estimator = Estimator(renyi, options={"alpha": 0.0})
+    estimator = Estimator(renyi, reparameterized_only=False, options={"alpha": 0.0})
 
     def __init__(
         self, alpha: float = 0.0, num_particles: int = 2, max_plate_nesting: int | None = None, **kwargs: Any
@@ -354,7 +361,9 @@ class CUBO(Objective):
         | https://arxiv.org/abs/1611.00328
     """
 
-    estimator = Estimator(cubo, bound="upper", trains_model=False, min_particles=2, options={"n": 2.0})
+    estimator = Estimator(
+        cubo, bound="upper", reparameterized_only=False, trains_model=False, min_particles=2, options={"n": 2.0}
+    )
 
     def __init__(
         self, n: float = 2.0, num_particles: int = 64, max_plate_nesting: int | None = None, **kwargs: Any
