@@ -91,6 +91,8 @@ def elbo(lw: LogWeights, *, baseline: Mapping[str, Tensor | float] | None = None
     leave-one-out baseline :math:`b_{g,s} = \\frac{1}{S-1}\\sum_{t \\ne s} \\log r_{g,t}` when
     ``S >= 2``, else ``baseline[g]`` (a running mean kept by :class:`~pyro_elbo.ELBO`). The direct
     gradient of :math:`-\\log q` at such a site has expectation zero and is dropped, as in Pyro.
+    A guide that enumerates sites :math:`y` (``lw.elbo_terms``) gives ``TraceEnum_ELBO``'s bound,
+    :math:`\\sum_y q(y) \\log \\frac{p(x, y, z_y)}{q(y) q(z_y \\mid y)}`, exact in :math:`y`.
 
     References:
         | Black Box Variational Inference (Ranganath et al., 2014)
@@ -98,6 +100,8 @@ def elbo(lw: LogWeights, *, baseline: Mapping[str, Tensor | float] | None = None
         | Neural Variational Inference and Learning in Belief Networks (Mnih & Gregor, 2014)
         | https://arxiv.org/abs/1402.0030
     """
+    if lw.elbo_terms is not None:  # the guide enumerates: TraceEnum_ELBO's exact sum over its values
+        return _check_shape(lw.elbo_terms.mean(0), lw)
     log_w = lw.log_w
     value = log_w.mean(0)
     if lw.score_terms:

@@ -214,7 +214,8 @@ def kl_gap(
     if any(k < 1 or k > num_particles for k in ladder):
         raise ValueError(f"ladder values must be in [1, {num_particles}], got {ladder}")
     floor, source = run.noise_floor(min(num_particles, ROUNDING_PARTICLES), dtype)
-    elbo = _elbo_estimate(log_w)
+    # a guide that enumerates: TraceEnum_ELBO's ELBO (log_w holds the exact sum, where q(y) cancels)
+    elbo = _elbo_estimate(torch.cat(run.elbo_chunks) if run.elbo_chunks else log_w)
     iwae = {1: elbo} | {k: _iwae_estimate(log_w, k) for k in ladder if k > 1}
     spread = log_w.max(0).values - log_w.min(0).values
     constant = bool((spread <= floor).all())
@@ -373,6 +374,7 @@ class _Run:
         self.max_plate_nesting, self.vectorize, self.shares = max_plate_nesting, vectorize, shares
         self.abs_terms = 0.0
         self.drawn = 0
+        self.elbo_chunks: list[Tensor] = []  # LogWeights.elbo_terms, where the guide enumerates
 
     def chunk(self, size: int) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
         lw = log_weights(
@@ -412,6 +414,8 @@ class _Run:
             if lw.site_log_p
             else lw.log_p.abs().sum() + lw.log_q.abs().sum()
         )
+        if lw.elbo_terms is not None:
+            self.elbo_chunks.append(lw.elbo_terms.double().reshape(size, -1).cpu())
         return lw.log_w.double().reshape(size, -1).cpu(), shares, lw.log_p.dtype
 
     def draw(self, num: int, chunk_size: int, max_seconds: float) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:

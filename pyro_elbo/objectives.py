@@ -128,6 +128,16 @@ class Objective(pyro.infer.ELBO):
     def bound(self, lw: LogWeights) -> Tensor:
         """The ``[*B]`` bound with this objective's gradient, after checking ``lw`` suits it."""
         name = type(self).__name__
+        if lw.guide_enumerated and self.spec.fn is not elbo:
+            sites = ", ".join(map(repr, lw.guide_enumerated))
+            raise NotImplementedError(
+                f"The guide's site(s) {sites} are enumerated (config_enumerate on the guide). {name}'s "
+                "bound would hold their exact sum inside each particle's weight, where the guide's "
+                "probabilities of them cancel, so the guide's distribution over them would get no gradient. "
+                "Train with pyro_elbo.ELBO (TraceEnum_ELBO's estimator), or drop the enumerate flag to "
+                f"sample them ({name} then trains them by the score function where it can); kl_gap and "
+                "log_evidence use the exact sum."
+            )
         if self.spec.reparameterized_only and lw.score_sites:
             raise ValueError(
                 f"{name} needs reparameterized guide sites, but {', '.join(map(repr, lw.score_sites))} "

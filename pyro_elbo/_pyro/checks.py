@@ -108,6 +108,7 @@ def check_model_guide(
     max_plate_nesting: int,
     particle_plate: str | bool = False,
     supports: bool = True,
+    guide_enumerated: tuple[str, ...] = (),
 ) -> None:
     """Raise ``ValueError`` (or ``NotImplementedError``) if the guide does not match the model.
 
@@ -124,15 +125,18 @@ def check_model_guide(
         max_plate_nesting: plate dims in use, not counting the particle plate.
         particle_plate: name of the outer particle plate (left of every user plate), or False.
         supports: also compare supports.
+        guide_enumerated: guide sites enumerated in parallel (summed out by the caller): their
+            flags are not refused, and dims left of the particle dim (enumeration dims) are not
+            checked, as in Pyro's ``check_site_shape``.
     """
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
     warn_unknown_infer_keys(model_trace, guide_trace)
     _check_guide_sites(model_sites, guide_sites)
-    _check_model_sites(model_sites, guide_sites, particle_plate)
+    _check_model_sites(model_sites, guide_sites, particle_plate, guide_enumerated)
     for role, sites in (("model", model_sites), ("guide", guide_sites)):
         for site in sites.values():
-            error = site_shape_error(role, site, max_plate_nesting, particle_plate)
+            error = site_shape_error(role, site, max_plate_nesting, particle_plate, bool(guide_enumerated))
             if error is not None:
                 raise error
     check_guide_plates(model_trace, guide_trace)
@@ -173,13 +177,18 @@ def _is_unspecified_factor(site: Any) -> bool:
     )
 
 
-def _check_model_sites(model_sites: dict[str, Any], guide_sites: dict[str, Any], particle_plate: str | bool) -> None:
+def _check_model_sites(
+    model_sites: dict[str, Any],
+    guide_sites: dict[str, Any],
+    particle_plate: str | bool,
+    guide_enumerated: tuple[str, ...],
+) -> None:
     for name, site in model_sites.items():
         if site["is_observed"] or is_deterministic(site):
             continue
         guide_site = guide_sites.get(name)
         flag = (guide_site or site)["infer"].get("enumerate")
-        if flag:
+        if flag and name not in guide_enumerated:
             _refuse_enumeration(name, flag, in_guide=guide_site is not None)
         if guide_site is None:
             raise ValueError(
@@ -255,12 +264,17 @@ def check_guide_plates(model_trace: Trace, guide_trace: Trace) -> None:
         )
 
 
-def site_shape_error(role: str, site: Any, max_plate_nesting: int, particle_plate: str | bool) -> ValueError | None:
-    """The named shape error of one site, or None (Pyro's ``check_site_shape`` rule, see module doc)."""
+def site_shape_error(
+    role: str, site: Any, max_plate_nesting: int, particle_plate: str | bool, enumerated: bool = False
+) -> ValueError | None:
+    """The named shape error of one site, or None (Pyro's ``check_site_shape`` rule, see module doc).
+    With ``enumerated``, dims left of the particle dim (enumeration dims) are not checked."""
     if site["is_observed"] and is_deterministic(site):
         return None
     batch_shape = tuple(site["fn"].batch_shape)
     shape, value_error = _log_prob_batch_shape(site, batch_shape)
+    if enumerated:
+        shape = shape[-(max_plate_nesting + 1) :] if max_plate_nesting + 1 <= len(shape) else shape
     if value_error is not None:
         return _observed_shape_error(site, batch_shape, shape, max_plate_nesting, particle_plate, value_error)
     error = _plate_rule_error(
@@ -402,8 +416,15 @@ def diagnose_shape_failure(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", GuidePlateWarning)  # warned about on the main path
-                summed = enum.enumerated_sites(model_trace, guide_trace)  # summed out, not checked
-                check_model_guide(enum.without_sites(model_trace, summed), guide_trace, max_plate_nesting, False)
+                marked = enum.guide_marked_sites(guide_trace)
+                summed = enum.enumerated_sites(model_trace, guide_trace, bool(marked))  # summed out, not checked
+                check_model_guide(
+                    enum.without_sites(model_trace, summed),
+                    guide_trace,
+                    max_plate_nesting,
+                    False,
+                    guide_enumerated=marked,
+                )
         except (ValueError, NotImplementedError) as error:
             return error
     return None

@@ -50,11 +50,12 @@ class Reducer:
         #: (filled only where values carry provenance; ``role`` is ``"model"`` or ``"guide"``)
         self.provenance: dict[tuple[str, str], frozenset[str]] = {}
 
-    def aligned(self, site: dict[str, Any], scaled: bool = True, role: str = "model") -> Tensor:
+    def aligned(self, site: dict[str, Any], scaled: bool = True, role: str = "model", extra_dims: int = 0) -> Tensor:
         """The site's ``log_prob`` with ``rank`` dims; ``scaled=False`` leaves out scale and mask
         (the score function :math:`\\nabla \\log q`, as in Pyro's ``ScoreParts``: a
         distribution's own ``.mask(...)`` does not apply either). ``role`` keys
-        the site's :attr:`provenance`."""
+        the site's :attr:`provenance`. ``extra_dims`` more dims are allowed left of the particle
+        dim (the guide's enumeration dims, :func:`~pyro_elbo._pyro.enum.guide_enumerated_weights`)."""
         fn = site["fn"]
         try:
             if not scaled and hasattr(fn, "score_parts"):  # a masked distribution's score is unmasked
@@ -73,7 +74,8 @@ class Reducer:
         if provenance:
             self.provenance[(role, site["name"])] = provenance
         self.like = log_prob
-        extra = log_prob.dim() - self.rank
+        rank = self.rank + extra_dims
+        extra = log_prob.dim() - rank
         if extra > 0 and all(size == 1 for size in log_prob.shape[:extra]):  # e.g. Normal(zeros(1, 1)), no plate
             log_prob = log_prob.reshape(log_prob.shape[extra:])
             extra = 0

@@ -148,6 +148,37 @@ def traces(
 
 #: model/guide pairs whose guide declares Pyro baseline options: their values carry provenance
 _TRACKED = ProgramCache()
+#: model/guide pair -> whether the guide marks sites for (parallel) enumeration
+_ENUMERATING = ProgramCache()
+
+
+def guide_enumerates(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the guide marks a latent site ``infer={"enumerate": "parallel"}`` (``config_enumerate``
+    on the guide); found by one run of the guide per model/guide pair, outside the caller's random
+    stream. ``GuideMessenger`` guides are never enumerated (nor are they by ``TraceEnum_ELBO``).
+
+    Raises:
+        NotImplementedError: a guide site is marked for ``"sequential"`` enumeration.
+    """
+    if _is_messenger(guide):
+        return False
+    cached = _ENUMERATING.get(model, guide)
+    if cached is None:
+        with forked_rng(), torch.no_grad(), poutine.block():
+            probe = poutine.trace(guide).get_trace(*args, **kwargs)
+        cached = False
+        for name, site in scored_sites(probe, named=True):
+            how = site["infer"].get("enumerate")
+            if not how or site["is_observed"]:
+                continue
+            if how != "parallel":
+                raise NotImplementedError(
+                    f"Guide site '{name}' is marked for enumeration ({how!r}); only 'parallel' enumeration of guide "
+                    "sites is supported (config_enumerate's default, as in pyro.infer.TraceEnum_ELBO)."
+                )
+            cached = True
+        _ENUMERATING.put(model, guide, cached)
+    return bool(cached)
 
 
 def has_baseline_options(trace: Trace) -> bool:
@@ -160,7 +191,11 @@ def _trace_guide_tracked(
 ) -> tuple[Trace, Trace | None]:
     """The guide's trace; for a guide with baseline options, under Pyro's ``TrackNonReparam``, so
     each log-density knows which non-reparameterized sites it depends on (``TraceGraph_ELBO``'s
-    downstream costs). The first run of such a guide finds the options and is replayed tracked."""
+    downstream costs). The first run of such a guide finds the options and is replayed tracked.
+    A guide that enumerates runs under ``poutine.enum``, its enumeration dims left of the particle
+    dim ``dim`` (as ``TraceEnum_ELBO`` places them left of its particle plate)."""
+    if guide_enumerates(model, guide, args, kwargs):
+        return trace_guide(poutine.enum(guide, first_available_dim=dim - 1), args, kwargs, num_particles, dim)
     if _TRACKED.get(model, guide):
         with TrackNonReparam():
             return trace_guide(guide, args, kwargs, num_particles, dim)
@@ -200,8 +235,11 @@ def _diagnose_model_failure(
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(guide_trace, prior_trace)
     try:
-        prior_trace = enum.without_sites(prior_trace, enum.enumerated_sites(prior_trace, guide_trace))
-        checks.check_model_guide(prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
+        marked = enum.guide_marked_sites(guide_trace)
+        prior_trace = enum.without_sites(prior_trace, enum.enumerated_sites(prior_trace, guide_trace, bool(marked)))
+        checks.check_model_guide(
+            prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE, guide_enumerated=marked
+        )
     except ValueError as mismatch:
         raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {error})") from error
 
