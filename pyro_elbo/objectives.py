@@ -248,26 +248,39 @@ class ELBO(Objective):
         return result
 
     def _update_baselines(self, lw: LogWeights) -> None:
-        """Advance the running baselines, as tensors (no value is read to the host, so a captured
-        step keeps them in its graph): the per-site running mean of the cost for ``S = 1``
-        (:math:`b \\leftarrow 0.9 b + 0.1 \\bar c`, skipping non-finite costs), and Pyro's decaying
-        average :math:`b \\leftarrow (1-\\beta) c + \\beta b` for the sites that ask for it (only
-        when gradients are taken, as ``TraceGraph_ELBO`` does)."""
+        """Advance the running baselines in place, as tensors: nothing is read to the host, so a
+        captured step (``compile=True``) keeps them in its graph and updates them every call.
+        Per site, the running mean of the cost for ``S = 1`` (:math:`b \\leftarrow 0.9 b + 0.1 \\bar c`,
+        skipping non-finite costs), and Pyro's decaying average :math:`b \\leftarrow (1-\\beta) c +
+        \\beta b` for the sites that ask for it (only when gradients are taken, as
+        ``TraceGraph_ELBO`` does). A site's state is created on its first step."""
         for name, (log_r, _) in lw.score_terms.items():
             cost = log_r.detach()
             previous = self._baseline.get(name)
             if name in lw.baseline_decay:
-                if torch.is_grad_enabled():
-                    beta = lw.baseline_decay[name]
-                    old = previous if isinstance(previous, Tensor) and previous.shape == cost.shape else 0.0
-                    self._baseline[name] = (1 - beta) * cost + beta * old
+                if not torch.is_grad_enabled():
+                    continue
+                beta = lw.baseline_decay[name]
+                if previous is None or previous.shape != cost.shape:
+                    self._baseline[name] = (1 - beta) * cost
+                else:
+                    with torch.no_grad():
+                        previous.copy_((1 - beta) * cost + beta * previous)
             elif lw.num_particles == 1 and name not in lw.score_baselines:
                 mean = cost.mean()
                 finite = torch.isfinite(mean)
                 if previous is None:
                     self._baseline[name] = torch.where(finite, mean, torch.zeros_like(mean))
                 else:
-                    self._baseline[name] = torch.where(finite, 0.9 * previous + 0.1 * mean, previous)
+                    with torch.no_grad():
+                        previous.copy_(torch.where(finite, 0.9 * previous + 0.1 * mean, previous))
+
+    def __copy__(self) -> ELBO:
+        """A copy with its own running baselines (``copy.copy`` is how trial runs keep this state)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._baseline = {name: value.clone() for name, value in self._baseline.items()}
+        return clone
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": dict(self._baseline)}
