@@ -186,3 +186,28 @@ def test_discrete_guide_compiles_under_svi_without_falling_back() -> None:
         svi.step()
         states.append(float(objective.state_dict()["baseline"]["k"]))
     assert len(set(states[1:])) == 3, states
+
+
+def test_baseline_options_are_captured_in_the_compiled_graph() -> None:
+    """The captured step (dependencies from the eager run, the decaying average updated in place)
+    gives the eager step's loss and gradients, call after call, on the same draws."""
+    from pyro_elbo.compiled import CompiledLoss
+
+    program = _AIRLike(("nn", "decaying"))
+    eager, captured = pyro_elbo.ELBO(), pyro_elbo.ELBO()
+    for objective in (eager, captured):
+        pyro.set_rng_seed(0)
+        objective.loss_and_grads(program.model, program.guide, program.data)
+    store = pyro.get_param_store()
+    params = {name: store._params[name] for name in store.keys()}
+    compiled = CompiledLoss(captured, program.model, program.guide, backend="eager")
+    for seed in range(1, 4):
+        pyro.set_rng_seed(seed)
+        loss, _, grads = compiled(params, (program.data,), {})
+        pyro.set_rng_seed(seed)
+        expected = eager.differentiable_loss(program.model, program.guide, program.data)
+        assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-10)
+        expected_grads = torch.autograd.grad(expected, list(params.values()), allow_unused=True)
+        for grad, want in zip(grads, expected_grads):
+            assert torch.allclose(grad, torch.zeros_like(grad) if want is None else want, rtol=1e-8, atol=1e-10)
+        assert torch.allclose(captured.state_dict()["baseline"]["z_pres_1"], eager.state_dict()["baseline"]["z_pres_1"])

@@ -37,7 +37,9 @@ from pyro_elbo._pyro.tracing import (  # re-exported (__all__): the layer's entr
     PARTICLE_PLATE,
     _tensor,
     batch_frames,
+    dependencies,
     guess_max_plate_nesting,
+    has_baseline_options,
     particle_plated,
     plate_nesting,
     run_model,
@@ -286,6 +288,8 @@ def _log_weights_vectorized(
     site_log_p = {name: reducer.reduce(t) for name, t in model_aligned.items()}
     site_log_q = {name: reducer.reduce(t) for name, t in guide_aligned.items()}
     score_sites = tuple(name for name, site in guide_sites.items() if not site["fn"].has_rsample)
+    if score_sites and has_baseline_options(guide_trace):
+        reducer.provenance = dependencies(model, guide, reducer.provenance)
     log_p = reducer.total(site_log_p.values())
     log_q = reducer.total(site_log_q.values())
     terms, baselines = score_terms(

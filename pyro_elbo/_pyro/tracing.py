@@ -146,8 +146,32 @@ def traces(
     return model_trace, guide_trace
 
 
-#: model/guide pairs whose guide declares Pyro baseline options: their values carry provenance
+#: model/guide pairs whose guide declares Pyro baseline options (their values carry provenance)
+#: -> the dependencies found by the last tracked run, ``(role, site) -> sites`` (see :func:`dependencies`)
 _TRACKED = ProgramCache()
+
+
+def capturing() -> bool:
+    """Whether the code runs inside a ``make_fx`` capture (:mod:`pyro_elbo.compiled`)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None
+
+
+def dependencies(
+    model: Model, guide: Guide, found: dict[tuple[str, str], frozenset[str]]
+) -> dict[tuple[str, str], frozenset[str]]:
+    """The non-reparameterized sites each log-density depends on, for a guide with baseline options.
+
+    Eager runs track them (``found``, from Pyro's provenance) and keep them; a captured run
+    cannot carry Pyro's ``ProvenanceTensor`` through ``make_fx``, so it reads the last eager run's
+    (a program that can be captured has one structure, the same on every step)."""
+    if capturing():
+        return dict(_TRACKED.get(model, guide) or {})
+    _TRACKED.put(model, guide, dict(found))
+    return found
+
+
 #: model/guide pair -> whether the guide marks sites for (parallel) enumeration
 _ENUMERATING = ProgramCache()
 
@@ -196,13 +220,15 @@ def _trace_guide_tracked(
     dim ``dim`` (as ``TraceEnum_ELBO`` places them left of its particle plate)."""
     if guide_enumerates(model, guide, args, kwargs):
         return trace_guide(poutine.enum(guide, first_available_dim=dim - 1), args, kwargs, num_particles, dim)
-    if _TRACKED.get(model, guide):
+    if _TRACKED.get(model, guide) is not None:
+        if capturing():  # its dependencies are the eager run's (dependencies())
+            return trace_guide(guide, args, kwargs, num_particles, dim)
         with TrackNonReparam():
             return trace_guide(guide, args, kwargs, num_particles, dim)
     guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
     if not has_baseline_options(guide_trace):
         return guide_trace, inner_model_trace
-    _TRACKED.put(model, guide, True)
+    _TRACKED.put(model, guide, {})
     with TrackNonReparam():
         return trace_guide(guide, args, kwargs, num_particles, dim, replay=guide_trace)
 
