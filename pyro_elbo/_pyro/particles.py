@@ -6,9 +6,14 @@ Three paths, fastest first:
   model written for batched latents (most of Pyro's examples are not: ``x @ w``, ``nn.Linear`` on a
   sampled weight, ``.t()`` of a latent).
 - ``"vmap"``: a single-particle program vectorized by ``torch.func.vmap(randomness="different")``;
-  runs most unbatched models at close to plate speed. Draws inside vmap need out-of-place
-  randomness, so ``_standard_normal`` of ``torch.distributions`` is replaced by ``torch.randn``
-  while it runs, and distribution validation (data-dependent branches) is off.
+  runs most unbatched models at close to plate speed. While it runs, operations vmap cannot batch
+  are replaced by equivalents it can (:func:`_vmappable_randomness`): ``_standard_normal`` of
+  ``torch.distributions`` (an in-place draw) by ``torch.randn``; Dirichlet (hence Beta) draws,
+  an ``autograd.Function``, by normalized Gamma draws (:func:`_dirichlet_rsample`, reparameterized
+  through ``torch._standard_gamma``); and the fused recurrent cells ``nn.LSTMCell``,
+  ``nn.GRUCell`` and ``nn.RNNCell`` (no batching rule) by their gate equations
+  (:func:`_lstm_cell`, :func:`_gru_cell`, :func:`_rnn_cell`). Distribution validation
+  (data-dependent branches) is off.
 - ``"sequential"``: one particle at a time; runs every model, at ``S`` times the cost of one.
 
 ``"auto"`` (the default) tries them in that order once per model, guide and argument signature, on
@@ -128,23 +133,93 @@ def _randn(shape: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.randn(shape, dtype=dtype, device=device)
 
 
+def _dirichlet_rsample(self: Any, sample_shape: Any = ()) -> Tensor:
+    """A Dirichlet draw as normalized Gamma draws: :math:`g_k \\sim \\text{Gamma}(\\alpha_k, 1)`,
+    :math:`x = g / \\sum_k g_k`, reparameterized through ``torch._standard_gamma`` (implicit
+    gradients, Figurnov et al., 2018). Same distribution as ``Dirichlet.rsample``, whose
+    ``autograd.Function`` vmap cannot run."""
+    concentration = self.concentration.expand(self._extended_shape(torch.Size(sample_shape)))
+    gammas = torch._standard_gamma(concentration).clamp(min=torch.finfo(concentration.dtype).tiny)
+    return gammas / gammas.sum(-1, keepdim=True)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _lstm_cell(
+    x: Tensor, hx: Any, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``nn.LSTMCell``'s step from its gate equations (``torch.lstm_cell`` has no vmap rule)."""
+    h, c = hx
+    i, f, g, o = (_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh)).chunk(4, -1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+
+def _gru_cell(
+    x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+) -> Tensor:
+    """``nn.GRUCell``'s step from its gate equations."""
+    i_r, i_z, i_n = _linear(x, w_ih, b_ih).chunk(3, -1)
+    h_r, h_z, h_n = _linear(h, w_hh, b_hh).chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def _rnn_cell(activation: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+    def cell(
+        x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None
+    ) -> Tensor:
+        """``nn.RNNCell``'s step."""
+        return activation(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh))
+
+    return cell
+
+
+#: ``torch._VF`` cells replaced while a vmapped program runs
+_CELLS = {
+    "lstm_cell": _lstm_cell,
+    "gru_cell": _gru_cell,
+    "rnn_tanh_cell": _rnn_cell(torch.tanh),
+    "rnn_relu_cell": _rnn_cell(torch.relu),
+}
+
+
 @contextlib.contextmanager
 def _vmappable_randomness() -> Iterator[None]:
-    """``torch.distributions`` draws normals in place (``empty().normal_()``), which vmap cannot
-    batch; ``torch.randn`` it can. Replaced only while a vmapped program runs."""
+    """Operations vmap cannot batch, replaced by equivalents it can, only while a vmapped program
+    runs: ``torch.distributions`` draws normals in place (``empty().normal_()``), replaced by
+    ``torch.randn``; ``Dirichlet.rsample`` (Beta's too) by :func:`_dirichlet_rsample`; the
+    ``torch._VF`` recurrent cells that ``nn.LSTMCell``, ``nn.GRUCell`` and ``nn.RNNCell`` call by
+    their gate equations."""
     modules = [
         module
         for name, module in list(sys.modules.items())
         if name.startswith(("torch.distributions", "pyro.distributions")) and hasattr(module, "_standard_normal")
     ]
-    saved = [(module, getattr(module, "_standard_normal")) for module in modules]  # noqa: B009
-    for module, _ in saved:
-        setattr(module, "_standard_normal", _randn)  # noqa: B010
+    saved: list[tuple[Any, str, Any]] = [
+        (module, "_standard_normal", getattr(module, "_standard_normal"))  # noqa: B009
+        for module in modules
+    ]
+    replacements: list[tuple[Any, str, Any]] = [(module, name, _randn) for module, name, _ in saved]
+    saved.append((torch.distributions.Dirichlet, "rsample", torch.distributions.Dirichlet.rsample))
+    replacements.append((torch.distributions.Dirichlet, "rsample", _dirichlet_rsample))
+    vf = torch._VF  # what nn.LSTMCell, nn.GRUCell and nn.RNNCell call
+    for name, cell in _CELLS.items():
+        saved.append((vf, name, vf.__dict__.get(name)))
+        replacements.append((vf, name, cell))
+    for target, name, value in replacements:
+        setattr(target, name, value)
     try:
         yield
     finally:
-        for module, original in saved:
-            setattr(module, "_standard_normal", original)  # noqa: B010
+        for target, name, original in saved:
+            if original is None:  # an attribute torch._VF resolves on access: remove the replacement
+                delattr(target, name)
+            else:
+                setattr(target, name, original)
 
 
 def vmap_particles(one_particle: Callable[[], Any], num_particles: int) -> Any:
