@@ -34,7 +34,7 @@ class _AIRLike:
             for t in range(STEPS):
                 present = pyro.sample(f"z_pres_{t}", dist.Bernoulli(0.6 * present))
                 where = pyro.sample(f"z_where_{t}", dist.Normal(0.0, 1.0).mask(present.bool()))
-                total = total + present * where
+                total = total + where  # depends on the presence bits only through the guide's draws
             pyro.sample("x", dist.Normal(total.unsqueeze(-1), 0.5).expand([N, 2]).to_event(1), obs=x)
 
     def baseline(self, t: int, x, present):

@@ -147,7 +147,7 @@ def traces(
 
 
 #: model/guide pairs whose guide declares Pyro baseline options (their values carry provenance)
-#: -> the dependencies found by the last tracked run, ``(role, site) -> sites`` (see :func:`dependencies`)
+#: -> the dependencies found by the last eager run, ``(role, site) -> sites`` (see :func:`dependencies`)
 _TRACKED = ProgramCache()
 
 
@@ -172,65 +172,65 @@ def dependencies(
     return found
 
 
-#: model/guide pair -> whether the guide marks sites for (parallel) enumeration
-_ENUMERATING = ProgramCache()
-
-
-def guide_enumerates(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether the guide marks a latent site ``infer={"enumerate": "parallel"}`` (``config_enumerate``
-    on the guide); found by one run of the guide per model/guide pair, outside the caller's random
-    stream. ``GuideMessenger`` guides are never enumerated (nor are they by ``TraceEnum_ELBO``).
-
-    Raises:
-        NotImplementedError: a guide site is marked for ``"sequential"`` enumeration.
-    """
-    if _is_messenger(guide):
-        return False
-    cached = _ENUMERATING.get(model, guide)
-    if cached is None:
-        with forked_rng(), torch.no_grad(), poutine.block():
-            probe = poutine.trace(guide).get_trace(*args, **kwargs)
-        cached = False
-        for name, site in scored_sites(probe, named=True):
-            how = site["infer"].get("enumerate")
-            if not how or site["is_observed"]:
-                continue
-            if how != "parallel":
-                raise NotImplementedError(
-                    f"Guide site '{name}' is marked for enumeration ({how!r}); only 'parallel' enumeration of guide "
-                    "sites is supported (config_enumerate's default, as in pyro.infer.TraceEnum_ELBO)."
-                )
-            cached = True
-        _ENUMERATING.put(model, guide, cached)
-    return bool(cached)
-
-
 def has_baseline_options(trace: Trace) -> bool:
     """Whether a guide site declares ``infer={"baseline": ...}`` (``TraceGraph_ELBO``'s options)."""
     return any(site["infer"].get("baseline") for site in scored_sites(trace))
 
 
+#: model/guide pair -> what the first run of its guide showed: ``(enumerates, declares baselines)``
+_FLAGS = ProgramCache()
+
+
+def _guide_flags(guide: Guide, guide_trace: Trace) -> tuple[bool, bool]:
+    """Whether the guide marks a latent site ``infer={"enumerate": "parallel"}`` (``config_enumerate``
+    on the guide), and whether it declares Pyro's baseline options. ``GuideMessenger`` guides are
+    never enumerated (nor are they by ``TraceEnum_ELBO``).
+
+    Raises:
+        NotImplementedError: a guide site is marked for ``"sequential"`` enumeration.
+    """
+    enumerates = False
+    for name, site in scored_sites(guide_trace, named=True):
+        how = site["infer"].get("enumerate")
+        if not how or site["is_observed"] or _is_messenger(guide):
+            continue
+        if how != "parallel":
+            raise NotImplementedError(
+                f"Guide site '{name}' is marked for enumeration ({how!r}); only 'parallel' enumeration of guide "
+                "sites is supported (config_enumerate's default, as in pyro.infer.TraceEnum_ELBO)."
+            )
+        enumerates = True
+    return enumerates, has_baseline_options(guide_trace)
+
+
 def _trace_guide_tracked(
     model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], num_particles: int, dim: int
 ) -> tuple[Trace, Trace | None]:
-    """The guide's trace; for a guide with baseline options, under Pyro's ``TrackNonReparam``, so
-    each log-density knows which non-reparameterized sites it depends on (``TraceGraph_ELBO``'s
-    downstream costs). The first run of such a guide finds the options and is replayed tracked.
-    A guide that enumerates runs under ``poutine.enum``, its enumeration dims left of the particle
-    dim ``dim`` (as ``TraceEnum_ELBO`` places them left of its particle plate)."""
-    if guide_enumerates(model, guide, args, kwargs):
+    """The guide's trace. A guide that enumerates runs under ``poutine.enum``, its enumeration dims
+    left of the particle dim ``dim`` (as ``TraceEnum_ELBO`` places them left of its particle plate).
+    A guide with baseline options runs under Pyro's ``TrackNonReparam``, so each log-density knows
+    which non-reparameterized sites it depends on (``TraceGraph_ELBO``'s downstream costs), except
+    in a capture, which reads the eager run's (:func:`dependencies`).
+
+    The first run of a model/guide pair finds these flags; if it finds one, the random state is
+    put back and the guide runs again the right way, so the draws are those of Pyro's
+    ``TraceEnum_ELBO`` or ``TraceGraph_ELBO`` from the first step on."""
+    flags = _FLAGS.get(model, guide)
+    if flags is None:
+        state = pyro.util.get_rng_state()
+        guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
+        flags = _guide_flags(guide, guide_trace)
+        _FLAGS.put(model, guide, flags)
+        if not any(flags):
+            return guide_trace, inner_model_trace
+        pyro.util.set_rng_state(state)
+    enumerates, baselines = flags
+    if enumerates:
         return trace_guide(poutine.enum(guide, first_available_dim=dim - 1), args, kwargs, num_particles, dim)
-    if _TRACKED.get(model, guide) is not None:
-        if capturing():  # its dependencies are the eager run's (dependencies())
-            return trace_guide(guide, args, kwargs, num_particles, dim)
-        with TrackNonReparam():
-            return trace_guide(guide, args, kwargs, num_particles, dim)
-    guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
-    if not has_baseline_options(guide_trace):
-        return guide_trace, inner_model_trace
-    _TRACKED.put(model, guide, {})
+    if not baselines or capturing():
+        return trace_guide(guide, args, kwargs, num_particles, dim)
     with TrackNonReparam():
-        return trace_guide(guide, args, kwargs, num_particles, dim, replay=guide_trace)
+        return trace_guide(guide, args, kwargs, num_particles, dim)
 
 
 def _is_messenger(guide: Guide) -> bool:
