@@ -211,3 +211,18 @@ def test_baseline_options_are_captured_in_the_compiled_graph() -> None:
         for grad, want in zip(grads, expected_grads):
             assert torch.allclose(grad, torch.zeros_like(grad) if want is None else want, rtol=1e-8, atol=1e-10)
         assert torch.allclose(captured.state_dict()["baseline"]["z_pres_1"], eager.state_dict()["baseline"]["z_pres_1"])
+
+
+def test_infer_keys_pyro_sets_itself_are_not_warned_about() -> None:
+    """poutine.reparam marks its auxiliary sites with infer={"is_observed": ...}: bookkeeping, no warning."""
+    from pyro.infer.reparam import LocScaleReparam
+
+    @pyro.poutine.reparam(config={"z": LocScaleReparam(0.5)})
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 2.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(1.0))
+
+    guide = pyro.infer.autoguide.AutoNormal(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyro_elbo.ELBO().loss(model, guide)

@@ -56,6 +56,7 @@ _KNOWN_INFER_KEYS = frozenset(
         "is_auxiliary",
         "baseline",  # TraceGraph_ELBO's baselines (score.py)
         "_deterministic",
+        "is_observed",  # poutine.reparam's reparameterizers
         "was_observed",  # poutine.uncondition
         "obs",
         "prior",  # GuideMessenger autoguides
