@@ -199,3 +199,14 @@ def test_an_lstm_cell_guide_takes_the_vmap_path() -> None:
         lw = log_weights(model, guide, num_particles=8)
     assert lw.log_w.shape == (8, 6) and bool(torch.isfinite(lw.log_w).all())
     assert lw.log_w.std(0).min() > 0  # particles differ
+
+
+def test_gamma_draws_under_vmap_are_batched() -> None:
+    """Gamma.rsample clamps in place, which vmap runs one particle at a time with a warning (an
+    error here); the replacement draws the same distribution: the mean of 20,000 Gamma(2, 1.5)
+    draws lies within 5 standard errors of 4/3 (false-alarm rate ~6e-7)."""
+    from pyro_elbo._pyro.particles import vmap_particles
+
+    draws = vmap_particles(lambda: dist.Gamma(torch.tensor(2.0), 1.5).rsample(), 20_000)
+    se = float(draws.std()) / math.sqrt(draws.numel())
+    assert abs(float(draws.mean()) - 4.0 / 3.0) < 5 * se

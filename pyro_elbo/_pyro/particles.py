@@ -143,6 +143,15 @@ def _dirichlet_rsample(self: Any, sample_shape: Any = ()) -> Tensor:
     return gammas / gammas.sum(-1, keepdim=True)
 
 
+def _gamma_rsample(self: Any, sample_shape: Any = ()) -> Tensor:
+    """``Gamma.rsample`` without its in-place clamp (which vmap runs one particle at a time, with a
+    warning): the same draw, its value kept above the smallest normal number, its gradient the
+    unclamped one's (as there)."""
+    shape = self._extended_shape(torch.Size(sample_shape))
+    value: Tensor = torch._standard_gamma(self.concentration.expand(shape)) / self.rate.expand(shape)
+    return value + (value.clamp(min=torch.finfo(value.dtype).tiny) - value).detach()
+
+
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -191,7 +200,8 @@ _CELLS = {
 def _vmappable_randomness() -> Iterator[None]:
     """Operations vmap cannot batch, replaced by equivalents it can, only while a vmapped program
     runs: ``torch.distributions`` draws normals in place (``empty().normal_()``), replaced by
-    ``torch.randn``; ``Dirichlet.rsample`` (Beta's too) by :func:`_dirichlet_rsample`; the
+    ``torch.randn``; ``Dirichlet.rsample`` (Beta's too) by :func:`_dirichlet_rsample` and
+    ``Gamma.rsample`` by :func:`_gamma_rsample`; the
     ``torch._VF`` recurrent cells that ``nn.LSTMCell``, ``nn.GRUCell`` and ``nn.RNNCell`` call by
     their gate equations."""
     modules = [
@@ -204,8 +214,12 @@ def _vmappable_randomness() -> Iterator[None]:
         for module in modules
     ]
     replacements: list[tuple[Any, str, Any]] = [(module, name, _randn) for module, name, _ in saved]
-    saved.append((torch.distributions.Dirichlet, "rsample", torch.distributions.Dirichlet.rsample))
-    replacements.append((torch.distributions.Dirichlet, "rsample", _dirichlet_rsample))
+    for cls, rsample in (
+        (torch.distributions.Dirichlet, _dirichlet_rsample),
+        (torch.distributions.Gamma, _gamma_rsample),
+    ):
+        saved.append((cls, "rsample", cls.__dict__["rsample"]))
+        replacements.append((cls, "rsample", rsample))
     vf = torch._VF  # what nn.LSTMCell, nn.GRUCell and nn.RNNCell call
     for name, cell in _CELLS.items():
         saved.append((vf, name, vf.__dict__.get(name)))
