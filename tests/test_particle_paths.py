@@ -210,3 +210,44 @@ def test_gamma_draws_under_vmap_are_batched() -> None:
     draws = vmap_particles(lambda: dist.Gamma(torch.tensor(2.0), 1.5).rsample(), 20_000)
     se = float(draws.std()) / math.sqrt(draws.numel())
     assert abs(float(draws.mean()) - 4.0 / 3.0) < 5 * se
+
+
+def test_batchnorm_in_training_mode_runs_under_vmap_as_one_particle_at_a_time() -> None:
+    """Each particle is normalized by its own batch statistics and the running statistics move as
+    they would with the particles run one after the other."""
+    import copy
+
+    from pyro_elbo._pyro.particles import vmap_particles
+
+    norm = torch.nn.BatchNorm1d(3)
+    sequential = copy.deepcopy(norm)
+
+    def one():
+        x = torch.randn(5, 3)
+        return x, norm(x)
+
+    xs, outs = vmap_particles(one, 4)
+    for x, out in zip(xs, outs):
+        assert torch.allclose(out, sequential(x), atol=1e-6)
+    assert torch.allclose(norm.running_mean, sequential.running_mean, atol=1e-6)
+    assert torch.allclose(norm.running_var, sequential.running_var, atol=1e-6)
+    assert torch.nn.functional.batch_norm.__module__ == "torch.nn.functional"  # put back
+
+
+def test_a_batchnorm_decoder_takes_the_vmap_path() -> None:
+    decoder = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    x = torch.linspace(-1.0, 1.0, 10)
+
+    def model():
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", 10):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(decoder(z.unsqueeze(-1)).squeeze(-1), 1.0), obs=x)
+
+    def guide():
+        with pyro.plate("data", 10):
+            pyro.sample("z", dist.Normal(pyro.param("m", lambda: torch.zeros(10)), 1.0))
+
+    with pytest.warns(ParticlePathWarning, match="torch.func.vmap"):
+        lw = log_weights(model, guide, num_particles=6)
+    assert lw.log_w.shape == (6, 10) and bool(torch.isfinite(lw.log_w).all())

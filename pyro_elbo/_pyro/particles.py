@@ -12,8 +12,9 @@ Three paths, fastest first:
   an ``autograd.Function``, by normalized Gamma draws (:func:`_dirichlet_rsample`, reparameterized
   through ``torch._standard_gamma``); and the fused recurrent cells ``nn.LSTMCell``,
   ``nn.GRUCell`` and ``nn.RNNCell`` (no batching rule) by their gate equations
-  (:func:`_lstm_cell`, :func:`_gru_cell`, :func:`_rnn_cell`). Distribution validation
-  (data-dependent branches) is off.
+  (:func:`_lstm_cell`, :func:`_gru_cell`, :func:`_rnn_cell`); ``BatchNorm`` in training mode
+  normalizes each particle by its own batch statistics and updates the running statistics after
+  the pass (:class:`_BatchNormPerParticle`). Distribution validation (data-dependent branches) is off.
 - ``"sequential"``: one particle at a time; runs every model, at ``S`` times the cost of one.
 
 ``"auto"`` (the default) tries them in that order once per model, guide and argument signature, on
@@ -236,12 +237,59 @@ def _vmappable_randomness() -> Iterator[None]:
                 setattr(target, name, original)
 
 
+class _BatchNormPerParticle:
+    """``torch.nn.functional.batch_norm`` while a vmapped program runs: in training mode each
+    particle is normalized by its own batch statistics (as when particles run one at a time), and
+    the running statistics, which vmap cannot update in place from per-particle values, are
+    collected and applied after the pass, one particle after the other, as the sequential path
+    would (``num_batches_tracked`` counts one pass)."""
+
+    def __init__(self) -> None:
+        self.original = torch.nn.functional.batch_norm
+        self.buffers: list[tuple[Tensor, Tensor, float]] = []
+        self.stats: list[Tensor] = []
+
+    def __call__(
+        self,
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        training: bool = False,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> Tensor:
+        if not training or running_mean is None or running_var is None:
+            return self.original(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        dims = [0, *range(2, input.dim())]
+        detached = input.detach()
+        self.buffers.append((running_mean, running_var, momentum))
+        self.stats.append(torch.stack([detached.mean(dims), detached.var(dims, unbiased=True)]))
+        return self.original(input, None, None, weight, bias, True, momentum, eps)
+
+    def apply(self, stats: list[Tensor]) -> None:
+        """Update the running statistics from ``stats`` (each ``[S, 2, C]``), particle by particle."""
+        with torch.no_grad():
+            for (running_mean, running_var, momentum), particles in zip(self.buffers, stats):
+                for mean, var in particles:
+                    running_mean.mul_(1 - momentum).add_(momentum * mean)
+                    running_var.mul_(1 - momentum).add_(momentum * var)
+
+
 def vmap_particles(one_particle: Callable[[], Any], num_particles: int) -> Any:
     """Run ``one_particle()`` (a pytree of tensors) for ``num_particles`` independent draws with
     ``torch.func.vmap(randomness="different")``: every leaf gets a leading particle dim."""
+    batch_norm = _BatchNormPerParticle()
 
     def run(_: Tensor) -> Any:
-        return one_particle()
+        return one_particle(), batch_norm.stats
 
-    with _vmappable_randomness(), pyro.validation_enabled(False):
-        return torch.func.vmap(run, randomness="different")(torch.arange(num_particles))
+    torch.nn.functional.batch_norm = batch_norm
+    try:
+        with _vmappable_randomness(), pyro.validation_enabled(False):
+            out, stats = torch.func.vmap(run, randomness="different")(torch.arange(num_particles))
+    finally:
+        torch.nn.functional.batch_norm = batch_norm.original
+    batch_norm.apply(stats)
+    return out
