@@ -218,7 +218,10 @@ class ELBO(Objective):
     Reparameterized sites get pathwise gradients; non-reparameterized guide sites (discrete
     latents) get a score-function term, Rao-Blackwellized over plates as in Pyro's ``Trace_ELBO``,
     with a leave-one-out baseline (``num_particles >= 2``) or a per-site running-mean baseline
-    (``num_particles = 1``).
+    (``num_particles = 1``). A guide site that declares Pyro's baseline options
+    (``infer={"baseline": {...}}``) gets ``TraceGraph_ELBO``'s estimator instead: its downstream
+    cost and its own baseline, trained as there (:mod:`pyro_elbo._pyro.score`). Guide sites
+    enumerated with ``config_enumerate`` are summed out exactly, as ``TraceEnum_ELBO`` does.
 
     Accepts ``pyro.infer.Trace_ELBO``'s arguments, ``num_particles`` positionally included.
     ``analytic_kl=True`` uses closed-form KL terms where a latent's guide and prior have one (as

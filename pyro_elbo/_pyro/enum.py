@@ -1,4 +1,5 @@
-"""Enumerated discrete latents: model sites summed out exactly inside :math:`\\log p(x, z)`.
+"""Enumerated discrete latents: model sites summed out exactly inside :math:`\\log p(x, z)`, and
+guide sites summed out as ``TraceEnum_ELBO`` does (:func:`guide_enumerated_weights`, at the end).
 
 A model site marked ``infer={"enumerate": "parallel"}`` (e.g. by ``@config_enumerate``) that the
 guide does not sample is not a latent of the importance weight: as in Pyro's ``TraceEnum_ELBO`` it
