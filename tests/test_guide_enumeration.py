@@ -134,3 +134,40 @@ def test_kl_gap_uses_trace_enum_elbo_and_brackets_log_px() -> None:
     pyro.param("logits").data = torch.tensor([5.0, -5.0, -5.0])  # q(y) concentrated on the wrong value
     worse = pyro_elbo.kl_gap(model, guide, num_particles=4000)
     assert worse.elbo.value < report.elbo.value - 1.0
+
+
+def test_a_guide_that_enumerates_only_unlabelled_batches() -> None:
+    """ss_vae's guide samples nothing for labelled batches (y observed) and enumerates y for
+    unlabelled ones; the same objective takes both, in either order."""
+    program = _SSVAELike()
+    labels = torch.nn.functional.one_hot(torch.arange(N) % K, K).to(torch.get_default_dtype())
+
+    def model(xs, ys=None):
+        pyro.module("decoder", program.decoder)
+        with pyro.plate("data", N):
+            z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+            y = pyro.sample("y", dist.OneHotCategorical(logits=torch.zeros(K)), obs=ys)
+            batch = torch.broadcast_shapes(z.shape[:-1], y.shape[:-1])
+            loc = program.decoder(torch.cat([z.expand(*batch, D), y.expand(*batch, K)], -1))
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=xs)
+
+    @config_enumerate
+    def guide(xs, ys=None):
+        pyro.module("classifier", program.classifier)
+        pyro.module("encoder", program.encoder)
+        with pyro.plate("data", N):
+            if ys is None:
+                ys = pyro.sample("y", dist.OneHotCategorical(logits=program.classifier(xs)))
+            batch = torch.broadcast_shapes(xs.shape[:-1], ys.shape[:-1])
+            h = program.encoder(torch.cat([xs.expand(*batch, X), ys.expand(*batch, K)], -1))
+            pyro.sample("z", dist.Normal(h[..., :D], nn.functional.softplus(h[..., D:])).to_event(1))
+
+    objective = pyro_elbo.ELBO()
+    for ys in (labels, None, labels, None):
+        pyro.set_rng_seed(0)
+        ours = objective.loss(model, guide, program.data, ys)
+        pyro.set_rng_seed(0)
+        theirs = TraceEnum_ELBO(max_plate_nesting=1, strict_enumeration_warning=False).loss(
+            model, guide, program.data, ys
+        )
+        assert ours == pytest.approx(theirs, rel=1e-6)

@@ -76,7 +76,7 @@ def particle_path(
     mode = normalize(mode)
     if mode != "auto":
         return mode
-    signature = _signature(args, kwargs)
+    signature = argument_signature(args, kwargs)
     decided = _DECISIONS.get(model, guide)
     if decided is not None and signature in decided:
         return str(decided[signature])
@@ -115,7 +115,9 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
-def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+def argument_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """A hashable description of a call's arguments: tensors by shape, dtype and device."""
+
     def describe(value: Any) -> Any:
         if isinstance(value, Tensor):
             return (tuple(value.shape), value.dtype, value.device.type)

@@ -19,6 +19,7 @@ from torch import Tensor
 from pyro_elbo._pyro import checks, enum
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.params import params_stopped
+from pyro_elbo._pyro.particles import argument_signature
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
@@ -177,7 +178,7 @@ def has_baseline_options(trace: Trace) -> bool:
     return any(site["infer"].get("baseline") for site in scored_sites(trace))
 
 
-#: model/guide pair -> what the first run of its guide showed: ``(enumerates, declares baselines)``
+#: model/guide pair -> argument signature -> what its guide showed: ``(enumerates, declares baselines)``
 _FLAGS = ProgramCache()
 
 
@@ -212,18 +213,29 @@ def _trace_guide_tracked(
     which non-reparameterized sites it depends on (``TraceGraph_ELBO``'s downstream costs), except
     in a capture, which reads the eager run's (:func:`dependencies`).
 
-    The first run of a model/guide pair finds these flags; if it finds one, the random state is
-    put back and the guide runs again the right way, so the draws are those of Pyro's
-    ``TraceEnum_ELBO`` or ``TraceGraph_ELBO`` from the first step on."""
-    flags = _FLAGS.get(model, guide)
-    if flags is None:
-        state = pyro.util.get_rng_state()
+    The flags are kept per model/guide pair and argument signature (a guide may enumerate only
+    some calls: ss_vae's, for its unlabelled batches, where ``ys`` is ``None``). The first run with
+    a signature finds them; if it finds one, the random state is put back and the guide runs again
+    the right way, so the draws are those of Pyro's ``TraceEnum_ELBO`` or ``TraceGraph_ELBO`` from
+    the first step on. A later eager run without flags still looks for them (a structure that
+    changes with the values) and, finding one, runs again the right way."""
+    known = _FLAGS.get(model, guide)
+    if known is None:
+        known = {}
+        _FLAGS.put(model, guide, known)
+    signature = argument_signature(args, kwargs)
+    flags = known.get(signature)
+    if flags is None or not (any(flags) or capturing()):
+        state = pyro.util.get_rng_state() if flags is None else None
         guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
-        flags = _guide_flags(guide, guide_trace)
-        _FLAGS.put(model, guide, flags)
-        if not any(flags):
+        found = _guide_flags(guide, guide_trace)
+        if flags is None or any(found):
+            known[signature] = found
+        if not any(found):
             return guide_trace, inner_model_trace
-        pyro.util.set_rng_state(state)
+        if state is not None:
+            pyro.util.set_rng_state(state)
+        flags = found
     enumerates, baselines = flags
     if enumerates:
         return trace_guide(poutine.enum(guide, first_available_dim=dim - 1), args, kwargs, num_particles, dim)
