@@ -27,4 +27,5 @@ GALLERY_ARGV = {
 
 def gallery_argv(gallery_conf: dict[str, Any], script_vars: dict[str, Any]) -> list[str]:
     """sphinx-gallery's ``reset_argv``: the arguments for the script at ``script_vars["src_file"]``."""
+    BUILD.mkdir(parents=True, exist_ok=True)  # where diffusion_digits.py writes its samples
     return list(GALLERY_ARGV.get(Path(script_vars["src_file"]).name, []))

@@ -338,7 +338,9 @@ def _report(
     run = _Run(model, guide, args, kwargs, max_plate_nesting, vectorize_particles, shares)
     log_w, share_w, dtype = run.draw(num_particles, chunk_size, max_seconds)
     floor, source = run.noise_floor(min(num_particles, ROUNDING_PARTICLES), dtype)
-    elbo = _elbo_estimate(log_w)
+    # a guide that enumerates: TraceEnum_ELBO's ELBO (log_w holds the exact sum, where q(y) cancels)
+    elbo_terms = torch.cat(run.elbo_chunks) if run.elbo_chunks else log_w
+    elbo = _elbo_estimate(elbo_terms)
     iwae = {1: elbo} | {k: _iwae_estimate(log_w, k) for k in ladder if k > 1}
     spread = log_w.max(0).values - log_w.min(0).values
     ess_points = [effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1])]
@@ -350,7 +352,7 @@ def _report(
     cubo = _power_mean_estimate(log_w, 2.0)
     per_point = None
     if log_w.shape[1] > 1:
-        elbo_i = log_w.mean(0)
+        elbo_i = elbo_terms.mean(0)
         per_point = PerPoint(
             khat=torch.tensor(khat_points, dtype=torch.float64),
             ess=torch.tensor(ess_points, dtype=torch.float64),
@@ -545,6 +547,7 @@ class _Run:
         self.precision: list[str] = []
         #: guide sites with draws at the edge of the support the dtype represents (by name)
         self.edges: list[str] = []
+        self.elbo_chunks: list[Tensor] = []  # LogWeights.elbo_terms, where the guide enumerates
 
     def chunk(self, size: int) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
         lw = log_weights(
@@ -584,6 +587,8 @@ class _Run:
             if lw.site_log_p
             else lw.log_p.abs().sum() + lw.log_q.abs().sum()
         )
+        if lw.elbo_terms is not None:
+            self.elbo_chunks.append(lw.elbo_terms.double().reshape(size, -1).cpu())
         return lw.log_w.double().reshape(size, -1).cpu(), shares, lw.log_p.dtype
 
     def draw(self, num: int, chunk_size: int, max_seconds: float) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:

@@ -13,7 +13,7 @@ import pyro_elbo
 from pyro_elbo.estimators import logmeanexp
 from pyro_elbo.objectives import OBJECTIVES, make_objective
 
-DISCRETE_OK = {"elbo", "vimco"}
+DISCRETE_OK = {"elbo", "vimco", "iwae", "renyi", "cubo"}
 
 
 def test_registry_names_each_class_by_its_estimator() -> None:
@@ -137,7 +137,8 @@ def test_discrete_latents_train(name: str) -> None:
     loss = objective.loss_and_grads(model, guide, data)
     assert math.isfinite(loss)
     assert float(pyro.get_param_store()["logits"].grad.abs().sum()) > 0
-    assert float(pyro.get_param_store()["locs"].grad.abs().sum()) > 0
+    if objective.spec.trains_model:  # CUBO trains the guide only
+        assert float(pyro.get_param_store()["locs"].grad.abs().sum()) > 0
 
 
 def test_iwae_is_stable_far_in_the_tail() -> None:

@@ -719,7 +719,7 @@ REJECTED: list[tuple[str, Callable[[], None], Callable[[], None], type[Exception
             NotImplementedError,
             "Guide site 'x' is marked for enumeration",
         )
-        for h in ("sequential", "parallel")
+        for h in ("sequential",)
     ],
     ("dim_allocation", colliding_dims, colliding_dims, ValueError, "collide at dim="),
     (

@@ -10,13 +10,16 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.tracegraph_elbo import TrackNonReparam
 from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from pyro_elbo._pyro import checks, enum
+from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.params import params_stopped
+from pyro_elbo._pyro.particles import argument_signature
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
@@ -123,7 +126,7 @@ def traces(
     plated_model = particle_plated(model, num_particles, dim)
     try:
         with params_stopped() if detach_model_params and _is_messenger(guide) else contextlib.nullcontext():
-            guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
+            guide_trace, inner_model_trace = _trace_guide_tracked(model, guide, args, kwargs, num_particles, dim)
         try:
             with params_stopped() if detach_model_params else contextlib.nullcontext():
                 model_trace = (
@@ -151,6 +154,104 @@ def traces(
             "draw them with torch.func.vmap or one at a time, or use num_particles=1."
         ) from error
     return model_trace, guide_trace
+
+
+#: model/guide pairs whose guide declares Pyro baseline options (their values carry provenance)
+#: -> the dependencies found by the last eager run, ``(role, site) -> sites`` (see :func:`dependencies`)
+_TRACKED = ProgramCache()
+
+
+def capturing() -> bool:
+    """Whether the code runs inside a ``make_fx`` capture (:mod:`pyro_elbo.compiled`)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is not None
+
+
+def dependencies(
+    model: Model, guide: Guide, found: dict[tuple[str, str], frozenset[str]]
+) -> dict[tuple[str, str], frozenset[str]]:
+    """The non-reparameterized sites each log-density depends on, for a guide with baseline options.
+
+    Eager runs track them (``found``, from Pyro's provenance) and keep them; a captured run
+    cannot carry Pyro's ``ProvenanceTensor`` through ``make_fx``, so it reads the last eager run's
+    (a program that can be captured has one structure, the same on every step)."""
+    if capturing():
+        return dict(_TRACKED.get(model, guide) or {})
+    _TRACKED.put(model, guide, dict(found))
+    return found
+
+
+def has_baseline_options(trace: Trace) -> bool:
+    """Whether a guide site declares ``infer={"baseline": ...}`` (``TraceGraph_ELBO``'s options)."""
+    return any(site["infer"].get("baseline") for site in scored_sites(trace))
+
+
+#: model/guide pair -> argument signature -> what its guide showed: ``(enumerates, declares baselines)``
+_FLAGS = ProgramCache()
+
+
+def _guide_flags(guide: Guide, guide_trace: Trace) -> tuple[bool, bool]:
+    """Whether the guide marks a latent site ``infer={"enumerate": "parallel"}`` (``config_enumerate``
+    on the guide), and whether it declares Pyro's baseline options. ``GuideMessenger`` guides are
+    never enumerated (nor are they by ``TraceEnum_ELBO``).
+
+    Raises:
+        NotImplementedError: a guide site is marked for ``"sequential"`` enumeration.
+    """
+    enumerates = False
+    for name, site in scored_sites(guide_trace, named=True):
+        how = site["infer"].get("enumerate")
+        if not how or site["is_observed"] or _is_messenger(guide):
+            continue
+        if how != "parallel":
+            raise NotImplementedError(
+                f"Guide site '{name}' is marked for enumeration ({how!r}); only 'parallel' enumeration of guide "
+                "sites is supported (config_enumerate's default, as in pyro.infer.TraceEnum_ELBO)."
+            )
+        enumerates = True
+    return enumerates, has_baseline_options(guide_trace)
+
+
+def _trace_guide_tracked(
+    model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], num_particles: int, dim: int
+) -> tuple[Trace, Trace | None]:
+    """The guide's trace. A guide that enumerates runs under ``poutine.enum``, its enumeration dims
+    left of the particle dim ``dim`` (as ``TraceEnum_ELBO`` places them left of its particle plate).
+    A guide with baseline options runs under Pyro's ``TrackNonReparam``, so each log-density knows
+    which non-reparameterized sites it depends on (``TraceGraph_ELBO``'s downstream costs), except
+    in a capture, which reads the eager run's (:func:`dependencies`).
+
+    The flags are kept per model/guide pair and argument signature (a guide may enumerate only
+    some calls: ss_vae's, for its unlabelled batches, where ``ys`` is ``None``). The first run with
+    a signature finds them; if it finds one, the random state is put back and the guide runs again
+    the right way, so the draws are those of Pyro's ``TraceEnum_ELBO`` or ``TraceGraph_ELBO`` from
+    the first step on. A later eager run without flags still looks for them (a structure that
+    changes with the values) and, finding one, runs again the right way."""
+    known = _FLAGS.get(model, guide)
+    if known is None:
+        known = {}
+        _FLAGS.put(model, guide, known)
+    signature = argument_signature(args, kwargs)
+    flags = known.get(signature)
+    if flags is None or not (any(flags) or capturing()):
+        state = pyro.util.get_rng_state() if flags is None else None
+        guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
+        found = _guide_flags(guide, guide_trace)
+        if flags is None or any(found):
+            known[signature] = found
+        if not any(found):
+            return guide_trace, inner_model_trace
+        if state is not None:
+            pyro.util.set_rng_state(state)
+        flags = found
+    enumerates, baselines = flags
+    if enumerates:
+        return trace_guide(poutine.enum(guide, first_available_dim=dim - 1), args, kwargs, num_particles, dim)
+    if not baselines or capturing():
+        return trace_guide(guide, args, kwargs, num_particles, dim)
+    with TrackNonReparam():
+        return trace_guide(guide, args, kwargs, num_particles, dim)
 
 
 def _is_messenger(guide: Guide) -> bool:
@@ -181,8 +282,11 @@ def _diagnose_model_failure(
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(guide_trace, prior_trace)
     try:
-        prior_trace = enum.without_sites(prior_trace, enum.enumerated_sites(prior_trace, guide_trace))
-        checks.check_model_guide(prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE)
+        marked = enum.guide_marked_sites(guide_trace)
+        prior_trace = enum.without_sites(prior_trace, enum.enumerated_sites(prior_trace, guide_trace, bool(marked)))
+        checks.check_model_guide(
+            prior_trace, guide_trace, max_plate_nesting, num_particles > 1 and PARTICLE_PLATE, guide_enumerated=marked
+        )
     except ValueError as mismatch:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {first_line})") from error
