@@ -5,8 +5,8 @@ distribution objects. :class:`CompiledLoss` runs the whole computation once unde
 ``make_fx(tracing_mode="fake")`` with every parameter answered by a function input
 (:func:`~pyro_elbo.weights.substituted_params`), which records only the tensor operations of
 particles, guide, model, objective and ``autograd.grad``. The graph is then compiled by inductor
-(``torch._inductor.compile_fx.compile_fx``, a private API that skips Dynamo's per-call guards;
-``torch.compile`` is the fallback). Random operations stay operations, so every call draws fresh
+(:func:`~pyro_elbo._inductor.compile_graph`: inductor's ``compile_fx``, a private API that skips
+Dynamo's per-call guards, with ``torch.compile`` as the fallback). Random operations stay operations, so every call draws fresh
 randomness. One graph is kept per input signature (shapes, dtypes, devices, non-tensor args).
 
 With a plain Adam optimizer the update runs inside the graph too. :meth:`CompiledLoss.flat_adam`
@@ -53,6 +53,7 @@ from pyro_elbo._pyro.capture import (
     slots_replaced,
     trace_step,
 )
+from pyro_elbo._pyro.capture_failures import describe_failure
 from pyro_elbo._pyro.params import loss_and_params, substituted_params
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -99,6 +100,7 @@ class CompiledLoss:
         #: signatures whose graph runs as CUDA graphs (inductor's cudagraph trees, CUDA only)
         self.cudagraphs: set[Signature] = set()
         self._captured_cudagraphs = False  # the graph _capture just returned runs as CUDA graphs
+        self._in_eager_run = False  # _capture is running the step eagerly (its errors are the program's)
         self._last: tuple[Any, Signature] | None = None
         #: the signature and graph of the last call (not for CUDA graphs, whose outputs are copied)
         self._hot: tuple[Signature, Callable[..., Any]] | None = None
@@ -178,11 +180,17 @@ class CompiledLoss:
         if graph is None:
             try:
                 graph = capture()
-            except CaptureError as error:
-                self.failed = str(error)
+            except Exception as error:  # CaptureError: the user's program; anything else: torch's internals
+                if self._in_eager_run:  # the model/guide itself raised, as it would on the eager path
+                    raise
+                self.failed = str(error) if isinstance(error, CaptureError) else _internal_failure(error)
+                cause = (
+                    "the model/guide cannot be captured as one graph"
+                    if isinstance(error, CaptureError)
+                    else "capturing or compiling the step failed inside torch"
+                )
                 warnings.warn(
-                    f"compile=True: falling back to the eager path because the model/guide cannot be "
-                    f"captured as one graph: {error}",
+                    f"compile=True: falling back to the eager path because {cause}: {self.failed}",
                     RuntimeWarning,
                     stacklevel=4,
                 )
@@ -225,10 +233,12 @@ class CompiledLoss:
         objective, model, guide = self.objective, self.model, self.guide
         if self.backend == "inductor" and all(t.device.type == "cpu" for t in state):
             start_cpu_check()  # inductor's CPU check runs in the background during the eager run and trace
+        self._in_eager_run = True
         with phase("eager run"):
             objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
             with module_state_kept((model, guide)):  # the capture's own runs leave running statistics alone
                 _decide_eagerly(objective, model, guide, args, kwargs)
+        self._in_eager_run = False
         num_params = 1 if layout is not None else len(names)
         leading, adam_inputs = state[:num_params], state[num_params:]
         # on CPU the flat graph writes its inputs; CUDA graphs are not used for a graph that
@@ -275,16 +285,76 @@ class CompiledLoss:
         inputs = [args[i] for i in tensor_positions] + list(adam_inputs)
         trainable = [True] if layout is not None else [p.requires_grad for p in params.values()]
         example = [t.detach().clone().requires_grad_(g) for t, g in zip(leading, trainable)]
-        with phase("trace"), module_state_kept((model, guide)):
-            graph = trace_step(step, example + inputs)
-        check_no_baked_parameters(graph, params)
-        linalg_errors_as_nan(graph)  # (every backend: a failed factorization is a non-finite step)
-        constant_masks_as_indices(graph)
-        if self.backend != "eager":  # "eager" keeps the eager path's draws, for tests
-            standard_normals_as_randn(graph)
-            outer_contractions_as_matmul(graph)
+        skipped: set[str] = set()  # rewrites that failed: the step is traced again without them
+        while True:
+            with phase("trace"), module_state_kept((model, guide)):
+                graph = trace_step(step, example + inputs)
+            check_no_baked_parameters(graph, params)
+            failed = _rewrite(graph, self.backend, skipped)
+            if failed is None:
+                break
+            skipped.add(failed)
         compiled, self._captured_cudagraphs = compile_graph(graph, leading + inputs, self.backend)
         return compiled
+
+
+#: the graph rewrites, in order: name, function, whether the ``"eager"`` backend applies it (it
+#: keeps the eager path's draws, for tests), and what the step loses when the rewrite fails
+_REWRITES: tuple[tuple[str, Callable[[torch.fx.GraphModule], int], bool, str], ...] = (
+    (
+        "linalg_errors_as_nan",
+        linalg_errors_as_nan,
+        True,
+        "inductor does not cache a graph with torch.linalg's error checks, and a failed factorization "
+        "raises instead of being refused as a non-finite step",
+    ),
+    (
+        "constant_masks_as_indices",
+        constant_masks_as_indices,
+        True,
+        "indexing by a constant boolean mask keeps a data-dependent shape, which inductor may refuse",
+    ),
+    ("standard_normals_as_randn", standard_normals_as_randn, False, "normal draws are not generated in fused kernels"),
+    (
+        "outer_contractions_as_matmul",
+        outer_contractions_as_matmul,
+        False,
+        "contractions over long outer dimensions stay inductor reductions (slower steps)",
+    ),
+)
+
+
+def _rewrite(graph: torch.fx.GraphModule, backend: str, skipped: set[str]) -> str | None:
+    """Apply the graph rewrites (:data:`_REWRITES`) that ``backend`` uses and ``skipped`` does not
+    hold, in place. A rewrite that raises (it reads fake-tensor metadata and aten operations whose
+    form a torch release may change) is warned about once, naming what the step loses without it,
+    and its name is returned: the graph may be half rewritten, so the caller traces it again
+    without that rewrite. ``None``: every rewrite applied."""
+    for name, rewrite, always, lost in _REWRITES:
+        if name in skipped or not (always or backend != "eager"):
+            continue
+        try:
+            rewrite(graph)
+        except Exception as error:
+            warnings.warn(
+                f"compile=True: the graph rewrite {name} failed ({type(error).__name__}: {_first_line(error)}); "
+                f"the step is compiled without it: {lost}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return name
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _internal_failure(error: BaseException) -> str:
+    """A failure in torch's machinery (not a :class:`CaptureError`): the error, and the user's line
+    when a traceback in its chain reaches one."""
+    return f"{type(error).__name__}: {_first_line(error)} ({describe_failure(error)})"
 
 
 def graph_writes_inputs(device: torch.device) -> bool:
