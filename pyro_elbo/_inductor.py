@@ -34,9 +34,18 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._compile_progress import phase
-from pyro_elbo._torch_internals import cache_counters, compile_fx, shape_env_context, start_cpu_check
+from pyro_elbo._torch_internals import cache_counters, compile_fx, import_compile_fx, shape_env_context, start_cpu_check
 
-__all__ = ["CPU_PATCHES", "SCALAR_CODE_MAX_ELEMENTS", "CompileStats", "compile_graph", "cpu_patches", "start_cpu_check"]
+__all__ = [
+    "CPU_PATCHES",
+    "SCALAR_CODE_MAX_ELEMENTS",
+    "CompileStats",
+    "compile_graph",
+    "cpu_patches",
+    "prepare_compile_fx",
+    "start_cpu_check",
+    "warn_fallback_to_torch_compile",
+]
 
 #: inductor options for a captured training step on the CPU. ``cpp_wrapper``: the graph's wrapper
 #: is C++ in the same file as its kernels, so the whole step is one C++ translation unit compiled
@@ -79,7 +88,9 @@ class CompileStats:
 last_stats = CompileStats()
 
 
-def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str) -> tuple[Callable[..., Any], bool]:
+def compile_graph(
+    graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str, *, warn: bool = True
+) -> tuple[Callable[..., Any], bool]:
     """``graph`` compiled for ``inputs`` (real tensors) by ``backend``; and whether it runs as
     CUDA graphs (then a caller must call ``torch.compiler.cudagraph_mark_step_begin()`` before each
     call and copy the outputs it keeps).
@@ -88,7 +99,9 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
     and input signature) loads the compiled kernels from inductor's on-disk caches instead of
     generating and compiling C++ again; see the module docstring for what the cache key covers.
     Any exception on that path (a private API) compiles the graph with ``torch.compile`` instead,
-    with one ``RuntimeWarning`` naming the error and what is lost."""
+    with one ``RuntimeWarning`` naming the error and what is lost (``warn=False``: no warning and
+    no change to the warning filters, for a call from a background thread; the reason is in
+    :data:`last_stats`, for the caller to warn with :func:`warn_fallback_to_torch_compile`)."""
     global last_stats
     last_stats = CompileStats()
     if backend == "eager":
@@ -105,30 +118,43 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
                 patches: dict[str, Any] = (
                     {"triton.cudagraphs": True} if cuda else cpu_patches(graph, inputs) if cpu else {}
                 )
-                with (
-                    cache_counters() as counts,
-                    shape_env_context(),
-                    _quiet_fallback_notes(),
-                    warnings.catch_warnings(),  # torch's own modules use APIs torch deprecated: not actionable
-                ):
-                    warnings.filterwarnings(
-                        "ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning
-                    )
+                if warn:
+                    prepare_compile_fx()
+                with cache_counters() as counts, shape_env_context(), _quiet_fallback_notes():
                     compiled = compile_fx(graph, inputs, patches)
                 last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
                 shown.note = f"cache {last_stats.cache}" if last_stats.cache else ""
             return compiled, cuda
         except Exception as error:  # a private API: fall back to the public entry point
             failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            warnings.warn(
-                f"compile=True: inductor's direct compile failed ({failure}); the step is compiled by "
-                "torch.compile instead, without inductor's on-disk caches (every process compiles it again)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            if warn:
+                warn_fallback_to_torch_compile(failure)
     compiled = torch.compile(graph, backend=backend, dynamic=False)
     last_stats = CompileStats(time.perf_counter() - start, fallback=failure)
     return compiled, False
+
+
+def warn_fallback_to_torch_compile(failure: str) -> None:
+    """The one warning for a graph that inductor's direct compile refused (``failure``)."""
+    warnings.warn(
+        f"compile=True: inductor's direct compile failed ({failure}); the step is compiled by "
+        "torch.compile instead, without inductor's on-disk caches (every process compiles it again)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def prepare_compile_fx() -> None:
+    """Import what :func:`compile_graph` runs, with the deprecation warnings torch's own modules
+    raise on import silenced (APIs torch itself deprecated: nothing a user can act on). Imports
+    happen once, so a later compile in a background thread need not touch the warning filters
+    (which are process-wide and not thread-safe). Any failure is left for the compile to meet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
+        try:
+            import_compile_fx()
+        except Exception:  # compile_graph meets it again and falls back
+            pass
 
 
 def cpu_patches(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> dict[str, Any]:

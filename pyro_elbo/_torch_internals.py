@@ -14,6 +14,7 @@ one shows up here, and each caller says what it does when a function here raises
 function                     a failure (any exception) degrades to
 ===========================  ===========================================================================
 :func:`compile_fx`           ``torch.compile`` (the graph compiles; inductor's on-disk caches are lost)
+:func:`import_compile_fx`    ``torch.compile``, as :func:`compile_fx` (which meets the error again)
 :func:`shape_env_context`    ``torch.compile``, as :func:`compile_fx`
 :func:`cache_counters`       ``torch.compile``, as :func:`compile_fx`
 :func:`start_cpu_check`      nothing: the check is a head start; inductor runs it itself when compiling
@@ -33,6 +34,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def import_compile_fx() -> None:
+    """Import inductor's ``compile_fx`` module (and what it imports) without compiling anything."""
+    import torch._inductor.compile_fx  # noqa: F401
 
 
 def compile_fx(graph: torch.fx.GraphModule, inputs: list[Tensor], config_patches: dict[str, Any]) -> Callable[..., Any]:
