@@ -44,6 +44,15 @@ from pyro_elbo._torch_internals import fake_mode_of, is_fake
 
 aten = torch.ops.aten
 
+
+def _overload(name: str, overload: str = "default") -> Any:
+    """``aten.<name>.<overload>``, or ``None`` where this torch has no such operation (the private
+    ones, ``_linalg_check_errors`` and the like, may be renamed by a release: the rewrites that
+    look for them then find nothing to rewrite)."""
+    packet = getattr(aten, name, None)
+    return None if packet is None else getattr(packet, overload, None)
+
+
 #: the fewest summed elements per output for which a contraction is rewritten: inductor sums more
 #: than 4096 through its cascade-sum helper (``need_use_acc_helper``), fewer in registers, and there
 #: its loop is as fast as the library call. The value follows inductor's threshold, which this
@@ -97,8 +106,9 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     not NaN but whatever the partial factorization left, so the check cannot simply be dropped."""
     count = 0
     order = {n: i for i, n in enumerate(graph.graph.nodes)}  # of the nodes compared below: they precede every insertion
+    check = _overload("_linalg_check_errors")
     for node in list(graph.graph.nodes):
-        if node.target is not aten._linalg_check_errors.default:
+        if check is None or node.target is not check:
             continue
         info = node.args[0]
         info_value = _value(info)
@@ -158,7 +168,11 @@ def standard_normals_as_randn(graph: torch.fx.GraphModule) -> int:
 
 
 #: operations whose second argument is a list of index tensors (boolean masks allowed)
-_INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default)
+_INDEXING = tuple(
+    op
+    for op in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, _overload("_unsafe_index_put"))
+    if op is not None
+)
 
 
 def constant_masks_as_indices(graph: torch.fx.GraphModule) -> int:
@@ -198,7 +212,7 @@ def _constant_mask(graph: torch.fx.GraphModule, index: Any) -> Tensor | None:
         return None
     source: Any = index
     to_bool = False
-    if index.target is aten._to_copy.default and index.kwargs.get("dtype") is torch.bool and len(index.args) == 1:
+    if index.target is _overload("_to_copy") and index.kwargs.get("dtype") is torch.bool and len(index.args) == 1:
         source, to_bool = index.args[0], True
     if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
         return None

@@ -157,3 +157,23 @@ def test_data_dependent_check_failing_still_names_the_line(monkeypatch: pytest.M
         result = pyro_elbo.fit(model, guide, num_steps=5, compile=True, compile_backend="eager", progress=False)
     assert len(caught) == 1 and "test_torch_internals.py" in str(caught[0].message), str(caught[0].message)
     assert len(result.history) == 5
+
+
+def test_a_renamed_private_operation_leaves_its_rewrite_nothing_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rewrites look for private aten operations (``_linalg_check_errors``, ``_to_copy``...):
+    in a torch without them the rewrite finds nothing, and the graph still runs."""
+
+    def cholesky_logdet(a: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.cholesky(a).diagonal().log().sum()
+
+    a = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    assert _graph_rewrites.linalg_errors_as_nan(_torch_internals.trace_fake(cholesky_logdet, [a])) == 1
+    real = _graph_rewrites._overload
+    monkeypatch.setattr(
+        _graph_rewrites,
+        "_overload",
+        lambda name, overload="default": None if name.startswith("_") else real(name, overload),
+    )
+    graph = _torch_internals.trace_fake(cholesky_logdet, [a])
+    assert _graph_rewrites.linalg_errors_as_nan(graph) == 0 and _graph_rewrites.constant_masks_as_indices(graph) == 0
+    assert torch.equal(graph(a), cholesky_logdet(a))
