@@ -251,6 +251,7 @@ class CompiledLoss:
                     graph = captured
             except Exception as error:  # CaptureError: the user's program; anything else: torch's internals
                 if self._in_eager_run:  # the model/guide itself raised, as it would on the eager path
+                    self._in_eager_run = False
                     raise
                 self.failed = str(error) if isinstance(error, CaptureError) else _internal_failure(error)
                 cause = (
