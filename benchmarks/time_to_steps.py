@@ -50,7 +50,9 @@ print(json.dumps({{"stamps": stamps, "total": total, "decision": result.compile_
 def run(compile_: bool | str, steps: int, cache: str) -> dict[str, object]:
     code = CHILD.format(examples=str(HERE.parent / "examples"), compile=compile_, steps=steps)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"compile={compile_!r}, {steps} steps failed:\n{out.stderr}")
     result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

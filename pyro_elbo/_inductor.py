@@ -88,9 +88,7 @@ class CompileStats:
 last_stats = CompileStats()
 
 
-def compile_graph(
-    graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str, *, warn: bool = True
-) -> tuple[Callable[..., Any], bool]:
+def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str) -> tuple[Callable[..., Any], bool]:
     """``graph`` compiled for ``inputs`` (real tensors) by ``backend``; and whether it runs as
     CUDA graphs (then a caller must call ``torch.compiler.cudagraph_mark_step_begin()`` before each
     call and copy the outputs it keeps).
@@ -99,9 +97,7 @@ def compile_graph(
     and input signature) loads the compiled kernels from inductor's on-disk caches instead of
     generating and compiling C++ again; see the module docstring for what the cache key covers.
     Any exception on that path (a private API) compiles the graph with ``torch.compile`` instead,
-    with one ``RuntimeWarning`` naming the error and what is lost (``warn=False``: no warning and
-    no change to the warning filters, for a call from a background thread; the reason is in
-    :data:`last_stats`, for the caller to warn with :func:`warn_fallback_to_torch_compile`)."""
+    with one ``RuntimeWarning`` naming the error and what is lost."""
     global last_stats
     last_stats = CompileStats()
     if backend == "eager":
@@ -118,8 +114,7 @@ def compile_graph(
                 patches: dict[str, Any] = (
                     {"triton.cudagraphs": True} if cuda else cpu_patches(graph, inputs) if cpu else {}
                 )
-                if warn:
-                    prepare_compile_fx()
+                prepare_compile_fx()
                 with cache_counters() as counts, shape_env_context(), _quiet_fallback_notes():
                     compiled = compile_fx(graph, inputs, patches)
                 last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
@@ -127,8 +122,7 @@ def compile_graph(
             return compiled, cuda
         except Exception as error:  # a private API: fall back to the public entry point
             failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            if warn:
-                warn_fallback_to_torch_compile(failure)
+            warn_fallback_to_torch_compile(failure)
     compiled = torch.compile(graph, backend=backend, dynamic=False)
     last_stats = CompileStats(time.perf_counter() - start, fallback=failure)
     return compiled, False
@@ -147,8 +141,7 @@ def warn_fallback_to_torch_compile(failure: str) -> None:
 def prepare_compile_fx() -> None:
     """Import what :func:`compile_graph` runs, with the deprecation warnings torch's own modules
     raise on import silenced (APIs torch itself deprecated: nothing a user can act on). Imports
-    happen once, so a later compile in a background thread need not touch the warning filters
-    (which are process-wide and not thread-safe). Any failure is left for the compile to meet."""
+    happen once. Any failure is left for the compile to meet."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
         try:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -37,7 +36,6 @@ import pyro
 import torch
 from torch import Tensor
 
-from pyro_elbo import _inductor
 from pyro_elbo._compile_progress import phase
 from pyro_elbo._graph_rewrites import (
     constant_masks_as_indices,
@@ -45,7 +43,7 @@ from pyro_elbo._graph_rewrites import (
     outer_contractions_as_matmul,
     standard_normals_as_randn,
 )
-from pyro_elbo._inductor import compile_graph, prepare_compile_fx, start_cpu_check, warn_fallback_to_torch_compile
+from pyro_elbo._inductor import compile_graph, start_cpu_check
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.capture import (
     CaptureError,
@@ -146,10 +144,6 @@ class CompiledLoss:
         self.cudagraphs: set[Signature] = set()
         self._captured_cudagraphs = False  # the graph _capture just returned runs as CUDA graphs
         self._in_eager_run = False  # _capture is running the step eagerly (its errors are the program's)
-        #: compile new graphs in a background thread (inductor on the CPU); until a graph is ready its
-        #: steps return ``None`` (the caller steps eagerly), see :class:`BackgroundCompile`
-        self.background = False
-        self.pending: dict[Signature, BackgroundCompile] = {}
         self._last: tuple[Any, Signature] | None = None
         #: the signature and graph of the last call (not for CUDA graphs, whose outputs are copied)
         self._hot: tuple[Signature, Callable[..., Any]] | None = None
@@ -223,7 +217,7 @@ class CompiledLoss:
     def _run(
         self,
         signature: Signature,
-        capture: Callable[[], Callable[..., Any] | BackgroundCompile],
+        capture: Callable[[], Callable[..., Any]],
         inputs: list[Tensor],
     ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
         """Call the graph of ``signature`` on ``inputs``, capturing and compiling it first if new."""
@@ -235,20 +229,8 @@ class CompiledLoss:
         new = graph is None
         start = time.perf_counter()
         if graph is None:
-            pending = self.pending.get(signature)
-            if pending is not None and pending.thread.is_alive():
-                return None  # still compiling in the background: this step runs eagerly
             try:
-                if pending is not None:
-                    del self.pending[signature]
-                    start = pending.started
-                    graph = pending.take()
-                else:
-                    captured = capture()
-                    if isinstance(captured, BackgroundCompile):
-                        self.pending[signature] = captured
-                        return None
-                    graph = captured
+                graph = capture()
             except Exception as error:  # CaptureError: the user's program; anything else: torch's internals
                 if self._in_eager_run:  # the model/guide itself raised, as it would on the eager path
                     self._in_eager_run = False
@@ -294,8 +276,8 @@ class CompiledLoss:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         state: list[Tensor],
-    ) -> Callable[..., Any] | BackgroundCompile:
-        """Trace the step and compile it (with :attr:`background`, start compiling it). ``state``: the parameter inputs (one per parameter, or
+    ) -> Callable[..., Any]:
+        """Trace the step and compile it. ``state``: the parameter inputs (one per parameter, or
         the flat vector when ``layout`` is given), then the Adam inputs if any."""
         names = list(params)
         self._captured_cudagraphs = False
@@ -365,8 +347,6 @@ class CompiledLoss:
             if failed is None:
                 break
             skipped.add(failed)
-        if self.background and self.backend == "inductor" and all(t.device.type == "cpu" for t in state):
-            return BackgroundCompile(graph, leading + inputs, self.backend)
         compiled, self._captured_cudagraphs = compile_graph(graph, leading + inputs, self.backend)
         return compiled
 
@@ -428,49 +408,6 @@ def _internal_failure(error: BaseException) -> str:
     """A failure in torch's machinery (not a :class:`CaptureError`): the error, and the user's line
     when a traceback in its chain reaches one."""
     return f"{type(error).__name__}: {_first_line(error)} ({describe_failure(error)})"
-
-
-class BackgroundCompile:
-    """A traced graph compiled by inductor in a background thread, while the caller keeps stepping
-    eagerly; :meth:`take` returns the compiled graph once the thread has finished.
-
-    The trace itself runs in the calling thread (it runs the user's program under Pyro's global
-    handlers, which another thread's eager steps would see); only :func:`compile_graph` runs in
-    the thread. It touches no parameter, optimizer state or random stream, so the eager steps
-    taken meanwhile are the steps an eager run takes, and the switch to the compiled graph happens
-    between two steps with the state as those steps left it. Inductor's code generation holds the
-    interpreter lock for much of the compile, so eager steps taken meanwhile run slower; its C++
-    compiler runs as a subprocess beside them."""
-
-    def __init__(self, graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str) -> None:
-        self.started = time.perf_counter()
-        self.result: tuple[Callable[..., Any], bool] | None = None
-        self.error: BaseException | None = None
-        self.fallback = ""
-        prepare_compile_fx()  # its imports, in this thread (imports racing in two threads are unsafe)
-        self.thread = threading.Thread(
-            target=self._compile, args=(graph, inputs, backend), name="pyro_elbo background compile", daemon=True
-        )
-        self.thread.start()
-
-    def _compile(self, graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str) -> None:
-        try:
-            self.result = compile_graph(graph, inputs, backend, warn=False)
-            self.fallback = _inductor.last_stats.fallback
-        except BaseException as error:  # handed to the caller's thread by take()
-            self.error = error
-
-    def take(self) -> Callable[..., Any]:
-        """The compiled graph (the thread has finished); raises what the compile raised. A direct
-        inductor compile that fell back to ``torch.compile`` is warned about here, in the caller's
-        thread."""
-        if self.error is not None:
-            raise self.error
-        if self.result is None:  # (not reached: the thread either sets a result or an error)
-            raise RuntimeError("the background compile ended without a result")
-        if self.fallback:
-            warn_fallback_to_torch_compile(self.fallback)
-        return self.result[0]
 
 
 def graph_writes_inputs(device: torch.device) -> bool:

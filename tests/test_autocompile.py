@@ -3,17 +3,13 @@ step timings substituted (deterministic), and the two pure rules it applies."""
 
 from __future__ import annotations
 
-import math
-import threading
-
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
 import pyro_elbo
-import pyro_elbo.compiled
-from pyro_elbo.train import TrainState, autocompile, init, step
+from pyro_elbo.train import autocompile
 from pyro_elbo.train.step import StepInfo
 
 
@@ -78,86 +74,3 @@ def test_rules() -> None:
 def test_bad_compile_value() -> None:
     with pytest.raises(ValueError, match="compile must be"):
         pyro_elbo.fit(model, guide, torch.randn(3), num_steps=1, compile="yes", progress=False)
-
-
-class SlowCompile:
-    """Stands in for inductor in the background thread: waits until released, then returns the
-    graph uncompiled (a real compile takes tens of seconds; what is tested is the switch)."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.calls = 0
-
-    def __call__(
-        self, graph: torch.fx.GraphModule, inputs: list[torch.Tensor], backend: str, **options: object
-    ) -> object:
-        self.calls += 1
-        assert threading.current_thread() is not threading.main_thread()  # (the test's own check)
-        self.release.wait(timeout=120)
-        return real_compile_graph(graph, inputs, "eager")
-
-
-real_compile_graph = pyro_elbo.compiled.compile_graph
-
-
-def _snapshot(state: TrainState) -> list[torch.Tensor]:
-    tensors = [p.detach().clone() for p in state.params.values()]
-    for p in state.params.values():
-        tensors += [v.detach().clone() for _, v in sorted(state.optimizer.state[p].items())]
-    return tensors
-
-
-def test_a_background_compile_switches_between_steps_with_the_state_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    """While the graph compiles in the background the steps are eager steps, bit-identical to an
-    eager run's (parameters, Adam state and losses); the first step after the compile finished
-    runs the graph, from the state the eager steps left."""
-    slow = SlowCompile()
-    monkeypatch.setattr(pyro_elbo.compiled, "compile_graph", slow)
-    x = torch.randn(8)
-
-    def fresh(compile_: bool) -> TrainState:
-        pyro.clear_param_store()
-        return init(model, guide, x, seed=2, compile=compile_, optimizer_options={"foreach": False})
-
-    eager = fresh(False)
-    eager_losses = [step(eager)[1].loss for _ in range(6)]
-    background = fresh(True)
-    assert background.compiled is not None
-    background.compiled.background = True
-    losses = [step(background)[1].loss for _ in range(6)]  # the first traces and starts the compile
-    assert slow.calls == 1 and not background.compiled.graphs  # still compiling: every step was eager
-    assert losses == eager_losses
-    at_switch = _snapshot(background)
-    assert all(torch.equal(a, b) for a, b in zip(at_switch, _snapshot(eager)))
-    slow.release.set()
-    background.compiled.pending[next(iter(background.compiled.pending))].thread.join(timeout=120)
-    info = step(background)[1]
-    assert background.compiled.graphs and info.compile_seconds is not None  # this step ran the graph
-    assert math.isfinite(info.loss) and background.flat is not None
-    background.settle()
-    assert not all(torch.equal(a, b) for a, b in zip(at_switch, _snapshot(background)))  # and it trained
-
-
-def test_auto_keeps_training_while_it_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    slow = SlowCompile()
-    monkeypatch.setattr(pyro_elbo.compiled, "compile_graph", slow)
-    timings = {"eager": 1.0, "compiling": 1.0, "timing": 0.1}
-    monkeypatch.setattr(autocompile.AutoCompile, "seconds", lambda self, info: timings.get(self.phase, 1.0))
-    steps_while_compiling = []
-
-    def release_after_five(step_number: int, loss: float) -> bool:
-        hook_phase = "compiling" if slow.calls and not slow.release.is_set() else ""
-        if hook_phase:
-            steps_while_compiling.append(step_number)
-            if len(steps_while_compiling) == 5:
-                slow.release.set()
-        return True
-
-    x = torch.randn(8)
-    result = pyro_elbo.fit(
-        model, guide, x, num_steps=40, compile="auto", progress=False, callbacks=[release_after_five]
-    )
-    decision = result.compile_decision or ""
-    assert len(steps_while_compiling) == 5 and len(result.history) == 40
-    assert decision.startswith("compile='auto' compiled") and "in the background beside eager steps" in decision
-    assert "1.0 s lost" in decision, decision  # the tracing step only: the eager steps beside it cost no extra

@@ -8,23 +8,12 @@ The decision is made on measurements of this run, in three phases driven by :cla
 2. **Gate.** With :math:`R` steps left, eager training costs :math:`R\\,t_e`. Compiling costs at
    least :data:`MIN_COMPILE_SECONDS` (capture + inductor, warm cache, on the machines we
    measured), so if :math:`R\\,t_e` is below it the run stays eager without compiling.
-3. **Compile and check.** Otherwise the next step traces the step into a graph, and inductor
-   compiles it in a background thread while training goes on eagerly
-   (:class:`~pyro_elbo.compiled.BackgroundCompile`; with another backend the step compiles in
-   place). The time :math:`C` the run lost to the compile is measured: the tracing step, and what
-   the eager steps beside the compile took beyond :math:`t_e`. Once the graph is ready the next
-   step runs it, ``probe`` compiled steps give :math:`t_c`, and the run keeps the compiled step
-   if :math:`t_c < t_e`, else returns to eager. The decision line says whether the compile paid
-   off within the requested steps, i.e. whether :math:`C + R' t_c < R' t_e + C_{\text{probe}}`
+3. **Compile and check.** Otherwise the next step captures and compiles (its time :math:`C` is
+   measured), ``probe`` compiled steps give :math:`t_c`, and the run keeps the compiled step if
+   :math:`t_c < t_e`, else returns to eager. The decision line says whether the compile paid off
+   within the requested steps, i.e. whether :math:`C + R' t_c < R' t_e + C_{\\text{probe}}`
    (:math:`R'` the steps left after the compile), and the break-even step count
    :math:`C / (t_e - t_c)`.
-
-The switch happens between two steps, on the parameters and optimizer state the eager steps left
-(the compiled steps read and write the same tensors): nothing is copied or reset. The eager steps
-draw from torch's random stream as an eager run does, the tracing step included (its eager run
-uses a forked stream and the trace draws nothing); the compiled steps draw through the graph's own
-random operations (seeded from that stream), so from the switch on the draws differ from an eager
-run's.
 
 The line is written by the progress bar and kept in ``FitResult.compile_decision``.
 """
@@ -55,20 +44,13 @@ def gate(remaining: int, eager_seconds: float, min_compile_seconds: float = MIN_
     return True, ""
 
 
-def verdict(
-    remaining: int,
-    eager_seconds: float,
-    compiled_seconds: float,
-    compile_seconds: float,
-    background_seconds: float | None = None,
-) -> tuple[bool, str]:
+def verdict(remaining: int, eager_seconds: float, compiled_seconds: float, compile_seconds: float) -> tuple[bool, str]:
     """After compiling: keep the compiled step if it is faster per step; say whether the compile
-    (``compile_seconds``: the time the run lost to it) paid off over the ``remaining`` steps and
-    where it breaks even. ``background_seconds``: how long the compile ran beside eager steps."""
-    cost = f"compile {compile_seconds:.1f} s"
-    if background_seconds is not None:
-        cost = f"compile {background_seconds:.1f} s in the background beside eager steps, {compile_seconds:.1f} s lost"
-    timings = f"eager {1e3 * eager_seconds:.2f} ms/step, compiled {1e3 * compiled_seconds:.2f} ms/step, {cost}"
+    (``compile_seconds``) paid off over the ``remaining`` steps and where it breaks even."""
+    timings = (
+        f"eager {1e3 * eager_seconds:.2f} ms/step, compiled {1e3 * compiled_seconds:.2f} ms/step, "
+        f"compile {compile_seconds:.1f} s"
+    )
     saving = eager_seconds - compiled_seconds
     if saving <= 0:
         return False, f"compile='auto' went back to eager: the compiled step is not faster ({timings})"
@@ -97,7 +79,6 @@ class AutoCompile(Hook):
         self.compiled_times: list[float] = []
         self.auto: AutoStep | None = None
         self.compile_seconds = 0.0
-        self.compiling_steps = 0
         self.settle_every = 1
 
     def on_start(self, state: TrainState) -> None:
@@ -106,7 +87,6 @@ class AutoCompile(Hook):
             return
         self.auto = AutoStep(EagerStep(), state.stepper)  # eager until decided
         state.stepper = self.auto
-        state.compiled.background = True  # inductor compiles beside eager steps (CompiledLoss.background)
 
     def seconds(self, info: StepInfo) -> float:
         """The step's wall-clock time (a separate method so tests can substitute timings)."""
@@ -123,13 +103,8 @@ class AutoCompile(Hook):
                 state.compile_decision = "compile='auto' stayed eager: the capture failed (see the warning)"
                 self._use(state, compiled=False)
                 return None
-            # the step that traced (and, without a background compile, compiled) costs all its time;
-            # eager steps beside a background compile cost what they took beyond an eager step
-            first, seconds = not self.compiling_steps, self.seconds(info)
-            self.compiling_steps += 1
-            self.compile_seconds += seconds if first else max(0.0, seconds - statistics.median(self.eager[1:]))
-            if info.compile_seconds is not None:  # the graph is ready: compiled steps from now on
-                self.phase = "timing"
+            self.compile_seconds = self.seconds(info)
+            self.phase = "timing"
         elif self.phase == "timing":
             self.compiled_times.append(self.seconds(info))
             if len(self.compiled_times) >= self.probe:
@@ -160,7 +135,6 @@ class AutoCompile(Hook):
     def _decide_to_keep(self, state: TrainState) -> None:
         eager, compiled = statistics.median(self.eager[1:]), statistics.median(self.compiled_times)
         remaining = self.total - state.step + len(self.compiled_times)
-        background = state.compile_seconds if self.compiling_steps > 1 else None
-        keep, why = verdict(remaining, eager, compiled, self.compile_seconds, background)
+        keep, why = verdict(remaining, eager, compiled, self.compile_seconds)
         self.phase, state.compile_decision = "done", why
         self._use(state, compiled=keep)
