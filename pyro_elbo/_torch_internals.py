@@ -153,6 +153,16 @@ def trace_fake(step: Callable[..., Any], example: list[Tensor]) -> torch.fx.Grap
     return make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
 
 
+def inside_make_fx() -> bool:
+    """Whether the code runs inside a ``make_fx`` trace (a proxy mode is active); ``False`` when
+    torch no longer has the function, which leaves the caller on its eager behaviour."""
+    try:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    except Exception:
+        return False
+    return get_proxy_mode() is not None
+
+
 def is_data_dependent(error: BaseException) -> bool:
     """Whether ``error`` is torch's refusal to guard on a data-dependent value (``if tensor``,
     ``int(tensor)``, a size read from data); ``False`` when torch no longer has that class."""
