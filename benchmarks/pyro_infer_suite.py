@@ -178,7 +178,7 @@ def _expectation(nodeid: str) -> str:
 
 
 def valid_models_section(baseline: dict[str, Any], run: dict[str, Any], applicable: list[str], name: str) -> str:
-    """Issue 13's standard: each model/guide pair of test_valid_models.py, Pyro's verdict against ours."""
+    """The standard: each model/guide pair of test_valid_models.py, Pyro's verdict against ours."""
     ids = [t for t in applicable if "test_valid_models.py" in t]
     lines = [
         f"### test_valid_models.py pairs with {name}: {len(ids)}",

@@ -1,5 +1,5 @@
 """ELBO(analytic_kl=True): the same value and expected gradient as the Monte Carlo ELBO, lower
-variance (issue 16.4). Model: z ~ N(0, 1), x_i | z ~ N(z, 1), i = 1..n; guide N(m, s). The ELBO
+variance. Model: z ~ N(0, 1), x_i | z ~ N(z, 1), i = 1..n; guide N(m, s). The ELBO
 has a closed form, so the estimators are checked against it."""
 
 from __future__ import annotations

@@ -78,10 +78,10 @@ def test_elbo_unbiasedness_false_alarm_rate_over_seeds() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_kl_gap_interval_and_verdict_calibration(dtype: torch.dtype) -> None:
-    """Issue 11 sweep: 6 families with exact log p(x) and KL, guides from exact to 20 sd off,
+    """The sweep: 6 families with exact log p(x) and KL, guides from exact to 20 sd off,
     40 seeds per cell. Prints, per cell, the fraction of runs whose printed intervals (KL and
     log p(x)) miss the truth while the report has no warning, and the number of "good" verdicts.
-    Goal <= 5% per cell; asserted: misses <= Binomial(40, 0.05) bound at 1e-6, and no "good"
+    At most 5% per cell expected; asserted: misses <= Binomial(40, 0.05) bound at 1e-6, and no "good"
     verdict when the exact KL exceeds 0.1 nats (GOOD_KL)."""
     from exact_models import FAMILIES
 

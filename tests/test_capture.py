@@ -1,4 +1,4 @@
-"""Whole-step capture on small models that reproduce what real models do (issue 14.1).
+"""Whole-step capture on small models that reproduce what real models do.
 
 Each capturable pattern is checked for parity: the captured step run without compiling
 (``compile_backend="eager"``: the same random draws as the eager path) takes the same steps as

@@ -246,7 +246,7 @@ def test_subsampled_batch_plate_scales_outside_the_log() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 13.4: a shape error names the observed site and both shapes, in every entry point
+# a shape error names the observed site and both shapes, in every entry point
 
 Y18 = torch.linspace(-1.0, 1.0, 18)
 
@@ -321,7 +321,7 @@ def test_a_size_less_plate_passes_the_checks() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 13.5: a guide whose support is wider than the model's
+# a guide whose support is wider than the model's
 
 
 def positive_model():

@@ -1,4 +1,4 @@
-"""Enumerated discrete latents summed out of log p(x, z) (issue 13, item 2).
+"""Enumerated discrete latents summed out of log p(x, z).
 
 Checked against Pyro's ``TraceEnum_ELBO`` on the same draws (same seed, same guide: the guide runs
 first in both, so its draws are identical) and against log p(x) by brute-force enumeration.

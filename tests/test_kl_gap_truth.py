@@ -1,4 +1,4 @@
-"""kl_gap never reassures on a bad guide (issue 11), on models with exact log p(x) and KL
+"""kl_gap never reassures on a bad guide, on models with exact log p(x) and KL
 (tests/exact_models.py). Stochastic assertions: false-alarm rate 1e-6 per assertion, either from
 the report's own standard errors (z = 4.75 one-sided) or, for verdicts, from the margins measured
 over the seeds of the slow sweep in test_calibration.py (stated at each assertion)."""

@@ -1,4 +1,4 @@
-"""Particles for models not written for a particle dim (issue 13.1): plate, vmap, sequential.
+"""Particles for models not written for a particle dim: plate, vmap, sequential.
 
 A Bayesian linear regression written as Pyro users write it (``x @ w`` with a vector latent
 ``w``) cannot take an outer particle plate. With the exact posterior as the guide every log-weight

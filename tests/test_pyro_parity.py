@@ -1,4 +1,4 @@
-"""Pyro's own semantics as the standard (issue 12): Messenger autoguides, score-function scaling,
+"""Pyro's own semantics as the standard: Messenger autoguides, score-function scaling,
 plate-local Rao-Blackwellization, and STL/DReG with subsampled ``pyro.param``s."""
 
 from __future__ import annotations

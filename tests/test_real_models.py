@@ -29,12 +29,11 @@ from pyro_models import ZOO, ZooEntry, cli_model_file
 
 import pyro_elbo
 
-#: a model that cannot take a particle plate says so once (issue 13.1); expected for half the zoo
+#: a model that cannot take a particle plate says so once; expected for half the zoo
 pytestmark = pytest.mark.filterwarnings("ignore::pyro_elbo.ParticlePathWarning")
 
-I13, I14 = "issue 13", "issue 14"
 PACKED = (
-    f"{I14}: compile=True falls back to eager: the guide packs its sequences (pack_padded_sequence), whose "
+    "compile=True falls back to eager: the guide packs its sequences (pack_padded_sequence), whose "
     "layout comes from the values of the lengths; the warning names the line and suggests masks"
 )
 

@@ -385,7 +385,7 @@ def ordered_logistic_guide() -> None:
     pyro.sample("cutpoints", dist.Normal(pyro.param("cm", torch.zeros(3)), 1.0).to_event(1))
 
 
-def gamma_no_plate_model() -> None:  # issue 12.5: batch shape (1,) outside every plate
+def gamma_no_plate_model() -> None:  # batch shape (1,) outside every plate
     pyro.sample("x", dist.Gamma(torch.ones(1), torch.ones(1)))
 
 
@@ -394,7 +394,7 @@ def gamma_no_plate_guide() -> None:
     pyro.sample("x", dist.Gamma(torch.ones(1), rate))
 
 
-def free_dim_right_of_plate(role: str) -> Callable[[], None]:  # issue 12.5: dim -1 in no plate
+def free_dim_right_of_plate(role: str) -> Callable[[], None]:  # dim -1 in no plate
     def program() -> None:
         loc = pyro.param("loc", torch.zeros(3, 2)) if role == "guide" else torch.zeros(3, 2)
         with pyro.plate("rows", 3, dim=-2):
@@ -477,8 +477,8 @@ ACCEPTED: list[tuple[str, Callable[[], None], Callable[[], None], bool, dict[str
     ],
     ("reparam_stable", stable_model, stable_guide, True, {}),
     ("ordered_logistic_plate", ordered_logistic_model, ordered_logistic_guide, True, {}),
-    ("issue12_gamma_batch_1_no_plate", gamma_no_plate_model, gamma_no_plate_guide, True, {}),
-    ("issue12_free_dim_right_of_plate", free_dim_right_of_plate("model"), free_dim_right_of_plate("guide"), True, {}),
+    ("gamma_batch_1_no_plate", gamma_no_plate_model, gamma_no_plate_guide, True, {}),
+    ("free_dim_right_of_plate", free_dim_right_of_plate("model"), free_dim_right_of_plate("guide"), True, {}),
     ("size_1_dims_beyond_every_plate", size_one_dims, size_one_dims, True, {}),
 ]
 
