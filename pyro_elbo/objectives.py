@@ -128,9 +128,10 @@ class Objective(pyro.infer.ELBO):
     def bound(self, lw: LogWeights) -> Tensor:
         """The ``[*B]`` bound with this objective's gradient, after checking ``lw`` suits it."""
         name = type(self).__name__
-        if self.spec.reparameterized_only and lw.score_sites:
+        drawn = [n for n in lw.score_sites if n not in lw.observed_score_sites]
+        if self.spec.reparameterized_only and drawn:
             raise ValueError(
-                f"{name} needs reparameterized guide sites, but {', '.join(map(repr, lw.score_sites))} "
+                f"{name} needs reparameterized guide sites, but {', '.join(map(repr, drawn))} "
                 "cannot be reparameterized (e.g. a discrete latent); train it with pyro_elbo.ELBO "
                 "(score function with baseline) or pyro_elbo.VIMCO."
             )
