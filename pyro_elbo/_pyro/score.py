@@ -80,8 +80,9 @@ def score_terms(
             )
             part = _sum_to(factor, {0} | shared)
             log_r = part if log_r is None else log_r + part
-        assert log_r is not None
         log_q = reducer.aligned(site, scaled=False)
+        if log_r is None:  # no cost at all (a model without sites, a guide that only observes)
+            log_r = log_q.detach().new_zeros((1,) * log_q.dim())
         common = torch.broadcast_shapes(tuple(log_r.shape), tuple(log_q.shape))
         terms[name] = (reducer.batch_last(log_r.expand(common)), reducer.batch_last(log_q.expand(common)))
     return terms
