@@ -129,9 +129,13 @@ def traces(
             _diagnose_model_failure(plated_model, guide_trace, args, kwargs, max_plate_nesting, num_particles, error)
             raise
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
-        if num_particles == 1 or isinstance(error, _NamedMismatch):
+        if num_particles == 1:
             raise
         named = checks.diagnose_shape_failure(model, guide, args, kwargs, max_plate_nesting)
+        if isinstance(error, _NamedMismatch) and named is not None:
+            raise  # the program's own mismatch, named on the guide's values
+        # a mismatch seen only with the particles batched (a model not written for batched latents,
+        # e.g. a PyroSample hyperparameter of a GP kernel) is the plate's doing, not the program's
         if named is not None:
             raise named from error
         raise ValueError(
