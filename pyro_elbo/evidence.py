@@ -29,15 +29,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyro.poutine as poutine
 import torch
 from torch import Tensor
 
 from pyro_elbo import ais
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.density import JointDensity, Observed, conditioned, guide_reads_data, simulate
-from pyro_elbo._pyro.tracing import scored_sites
-from pyro_elbo._random import forked_rng
+from pyro_elbo._pyro.observed_plates import observed_per_point
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.weights import log_weights
 
@@ -269,32 +267,13 @@ def _iwae(
     else:
         se = torch.full_like(per_point, math.nan)
     return _evidence(
-        per_point, se, "iwae", num_particles, num_particles, _observed(model, guide, args, kwargs, per_point)
+        per_point,
+        se,
+        "iwae",
+        num_particles,
+        num_particles,
+        observed_per_point(model, guide, args, kwargs, per_point.numel()),
     )
-
-
-def _observed(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], per_point: Tensor) -> Observed:
-    """What the model observes per data point, from one run of the model on a guide draw (without
-    gradients, without moving the caller's random stream). Unlike AIS, IWAE needs nothing of the
-    latents: enumerated sites, auxiliary and point-mass guide sites are all fine here.
-
-    Raises:
-        ValueError: if an observed site's plate is subsampled: the evidence is per point of the full data.
-    """
-    with forked_rng(), torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    sites = [site for _, site in scored_sites(model_trace, named=True) if site["is_observed"]]
-    for site in sites:
-        for frame in site["cond_indep_stack"]:
-            if frame.vectorized and frame.full_size not in (None, frame.size):
-                raise ValueError(
-                    f"plate '{frame.name}' is subsampled ({frame.size} of {frame.full_size}); score "
-                    "the data without subsample_size (pass batches through a DataLoader instead)"
-                )
-    dims = sum(torch.as_tensor(site["value"]).numel() for site in sites)
-    discrete = bool(sites) and all(site["fn"].support.is_discrete for site in sites)
-    return Observed(dims // max(per_point.numel(), 1), discrete)
 
 
 def _guide_scale(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ais.Sites:
