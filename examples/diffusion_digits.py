@@ -1,4 +1,5 @@
-"""A diffusion model on scikit-learn's 8x8 digits, written as a Pyro program and scored per image.
+"""A diffusion model on scikit-learn's 8x8 digits, written as a Pyro program and scored per image
+==============================================================================================
 
 A diffusion model is a hierarchical VAE with ``T`` latent images ``x_1..x_T``:
 
@@ -333,12 +334,11 @@ def save_samples(path: str, num: int = 64) -> None:
         ax.imshow(image, cmap="gray_r", vmin=0, vmax=LEVELS - 1)
         ax.axis("off")
     fig.suptitle(f"Diffusion model samples (T={SCHEDULE.T})")
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(path, dpi=80, bbox_inches="tight")  # left open: the gallery shows it
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--T", type=int, default=32, help="diffusion steps")
     parser.add_argument("--logsnr-max", type=float, default=8.0, help="log SNR of x_1")
     parser.add_argument("--logsnr-min", type=float, default=-6.0, help="log SNR of x_T")

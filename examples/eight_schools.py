@@ -1,10 +1,12 @@
-"""Eight schools (Rubin 1981), centered and non-centered, with a mean-field guide.
+"""Eight schools (Rubin 1981), centered and non-centered, with a mean-field guide
+==============================================================================
 
 The centered model has a funnel between ``tau`` and ``theta`` that a mean-field Gaussian cannot
 follow; the non-centered one removes it. The KL-gap report tells them apart. Data ship with ArviZ.
+Run::
 
     python examples/eight_schools.py               # fit both, print both reports
-    pyro-elbo run examples/eight_schools.py                      # non-centered (``model``)
+    pyro-elbo run examples/eight_schools.py                      # non-centered (the file's model)
     pyro-elbo run examples/eight_schools.py:centered_model       # centered
 """
 
@@ -86,8 +88,10 @@ def main(steps: int = 3000, particles: int = 100_000) -> None:
             objective=pyro_elbo.ELBO(num_particles=8),
         )
         print(f"--- {name} ---")
-        print(pyro_elbo.kl_gap(m, guide, y, sigma, num_particles=particles))
+        report = pyro_elbo.kl_gap(m, guide, y, sigma, num_particles=particles)
+        print(report)
         print()
+        report.plot().axes[0].set_ylabel(f"{name}: bound on log p(x) (nats)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""A model with a discrete latent trained with VIMCO: which of three clusters made each point.
+"""A model with a discrete latent trained with VIMCO: which of three clusters made each point
+==========================================================================================
 
 The guide is amortized: a small network maps each point to its cluster probabilities. VIMCO's
 leave-one-out baselines make the score-function gradient usable; the exact posterior over each
-point's cluster is available by enumeration, so the script prints how close the guide got.
+point's cluster is available by enumeration, so the script prints how close the guide got. Run::
 
     python examples/mixture_vimco.py [steps]
     pyro-elbo run examples/mixture_vimco.py --objective vimco --particles 8 --lr 0.05
@@ -63,7 +64,9 @@ def main(steps: int = 1000) -> None:
         probs = torch.softmax(classifier(x.unsqueeze(-1)), -1)
     error = (probs - exact_posterior(x)).abs().max()
     print(f"final loss {result.history[-1]:.3f}; largest error in a cluster probability: {float(error):.3f}")
-    print(pyro_elbo.kl_gap(model, guide, x, num_particles=2000))
+    report = pyro_elbo.kl_gap(model, guide, x, num_particles=2000)
+    print(report)
+    report.plot()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A variational autoencoder on scikit-learn's 8x8 digits, trained with IWAE or DReG.
+"""A variational autoencoder on scikit-learn's 8x8 digits, trained with IWAE or DReG
+=================================================================================
 
 Every site sits in the ``data`` plate, so the importance-weighted bounds are per image (Pyro's
 own ``RenyiELBO`` would collapse them into one joint bound). Run it as a script::
@@ -95,7 +96,7 @@ def main() -> None:
     import pyro_elbo
     from pyro_elbo.evidence import log_evidence
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().split("\n")[0])
     parser.add_argument("--objective", default="dreg")
     parser.add_argument("--particles", type=int, default=16)
     parser.add_argument("--steps", type=int, default=1000)

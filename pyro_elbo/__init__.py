@@ -8,7 +8,7 @@ from pyro_elbo.evidence import Evidence, Sandwich, bdmc, log_evidence
 from pyro_elbo.loo import VariationalLooWarning as VariationalLooWarning
 from pyro_elbo.loo import loo as loo
 from pyro_elbo.objectives import CUBO, ELBO, IWAE, STL, VIMCO, DReG, Objective, RenyiELBO, make_objective
-from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load_checkpoint
+from pyro_elbo.train import FitResult, NonFiniteLossError, fit, load, load_checkpoint
 from pyro_elbo.weights import LogWeights, log_weights
 
 __version__ = "0.1.0"
@@ -31,14 +31,17 @@ __all__ = [
     "STL",
     "Sandwich",
     "VIMCO",
+    "VariationalLooWarning",
     "bdmc",
     "fit",
     "gap_decomposition",
     "gradient_snr",
     "kl_gap",
+    "load",
     "load_checkpoint",
     "log_evidence",
     "log_weights",
+    "loo",
     "make_objective",
     "to_inference_data",
 ]

@@ -19,12 +19,10 @@ The backward pass of ``(x * w).sum(-1)`` (the way Pyro models write a linear pre
 sum: the gradient of ``w`` is :math:`\\sum_i r_i x_{ij}`, i.e. :math:`r^\\top X`, a reduction over
 the rows of ``X``. Inductor's C++ backend generates it as one pass over all rows per 8-wide
 column block, each accumulating through a cascade-sum helper (its accumulator in heap memory when
-there are more than 4096 rows) and a masked tail block; a GEMM reads ``X`` once. Measured on the
-2-core AMD EPYC (AVX2, one thread, side by side in one process, load ~1.8): the compiled SVI step
-of Bayesian logistic regression (N=5000, D=20, AutoNormal) calls its graph in 98 µs instead of
-127 µs. Sums over the innermost dimension (the forward ``x @ w`` written as
-``(x * w).sum(-1)``) are left to inductor, which vectorizes along the summed dimension and fuses
-them with their neighbours; as a GEMV they measured slower.
+there are more than 4096 rows) and a masked tail block; a GEMM reads ``X`` once. Sums over the
+innermost dimension (the forward ``x @ w`` written as ``(x * w).sum(-1)``) are left to inductor,
+which vectorizes along the summed dimension and fuses them with their neighbours. Measurements
+are in ``benchmarks/README.md``.
 
 The result differs from the fused reduction only by float32 rounding: up to 8192 summed products
 the GEMM sums them in order, as inductor's cascade sum does at that length (for N=5000 the step's
@@ -42,13 +40,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_elbo._torch_internals import fake_mode_of, is_fake
+
 aten = torch.ops.aten
+
+
+def _overload(name: str, overload: str = "default") -> Any:
+    """``aten.<name>.<overload>``, or ``None`` where this torch has no such operation (the private
+    ones, ``_linalg_check_errors`` and the like, may be renamed by a release: the rewrites that
+    look for them then find nothing to rewrite)."""
+    packet = getattr(aten, name, None)
+    return None if packet is None else getattr(packet, overload, None)
+
 
 #: the fewest summed elements per output for which a contraction is rewritten: inductor sums more
 #: than 4096 through its cascade-sum helper (``need_use_acc_helper``), fewer in registers, and there
-#: its loop is as fast as the library call. Graph call, rewritten vs not (logistic regression,
-#: N x D data): 2000 x 20: 70 vs 69 µs and 1200 x 50: 76 vs 74 µs (rewritten with a lower
-#: threshold); 5000 x 20: 98 vs 127 µs; 5000 x 100: 204 vs 250 µs; 20000 x 20: 326 vs 500 µs
+#: its loop is as fast as the library call. The value follows inductor's threshold, which this
+#: package cannot read: if inductor changes it, the rewrite is only less useful, never wrong
 MIN_CONTRACTED = 4097
 #: the products a GEMM sums in order before the partial sums are added (inductor's cascade chunk)
 CHUNK = 4096
@@ -88,8 +96,8 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     ``torch.linalg.cholesky(A)`` (as ``inv``, ``solve``...) is traced as ``linalg_cholesky_ex(A)``,
     which returns the factor :math:`L` and an error code ``info`` per matrix, then a check that
     raises when ``info != 0``. The check is an operation with side effects, and inductor does not
-    cache a graph that holds one (``Can't cache HigherOrderOperator: with_effects``): the sparse GP
-    of Pyro's tutorial compiled from scratch in every process, 35 s cold and 23 s "warm". Here the
+    cache a graph that holds one (``Can't cache HigherOrderOperator: with_effects``), so a model with
+    a Cholesky (a GP) compiled from scratch in every process. Here the
     check goes, and every floating-point output of the ``_ex`` operation becomes
     :math:`\\mathrm{where}(\\text{info} = 0, L, \\text{NaN})` per matrix. A failed factorization then
     gives a non-finite loss, which the compiled step refuses or skips like any other
@@ -98,8 +106,9 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     not NaN but whatever the partial factorization left, so the check cannot simply be dropped."""
     count = 0
     order = {n: i for i, n in enumerate(graph.graph.nodes)}  # of the nodes compared below: they precede every insertion
+    check = _overload("_linalg_check_errors")
     for node in list(graph.graph.nodes):
-        if node.target is not aten._linalg_check_errors.default:
+        if check is None or node.target is not check:
             continue
         info = node.args[0]
         info_value = _value(info)
@@ -159,7 +168,11 @@ def standard_normals_as_randn(graph: torch.fx.GraphModule) -> int:
 
 
 #: operations whose second argument is a list of index tensors (boolean masks allowed)
-_INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default)
+_INDEXING = tuple(
+    op
+    for op in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, _overload("_unsafe_index_put"))
+    if op is not None
+)
 
 
 def constant_masks_as_indices(graph: torch.fx.GraphModule) -> int:
@@ -199,12 +212,12 @@ def _constant_mask(graph: torch.fx.GraphModule, index: Any) -> Tensor | None:
         return None
     source: Any = index
     to_bool = False
-    if index.target is aten._to_copy.default and index.kwargs.get("dtype") is torch.bool and len(index.args) == 1:
+    if index.target is _overload("_to_copy") and index.kwargs.get("dtype") is torch.bool and len(index.args) == 1:
         source, to_bool = index.args[0], True
     if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
         return None
     value = getattr(graph, str(source.target), None)
-    if not isinstance(value, Tensor) or isinstance(value, torch._subclasses.FakeTensor):
+    if not isinstance(value, Tensor) or is_fake(value):
         return None
     value = value.to(torch.bool) if to_bool else value
     return value if value.dtype == torch.bool else None
@@ -219,7 +232,7 @@ def _constant(graph: torch.fx.GraphModule, before: torch.fx.Node, value: Tensor)
     graph.register_buffer(name, value)
     with graph.graph.inserting_before(before):
         node = graph.graph.get_attr(name)
-    fake = torch._guards.detect_fake_mode([v for v in (_value(a) for a in before.all_input_nodes) if v is not None])
+    fake = fake_mode_of([v for v in (_value(a) for a in before.all_input_nodes) if v is not None])
     if fake is not None:
         node.meta["val"] = fake.from_tensor(value)
     return node
@@ -380,7 +393,7 @@ def _emit(g: torch.fx.Graph, target: Any, *args: Any) -> torch.fx.Node:
     """A new node ``target(*args)``, with ``meta["val"]`` computed on the inputs' fake values."""
     node = g.call_function(target, tuple(args))
     values = [_value(x) if isinstance(x, torch.fx.Node) else x for x in args]
-    fake = torch._guards.detect_fake_mode([v for v in values if isinstance(v, Tensor)])
+    fake = fake_mode_of([v for v in values if isinstance(v, Tensor)])
     if fake is not None and all(v is not None for v in values):
         with fake:
             node.meta["val"] = target(*values)

@@ -3,8 +3,9 @@
 Inductor's ``compile_fx`` on the graph skips Dynamo and its per-call guards (the graph was traced
 once by :func:`~pyro_elbo._pyro.capture.trace_step`); on CUDA it runs the graph as CUDA graphs
 (inductor's cudagraph trees, what ``mode="reduce-overhead"`` turns on): one launch per step
-instead of one per kernel. ``compile_fx`` is a private API, so any failure there falls back to
-the public ``torch.compile``.
+instead of one per kernel. ``compile_fx`` is a private API (reached through
+:mod:`pyro_elbo._torch_internals`), so any failure there falls back to the public
+``torch.compile``, with one warning that says the on-disk caches are lost.
 
 Persistent caches. Inductor keeps two caches on disk (``TORCHINDUCTOR_CACHE_DIR``, by default
 ``/tmp/torchinductor_$USER``): the FX graph cache (generated code and the compiled C++/Triton
@@ -15,14 +16,14 @@ compiled kernels (seconds instead of tens of seconds); a different model, hyperp
 constant traces to a different graph and compiles afresh, so a cache hit can never run another
 model's graph. Both caches look up guards in the shape environment of the current tracing context;
 ``compile_fx`` called outside Dynamo has none and bypasses them ("No shape env"), so
-:func:`compile_graph` provides one (static shapes: no guards).
+:func:`compile_graph` provides one (static shapes: no guards). Measurements behind the options
+below are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,31 +34,34 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._compile_progress import phase
+from pyro_elbo._torch_internals import cache_counters, compile_fx, import_compile_fx, shape_env_context, start_cpu_check
+
+__all__ = [
+    "CPU_PATCHES",
+    "SCALAR_CODE_MAX_ELEMENTS",
+    "CompileStats",
+    "compile_graph",
+    "cpu_patches",
+    "prepare_compile_fx",
+    "start_cpu_check",
+    "warn_fallback_to_torch_compile",
+]
 
 #: inductor options for a captured training step on the CPU. ``cpp_wrapper``: the graph's wrapper
 #: is C++ in the same file as its kernels, so the whole step is one C++ translation unit compiled
-#: once (with the Python wrapper, sparse gamma DEF compiled 16 shared libraries, each parsing the same
-#: headers), and a call runs no Python between kernels. Measured side by side on the 2-core
-#: machine (baseball logit, load ~3.5): cold compile 21 s instead of 29 s, a second process 5.4 s
-#: instead of 6.1 s, 63 µs per step instead of 115 µs. ``compile_threads=1``: with one file a pool
-#: of compile workers has nothing to share out, and starting it (each worker imports torch) costs
-#: seconds. ``size_asserts=False``: the C++ wrapper checks every input's sizes and strides on each
-#: call (``assert_size_stride``, a ``std::stringstream`` built per input even when the check
-#: passes); off, eight schools' graph call took 28 µs instead of 37 µs (logistic regression 123 vs
-#: 127 µs), side by side. Safe because :class:`~pyro_elbo.compiled.CompiledLoss` keys its graphs
-#: by every input's shape and strides, so an input of another layout gets a graph of its own.
+#: once, and a call runs no Python between kernels (shorter cold compiles and faster steps).
+#: ``compile_threads=1``: with one file a pool of compile workers has nothing to share out, and
+#: starting it (each worker imports torch) costs seconds. ``size_asserts=False``: the C++ wrapper
+#: would check every input's sizes and strides on each call; safe to drop because
+#: :class:`~pyro_elbo.compiled.CompiledLoss` keys its graphs by every input's shape and strides,
+#: so an input of another layout gets a graph of its own.
 CPU_PATCHES: dict[str, Any] = {"compile_threads": 1, "cpp_wrapper": True, "size_asserts": False}
 
 #: a CPU graph whose largest tensor holds at most this many elements is generated as scalar C++
 #: (inductor's ``cpp.simdlen = 1``; see :func:`cpu_patches`). Inductor writes each kernel twice
 #: when it vectorizes (a vector loop and a scalar tail) and the vector code is slow to compile; on
-#: short loops the vector loop barely runs. Measured on the 2-core AMD EPYC (AVX2, one thread,
-#: 2026-11-27; step time alternated between the two builds in one process, 7 rounds, fastest
-#: round): sparse GP (largest tensor 180 elements) cold compile 12 s instead of 38 s, step 228 vs
-#: 228 µs; LDA amortized (480) 3.8 vs 7.0 s, 306 vs 315 µs; eight schools (20), baseball (40),
-#: the Gaussian mixture (40) and HMM (192) enumerated: compile 10-45% shorter, steps as fast or
-#: faster. Above it vectors pay: AutoIAFNormal (1,032) 147 vs 116 µs, sparse gamma DEF (2,048) 637
-#: vs 546 µs, the VAE (8,192) and BNAF (16,680) ~2.4x slower scalar.
+#: short loops the vector loop barely runs, so scalar code compiles faster and runs as fast. Above
+#: the threshold vectors pay.
 SCALAR_CODE_MAX_ELEMENTS = 512
 
 
@@ -91,7 +95,9 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
 
     With ``backend="inductor"`` a second process that traces the same graph (same model, constants
     and input signature) loads the compiled kernels from inductor's on-disk caches instead of
-    generating and compiling C++ again; see the module docstring for what the cache key covers."""
+    generating and compiling C++ again; see the module docstring for what the cache key covers.
+    Any exception on that path (a private API) compiles the graph with ``torch.compile`` instead,
+    with one ``RuntimeWarning`` naming the error and what is lost."""
     global last_stats
     last_stats = CompileStats()
     if backend == "eager":
@@ -103,27 +109,45 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
         try:
             with phase("inductor") as shown:
                 cpu = all(t.device.type == "cpu" for t in inputs)
-                with warnings.catch_warnings():  # torch's own modules use APIs torch deprecated: not actionable
-                    warnings.filterwarnings(
-                        "ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning
-                    )
-                    if cpu:
-                        start_cpu_check()
-                    from torch._inductor.compile_fx import compile_fx
-
+                if cpu:
+                    start_cpu_check()
                 patches: dict[str, Any] = (
                     {"triton.cudagraphs": True} if cuda else cpu_patches(graph, inputs) if cpu else {}
                 )
-                with _cache_counters() as counts, _shape_env_context(), _quiet_fallback_notes():
-                    compiled: Callable[..., Any] = compile_fx(graph, inputs, config_patches=patches)  # type: ignore[assignment]
+                prepare_compile_fx()
+                with cache_counters() as counts, shape_env_context(), _quiet_fallback_notes():
+                    compiled = compile_fx(graph, inputs, patches)
                 last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
                 shown.note = f"cache {last_stats.cache}" if last_stats.cache else ""
             return compiled, cuda
         except Exception as error:  # a private API: fall back to the public entry point
             failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            warn_fallback_to_torch_compile(failure)
     compiled = torch.compile(graph, backend=backend, dynamic=False)
     last_stats = CompileStats(time.perf_counter() - start, fallback=failure)
     return compiled, False
+
+
+def warn_fallback_to_torch_compile(failure: str) -> None:
+    """The one warning for a graph that inductor's direct compile refused (``failure``)."""
+    warnings.warn(
+        f"compile=True: inductor's direct compile failed ({failure}); the step is compiled by "
+        "torch.compile instead, without inductor's on-disk caches (every process compiles it again)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def prepare_compile_fx() -> None:
+    """Import what :func:`compile_graph` runs, with the deprecation warnings torch's own modules
+    raise on import silenced (APIs torch itself deprecated: nothing a user can act on). Imports
+    happen once. Any failure is left for the compile to meet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
+        try:
+            import_compile_fx()
+        except Exception:  # compile_graph meets it again and falls back
+            pass
 
 
 def cpu_patches(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> dict[str, Any]:
@@ -155,65 +179,6 @@ def largest_tensor(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> int:
     return largest
 
 
-#: the thread running :func:`start_cpu_check` (once per process)
-_cpu_check: threading.Thread | None = None
-
-
-def start_cpu_check() -> None:
-    """Start inductor's check of the CPU's vector instructions in a background thread (once per
-    process; a no-op after the first call).
-
-    Before it generates C++ for the CPU, inductor picks the widest vector ISA (AVX-512, AVX2...)
-    that the compiler builds and the machine loads: it compiles a small probe into its cache folder
-    (seconds with a fresh cache) and loads it in a child Python (~0.5 s, in every process). That
-    check waits on subprocesses, not on the interpreter, so it runs beside the trace and inductor's
-    own Python work instead of before the code generation. It is inductor's own function, cached for
-    the process: the graph compiles with the ISA it finds, as it would without the thread.
-
-    Thread safety: every module the check imports is imported here, in the calling thread, before
-    the thread starts (imports of one package racing in two threads can meet half-initialised
-    modules); what the thread then does is run subprocesses and fill ``functools.cache`` entries.
-    If the compile needs the ISA before the thread has finished, inductor runs the check again
-    itself (a duplicate, waiting on inductor's file lock; the answer is the same). An error in the
-    thread is dropped: inductor's own call then meets it and falls back as it always would."""
-    global _cpu_check
-    if _cpu_check is not None:
-        return
-    import torch._inductor.codecache  # noqa: F401  (the check's compile: codecache, cpp_builder, file lock)
-    import torch.utils.cpp_extension  # noqa: F401  (the check's include paths; imports setuptools)
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    def check() -> None:
-        try:
-            pick_vec_isa()
-        except Exception:  # inductor's own call meets it again, in the compiling thread
-            pass
-
-    _cpu_check = threading.Thread(target=check, name="pyro_elbo inductor CPU check", daemon=True)
-    _cpu_check.start()
-    # the hash of torch's sources in every cache key (~0.3 s of file reads and sha256 per process):
-    # inductor's own background computation for it (thread-safe: a lock, then a future)
-    prefetch = getattr(torch._inductor.codecache.torch_key, "prefetch", None)
-    if prefetch is not None:
-        prefetch()
-
-
-@contextlib.contextmanager
-def _shape_env_context() -> Iterator[None]:
-    """A tracing context whose fake mode has a shape environment, so that inductor's FX graph
-    cache and AOTAutograd's cache are used (without one both bypass). The graph has static shapes:
-    the environment records no guards, and every cache entry is one exact input signature."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    if torch._guards.TracingContext.try_get() is not None:  # inside someone's compile: theirs
-        yield
-        return
-    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
-    with torch._guards.tracing(torch._guards.TracingContext(mode)):
-        yield
-
-
 class _DropFallbackNotes(logging.Filter):
     """Inductor logs a warning for each random operation without a C++ shim (``_standard_gamma``,
     ``_sample_dirichlet`` and their gradients: gamma, beta, Dirichlet sites) and runs it through
@@ -231,32 +196,6 @@ def _quiet_fallback_notes() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(note_filter)
-
-
-_COUNTERS = (
-    ("inductor", "fxgraph_cache_hit"),
-    ("inductor", "fxgraph_cache_miss"),
-    ("inductor", "fxgraph_cache_bypass"),
-    ("aot_autograd", "autograd_cache_hit"),
-    ("aot_autograd", "autograd_cache_miss"),
-    ("aot_autograd", "autograd_cache_bypass"),
-)
-
-
-@contextlib.contextmanager
-def _cache_counters() -> Iterator[dict[str, int]]:
-    """The change of inductor's cache counters during the block (filled in on exit)."""
-    from torch._dynamo.utils import counters
-
-    before = {name: counters[group][name] for group, name in _COUNTERS}
-    changes: dict[str, int] = {}
-    try:
-        yield changes
-    finally:
-        for group, name in _COUNTERS:
-            change = counters[group][name] - before[name]
-            if change:
-                changes[name] = change
 
 
 def _cache_outcome(counts: dict[str, int]) -> str:

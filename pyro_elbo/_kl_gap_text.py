@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from pyro_elbo.kl_gap import GOOD_KL, MIN_ESS, SMALL_KL
+import torch
+
+from pyro_elbo.kl_gap import EXACT_ESS_SHARE, GOOD_KL, MIN_ESS, SMALL_KL
+from pyro_elbo.kl_gap import Z as Z_TEXT
 
 if TYPE_CHECKING:
     from pyro_elbo.kl_gap import KLGapReport, SimulatedGap
@@ -53,15 +56,17 @@ def report_text(report: KLGapReport) -> str:
     lines.append(f"  {'CUBO_2':<12}{report.cubo.value:>14.4f}{report.cubo.se:>13.4f}")
     lines.append("")
     lines.append(f"  log p(x)    {_interval(*report.log_evidence_interval)}")
-    if report.resolvable:
+    if report.resolvable or not report.consistent:
         lines.append(f"  KL(q || p)  {_interval(*report.kl_interval)}")
     else:
         lines.append(f"  KL(q || p)  not resolvable: below the {report.noise_floor:.2g} nat rounding noise floor")
     lines.append(f"              {MEANING}")
     lines.append(f"  noise floor {report.noise_floor:.3g} nats ({report.floor_source})")
-    lines.append(f"  PSIS k-hat  {report.khat:.3f}")
-    lines.append(f"  ESS         {report.ess:.1f} of {report.num_particles}")
+    worst = " (worst data point)" if report.per_point is not None else ""
+    lines.append(f"  PSIS k-hat  {report.khat:.3f}{worst}")
+    lines.append(f"  ESS         {report.ess:.1f} of {report.num_particles}{worst}")
     lines.append(f"  verdict     {report.verdict}")
+    lines.extend(per_point_text(report))
     if report.khat_per_site:
         lines.append("  k-hat per site (its share of log w):")
         ranked = sorted(report.khat_per_site.items(), key=_site_rank)
@@ -139,9 +144,14 @@ def report_plot(report: KLGapReport, ax: Any = None) -> Any:
         matplotlib.use(matplotlib.get_backend())
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        if report.per_point is not None:
+            fig, (ax, point_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        else:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            point_ax = None
     else:
         fig = ax.figure
+        point_ax = ax.inset_axes((0.08, 0.55, 0.35, 0.35)) if report.per_point is not None else None
     ks = sorted(report.iwae)
     values = [report.iwae[k].value for k in ks]
     errors = [2 * report.iwae[k].se for k in ks]
@@ -159,8 +169,62 @@ def report_plot(report: KLGapReport, ax: Any = None) -> Any:
     kl_lo, kl_hi = report.kl_interval
     ax.set_title(f"KL(q‖p) ∈ [{kl_lo:.3g}, {kl_hi:.3g}],  k̂ = {report.khat:.2f}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    if point_ax is not None and report.per_point is not None:
+        khat = report.per_point.khat.clamp(-1.0, 2.0)
+        point_ax.scatter(range(len(khat)), khat.tolist(), s=6, color="C0")
+        for level, color in ((0.5, "C1"), (0.7, "C3")):
+            point_ax.axhline(level, color=color, ls="--", lw=1)
+        point_ax.set_xlabel("data point", fontsize=8)
+        point_ax.set_ylabel("k-hat (clipped to [-1, 2])", fontsize=8)
+        point_ax.set_title("per-point PSIS k-hat", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _per_point_verdict(report: KLGapReport, untrusted: str) -> tuple[str, list[str]] | None:
+    """The verdict of a per-point report where only some points are unreliable: it names how
+    many and which, and brackets the KL over the others (None: all or none are unreliable)."""
+    points = report.per_point
+    if points is None:
+        return None
+    bad = points.unreliable
+    m, n = int(bad.sum()), points.num_points
+    if m == 0 or m == n:
+        return None
+    i = points.worst(1)[0]
+    good = ~bad
+    lo, hi = float(points.kl_lower[good].sum()), float(points.kl_upper[good].sum())
+    verdict = (
+        f"BAD for {m} of {n} data points (k-hat >= 0.7 or ESS < {MIN_ESS:g}; the worst, #{i}: k-hat "
+        f"{float(points.khat[i]):.2f}, ESS {float(points.ess[i]):.1f}); the other {n - m} are reliable"
+    )
+    return verdict, [
+        f"{m} of {n} data points have unreliable importance weights: for the total, {untrusted}. Over the "
+        f"other {n - m} points, IWAE_{report.num_particles} - ELBO = {lo:.4g} and CUBO_2 - ELBO = {hi:.4g} nats "
+        "(estimates, summed): rerun the worst points alone with more particles to bracket them"
+    ]
+
+
+def per_point_text(report: KLGapReport) -> list[str]:
+    """The distribution of the per-point k-hat, ESS and bracket, and the worst points."""
+    points = report.per_point
+    if points is None:
+        return []
+    n, bad = points.num_points, points.unreliable
+    share = float((points.khat > 0.7).double().mean())
+    worst = ", ".join(
+        f"#{i} (k-hat {float(points.khat[i]):.2f}, ESS {float(points.ess[i]):.1f})" for i in points.worst(3)
+    )
+    return [
+        f"  per data point ({n}; the k-hat and ESS above are the worst point's):",
+        f"    k-hat       median {points.quantile(points.khat, 0.5):.3f}, 90th pct "
+        f"{points.quantile(points.khat, 0.9):.3f}; > 0.7 at {100 * share:.1f}% of points",
+        f"    ESS         median {points.quantile(points.ess, 0.5):.1f}, 10th pct {points.quantile(points.ess, 0.1):.1f}"
+        f" of {report.num_particles}; unreliable (k-hat >= 0.7 or ESS < {MIN_ESS:g}) at {int(bad.sum())} of {n}",
+        f"    KL bracket  median [{points.quantile(points.kl_lower, 0.5):.4g}, "
+        f"{points.quantile(points.kl_upper, 0.5):.4g}] nats per point",
+        f"    worst       {worst}",
+    ]
 
 
 def assess(report: KLGapReport) -> tuple[str, list[str]]:
@@ -187,6 +251,9 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
         if hi <= GOOD_KL:
             return f"good: KL(q || p) <= {hi:.3g} nats and the importance weights are well behaved", []
         return f"the bracket is reliable: q is {lo:.3g} to {hi:.3g} nats from the posterior", []
+    split = _per_point_verdict(report, untrusted)
+    if split is not None:
+        return split
     weak = f"k-hat {report.khat:.2f}" + (
         f", ESS {report.ess:.1f} of {report.num_particles}" if report.ess < MIN_ESS else ""
     )
@@ -201,3 +268,112 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
         f"{weak}: a few particles carry the importance weight, so q is too far from the posterior for "
         f"importance sampling (KL >= {lo:.3g} nats, possibly much more): {untrusted}"
     ]
+
+
+#: standard errors a bound may stray past another before the two contradict each other
+#: (one-sided false-alarm rate 3e-5 per comparison for Gaussian errors)
+CONTRADICTION_Z = 4.0
+
+#: verdicts that claim something (a small KL, or trustworthy importance sampling)
+CLAIMS = ("exact", "good", "ok", "the bracket is reliable")
+
+
+def contradictions(report: KLGapReport) -> list[str]:
+    """Where the verdict disagrees with the report's own numbers, each naming both.
+
+    Checked: ESS and k̂ against a verdict that trusts importance sampling; an "exact" verdict
+    against the share of effective particles (the noise floor alone never decides it); the
+    ladder ``ELBO <= IWAE_K <= CUBO_2`` within ``CONTRADICTION_Z`` standard errors and the noise
+    floor (ELBO above an IWAE bound contradicts every verdict; CUBO below IWAE a trusted bracket);
+    and the lower end of the bracket against the KL a "good" or "exact" verdict claims."""
+    verdict, found = report.verdict, []
+    claim = verdict.split(":")[0]
+    claims = verdict.startswith(CLAIMS)
+    floor, n = report.noise_floor, report.num_particles
+    if claims and report.replay_error > 0:
+        found.append(f"the verdict '{claim}' against {randomness_text(report)}")
+    for edge in report.support_edges if claims else ():
+        found.append(f"the verdict '{claim}' against {edge}")
+    if claims and report.precision_losses and report.dtype != torch.float64:
+        found.append(f"the verdict '{claim}' against {precision_text(report, rerun=False)}")
+    if claims and report.ess < MIN_ESS:
+        found.append(f"the verdict '{claim}' against ESS {report.ess:.1f} of {n}: a few particles carry the weight")
+    if claims and report.khat > 0.7:
+        found.append(f"the verdict '{claim}' against k-hat {report.khat:.2f} > 0.7: heavy-tailed importance weights")
+    if verdict.startswith("exact") and not report.ess >= EXACT_ESS_SHARE * n:
+        found.append(
+            f"'exact to rounding' (noise floor {floor:.3g} nats) against ESS {report.ess:.1f} of {n}: the weights "
+            f"vary beyond rounding (log w sd {report.log_w_sd:.3g} nats), so the floor cannot decide the verdict"
+        )
+    elbo = report.elbo
+    for k, est in sorted(report.iwae.items()):
+        diff = elbo - est
+        if k > 1 and diff.value > CONTRADICTION_Z * diff.se + floor:
+            found.append(
+                f"ELBO {elbo.value:.4f} above IWAE_{k} {est.value:.4f} by {diff.value:.3g} nats "
+                f"({diff.value / max(diff.se, 1e-300):.1f} standard errors): a lower bound cannot exceed a tighter one"
+            )
+            break
+    top = report.iwae[max(report.iwae)]
+    excess = top - report.cubo
+    trusted = verdict.startswith(("exact", "good", "the bracket is reliable"))
+    if trusted and excess.value > CONTRADICTION_Z * excess.se + floor:
+        found.append(
+            f"the verdict '{claim}' against CUBO_2 {report.cubo.value:.4f} below IWAE_{max(report.iwae)} "
+            f"{top.value:.4f} by {excess.value:.3g} nats: the upper bound is biased low"
+        )
+    low = report.gap_lower
+    if verdict.startswith(("exact", "good")):
+        claimed = (
+            floor if verdict.startswith("exact") else report.gap_upper.value + Z_TEXT * report.gap_upper.se + floor
+        )
+        if low.value - CONTRADICTION_Z * low.se > claimed:
+            found.append(
+                f"the verdict '{claim}' (KL <= {claimed:.3g} nats) against IWAE_{max(report.iwae)} - ELBO = "
+                f"{low.value:.4g} ± {low.se:.2g} nats, a lower bound on the KL"
+            )
+    return found
+
+
+def randomness_text(report: KLGapReport) -> str:
+    """What the report found about randomness outside the sample sites, and the fix."""
+    where = (
+        "a module in training mode: " + ", ".join(report.random_modules) + "; call .eval() on it before kl_gap"
+        if report.random_modules
+        else "no module in training mode was found: look for torch.rand/randn/dropout calls outside pyro.sample"
+    )
+    return (
+        f"a program random beyond its sample sites (two evaluations at the same draws differ by up to "
+        f"{report.replay_error:.3g} nats): {where}"
+    )
+
+
+def precision_text(report: KLGapReport, rerun: bool) -> str:
+    """The sites whose working-dtype log-densities are wrong, and what was done about it."""
+    dtype = str(report.dtype).replace("torch.", "")
+    done = (
+        "so this report was evaluated in float64 (parameters, modules and data upcast)"
+        if rerun
+        else "and the program could not run in float64: run it in float64 yourself"
+    )
+    return (
+        f"in {dtype} (checked against float64 at the same draws): " + "; ".join(report.precision_losses) + f"; {done}"
+    )
+
+
+def check_consistency(report: KLGapReport) -> None:
+    """Replace a verdict its own report contradicts by one that claims nothing, with a warning
+    naming the numbers that disagree (every report passes through here before it is returned)."""
+    found = contradictions(report)
+    report.contradictions = found
+    if not found:
+        report.warnings.extend(report.support_edges)
+    if report.replay_error > 0 and not found:
+        report.warnings.insert(0, f"{randomness_text(report)}; the bounds are those of the randomized program")
+    if not found:
+        return
+    claim = report.verdict.split(":")[0]
+    report.verdict = f"inconsistent: '{claim}' is contradicted by the report's own numbers (see the warnings)"
+    report.warnings = [
+        f"contradiction: {message}; this report claims nothing about the KL beyond its lower end" for message in found
+    ] + [w for w in report.warnings if "below the floating-point noise floor" not in w]

@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)"
     )
-    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="continue from OUT/checkpoint.pt if it exists (--no-resume, the default: start a new run, overwriting it)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     return parser
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return run(args)
+        return _run_with_resume_refusals_as_usage_errors(args)
     except UsageError as error:
         _report_error(error, args.traceback, hint=False)
         return 2
@@ -264,6 +269,31 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+#: the phrases of ``fit``'s refusals to resume a checkpoint (other settings, another program, another world size)
+REFUSED_RESUME = ("resume=True refuses", "belongs to a different model/guide", "resume with the same world size")
+
+
+def _run_with_resume_refusals_as_usage_errors(args: argparse.Namespace) -> int:
+    """:func:`run`, with ``fit``'s refusal to resume a checkpoint reported as a usage mistake (exit
+    status 2) in the command's terms."""
+    try:
+        return run(args)
+    except ValueError as error:
+        if getattr(args, "resume", False) and any(mark in str(error) for mark in REFUSED_RESUME):
+            raise UsageError(_refused_resume_advice(str(error), Path(args.out))) from error
+        raise
+
+
+def _refused_resume_advice(message: str, out: Path) -> str:
+    """``fit``'s refusal to resume, in the command's terms: what differs, then what to pass."""
+    what = message.split(". Nothing was loaded")[0].replace("resume=True", "--resume")
+    return (
+        f"{what}. Nothing was loaded or overwritten. To continue that run, pass the settings it was "
+        f"started with (--lr, --objective, --particles, the same model file); to start a new run, pass "
+        f"--no-resume (which overwrites {out}/checkpoint.pt) or another --out."
+    )
 
 
 def _after_fit(

@@ -5,8 +5,8 @@ distribution objects. :class:`CompiledLoss` runs the whole computation once unde
 ``make_fx(tracing_mode="fake")`` with every parameter answered by a function input
 (:func:`~pyro_elbo.weights.substituted_params`), which records only the tensor operations of
 particles, guide, model, objective and ``autograd.grad``. The graph is then compiled by inductor
-(``torch._inductor.compile_fx.compile_fx``, a private API that skips Dynamo's per-call guards;
-``torch.compile`` is the fallback). Random operations stay operations, so every call draws fresh
+(:func:`~pyro_elbo._inductor.compile_graph`: inductor's ``compile_fx``, a private API that skips
+Dynamo's per-call guards, with ``torch.compile`` as the fallback). Random operations stay operations, so every call draws fresh
 randomness. One graph is kept per input signature (shapes, dtypes, devices, non-tensor args).
 
 With a plain Adam optimizer the update runs inside the graph too. :meth:`CompiledLoss.flat_adam`
@@ -30,7 +30,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import pyro
 import torch
@@ -53,11 +53,55 @@ from pyro_elbo._pyro.capture import (
     slots_replaced,
     trace_step,
 )
+from pyro_elbo._pyro.capture_failures import describe_failure
 from pyro_elbo._pyro.params import loss_and_params, substituted_params
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
 Signature = tuple[Any, ...]
+
+
+class AdamScalars(NamedTuple):
+    """An optimizer's ``lr, betas, eps`` as 0-d tensors: inputs of the in-graph Adam update (a
+    scheduler's change is a new input, not a new graph)."""
+
+    lr: Tensor
+    beta1: Tensor
+    beta2: Tensor
+    eps: Tensor
+
+
+class AdamMoments(NamedTuple):
+    """``torch.optim.Adam``'s state of each parameter, as the per-parameter in-graph update reads it."""
+
+    exp_avg: list[Tensor]
+    exp_avg_sq: list[Tensor]
+    #: the step count (float32, as Adam keeps it; one for all parameters)
+    step: Tensor
+
+
+class AdamBuffers(NamedTuple):
+    """The flat compiled step's state (:mod:`pyro_elbo.train.flat`): the parameters :math:`\\theta`
+    in one vector, the Adam moments :math:`m, v` laid out alike, one step count per parameter and
+    the non-finite ledger of :func:`guarded_step`."""
+
+    params: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    steps: Tensor
+    ledger: Tensor
+
+
+class Ledger(NamedTuple):
+    """The entries of :func:`guarded_step`'s ledger, in the order the ledger vector holds them."""
+
+    limit: Tensor
+    consecutive: Tensor
+    skipped: Tensor
+    calls: Tensor
+    halted_at: Tensor
+
+
 #: ``(name, shape)`` of each parameter, in the order they are laid out in a flat vector
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -88,7 +132,7 @@ class CompiledLoss:
         self.adam = adam
         #: ``((lr, beta1, beta2, eps), dtype, device)`` and those values as tensors, kept between
         #: steps so the in-graph Adam update gets new scalar tensors only when they change
-        self.adam_scalars: tuple[Any, list[Tensor]] | None = None
+        self.adam_scalars: tuple[Any, AdamScalars] | None = None
         self.objective = objective
         self.model = model
         self.guide = guide
@@ -99,6 +143,7 @@ class CompiledLoss:
         #: signatures whose graph runs as CUDA graphs (inductor's cudagraph trees, CUDA only)
         self.cudagraphs: set[Signature] = set()
         self._captured_cudagraphs = False  # the graph _capture just returned runs as CUDA graphs
+        self._in_eager_run = False  # _capture is running the step eagerly (its errors are the program's)
         self._last: tuple[Any, Signature] | None = None
         #: the signature and graph of the last call (not for CUDA graphs, whose outputs are copied)
         self._hot: tuple[Signature, Callable[..., Any]] | None = None
@@ -108,15 +153,19 @@ class CompiledLoss:
         params: dict[str, Tensor],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        adam_inputs: list[Tensor] | None = None,
+        adam: tuple[AdamMoments, AdamScalars] | None = None,
     ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
         """The loss, whether it and every gradient are finite, and the gradient of each parameter;
         or ``None`` if capture failed (warned once). With ``adam=True`` the last list holds the
         updated parameters, first moments, second moments and step instead of the gradients, given
-        ``adam_inputs = [*exp_avg, *exp_avg_sq, step, lr, beta1, beta2, eps]``."""
+        the optimizer's state and scalars in ``adam``."""
         if self.failed is not None:
             return None
-        tensors = [a for a in args if isinstance(a, Tensor)] + list(adam_inputs or [])
+        adam_inputs: list[Tensor] = []
+        if adam is not None:
+            moments, scalars = adam
+            adam_inputs = [*moments.exp_avg, *moments.exp_avg_sq, moments.step, *scalars]
+        tensors = [a for a in args if isinstance(a, Tensor)] + adam_inputs
         # the same parameter and argument objects, of the same layout, as last call: same graph
         quick_key = (_arg_keys(tuple(params.values())), _arg_keys(args), tuple(kwargs.items()))
         if self._last is not None and self._last[0] == quick_key:
@@ -125,28 +174,28 @@ class CompiledLoss:
             signature = _signature(params, args, kwargs)
             self._last = (quick_key, signature)
         detached = [p.detach() for p in params.values()]
-        inputs = [*detached, *list(adam_inputs or [])]
+        inputs = [*detached, *adam_inputs]
         return self._run(signature, lambda: self._capture(params, None, args, kwargs, inputs), [*detached, *tensors])
 
     def flat_adam(
         self,
         params: dict[str, Tensor],
         layout: Layout,
-        flat: list[Tensor],
+        buffers: AdamBuffers,
+        scalars: AdamScalars,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
         """Loss, gradient and Adam update of all parameters held in one flat vector.
 
-        ``flat = [params, exp_avg, exp_avg_sq, steps, ledger, lr, beta1, beta2, eps]``: the
-        parameters :math:`\\theta` concatenated in ``layout`` order (``(name, shape)`` per parameter;
-        ``params`` are the parameter tensors themselves, views of ``flat[0]``), the Adam moments
-        :math:`m, v` laid out alike, one step count per parameter, and the non-finite ledger of
-        :func:`guarded_step`. Returns the loss, ``applied`` (the step was finite and the ledger had
+        ``buffers``: the parameters :math:`\\theta` concatenated in ``layout`` order (``(name,
+        shape)`` per parameter; ``params`` are the parameter tensors themselves, views of
+        ``buffers.params``), the Adam moments :math:`m, v` laid out alike, one step count per
+        parameter, and the non-finite ledger of :func:`guarded_step`. Returns the loss, ``applied`` (the step was finite and the ledger had
         not halted) and the step's :math:`(\\theta', m', v', t')` (:func:`flat_adam_update`) under
         :math:`x' = \\mathrm{where}(\\text{applied}, x_{\\text{new}}, x)`, then the new ledger, so
         a refused step changes nothing and the host reads no flag to keep it from writing. On CPU
-        the graph writes them into ``flat``'s five buffers itself and the list is empty (no output
+        the graph writes them into the five buffers itself and the list is empty (no output
         buffers, no copy); on CUDA, where a graph that writes its inputs does not run as CUDA
         graphs, it returns them for the caller to copy. ``None``: capture failed (warned).
         """
@@ -154,18 +203,22 @@ class CompiledLoss:
             return None
         tensors = [a for a in args if isinstance(a, Tensor)]
         # the layout itself, not its id: a freed layout's id may be reused by another one
-        first = flat[0]
+        first = buffers.params
         quick_key = (id(first), first.dtype, first.device, layout, _arg_keys(args), tuple(kwargs.items()))
         if self._last is not None and self._last[0] == quick_key:
             signature = self._last[1]
         else:
             signature = ("flat", _signature(params, args, kwargs))
             self._last = (quick_key, signature)
-        inputs = [flat[0], *tensors, *flat[1:]]
-        return self._run(signature, lambda: self._capture(params, layout, args, kwargs, flat), inputs)
+        state = [*buffers, *scalars]
+        inputs = [buffers.params, *tensors, *buffers[1:], *scalars]
+        return self._run(signature, lambda: self._capture(params, layout, args, kwargs, state), inputs)
 
     def _run(
-        self, signature: Signature, capture: Callable[[], Callable[..., Any]], inputs: list[Tensor]
+        self,
+        signature: Signature,
+        capture: Callable[[], Callable[..., Any]],
+        inputs: list[Tensor],
     ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
         """Call the graph of ``signature`` on ``inputs``, capturing and compiling it first if new."""
         hot = self._hot
@@ -178,11 +231,18 @@ class CompiledLoss:
         if graph is None:
             try:
                 graph = capture()
-            except CaptureError as error:
-                self.failed = str(error)
+            except Exception as error:  # CaptureError: the user's program; anything else: torch's internals
+                if self._in_eager_run:  # the model/guide itself raised, as it would on the eager path
+                    self._in_eager_run = False
+                    raise
+                self.failed = str(error) if isinstance(error, CaptureError) else _internal_failure(error)
+                cause = (
+                    "the model/guide cannot be captured as one graph"
+                    if isinstance(error, CaptureError)
+                    else "capturing or compiling the step failed inside torch"
+                )
                 warnings.warn(
-                    f"compile=True: falling back to the eager path because the model/guide cannot be "
-                    f"captured as one graph: {error}",
+                    f"compile=True: falling back to the eager path because {cause}: {self.failed}",
                     RuntimeWarning,
                     stacklevel=4,
                 )
@@ -225,10 +285,12 @@ class CompiledLoss:
         objective, model, guide = self.objective, self.model, self.guide
         if self.backend == "inductor" and all(t.device.type == "cpu" for t in state):
             start_cpu_check()  # inductor's CPU check runs in the background during the eager run and trace
+        self._in_eager_run = True
         with phase("eager run"):
             objective.plate_nesting(model, guide, args, kwargs)  # guessed eagerly, once
             with module_state_kept((model, guide)):  # the capture's own runs leave running statistics alone
                 _decide_eagerly(objective, model, guide, args, kwargs)
+        self._in_eager_run = False
         num_params = 1 if layout is not None else len(names)
         leading, adam_inputs = state[:num_params], state[num_params:]
         # on CPU the flat graph writes its inputs; CUDA graphs are not used for a graph that
@@ -252,10 +314,9 @@ class CompiledLoss:
                 (grad,) = torch.autograd.grad(loss, [flat[0]], allow_unused=True)
                 grad = torch.zeros_like(flat[0]) if grad is None else grad
                 finite = torch.isfinite(loss).all() & torch.isfinite(grad).all()
-                exp_avg, exp_avg_sq, steps, ledger, *scalars = moments
-                applied, new_ledger = guarded_step(finite, ledger)
-                new = flat_adam_update(flat[0].detach(), grad, exp_avg, exp_avg_sq, steps, *scalars)
-                old = (flat[0].detach(), exp_avg, exp_avg_sq, steps, ledger)
+                old = AdamBuffers(flat[0].detach(), *moments[:4])
+                applied, new_ledger = guarded_step(finite, old.ledger)
+                new = flat_adam_update(old.params, grad, old.exp_avg, old.exp_avg_sq, old.steps, *moments[4:])
                 kept = [*(torch.where(applied, n, o) for n, o in zip(new, old)), new_ledger]
                 if not in_place:
                     return (loss.detach(), applied, *kept)
@@ -270,21 +331,83 @@ class CompiledLoss:
             finite = all_finite(loss, grads)
             if not adam:
                 return (loss.detach(), finite, *grads)
-            return (loss.detach(), finite, *_adam_update(wanted, grads, tuple(moments)))
+            n = len(wanted)
+            adam_state = AdamMoments(list(moments[:n]), list(moments[n : 2 * n]), moments[2 * n])
+            return (loss.detach(), finite, *_adam_update(wanted, grads, adam_state, AdamScalars(*moments[2 * n + 1 :])))
 
         inputs = [args[i] for i in tensor_positions] + list(adam_inputs)
         trainable = [True] if layout is not None else [p.requires_grad for p in params.values()]
         example = [t.detach().clone().requires_grad_(g) for t, g in zip(leading, trainable)]
-        with phase("trace"), module_state_kept((model, guide)):
-            graph = trace_step(step, example + inputs)
-        check_no_baked_parameters(graph, params)
-        linalg_errors_as_nan(graph)  # (every backend: a failed factorization is a non-finite step)
-        constant_masks_as_indices(graph)
-        if self.backend != "eager":  # "eager" keeps the eager path's draws, for tests
-            standard_normals_as_randn(graph)
-            outer_contractions_as_matmul(graph)
+        skipped: set[str] = set()  # rewrites that failed: the step is traced again without them
+        while True:
+            with phase("trace"), module_state_kept((model, guide)):
+                graph = trace_step(step, example + inputs)
+            check_no_baked_parameters(graph, params)
+            failed = _rewrite(graph, self.backend, skipped)
+            if failed is None:
+                break
+            skipped.add(failed)
         compiled, self._captured_cudagraphs = compile_graph(graph, leading + inputs, self.backend)
         return compiled
+
+
+#: the graph rewrites, in order: name, function, whether the ``"eager"`` backend applies it (it
+#: keeps the eager path's draws, for tests), and what the step loses when the rewrite fails
+_REWRITES: tuple[tuple[str, Callable[[torch.fx.GraphModule], int], bool, str], ...] = (
+    (
+        "linalg_errors_as_nan",
+        linalg_errors_as_nan,
+        True,
+        "inductor does not cache a graph with torch.linalg's error checks, and a failed factorization "
+        "raises instead of being refused as a non-finite step",
+    ),
+    (
+        "constant_masks_as_indices",
+        constant_masks_as_indices,
+        True,
+        "indexing by a constant boolean mask keeps a data-dependent shape, which inductor may refuse",
+    ),
+    ("standard_normals_as_randn", standard_normals_as_randn, False, "normal draws are not generated in fused kernels"),
+    (
+        "outer_contractions_as_matmul",
+        outer_contractions_as_matmul,
+        False,
+        "contractions over long outer dimensions stay inductor reductions (slower steps)",
+    ),
+)
+
+
+def _rewrite(graph: torch.fx.GraphModule, backend: str, skipped: set[str]) -> str | None:
+    """Apply the graph rewrites (:data:`_REWRITES`) that ``backend`` uses and ``skipped`` does not
+    hold, in place. A rewrite that raises (it reads fake-tensor metadata and aten operations whose
+    form a torch release may change) is warned about once, naming what the step loses without it,
+    and its name is returned: the graph may be half rewritten, so the caller traces it again
+    without that rewrite. ``None``: every rewrite applied."""
+    for name, rewrite, always, lost in _REWRITES:
+        if name in skipped or not (always or backend != "eager"):
+            continue
+        try:
+            rewrite(graph)
+        except Exception as error:
+            warnings.warn(
+                f"compile=True: the graph rewrite {name} failed ({type(error).__name__}: {_first_line(error)}); "
+                f"the step is compiled without it: {lost}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return name
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _internal_failure(error: BaseException) -> str:
+    """A failure in torch's machinery (not a :class:`CaptureError`): the error, and the user's line
+    when a traceback in its chain reaches one."""
+    return f"{type(error).__name__}: {_first_line(error)} ({describe_failure(error)})"
 
 
 def graph_writes_inputs(device: torch.device) -> bool:
@@ -348,22 +471,19 @@ def all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:
     return torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]).all()
 
 
-def _adam_update(params: list[Tensor], grads: list[Tensor], state: tuple[Tensor, ...]) -> list[Tensor]:
+def _adam_update(params: list[Tensor], grads: list[Tensor], state: AdamMoments, scalars: AdamScalars) -> list[Tensor]:
     """torch.optim.Adam's update (no weight decay, no amsgrad) of each parameter
     (:func:`adam_moments`), as graph operations: returns the new parameters, first moments,
     second moments and step count."""
-    n = len(params)
-    exp_avg, exp_avg_sq = state[:n], state[n : 2 * n]
-    step, lr, beta1, beta2, eps = state[2 * n :]
-    step = step + 1
+    step = state.step + 1
     updates = [
-        adam_moments(p, g, m, v, step, lr, beta1, beta2, eps) for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq)
+        adam_moments(p, g, m, v, step, *scalars) for p, g, m, v in zip(params, grads, state.exp_avg, state.exp_avg_sq)
     ]
     return [*(p.detach() for p, _, _ in updates), *(m for _, m, _ in updates), *(v for _, _, v in updates), step]
 
 
 #: the entries of :func:`guarded_step`'s ledger, in order
-LEDGER_FIELDS = ("limit", "consecutive", "skipped", "calls", "halted_at")
+LEDGER_FIELDS = Ledger._fields
 
 
 def guarded_step(finite: Tensor, ledger: Tensor) -> tuple[Tensor, Tensor]:
@@ -387,7 +507,7 @@ def guarded_step(finite: Tensor, ledger: Tensor) -> tuple[Tensor, Tensor]:
     it and every later step change nothing until the host reads it (and raises); with
     :math:`\ell = ` ``max_consecutive_skips`` (``"skip"``) non-finite steps are skipped and
     :math:`\ell` of them in a row halt it. Returns :math:`(a, (\ell, c', s', n', h'))`."""
-    limit, consecutive, skipped, calls, halted_at = ledger.unbind()
+    limit, consecutive, skipped, calls, halted_at = Ledger(*ledger.unbind())
     alive = consecutive < limit
     applied = finite & alive
     refused = alive & ~finite
@@ -397,7 +517,7 @@ def guarded_step(finite: Tensor, ledger: Tensor) -> tuple[Tensor, Tensor]:
     new_calls = calls + 1
     new_halted_at = torch.where(refused & (new_consecutive >= limit), new_calls, halted_at)
     new_skipped = skipped + refused.to(skipped.dtype)
-    return applied, torch.stack([limit, new_consecutive, new_skipped, new_calls, new_halted_at])
+    return applied, torch.stack(Ledger(limit, new_consecutive, new_skipped, new_calls, new_halted_at))
 
 
 def split(flat: Tensor, layout: Layout) -> list[Tensor]:
@@ -465,8 +585,8 @@ def adam_moments(
 
 
 def adam_scalars(
-    group: dict[str, Any], cached: tuple[Any, list[Tensor]] | None, dtype: torch.dtype, device: torch.device
-) -> tuple[Any, list[Tensor]]:
+    group: dict[str, Any], cached: tuple[Any, AdamScalars] | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Any, AdamScalars]:
     """``lr, beta1, beta2, eps`` of an optimizer's param group as tensors of ``dtype`` on
     ``device``, with the key they were made for: ``cached`` itself while that key still holds, so
     a compiled step gets new scalar tensors only when a scheduler or the user changes them."""
@@ -475,7 +595,7 @@ def adam_scalars(
     key = (values, dtype, device)
     if cached is not None and cached[0] == key:
         return cached
-    return key, [torch.tensor(v, dtype=dtype, device=device) for v in values]
+    return key, AdamScalars(*(torch.tensor(v, dtype=dtype, device=device) for v in values))
 
 
 def plain_adam(opt: torch.optim.Optimizer) -> bool:
@@ -513,8 +633,8 @@ def adam_step(
     device, dtype = tensors[0].device, tensors[0].dtype
     cached = compiled.adam_scalars = adam_scalars(group, compiled.adam_scalars, dtype, device)
     step = states[0]["step"]  # float32, as torch's Adam keeps it; promoted inside the graph
-    adam_inputs = [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states] + [step, *cached[1]]
-    out = compiled(params, args, kwargs, adam_inputs)
+    moments = AdamMoments([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], step)
+    out = compiled(params, args, kwargs, (moments, cached[1]))
     if out is None:
         return None
     loss, finite, updated = out

@@ -10,7 +10,7 @@ pass it to :class:`~pyro_elbo.Objective` (no edit to the package), or give it a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,53 +77,116 @@ def _check_shape(result: Tensor, lw: LogWeights) -> Tensor:
 # estimators
 
 
-def elbo(lw: LogWeights, *, baseline: dict[str, float] | None = None) -> Tensor:
+def elbo(lw: LogWeights, *, baseline: Mapping[str, Tensor | float] | None = None) -> Tensor:
     """The evidence lower bound :math:`\\frac1S \\sum_s \\log w_s`.
 
     Reparameterized sites get the pathwise gradient. Each non-reparameterized guide site ``g``
     adds the score term :math:`(\\log r_{g,s} - b_{g,s}) \\nabla \\log q(z_{g,s})`, where
     :math:`\\log r_g` is the log-weight restricted to the site's plates (Pyro's local
-    Rao-Blackwellization: a data point's site sees its own factors and the global ones), with a
+    Rao-Blackwellization: a data point's site sees its own factors and the global ones). The
+    baseline :math:`b_g` is the site's own when it declares one (Pyro's ``infer={"baseline": ...}``,
+    as ``TraceGraph_ELBO`` reads it: ``baseline[g]``, the decaying average, plus
+    ``lw.score_baselines[g]``, the learned baseline, which is trained by adding
+    :math:`\\sum (\\log r_g - b_g)^2`, in the cost's unscaled units, to the loss); otherwise a
     leave-one-out baseline :math:`b_{g,s} = \\frac{1}{S-1}\\sum_{t \\ne s} \\log r_{g,t}` when
     ``S >= 2``, else ``baseline[g]`` (a running mean kept by :class:`~pyro_elbo.ELBO`). The direct
     gradient of :math:`-\\log q` at such a site has expectation zero and is dropped, as in Pyro.
+    A guide that enumerates sites :math:`y` (``lw.elbo_terms``) gives ``TraceEnum_ELBO``'s bound,
+    :math:`\\sum_y q(y) \\log \\frac{p(x, y, z_y)}{q(y) q(z_y \\mid y)}`, exact in :math:`y`.
 
     References:
         | Black Box Variational Inference (Ranganath et al., 2014)
         | https://arxiv.org/abs/1401.0118
+        | Neural Variational Inference and Learning in Belief Networks (Mnih & Gregor, 2014)
+        | https://arxiv.org/abs/1402.0030
     """
+    if lw.elbo_terms is not None:  # the guide enumerates: TraceEnum_ELBO's exact sum over its values
+        return _check_shape(lw.elbo_terms.mean(0), lw)
     log_w = lw.log_w
     value = log_w.mean(0)
     if lw.score_terms:
+        running = baseline or {}
         score = value.new_zeros(())
+        fit: Tensor | None = None  # squared error of the learned baselines, [S, *B]
         for name, (log_r, log_q) in lw.score_terms.items():
             cost = log_r.detach()
-            if log_w.shape[0] > 1:
-                b: Tensor | float = leave_one_out_mean(cost)
+            b: Tensor | float
+            if name in lw.score_baselines or name in lw.baseline_decay:
+                b = running.get(name, 0.0) if name in lw.baseline_decay else 0.0
+                learned = lw.score_baselines.get(name)
+                if learned is not None:
+                    b = learned + b
+                    error = ((cost - b) ** 2).sum(-1)
+                    fit = error if fit is None else fit + error
+                    b = b.detach()
+            elif log_w.shape[0] > 1:
+                b = leave_one_out_mean(cost)
             else:
-                b = (baseline or {}).get(name, 0.0)
+                b = running.get(name, 0.0)
             score = score + ((cost - b) * log_q).sum(-1)
         surrogate = value + score.mean(0)
+        if fit is not None:  # the loss gains batch_scale**2 * fit: Pyro's baseline loss
+            surrogate = surrogate - lw.batch_scale * fit.mean(0)
         if lw.log_q_nonreparam is not None:  # drop the zero-mean direct gradient of log q
             surrogate = surrogate + lw.log_q_nonreparam.mean(0) - lw.log_q_nonreparam.detach().mean(0)
         value = replace_grad(value, surrogate)
     return _check_shape(value, lw)
 
 
+def _score_surrogate(lw: LogWeights, power: float) -> Tensor:
+    """The score-function term of the bound :math:`L = \\frac1c \\log \\frac1S \\sum_s w_s^c`
+    (``c = power``) for the non-reparameterized guide sites: :math:`\\sum_s (L - L_{-s})
+    \\log q(z_s)`, gradient only, where :math:`L_{-s}` is :math:`L` with :math:`\\log w_s` replaced
+    by the mean of the other particles' (VIMCO's leave-one-out control variate). With ``S = 1``
+    there is no other particle and the signal is :math:`L = \\log w` itself (plain REINFORCE).
+
+    With the direct gradient of :math:`L` (through the reparameterized sites and through
+    :math:`\\log q` at the discrete ones) this is unbiased for :math:`\\nabla E_q[L]`
+    (Mnih & Rezende, 2016, eq. 10, for ``c = 1``; the same argument holds for every ``c != 0``).
+    """
+    scaled = power * lw.log_w.detach()
+    num = scaled.shape[0]
+    value = logmeanexp(scaled, 0) / power
+    if num == 1:
+        signal = value.unsqueeze(0)
+    else:
+        replaced = torch.logaddexp(logsumexp_leave_one_out(scaled), leave_one_out_mean(scaled)) - math.log(num)
+        signal = value.unsqueeze(0) - replaced / power
+    surrogate = (signal * lw.log_q_score).sum(0)
+    return surrogate - surrogate.detach()
+
+
 def iwae(lw: LogWeights) -> Tensor:
-    """The importance-weighted bound :math:`\\log \\frac1S \\sum_s w_s` (reparameterized gradient).
+    """The importance-weighted bound :math:`\\log \\frac1S \\sum_s w_s`.
+
+    Reparameterized sites get the pathwise gradient. Non-reparameterized guide sites (discrete
+    latents) add VIMCO's score-function term (:func:`vimco`): unbiased, but it carries no gradient
+    of :math:`\\log w` through :math:`z`, so its variance is that of a score-function estimator:
+    higher than a pathwise gradient's, the more so the wider the spread of :math:`\\log w` (the
+    leave-one-out control variate removes the part shared by all particles, not the rest), and
+    the guide's gradient signal-to-noise ratio falls like :math:`1/\\sqrt S` as particles are
+    added (Rainforth et al., 2018): more particles tighten the bound but slow the guide's training.
 
     References:
         | Importance Weighted Autoencoders (Burda et al., 2016)
         | https://arxiv.org/abs/1509.00519
+        | Variational Inference for Monte Carlo Objectives (Mnih & Rezende, 2016)
+        | https://arxiv.org/abs/1602.06725
+        | Tighter Variational Bounds are Not Necessarily Better (Rainforth et al., 2018)
+        | https://arxiv.org/abs/1802.04537
     """
-    return _check_shape(logmeanexp(lw.log_w, 0), lw)
+    value = logmeanexp(lw.log_w, 0)
+    if lw.score_sites:
+        value = value + _score_surrogate(lw, 1.0)
+    return _check_shape(value, lw)
 
 
 def renyi(lw: LogWeights, *, alpha: float) -> Tensor:
     """The variational Rényi bound :math:`\\frac{1}{1-\\alpha}\\log\\frac1S\\sum_s w_s^{1-\\alpha}`.
 
     ``alpha = 0`` is IWAE; ``alpha -> 1`` is the ELBO; ``alpha < 0`` gives upper bounds (CUBO).
+    Non-reparameterized guide sites get the leave-one-out score-function term of :func:`iwae`
+    (with its variance), applied to :math:`w^{1-\\alpha}`.
 
     References:
         | Rényi Divergence Variational Inference (Li & Turner, 2016)
@@ -131,7 +194,10 @@ def renyi(lw: LogWeights, *, alpha: float) -> Tensor:
     """
     if alpha == 1:
         raise ValueError("alpha=1 is the ELBO limit of the Rényi bound; use pyro_elbo.ELBO instead")
-    return _check_shape(logmeanexp((1.0 - alpha) * lw.log_w, 0) / (1.0 - alpha), lw)
+    value = logmeanexp((1.0 - alpha) * lw.log_w, 0) / (1.0 - alpha)
+    if lw.score_sites:
+        value = value + _score_surrogate(lw, 1.0 - alpha)
+    return _check_shape(value, lw)
 
 
 def stl(lw: LogWeights) -> Tensor:
@@ -192,7 +258,10 @@ def cubo(lw: LogWeights, *, n: float = 2.0) -> Tensor:
     """
     if n <= 1:
         raise ValueError(f"CUBO needs n > 1 to be an upper bound, got n={n}")
-    return _check_shape(logmeanexp(n * lw.log_w, 0) / n, lw)
+    value = logmeanexp(n * lw.log_w, 0) / n
+    if lw.score_sites:  # the leave-one-out score term of iwae, applied to w^n
+        value = value + _score_surrogate(lw, n)
+    return _check_shape(value, lw)
 
 
 def vimco(lw: LogWeights) -> Tensor:
@@ -200,24 +269,16 @@ def vimco(lw: LogWeights) -> Tensor:
 
     The score term of particle ``s`` is weighted by :math:`\\hat L - \\hat L_{-s}`, where
     :math:`\\hat L_{-s}` replaces :math:`\\log w_s` by the mean of the other log-weights. Needs
-    ``S >= 2``.
+    ``S >= 2``. :func:`iwae` uses the same term for its non-reparameterized sites.
 
     References:
         | Variational Inference for Monte Carlo Objectives (Mnih & Rezende, 2016)
         | https://arxiv.org/abs/1602.06725
     """
-    log_w = lw.log_w
-    num = log_w.shape[0]
-    value = logmeanexp(log_w, 0)
-    if not lw.score_sites:
-        return _check_shape(value, lw)
-    detached = log_w.detach()
-    # L_{-s}: log w_s replaced by the mean of the others
-    replaced = torch.logaddexp(logsumexp_leave_one_out(detached), leave_one_out_mean(detached))
-    value_loo = replaced - math.log(num)
-    signal = value.detach().unsqueeze(0) - value_loo
-    surrogate = value + (signal * lw.log_q_score).sum(0)
-    return _check_shape(replace_grad(value, surrogate), lw)
+    value = logmeanexp(lw.log_w, 0)
+    if lw.score_sites:
+        value = value + _score_surrogate(lw, 1.0)
+    return _check_shape(value, lw)
 
 
 # --------------------------------------------------------------------------------------------

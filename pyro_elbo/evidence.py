@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from torch import Tensor
 from pyro_elbo import ais
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.density import JointDensity, Observed, conditioned, guide_reads_data, simulate
+from pyro_elbo._pyro.inspect import sizeless_plate_problems
 from pyro_elbo._pyro.observed_plates import observed_per_point
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.weights import log_weights
@@ -170,8 +172,12 @@ def log_evidence(
     )
     batches = _batches(args, device)
     results = []
+    warned = False
     bar = _progress_bar(progress, len(args[0]) if _is_loader(args) else 1)
     for batch in batches:
+        for problem in [] if warned else sizeless_plate_problems(model, guide, batch, kwargs):
+            warnings.warn(f"log_evidence: {problem}", stacklevel=2)
+        warned = True
         if method == "iwae":
             results.append(_iwae(model, guide, batch, kwargs, **options))
         else:

@@ -32,7 +32,18 @@ from torch import Tensor
 from pyro_elbo import evidence
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.enum import MARGINAL_PREFIX
-from pyro_elbo._pyro.inspect import SiteShares, float64_rounding_error, raise_if_nonfinite_observed, site_shares
+from pyro_elbo._pyro.inspect import (
+    SiteShares,
+    as_float64,
+    float64_program,
+    outside_randomness,
+    precision_losses,
+    raise_if_nonfinite_observed,
+    rounding_check,
+    site_shares,
+    sizeless_plate_problems,
+    support_edges,
+)
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.psis import effective_sample_size, psis_khat
@@ -42,7 +53,10 @@ MIN_ESS = 20.0
 #: half the variance of log w (the KL to second order) at most this: q matches the posterior's bulk
 SMALL_KL = 0.05
 #: the upper end of the KL interval at most this (nats) for the verdict "good"
-GOOD_KL = 1.0
+GOOD_KL = 0.1
+#: an "exact" verdict needs at least this share of the particles effective: the weights are
+#: nearly equal, so KL <= log(1 + chi^2) ~ log(S / ESS) <= log 2, whatever the noise floor says
+EXACT_ESS_SHARE = 0.5
 #: particles re-evaluated in float64 to measure the rounding error of the log-weights
 ROUNDING_PARTICLES = 64
 #: the measured rounding-error range over ROUNDING_PARTICLES, times this, is the noise floor
@@ -50,6 +64,41 @@ ROUNDING_PARTICLES = 64
 ROUNDING_SAFETY = 2.0
 #: error bars of the printed intervals, in standard errors
 Z = 2.0
+
+
+@dataclass(frozen=True)
+class PerPoint:
+    """Per-data-point diagnostics of a model whose data plate encloses every latent.
+
+    Attributes:
+        khat, ess: ``[N]`` PSIS k̂ and importance ESS of each point's own log-weights.
+        kl_lower, kl_upper: ``[N]`` each point's bracket ``IWAE_S - ELBO`` and ``CUBO_2 - ELBO``
+            (estimates; the upper end is meaningful only where k̂ < 0.7 and ESS >= ``MIN_ESS``).
+    """
+
+    khat: Tensor
+    ess: Tensor
+    kl_lower: Tensor
+    kl_upper: Tensor
+
+    @property
+    def num_points(self) -> int:
+        return int(self.khat.numel())
+
+    @property
+    def unreliable(self) -> Tensor:
+        """``[N]`` whether a point's importance sampling is unreliable (k̂ >= 0.7, ESS < 20, nan)."""
+        return ~((self.khat < 0.7) & (self.ess >= MIN_ESS))
+
+    def quantile(self, values: Tensor, q: float) -> float:
+        finite = values[~torch.isnan(values)]
+        return float(torch.quantile(finite.clamp(-1e300, 1e300), q)) if finite.numel() else math.nan
+
+    def worst(self, count: int = 3) -> list[int]:
+        """Indices of the ``count`` points with the largest k̂ (nan first), then the lowest ESS."""
+        key = torch.where(torch.isnan(self.khat), torch.full_like(self.khat, math.inf), self.khat)
+        order = sorted(range(self.num_points), key=lambda i: (-float(key[i]), float(self.ess[i])))
+        return order[:count]
 
 
 @dataclass
@@ -63,6 +112,9 @@ class KLGapReport:
         kl_interval, log_evidence_interval: what the report stands behind: each bound widened
             by two standard errors and the noise floor (upper end ``inf`` when unreliable).
         khat: PSIS k̂ of the importance weights (the worst data point for per-point bounds).
+        per_point: for a data plate enclosing every latent (``num_points > 1``), each point's k̂,
+            ESS and bracket (:class:`PerPoint`); the verdict reads their distribution, and the
+            headline k̂ and ESS are the worst point's.
         khat_per_site: latent site -> k̂ of that site's share of the log-weight (its own factor
             and its children's, minus its guide density including its auxiliary guide sites).
         joint_sites: latent sites left out of ``khat_per_site``: their guide density is joint
@@ -74,6 +126,22 @@ class KLGapReport:
         resolvable: whether the upper end of the bracket exceeds the noise floor.
         reliable: k̂ < 0.7 and ESS >= ``MIN_ESS``: IWAE and CUBO and their errors can be trusted.
         verdict: one line; warnings: why parts of the report should not be trusted.
+        replay_error: the largest change of a log-weight between two evaluations at the same
+            draws in the working dtype: nonzero when the program is random beyond its sample sites
+            (``random_modules`` names the modules in training mode found, e.g. ``"Dropout at
+            encoder.drop"``); the noise floor then comes from magnitudes, and no verdict claims
+            more than the lower end of the bracket.
+        precision_losses: sites whose log-density in the working dtype (float32) underflows,
+            overflows or is off by more than 0.1 nats and 1e-3 of its size against float64 at the
+            same draws, each named with its numbers; such a report is evaluated again in float64
+            when the program runs in float64 (``dtype`` says which), else no verdict claims more
+            than the lower end of the bracket.
+        support_edges: guide sites some of whose draws sit where this dtype ends their support
+            (torch clamps them there): the bounds are biased, and no verdict claims more than
+            the lower end of the bracket.
+        contradictions: where the verdict :func:`assess` reached disagrees with the report's own
+            ESS, k̂ or ladder ``ELBO <= IWAE_K <= CUBO``; then the verdict starts with
+            "inconsistent" and claims nothing, and ``kl_interval`` has no upper end.
         simulated: with ``bdmc``, the bracket on data simulated from the model, split into q's KL
             and the estimators' looseness by a BDMC sandwich (:class:`SimulatedGap`).
     """
@@ -94,6 +162,17 @@ class KLGapReport:
     verdict: str = ""
     warnings: list[str] = field(default_factory=list)
     simulated: SimulatedGap | None = None
+    contradictions: list[str] = field(default_factory=list)
+    replay_error: float = 0.0
+    random_modules: list[str] = field(default_factory=list)
+    precision_losses: list[str] = field(default_factory=list)
+    per_point: PerPoint | None = None
+    support_edges: list[str] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        """Whether the verdict agrees with the report's own ESS, k̂ and ladder of bounds."""
+        return not self.contradictions
 
     @property
     def gap_lower(self) -> Estimate:
@@ -115,6 +194,8 @@ class KLGapReport:
     def kl_interval(self) -> tuple[float, float]:
         low, high = self.gap_lower, self.gap_upper
         lo = max(0.0, low.value - Z * low.se - self.noise_floor)
+        if not self.consistent:
+            return lo, math.inf
         if not self.resolvable:
             return 0.0, max(self.noise_floor, high.value + Z * high.se + self.noise_floor)
         return lo, high.value + Z * high.se + self.noise_floor if self.reliable else math.inf
@@ -122,7 +203,8 @@ class KLGapReport:
     @property
     def log_evidence_interval(self) -> tuple[float, float]:
         top = self.iwae[max(self.iwae)]
-        hi = self.cubo.value + Z * self.cubo.se + self.noise_floor if self.reliable else math.inf
+        trusted = self.reliable and self.consistent
+        hi = self.cubo.value + Z * self.cubo.se + self.noise_floor if trusted else math.inf
         return top.value - Z * top.se - self.noise_floor, hi
 
     def __str__(self) -> str:
@@ -162,9 +244,19 @@ def kl_gap(
     Standard errors: ELBO from the particle variance; ``IWAE_K`` (K < S) from the spread of its
     ``S // K`` independent group estimates; ``IWAE_S`` and ``CUBO_2`` by the delta method, which is
     unreliable when k̂ > 0.5 (the report warns). Per-data-point bounds are summed over points.
-    The noise floor is measured: ``64`` particles are re-evaluated in float64 (parameters, data and
-    draws upcast) and twice the range of their rounding errors is the floor. A program that cannot
-    run in float64 gets a floor from the magnitudes of its site log-densities instead.
+    The noise floor is measured: ``64`` particles are evaluated twice at the same draws in the
+    working dtype (a difference means randomness outside the sample sites, e.g. a module in
+    training mode, named in the report; the floor then comes from magnitudes), then re-evaluated
+    in float64 (parameters, data and draws upcast) and twice the range of their rounding errors is
+    the floor. A site whose float32 log-density underflows, overflows or loses more than 0.1 nats
+    against float64, or whose draws sit where float32 ends its support, is named, and the whole
+    report is evaluated again in float64. A program that cannot run in float64 gets a floor from
+    the magnitudes of its site log-densities instead. The floor never decides a verdict alone:
+    every report is checked against its own ESS, k̂ and ladder before it is returned.
+
+    For a data plate enclosing every latent (sized, or size-less with its size read off its
+    sites), ``report.per_point`` holds each point's k̂, ESS and bracket; the verdict reads their
+    distribution and the headline k̂ and ESS are the worst point's.
 
     Args:
         model, guide, *args, **kwargs: as for :func:`~pyro_elbo.log_weights`.
@@ -207,38 +299,17 @@ def kl_gap(
     bdmc_options = _bdmc_options(bdmc, model, guide, args, kwargs)
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
-    shares = site_shares(model, guide, args, kwargs) if per_site else None
-    run = _Run(model, guide, args, kwargs, max_plate_nesting, vectorize_particles, shares)
-    log_w, share_w, dtype = run.draw(num_particles, chunk_size, max_seconds)
     ladder = _ladder(num_particles) if ladder is None else tuple(sorted(set(ladder)))
     if any(k < 1 or k > num_particles for k in ladder):
         raise ValueError(f"ladder values must be in [1, {num_particles}], got {ladder}")
-    floor, source = run.noise_floor(min(num_particles, ROUNDING_PARTICLES), dtype)
-    elbo = _elbo_estimate(log_w)
-    iwae = {1: elbo} | {k: _iwae_estimate(log_w, k) for k in ladder if k > 1}
-    spread = log_w.max(0).values - log_w.min(0).values
-    constant = bool((spread <= floor).all())
-    khat = -math.inf if constant else max((psis_khat(log_w[:, b]) for b in range(log_w.shape[1])), key=_rank)
-    report = KLGapReport(
-        num_particles=num_particles,
-        elbo=elbo,
-        iwae=iwae,
-        cubo=_power_mean_estimate(log_w, 2.0),
-        khat=khat,
-        khat_per_site={
-            site: max((psis_khat(s[:, b]) for b in range(s.shape[1])), key=_rank) for site, s in share_w.items()
-        },
-        ess=min(effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1])),
-        noise_floor=floor,
-        dtype=dtype,
-        num_points=log_w.shape[1],
-        log_w_sd=float(log_w.sum(1).std()),
-        floor_source=source,
-        joint_sites=dict(shares.joint) if shares is not None else {},
-    )
-    from pyro_elbo._kl_gap_text import assess
-
-    report.verdict, report.warnings = assess(report)
+    options: dict[str, Any] = dict(
+        num_particles=num_particles, chunk_size=chunk_size, ladder=ladder, max_plate_nesting=max_plate_nesting,
+        vectorize_particles=vectorize_particles, per_site=per_site, max_seconds=max_seconds,
+    )  # fmt: skip
+    report = _report(model, guide, args, kwargs, **options)
+    report.warnings.extend(sizeless_plate_problems(model, guide, args, kwargs))
+    if report.precision_losses and report.dtype != torch.float64:
+        report = _in_float64(report, model, guide, args, kwargs, options)
     if bdmc_options is not None:
         report.simulated = _simulated_gap(
             model, guide, args, kwargs, bdmc_options, num_particles=num_particles, chunk_size=chunk_size,
@@ -246,6 +317,101 @@ def kl_gap(
             max_seconds=max_seconds,
         )  # fmt: skip
     return report
+
+
+def _report(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    num_particles: int,
+    chunk_size: int,
+    ladder: tuple[int, ...],
+    max_plate_nesting: int,
+    vectorize_particles: bool | str,
+    per_site: bool,
+    max_seconds: float,
+) -> KLGapReport:
+    """One report in the program's working dtype, checked against its own numbers."""
+    shares = site_shares(model, guide, args, kwargs) if per_site else None
+    run = _Run(model, guide, args, kwargs, max_plate_nesting, vectorize_particles, shares)
+    log_w, share_w, dtype = run.draw(num_particles, chunk_size, max_seconds)
+    floor, source = run.noise_floor(min(num_particles, ROUNDING_PARTICLES), dtype)
+    # a guide that enumerates: TraceEnum_ELBO's ELBO (log_w holds the exact sum, where q(y) cancels)
+    elbo_terms = torch.cat(run.elbo_chunks) if run.elbo_chunks else log_w
+    elbo = _elbo_estimate(elbo_terms)
+    iwae = {1: elbo} | {k: _iwae_estimate(log_w, k) for k in ladder if k > 1}
+    spread = log_w.max(0).values - log_w.min(0).values
+    ess_points = [effective_sample_size(log_w[:, b]) for b in range(log_w.shape[1])]
+    ess = min(ess_points)
+    # constant to rounding only if the weights agree: the floor alone never decides it
+    constant = bool((spread <= floor).all()) and ess >= EXACT_ESS_SHARE * num_particles
+    khat_points = [-math.inf if constant else psis_khat(log_w[:, b]) for b in range(log_w.shape[1])]
+    khat = max(khat_points, key=_rank)
+    cubo = _power_mean_estimate(log_w, 2.0)
+    per_point = None
+    if log_w.shape[1] > 1:
+        elbo_i = elbo_terms.mean(0)
+        per_point = PerPoint(
+            khat=torch.tensor(khat_points, dtype=torch.float64),
+            ess=torch.tensor(ess_points, dtype=torch.float64),
+            kl_lower=torch.logsumexp(log_w, 0) - math.log(num_particles) - elbo_i,
+            kl_upper=(torch.logsumexp(2 * log_w, 0) - math.log(num_particles)) / 2 - elbo_i,
+        )
+    report = KLGapReport(
+        num_particles=num_particles,
+        elbo=elbo,
+        iwae=iwae,
+        cubo=cubo,
+        khat=khat,
+        khat_per_site={
+            site: max((psis_khat(s[:, b]) for b in range(s.shape[1])), key=_rank) for site, s in share_w.items()
+        },
+        ess=ess,
+        noise_floor=floor,
+        dtype=dtype,
+        num_points=log_w.shape[1],
+        log_w_sd=float(log_w.sum(1).std()),
+        floor_source=source,
+        joint_sites=dict(shares.joint) if shares is not None else {},
+        replay_error=run.replay_error,
+        random_modules=run.randomness,
+        precision_losses=run.precision,
+        support_edges=run.edges,
+        per_point=per_point,
+    )
+    from pyro_elbo._kl_gap_text import assess, check_consistency
+
+    report.verdict, report.warnings = assess(report)
+    check_consistency(report)
+    return report
+
+
+def _in_float64(
+    report: KLGapReport,
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+) -> KLGapReport:
+    """The report again in float64 (parameters, modules, data upcast), for a program whose
+    working-dtype log-densities were found wrong at some sites; the working-dtype report (whose
+    verdict then claims nothing) if the program cannot run in float64."""
+    from pyro_elbo._kl_gap_text import precision_text
+
+    try:
+        with float64_program((model, guide)):
+            again = _report(model, guide, as_float64(args), as_float64(kwargs), **options)
+    except Exception as error:  # noqa: BLE001 - the working-dtype report stands, its verdict withdrawn
+        report.warnings.append(f"the float64 re-evaluation failed ({type(error).__name__}: {error})")
+        return report
+    if again.dtype != torch.float64:
+        return report
+    again.precision_losses = report.precision_losses
+    again.warnings.insert(0, precision_text(report, rerun=True))
+    return again
 
 
 @dataclass(frozen=True)
@@ -373,6 +539,15 @@ class _Run:
         self.max_plate_nesting, self.vectorize, self.shares = max_plate_nesting, vectorize, shares
         self.abs_terms = 0.0
         self.drawn = 0
+        #: largest change of a log-weight between two evaluations at the same draws (0: none)
+        self.replay_error = 0.0
+        #: the modules in training mode found to make the program random (by name)
+        self.randomness: list[str] = []
+        #: sites whose working-dtype log-density is wrong against float64 (by name, with numbers)
+        self.precision: list[str] = []
+        #: guide sites with draws at the edge of the support the dtype represents (by name)
+        self.edges: list[str] = []
+        self.elbo_chunks: list[Tensor] = []  # LogWeights.elbo_terms, where the guide enumerates
 
     def chunk(self, size: int) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
         lw = log_weights(
@@ -412,6 +587,8 @@ class _Run:
             if lw.site_log_p
             else lw.log_p.abs().sum() + lw.log_q.abs().sum()
         )
+        if lw.elbo_terms is not None:
+            self.elbo_chunks.append(lw.elbo_terms.double().reshape(size, -1).cpu())
         return lw.log_w.double().reshape(size, -1).cpu(), shares, lw.log_p.dtype
 
     def draw(self, num: int, chunk_size: int, max_seconds: float) -> tuple[Tensor, dict[str, Tensor], torch.dtype]:
@@ -434,13 +611,30 @@ class _Run:
         return torch.cat(chunks), {site: torch.cat(c) for site, c in share_chunks.items()}, dtype
 
     def noise_floor(self, num: int, dtype: torch.dtype) -> tuple[float, str]:
-        """Bound on the rounding error of a gap: measured against float64 when possible."""
+        """Bound on the rounding error of a gap: measured against float64 when possible, and only
+        when the program reproduces its own log-weights at the same draws (``self.randomness``)."""
         eps = torch.finfo(dtype).eps
         estimated = 4 * eps * self.abs_terms / max(self.drawn, 1) + 1e-300
+        with torch.no_grad():
+            again = rounding_check(
+                self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting, upcast=False
+            )
+        if again is not None:
+            self.edges = support_edges(again, dtype)
+            if dtype != torch.float64:
+                self.precision.extend(self.edges)
+        error_again = None if again is None else again.error
+        if error_again is not None and torch.isfinite(error_again).all() and float(error_again.abs().max()) > estimated:
+            self.replay_error = float(error_again.abs().max())
+            self.randomness = outside_randomness(self.model, self.guide, self.args, self.kwargs)
+            return estimated, "magnitudes (the program is random beyond its sample sites)"
         if dtype == torch.float64:
             return estimated, "magnitudes"
         with torch.no_grad():
-            error = float64_rounding_error(self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting)
+            check = rounding_check(self.model, self.guide, self.args, self.kwargs, num, self.max_plate_nesting)
+        if check is not None:
+            self.precision = precision_losses(check) + self.precision
+        error = None if check is None else check.error
         if error is None or not torch.isfinite(error).all():
             return 100 * estimated, "magnitudes (float64 re-evaluation failed)"
         error = error.reshape(error.shape[0], -1)  # fewer rows when particles ran one per run
@@ -502,4 +696,4 @@ def _power_mean_estimate(log_w: Tensor, n: float) -> Estimate:
     return _sum_points(value, variance)
 
 
-__all__ = ["Estimate", "KLGapReport", "SimulatedGap", "kl_gap"]
+__all__ = ["Estimate", "KLGapReport", "PerPoint", "SimulatedGap", "kl_gap"]

@@ -128,12 +128,23 @@ class Objective(pyro.infer.ELBO):
     def bound(self, lw: LogWeights) -> Tensor:
         """The ``[*B]`` bound with this objective's gradient, after checking ``lw`` suits it."""
         name = type(self).__name__
+        if lw.guide_enumerated and self.spec.fn is not elbo:
+            sites = ", ".join(map(repr, lw.guide_enumerated))
+            raise NotImplementedError(
+                f"The guide's site(s) {sites} are enumerated (config_enumerate on the guide). {name}'s "
+                "bound would hold their exact sum inside each particle's weight, where the guide's "
+                "probabilities of them cancel, so the guide's distribution over them would get no gradient. "
+                "Train with pyro_elbo.ELBO (TraceEnum_ELBO's estimator), or drop the enumerate flag to "
+                f"sample them ({name} then trains them by the score function where it can); kl_gap and "
+                "log_evidence use the exact sum."
+            )
         drawn = [n for n in lw.score_sites if n not in lw.observed_score_sites]
         if self.spec.reparameterized_only and drawn:
             raise ValueError(
                 f"{name} needs reparameterized guide sites, but {', '.join(map(repr, drawn))} "
-                "cannot be reparameterized (e.g. a discrete latent); train it with pyro_elbo.ELBO "
-                "(score function with baseline) or pyro_elbo.VIMCO."
+                "cannot be reparameterized (e.g. a discrete latent), and its gradient has no "
+                "score-function form; train it with pyro_elbo.ELBO (score function with baseline), "
+                "pyro_elbo.IWAE, pyro_elbo.RenyiELBO or pyro_elbo.VIMCO (leave-one-out score function)."
             )
         if not self.spec.linear and lw.num_particles > 1 and lw.subsampled_plates:
             raise ValueError(
@@ -208,7 +219,10 @@ class ELBO(Objective):
     Reparameterized sites get pathwise gradients; non-reparameterized guide sites (discrete
     latents) get a score-function term, Rao-Blackwellized over plates as in Pyro's ``Trace_ELBO``,
     with a leave-one-out baseline (``num_particles >= 2``) or a per-site running-mean baseline
-    (``num_particles = 1``).
+    (``num_particles = 1``). A guide site that declares Pyro's baseline options
+    (``infer={"baseline": {...}}``) gets ``TraceGraph_ELBO``'s estimator instead: its downstream
+    cost and its own baseline, trained as there (:mod:`pyro_elbo._pyro.score`). Guide sites
+    enumerated with ``config_enumerate`` are summed out exactly, as ``TraceEnum_ELBO`` does.
 
     Accepts ``pyro.infer.Trace_ELBO``'s arguments, ``num_particles`` positionally included.
     ``analytic_kl=True`` uses closed-form KL terms where a latent's guide and prior have one (as
@@ -226,20 +240,51 @@ class ELBO(Objective):
         self, num_particles: int = 1, max_plate_nesting: int | None = None, analytic_kl: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(self.estimator, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
-        self._baseline: dict[str, float] = {}
+        self._baseline: dict[str, Tensor] = {}
         self.analytic_kl = bool(analytic_kl)
         self._extra_needs = frozenset({"analytic_kl"}) if analytic_kl else frozenset()
 
     def bound(self, lw: LogWeights) -> Tensor:
-        if not lw.score_terms or lw.num_particles > 1:
+        if not lw.score_terms:
             return super().bound(lw)
         result = self.spec.fn(lw, baseline=self._baseline)
-        for name, (log_r, _) in lw.score_terms.items():
-            mean = float(log_r.detach().mean())
-            if math.isfinite(mean):
-                previous = self._baseline.get(name)
-                self._baseline[name] = mean if previous is None else 0.9 * previous + 0.1 * mean
+        self._update_baselines(lw)
         return result
+
+    def _update_baselines(self, lw: LogWeights) -> None:
+        """Advance the running baselines in place, as tensors: nothing is read to the host, so a
+        captured step (``compile=True``) keeps them in its graph and updates them every call.
+        Per site, the running mean of the cost for ``S = 1`` (:math:`b \\leftarrow 0.9 b + 0.1 \\bar c`,
+        skipping non-finite costs), and Pyro's decaying average :math:`b \\leftarrow (1-\\beta) c +
+        \\beta b` for the sites that ask for it (only when gradients are taken, as
+        ``TraceGraph_ELBO`` does). A site's state is created on its first step."""
+        for name, (log_r, _) in lw.score_terms.items():
+            cost = log_r.detach()
+            previous = self._baseline.get(name)
+            if name in lw.baseline_decay:
+                if not torch.is_grad_enabled():
+                    continue
+                beta = lw.baseline_decay[name]
+                if previous is None or previous.shape != cost.shape:
+                    self._baseline[name] = (1 - beta) * cost
+                else:
+                    with torch.no_grad():
+                        previous.copy_((1 - beta) * cost + beta * previous)
+            elif lw.num_particles == 1 and name not in lw.score_baselines:
+                mean = cost.mean()
+                finite = torch.isfinite(mean)
+                if previous is None:
+                    self._baseline[name] = torch.where(finite, mean, torch.zeros_like(mean))
+                else:
+                    with torch.no_grad():
+                        previous.copy_(torch.where(finite, 0.9 * previous + 0.1 * mean, previous))
+
+    def __copy__(self) -> ELBO:
+        """A copy with its own running baselines (``copy.copy`` is how trial runs keep this state)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._baseline = {name: value.clone() for name, value in self._baseline.items()}
+        return clone
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline": dict(self._baseline)}
@@ -247,18 +292,25 @@ class ELBO(Objective):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         baseline = state.get("baseline")
         # checkpoints before per-site baselines stored one float (or None): start afresh
-        self._baseline = dict(baseline) if isinstance(baseline, dict) else {}
+        if not isinstance(baseline, dict):
+            self._baseline = {}
+            return
+        self._baseline = {k: v if isinstance(v, Tensor) else torch.as_tensor(float(v)) for k, v in baseline.items()}
 
 
 class IWAE(Objective):
     """The importance-weighted bound :math:`\\log\\frac1S\\sum_s w_s`, tighter as ``S`` grows.
+
+    Discrete (non-reparameterized) guide sites are trained by the score function with VIMCO's
+    leave-one-out control variate: unbiased, with a score-function estimator's variance (see
+    :func:`pyro_elbo.estimators.iwae`).
 
     References:
         | Importance Weighted Autoencoders (Burda et al., 2016)
         | https://arxiv.org/abs/1509.00519
     """
 
-    estimator = Estimator(iwae)
+    estimator = Estimator(iwae, reparameterized_only=False)
 
     def __init__(self, num_particles: int = 8, max_plate_nesting: int | None = None, **kwargs: Any) -> None:
         super().__init__(self.estimator, num_particles=num_particles, max_plate_nesting=max_plate_nesting, **kwargs)
@@ -297,14 +349,16 @@ class RenyiELBO(Objective):
 
     Defaults match Pyro's ``RenyiELBO`` (``alpha=0``, ``num_particles=2``), and so do the positional
     arguments. Unlike Pyro's, the bound is per data point whenever every site sits in the data
-    plate, so local-latent models (VAEs) get the intended objective.
+    plate, so local-latent models (VAEs) get the intended objective. Discrete guide sites are
+    trained as in :class:`IWAE` (leave-one-out score function); Pyro's ``RenyiELBO`` weights their
+    score function by a constant, not by the bound, so its guide gradient is biased there.
 
     References:
         | Rényi Divergence Variational Inference (Li & Turner, 2016)
         | https://arxiv.org/abs/1602.02311
     """
 
-    estimator = Estimator(renyi, options={"alpha": 0.0})
+    estimator = Estimator(renyi, reparameterized_only=False, options={"alpha": 0.0})
 
     def __init__(
         self, alpha: float = 0.0, num_particles: int = 2, max_plate_nesting: int | None = None, **kwargs: Any
@@ -334,7 +388,9 @@ class CUBO(Objective):
         | https://arxiv.org/abs/1611.00328
     """
 
-    estimator = Estimator(cubo, bound="upper", trains_model=False, min_particles=2, options={"n": 2.0})
+    estimator = Estimator(
+        cubo, bound="upper", reparameterized_only=False, trains_model=False, min_particles=2, options={"n": 2.0}
+    )
 
     def __init__(
         self, n: float = 2.0, num_particles: int = 64, max_plate_nesting: int | None = None, **kwargs: Any

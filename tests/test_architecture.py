@@ -36,11 +36,61 @@ def test_estimators_import_no_pyro() -> None:
 
 def test_the_pyro_layer_does_not_reach_up() -> None:
     """``_pyro`` is the bottom layer: it imports nothing of the package but itself, types and RNG."""
-    allowed = ("pyro_elbo._pyro", "pyro_elbo._typing", "pyro_elbo._random")
+    allowed = ("pyro_elbo._pyro", "pyro_elbo._typing", "pyro_elbo._random", "pyro_elbo._torch_internals")
     for path in (PACKAGE / "_pyro").rglob("*.py"):
         for name in _imports(path):
             if name.startswith("pyro_elbo"):
                 assert name.startswith(allowed), f"{path.name} imports {name}"
+
+
+#: torch's private modules: only pyro_elbo/_torch_internals.py may use them
+_PRIVATE_TORCH = (
+    "torch._inductor",
+    "torch._dynamo",
+    "torch._guards",
+    "torch._subclasses",
+    "torch._prims",
+    "torch._functorch",
+    "torch.fx.experimental",
+)
+
+
+def _dotted(node: ast.expr) -> str:
+    """``torch._guards.tracing`` for the attribute chain of that name ('' for anything else)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def test_one_module_uses_torchs_private_modules() -> None:
+    """Imports of torch's private modules, and attribute chains into them (``torch._guards.x``),
+    appear in ``_torch_internals.py`` only: a torch release that moves one breaks one module,
+    whose callers fall back."""
+
+    def private(name: str) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in _PRIVATE_TORCH)
+
+    offenders = set()
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "_torch_internals.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = {_dotted(node)} if isinstance(node, ast.Attribute) else set()
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = _imports_of(node)
+            offenders.update(f"{path.relative_to(PACKAGE)}: {name}" for name in names if private(name))
+    assert sorted(offenders) == [], "only pyro_elbo/_torch_internals.py may use torch's private modules"
+    assert any(private(name) for name in _imports(PACKAGE / "_torch_internals.py"))  # the rule sees imports
+
+
+def _imports_of(node: ast.Import | ast.ImportFrom) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if not node.module:
+        return set()
+    return {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
 
 
 def _layers() -> dict[str, int]:

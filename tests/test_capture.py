@@ -307,3 +307,25 @@ def test_numpy_in_the_model_is_named() -> None:
 
     message = _fallback_message(make)
     assert "NumPy" in message and "z.detach().numpy()" in message, message
+
+
+def test_the_users_line_is_read_from_chained_errors() -> None:
+    """A tracer that fails while handling the real error raises an error of its own whose
+    traceback holds only torch's frames (and here none at all): the user's line is in the error it
+    was raised while handling (``__context__``), or from (``__cause__``)."""
+    from pyro_elbo._pyro.capture_failures import describe_failure
+
+    def model_line() -> None:
+        raise RuntimeError("cannot trace this")
+
+    try:
+        model_line()
+    except RuntimeError as error:
+        original = error
+    line = f"test_capture.py:{model_line.__code__.co_firstlineno + 1}"
+    for link in ("__context__", "__cause__"):
+        tracer_error = IndexError("list index out of range")  # raised in torch: no frame of the user's
+        setattr(tracer_error, link, original)
+        message = describe_failure(tracer_error)
+        assert line in message and 'raise RuntimeError("cannot trace this")' in message, (link, message)
+    assert line not in describe_failure(IndexError("alone"))  # the chain is what names it

@@ -134,9 +134,9 @@ def test_invalid_pairs_raise_a_named_error(case, num_particles: int) -> None:
             make_objective(name, num_particles=num_particles).loss(m, g, DATA)
 
 
-@pytest.mark.parametrize("name", ["iwae", "dreg", "stl", "renyi", "cubo"])
+@pytest.mark.parametrize("name", ["dreg", "stl"])
 def test_reparameterized_only_objectives_name_the_discrete_site(name: str) -> None:
-    with pytest.raises(ValueError, match="'k' cannot be reparameterized.*ELBO.*VIMCO"):
+    with pytest.raises(ValueError, match="'k' cannot be reparameterized.*ELBO.*IWAE.*VIMCO"):
         make_objective(name, num_particles=2).loss(discrete_model, discrete_guide, DATA)
 
 

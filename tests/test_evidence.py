@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import Tensor
 
+import pyro_elbo
 from pyro_elbo.evidence import bdmc, log_evidence
 from tests.models import (
     Z_ONE_SIDED,
@@ -263,6 +264,49 @@ def test_ais_rejects_a_proposal_whose_density_overflows() -> None:
     x = torch.tensor([0.3, -0.2])
     ev = log_evidence(model, guide, x, method="ais", num_particles=4, num_steps=5, step_size=30.0)
     assert ev.total.value == pytest.approx(float(dist.Normal(0.0, 1.0).log_prob(x).sum()), abs=1e-5)
+
+
+def _sizeless_pair(size: int | None, shared: bool = False):  # noqa: ANN202
+    """An amortized pair written with ``pyro.plate("data")`` (no size, as Pyro's ss_vae_M2.py and
+    cvae.py write it) or with the size given; ``shared``: a latent with one value for all points."""
+
+    def model(x: torch.Tensor) -> None:
+        with pyro.plate("data", size):
+            loc = torch.zeros(2) if shared else torch.zeros(x.shape[0], 2)
+            z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True).expand(*z.shape[:-1], 3), 1.0).to_event(1), obs=x)
+
+    def guide(x: torch.Tensor) -> None:
+        with pyro.plate("data", size):
+            loc = torch.zeros(2) if shared else 0.3 * x[..., :2]
+            pyro.sample("z", dist.Normal(loc, 0.8).to_event(1))
+
+    return model, guide
+
+
+def test_sizeless_data_plate_is_per_point_as_with_its_size() -> None:
+    """Before: a size-less plate merged every point into one (a looser total bound, no warning)."""
+    x = torch.randn(7, 3)
+    results = {}
+    for size in (7, None):
+        model, guide = _sizeless_pair(size)
+        pyro.set_rng_seed(1)
+        evidence = pyro_elbo.log_evidence(model, guide, x, num_particles=200)
+        pyro.set_rng_seed(1)
+        report = pyro_elbo.kl_gap(model, guide, x, num_particles=500, per_site=False)
+        results[size] = (evidence.per_point, report.num_points, report.iwae[500].value)
+    assert results[None][1] == results[7][1] == 7 and len(results[None][0]) == 7
+    assert torch.equal(results[None][0], results[7][0]) and results[None][2] == results[7][2]
+
+
+def test_sizeless_plate_with_a_shared_site_is_named() -> None:
+    x = torch.randn(7, 3)
+    model, guide = _sizeless_pair(None, shared=True)
+    with pytest.warns(UserWarning, match=r"plate 'data' has no size; its sites give it 7, but site\(s\) \['z'\]"):
+        evidence = pyro_elbo.log_evidence(model, guide, x, num_particles=50)
+    assert len(evidence.per_point) == 1
+    report = pyro_elbo.kl_gap(model, guide, x, num_particles=200, per_site=False)
+    assert report.num_points == 1 and any("pyro.plate('data', N)" in w for w in report.warnings)
 
 
 def test_iwae_evidence_of_an_enumerated_model_with_a_point_mass_guide() -> None:

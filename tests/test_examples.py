@@ -14,6 +14,7 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 SHORT = {
+    "dataloader_checkpoints.py": ["8"],
     "diffusion_digits.py": (
         "--steps 5 --T 4 --hidden 32 --blocks 1 --iwae-particles 4 --ais-points 2 --ais-steps 2 --ais-chains 2"
         " --gap-particles 10 --png /tmp/pyro_elbo_diffusion_test.png"
@@ -21,6 +22,7 @@ SHORT = {
     "eight_schools.py": ["50", "500"],
     "logistic_regression.py": ["30"],
     "mixture_vimco.py": ["30"],
+    "quickstart.py": ["50", "200"],
     "vae_digits.py": ["--steps", "10", "--batch", "32", "--test-particles", "20"],
 }
 

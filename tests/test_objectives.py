@@ -13,7 +13,7 @@ import pyro_elbo
 from pyro_elbo.estimators import logmeanexp
 from pyro_elbo.objectives import OBJECTIVES, make_objective
 
-DISCRETE_OK = {"elbo", "vimco"}
+DISCRETE_OK = {"elbo", "vimco", "iwae", "renyi", "cubo"}
 
 
 def test_registry_names_each_class_by_its_estimator() -> None:
@@ -132,12 +132,17 @@ def test_bound_is_per_data_point_when_every_site_is_in_the_data_plate(name: str)
 
 @pytest.mark.parametrize("name", sorted(DISCRETE_OK))
 def test_discrete_latents_train(name: str) -> None:
-    objective = make_objective(name, num_particles=4)
+    # the score-function gradient of the logits is zero when every particle draws the same category
+    # (each particle's term is measured against a baseline of the others). The guide draws k = 0
+    # with probability q = sigmoid(0.2) = 0.55, so with S particles that happens with probability
+    # q^S + (1 - q)^S: 13% for S = 4; for S = 32 it is 5e-9, this test's false-alarm rate
+    objective = make_objective(name, num_particles=32)
     model, guide, data = make_discrete_model_guide()
     loss = objective.loss_and_grads(model, guide, data)
     assert math.isfinite(loss)
     assert float(pyro.get_param_store()["logits"].grad.abs().sum()) > 0
-    assert float(pyro.get_param_store()["locs"].grad.abs().sum()) > 0
+    if objective.spec.trains_model:  # CUBO trains the guide only
+        assert float(pyro.get_param_store()["locs"].grad.abs().sum()) > 0
 
 
 def test_iwae_is_stable_far_in_the_tail() -> None:

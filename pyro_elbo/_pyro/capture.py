@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._pyro.capture_failures import describe_failure
+from pyro_elbo._torch_internals import trace_fake
 
 
 def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -> torch.fx.GraphModule:
@@ -35,11 +36,9 @@ def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -
             sequences; NumPy...); its message names the line of the model or guide, the operation
             and what to change.
     """
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     try:
         with validation_off():
-            return make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+            return trace_fake(step, example)
     except Exception as error:
         raise CaptureError(describe_failure(error)) from error
 

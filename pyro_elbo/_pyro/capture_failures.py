@@ -2,7 +2,8 @@
 
 A failed ``make_fx`` trace ends deep inside torch's symbolic-shape machinery with a message about
 symbols (``Could not guard on data-dependent expression Eq(u0, 1)``), or with none at all once Pyro
-has re-raised it with the trace's shapes. :func:`describe_failure` reads the traceback instead: the
+has re-raised it with the trace's shapes. :func:`describe_failure` reads the tracebacks instead (of
+the error and of the errors it was raised from or while handling): the
 innermost frame of the user's code (the line of the model or guide), the innermost frame outside
 torch's tracing machinery (the operation that needed a value), and what the frames held (a
 ``PackedSequence``), and says what cannot be captured and what to change.
@@ -20,6 +21,8 @@ from types import TracebackType
 
 import pyro
 import torch
+
+from pyro_elbo._torch_internals import is_data_dependent
 
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 _PYRO = os.path.dirname(os.path.abspath(pyro.__file__))
@@ -92,8 +95,8 @@ class _Frame:
 def describe_failure(error: BaseException) -> str:
     """A one-line account of a failed trace: what the model or guide does that cannot be captured,
     at which line of the user's code, through which operation, and what to change."""
-    frames, packed = _frames(error.__traceback__)
-    user = next((f for f in reversed(frames) if not f.path.startswith(_LIBRARIES) and not f.generated), None)
+    frames, packed = _user_frames(error)
+    user = next((f for f in reversed(frames) if _is_user(f)), None)
     operation = next((f for f in reversed(frames) if not f.path.startswith(_MACHINERY) and not f.generated), None)
     site = user or operation
     role = _role(frames)
@@ -111,6 +114,28 @@ def describe_failure(error: BaseException) -> str:
     if "numpy" in message.lower():
         return f"{role} converts a tensor to NumPy{at}{via}; the capture sees no values: use torch operations, or compile=False"
     return f"{role} cannot be traced{at}{via}: {message}"
+
+
+def _is_user(frame: _Frame) -> bool:
+    return not frame.path.startswith(_LIBRARIES) and not frame.generated
+
+
+def _user_frames(error: BaseException) -> tuple[list[_Frame], bool]:
+    """The frames of the first error in ``error``'s chain (``__cause__``/``__context__``, outermost
+    first) whose traceback reaches the user's code, else the outermost error's frames; and whether
+    any error's frames held a ``PackedSequence``. A tracer that fails while handling the real error
+    (raising another from torch's own frames) keeps the user's line in the chained error."""
+    chosen: list[_Frame] | None = None
+    packed = False
+    outermost: list[_Frame] = []
+    for e in _chain(error):
+        frames, held = _frames(e.__traceback__)
+        packed = packed or held
+        if e is error:
+            outermost = frames
+        if chosen is None and any(_is_user(f) for f in frames):
+            chosen = frames
+    return (outermost if chosen is None else chosen), packed
 
 
 def _frames(tb: TracebackType | None) -> tuple[list[_Frame], bool]:
@@ -143,10 +168,15 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 def _data_dependent(error: BaseException) -> bool:
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
     names = ("DataDependentOutputException", "DynamicOutputShapeException", "GuardOnDataDependentSymNode")
-    return any(isinstance(e, GuardOnDataDependentSymNode) or type(e).__name__ in names for e in _chain(error))
+    return any(type(e).__name__ in names or _guard_on_data(e) for e in _chain(error))
+
+
+def _guard_on_data(error: BaseException) -> bool:
+    try:
+        return is_data_dependent(error)
+    except Exception:  # torch's class moved or changed: the names above still recognise the error
+        return False
 
 
 def _first_message(error: BaseException) -> str:

@@ -16,6 +16,7 @@ values that broadcast the ``log_prob`` beyond the distribution's batch shape (da
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -31,16 +32,71 @@ from pyro_elbo._random import forked_rng
 
 __all__ = [
     "GuidePlateWarning",
+    "InferOptionWarning",
     "check_guide_plates",
     "check_model_guide",
     "check_supports",
     "diagnose_shape_failure",
+    "plate_mismatch_error",
     "site_shape_error",
 ]
 
 
 class GuidePlateWarning(UserWarning):
     """A plate (vectorized or sequential) in the guide that the model does not have (Pyro warns too)."""
+
+
+class InferOptionWarning(UserWarning):
+    """A site's ``infer`` dict holds a key that pyro_elbo does not act on (said once per key)."""
+
+
+#: ``infer`` keys read here, or set by Pyro's own handlers for bookkeeping that needs nothing here
+_KNOWN_INFER_KEYS = frozenset(
+    {
+        "enumerate",  # model sites summed out (enum.py)
+        "expand",  # the shape of an enumeration, not its value
+        "is_auxiliary",
+        "baseline",  # TraceGraph_ELBO's baselines (score.py)
+        "_deterministic",
+        "is_observed",  # poutine.reparam's reparameterizers
+        "was_observed",  # poutine.uncondition
+        "obs",
+        "prior",  # GuideMessenger autoguides
+        "_enumerate_dim",
+        "_enumerate_symbol",
+        "_dim_to_symbol",
+        "_dim_to_id",
+        "_markov_scope",
+        "_markov_depth",
+        "_enum_total",
+        "_do_not_trace",
+    }
+)
+
+#: keys Pyro reads that pyro_elbo does not, and what that means
+_IGNORED_INFER_KEYS = {
+    "num_samples": "Pyro's sampled enumeration; enumerated sites are summed out exactly here",
+    "tmc": "Pyro's TraceTMC_ELBO option; the site is sampled or summed as without it",
+    "_do_not_score": "pyro.contrib.funsor's flag; the site is scored here",
+}
+
+_warned_infer_keys: set[str] = set()
+
+
+def warn_unknown_infer_keys(*traces: Trace) -> None:
+    """Warn once per key (:class:`InferOptionWarning`) about ``infer`` keys that change nothing here."""
+    for trace in traces:
+        for name, site in sample_sites(trace).items():
+            for key in site["infer"]:
+                if key in _KNOWN_INFER_KEYS or key in _warned_infer_keys:
+                    continue
+                _warned_infer_keys.add(key)
+                why = _IGNORED_INFER_KEYS.get(key, "a key neither Pyro nor pyro_elbo reads (a misspelling?)")
+                warnings.warn(
+                    f"pyro_elbo: infer={{{key!r}: ...}} at site '{name}' has no effect here ({why}).",
+                    InferOptionWarning,
+                    stacklevel=2,
+                )
 
 
 def _plates(site: Any, particle_plate: str | bool) -> dict[str, Any]:
@@ -55,6 +111,7 @@ def check_model_guide(
     max_plate_nesting: int,
     particle_plate: str | bool = False,
     supports: bool = True,
+    guide_enumerated: tuple[str, ...] = (),
 ) -> None:
     """Raise ``ValueError`` (or ``NotImplementedError``) if the guide does not match the model.
 
@@ -71,14 +128,18 @@ def check_model_guide(
         max_plate_nesting: plate dims in use, not counting the particle plate.
         particle_plate: name of the outer particle plate (left of every user plate), or False.
         supports: also compare supports.
+        guide_enumerated: guide sites enumerated in parallel (summed out by the caller): their
+            flags are not refused, and dims left of the particle dim (enumeration dims) are not
+            checked, as in Pyro's ``check_site_shape``.
     """
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
+    warn_unknown_infer_keys(model_trace, guide_trace)
     _check_guide_sites(model_sites, guide_sites)
-    _check_model_sites(model_sites, guide_sites, particle_plate)
+    _check_model_sites(model_sites, guide_sites, particle_plate, guide_enumerated)
     for role, sites in (("model", model_sites), ("guide", guide_sites)):
         for site in sites.values():
-            error = site_shape_error(role, site, max_plate_nesting, particle_plate)
+            error = site_shape_error(role, site, max_plate_nesting, particle_plate, bool(guide_enumerated))
             if error is not None:
                 raise error
     check_guide_plates(model_trace, guide_trace)
@@ -119,13 +180,18 @@ def _is_unspecified_factor(site: Any) -> bool:
     )
 
 
-def _check_model_sites(model_sites: dict[str, Any], guide_sites: dict[str, Any], particle_plate: str | bool) -> None:
+def _check_model_sites(
+    model_sites: dict[str, Any],
+    guide_sites: dict[str, Any],
+    particle_plate: str | bool,
+    guide_enumerated: tuple[str, ...],
+) -> None:
     for name, site in model_sites.items():
         if site["is_observed"] or is_deterministic(site):
             continue
         guide_site = guide_sites.get(name)
         flag = (guide_site or site)["infer"].get("enumerate")
-        if flag:
+        if flag and name not in guide_enumerated:
             _refuse_enumeration(name, flag, in_guide=guide_site is not None)
         if guide_site is None:
             raise ValueError(
@@ -201,12 +267,17 @@ def check_guide_plates(model_trace: Trace, guide_trace: Trace) -> None:
         )
 
 
-def site_shape_error(role: str, site: Any, max_plate_nesting: int, particle_plate: str | bool) -> ValueError | None:
-    """The named shape error of one site, or None (Pyro's ``check_site_shape`` rule, see module doc)."""
+def site_shape_error(
+    role: str, site: Any, max_plate_nesting: int, particle_plate: str | bool, enumerated: bool = False
+) -> ValueError | None:
+    """The named shape error of one site, or None (Pyro's ``check_site_shape`` rule, see module doc).
+    With ``enumerated``, dims left of the particle dim (enumeration dims) are not checked."""
     if site["is_observed"] and is_deterministic(site):
         return None
     batch_shape = tuple(site["fn"].batch_shape)
     shape, value_error = _log_prob_batch_shape(site, batch_shape)
+    if enumerated:
+        shape = shape[-(max_plate_nesting + 1) :] if max_plate_nesting + 1 <= len(shape) else shape
     if value_error is not None:
         return _observed_shape_error(site, batch_shape, shape, max_plate_nesting, particle_plate, value_error)
     error = _plate_rule_error(
@@ -348,8 +419,93 @@ def diagnose_shape_failure(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", GuidePlateWarning)  # warned about on the main path
-                summed = enum.enumerated_sites(model_trace, guide_trace)  # summed out, not checked
-                check_model_guide(enum.without_sites(model_trace, summed), guide_trace, max_plate_nesting, False)
+                marked = enum.guide_marked_sites(guide_trace)
+                summed = enum.enumerated_sites(model_trace, guide_trace, bool(marked))  # summed out, not checked
+                check_model_guide(
+                    enum.without_sites(model_trace, summed),
+                    guide_trace,
+                    max_plate_nesting,
+                    False,
+                    guide_enumerated=marked,
+                )
         except (ValueError, NotImplementedError) as error:
             return error
     return None
+
+
+# Pyro's BroadcastMessenger: "Shape mismatch inside plate('data') at site y dim -1, 50 vs 3"
+_PLATE_MISMATCH = re.compile(
+    r"Shape mismatch inside plate\('(?P<plate>[^']*)'\) at site (?P<site>\S+) dim (?P<dim>-?\d+), "
+    r"(?P<size>\d+) vs (?P<other>\d+)"
+)
+
+
+def plate_mismatch_error(error: BaseException) -> ValueError | None:
+    """Pyro's bare "Shape mismatch inside plate" in the package's words, or None for other errors.
+
+    Pyro raises it while broadcasting a site's distribution to its plates, so the site never
+    reaches a trace; the site is read from the failing ``pyro.sample`` message in the error's
+    traceback. The usual cause is a multivariate distribution (a vector latent or likelihood)
+    written without ``.to_event(n)``: its last dims are taken for batch dims and collide with a
+    plate. The message names the site, the plate (size and dim), both shapes, and the
+    ``.to_event(n)`` that makes the remaining batch shape fit the site's plates.
+    """
+    match = _PLATE_MISMATCH.match(str(error)) if isinstance(error, ValueError) else None
+    if match is None:
+        return None
+    plate, site, dim = match["plate"], match["site"], int(match["dim"])
+    size, other = int(match["size"]), int(match["other"])
+    msg = _failing_sample_message(error)
+    if msg is None:
+        return ValueError(
+            f"Site '{site}' inside plate '{plate}' (size {size}, dim {dim}): its distribution's batch shape has size {other} at dim {dim}, where the plate has "
+            f"size {size}. If those {other} values are one multivariate draw, declare them as the event with "
+            ".to_event(n) (e.g. dist.Normal(loc, scale).to_event(1)); if they are independent, give them a "
+            "pyro.plate of their own at another dim."
+        )
+    fn = msg["fn"]
+    batch, event = tuple(fn.batch_shape), tuple(fn.event_shape)
+    role = "Observed site" if msg.get("is_observed") else "Latent site"
+    value = msg.get("value")
+    observed = f", observed value of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+    frames = [f for f in msg.get("cond_indep_stack", ()) if f.vectorized and f.dim is not None]
+    # the fewest trailing batch dims, the mismatching one among them, whose move to the event fits the plates
+    n = next((k for k in range(-dim, len(batch) + 1) if _fits_plates(batch[: len(batch) - k], frames)), None)
+    shapes = f"its distribution has batch shape {batch} and event shape {event}{observed}"
+    otherwise = (
+        f"give the distribution's parameters size {size} or 1 at dim {dim}, or give those {other} values a "
+        "pyro.plate of their own"
+    )
+    if n is None:
+        fix = otherwise
+    else:
+        moved = batch[len(batch) - n :]
+        fix = (
+            f"if the last {n} batch dim(s) {moved} are one multivariate draw (a vector latent or observation), "
+            f"declare them as the event with .to_event({n}) (e.g. dist.{type(fn).__name__}(...).to_event({n})): "
+            f"batch shape {batch[: len(batch) - n]} and event shape {moved + event}; otherwise {otherwise}"
+        )
+    return ValueError(
+        f"{role} '{site}' inside plate '{plate}' (size {size}, dim {dim}): {shapes}, "
+        f"so dim {dim} has size {other} where the plate has size {size}. Fix: {fix}."
+    )
+
+
+def _failing_sample_message(error: BaseException) -> dict[str, Any] | None:
+    """The ``pyro.sample`` message that Pyro's plate was broadcasting when it raised ``error``."""
+    tb = error.__traceback__
+    found = None
+    while tb is not None:
+        msg = tb.tb_frame.f_locals.get("msg") if tb.tb_frame.f_code.co_name == "_pyro_sample" else None
+        if isinstance(msg, dict) and msg.get("type") == "sample" and "fn" in msg:
+            found = msg
+        tb = tb.tb_next
+    return found
+
+
+def _fits_plates(batch: tuple[int, ...], frames: list[Any]) -> bool:
+    """Whether a batch shape has each plate's size (or 1) at that plate's dim."""
+    for frame in frames:
+        if -frame.dim <= len(batch) and batch[frame.dim] not in (1, frame.size):
+            return False
+    return True

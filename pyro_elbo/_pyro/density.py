@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from pyro_elbo._pyro.capture import validation_off
-from pyro_elbo._pyro.tracing import plate_nesting, scored_sites
+from pyro_elbo._pyro.tracing import batch_frames, plate_nesting, scored_sites
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
@@ -275,12 +275,8 @@ def _is_delta(fn: Any) -> bool:
 
 
 def _common_frames(model_trace: Trace, guide_trace: Trace) -> tuple[Any, ...]:
-    common: dict[str, Any] | None = None
-    for trace in (model_trace, guide_trace):
-        for _, site in scored_sites(trace, named=True):
-            frames = {f.name: f for f in site["cond_indep_stack"] if f.vectorized}
-            common = frames if common is None else {k: v for k, v in common.items() if k in frames}
-    return tuple(sorted((common or {}).values(), key=lambda frame: frame.dim))
+    """The batch plates, a size-less plate with the size its sites give it (as log_weights)."""
+    return batch_frames(model_trace, guide_trace)
 
 
 def simulate(

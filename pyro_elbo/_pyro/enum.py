@@ -1,4 +1,5 @@
-"""Enumerated discrete latents: model sites summed out exactly inside :math:`\\log p(x, z)`.
+"""Enumerated discrete latents: model sites summed out exactly inside :math:`\\log p(x, z)`, and
+guide sites summed out as ``TraceEnum_ELBO`` does (:func:`guide_enumerated_weights`, at the end).
 
 A model site marked ``infer={"enumerate": "parallel"}`` (e.g. by ``@config_enumerate``) that the
 guide does not sample is not a latent of the importance weight: as in Pyro's ``TraceEnum_ELBO`` it
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyro.ops.packed as packed
@@ -51,22 +53,24 @@ if TYPE_CHECKING:  # only its interface is used here
 MARGINAL_PREFIX = "enumerated:"
 
 
-def enumerated_sites(model_trace: Trace, guide_trace: Trace) -> tuple[str, ...]:
+def enumerated_sites(model_trace: Trace, guide_trace: Trace, guide_enumeration: bool = False) -> tuple[str, ...]:
     """The model's sites to sum out: latent, marked ``enumerate="parallel"``, not in the guide.
 
     ``model_trace`` may be a plain run (enumerated sites drawn from their prior) or an enumerated
-    one. Guide-side enumeration is refused, naming the site.
+    one. Guide-side enumeration is refused, naming the site, unless ``guide_enumeration`` (the
+    caller sums the guide's enumerated sites, :func:`guide_enumerated_weights`).
 
     Raises:
         NotImplementedError: a guide site is marked for enumeration, or a model site for
             ``"sequential"`` enumeration.
     """
     for name, site in sample_sites(guide_trace).items():
-        if site["infer"].get("enumerate") and not site["is_observed"]:
+        if site["infer"].get("enumerate") and not site["is_observed"] and not guide_enumeration:
             raise NotImplementedError(
-                f"Guide site '{name}' is marked for enumeration ({site['infer']['enumerate']!r}); pyro_elbo "
-                "sums out enumerated sites of the model only. Remove the site from the guide (and mark it "
-                "infer={'enumerate': 'parallel'} in the model) or drop the mark to sample it."
+                f"Guide site '{name}' is marked for enumeration ({site['infer']['enumerate']!r}); this entry "
+                "point sums out enumerated sites of the model only (ELBO, kl_gap and log_evidence also sum "
+                "the guide's). Remove the site from the guide (and mark it infer={'enumerate': 'parallel'} "
+                "in the model) or drop the mark to sample it."
             )
     found = []
     for name, site in sample_sites(model_trace).items():
@@ -255,3 +259,136 @@ def discrete_posterior(
     with torch.no_grad():
         trace = poutine.trace(sampler).get_trace(*args, **kwargs)
     return {name: trace.nodes[name]["value"] for name in enumerated_sites(trace, guide_trace)}
+
+
+# --------------------------------------------------------------------------------------------
+# enumeration in the guide
+
+
+def guide_marked_sites(guide_trace: Trace) -> tuple[str, ...]:
+    """The guide's latent sites marked ``enumerate="parallel"`` (in a run with or without ``poutine.enum``)."""
+    return tuple(
+        name
+        for name, site in sample_sites(guide_trace).items()
+        if site["infer"].get("enumerate") == "parallel" and not site["is_observed"]
+    )
+
+
+def guide_enumerated_sites(guide_trace: Trace) -> tuple[str, ...]:
+    """The guide's latent sites enumerated in parallel (the guide ran under ``poutine.enum``)."""
+    return tuple(
+        name
+        for name, site in sample_sites(guide_trace).items()
+        if site["infer"].get("_enumerate_dim") is not None and not site["is_observed"]
+    )
+
+
+@dataclass(frozen=True)
+class GuideEnumerated:
+    """The weights of a guide whose sites :math:`y` are enumerated (``TraceEnum_ELBO``'s guide
+    enumeration), each ``[S, *B]``.
+
+    For every value of :math:`y` the guide draws the other latents :math:`z_y \\sim q(z \\mid y)`.
+
+    Attributes:
+        log_p, log_q: the importance weight with the exact sum over :math:`y` inside it,
+            :math:`w = \\sum_y q(y) \\frac{p(x, y, z_y)}{q(y)\\,q(z_y \\mid y)}
+            = \\sum_y \\frac{p(x, y, z_y)}{q(z_y \\mid y)}`, unbiased for :math:`p(x)`:
+            ``log_q`` holds the guide factors that do not depend on :math:`y`, ``log_p`` the
+            model's, plus the log of the sum over :math:`y` of every factor that does.
+            :math:`q(y)` cancels, so this weight carries no gradient to it.
+        elbo_terms: ``TraceEnum_ELBO``'s ELBO, :math:`\\sum_y q(y) \\log \\frac{p(x, y, z_y)}{q(y)
+            q(z_y \\mid y)}` per particle: its gradient reaches :math:`q(y)` through the weights.
+        site_log_p, site_log_q: the per-site parts of ``log_p`` and ``log_q``; the sum over
+            :math:`y` is the ``log_p`` key ``MARGINAL_PREFIX + "+".join(sites it absorbed)``.
+    """
+
+    log_p: Tensor
+    log_q: Tensor
+    elbo_terms: Tensor
+    site_log_p: dict[str, Tensor]
+    site_log_q: dict[str, Tensor]
+
+
+def num_enumeration_dims(guide_trace: Trace, max_plate_nesting: int) -> int:
+    """How many enumeration dims the guide used left of the particle dim ``-max_plate_nesting - 1``."""
+    dims = [
+        site["infer"]["_enumerate_dim"]
+        for site in sample_sites(guide_trace).values()
+        if "_enumerate_dim" in site["infer"]
+    ]
+    return max((-d for d in dims), default=max_plate_nesting + 1) - (max_plate_nesting + 1)
+
+
+def guide_enumerated_weights(
+    model_sites: dict[str, Any],
+    guide_sites: dict[str, Any],
+    enumerated: tuple[str, ...],
+    reducer: Reducer,
+    num_dims: int,
+) -> GuideEnumerated:
+    """Sum the guide's enumerated sites out: ``TraceEnum_ELBO``'s ELBO and the exact importance
+    weight (:class:`GuideEnumerated`).
+
+    Every site's log-density is aligned with ``num_dims`` enumeration dims left of the particle
+    dim. A factor *depends* on :math:`y` if it has an enumeration dim; it must then lie in every
+    plate of the enumerated sites (as Pyro's plate semantics require). The ELBO weights each
+    dependent factor by :math:`q(y)` (the product of the enumerated sites' unscaled probabilities,
+    as ``TraceEnum_ELBO``'s Dice factors) and sums over :math:`y`; the importance weight sums the
+    dependent factors over the plates the enumerated sites are not in and takes the log-sum-exp
+    over :math:`y`, with the subsampling scale applied outside (the sites summed together must
+    share it, as in ``TraceEnum_ELBO``).
+    """
+    axes = tuple(range(num_dims))
+
+    def full(site: Any, role: str, scaled: bool = True) -> Tensor:
+        return reducer.aligned(site, scaled=scaled, role=role, extra_dims=num_dims)
+
+    def drop(t: Tensor) -> Tensor:
+        return t.reshape(t.shape[num_dims:])
+
+    def depends(t: Tensor) -> bool:
+        return any(t.shape[j] > 1 for j in axes)
+
+    log_q_y = sum((full(guide_sites[name], "guide", scaled=False) for name in enumerated), torch.zeros(()))
+    probs = log_q_y.exp()
+    factors = [(name, "model", site, 1.0) for name, site in model_sites.items()]
+    factors += [(name, "guide", site, -1.0) for name, site in guide_sites.items()]
+    elbo_terms = []
+    site_log_p: dict[str, Tensor] = {}
+    site_log_q: dict[str, Tensor] = {}
+    dependent: list[tuple[str, Any, float]] = []
+    for name, role, site, sign in factors:
+        term = sign * full(site, role)
+        if not depends(term):
+            elbo_terms.append(reducer.reduce(drop(term)))
+            (site_log_p if role == "model" else site_log_q)[name] = reducer.reduce(drop(term))
+            continue
+        for j in range(num_dims + 1, term.dim()):
+            if probs.shape[j] > 1 and term.shape[j] == 1:
+                raise ValueError(
+                    f"{role.capitalize()} site '{name}' depends on the guide's enumerated site(s) "
+                    f"{list(enumerated)} but is not in all of their plates; put it in the same pyro.plate."
+                )
+        elbo_terms.append(reducer.reduce(drop((probs * term).sum(axes, keepdim=True))))
+        if not (role == "guide" and name in enumerated):
+            dependent.append((name, site, sign))
+    scale = _common_scale({name: site["scale"] for name, site, _ in dependent}) if dependent else 1.0
+    summed: Tensor | None = None
+    for _, site, sign in dependent:
+        role = "model" if sign > 0 else "guide"
+        term = sign * full({**site, "scale": reducer.batch_scale}, role)  # masked, not scaled
+        other_plates = [j for j in range(num_dims + 1, term.dim()) if probs.shape[j] == 1 and term.shape[j] > 1]
+        if other_plates:
+            term = term.sum(other_plates, keepdim=True)
+        summed = term if summed is None else summed + term
+    if summed is not None:
+        marginal = drop(torch.logsumexp(summed, axes, keepdim=True)) * (scale / reducer.batch_scale)
+        site_log_p[MARGINAL_PREFIX + "+".join(name for name, _, _ in dependent)] = reducer.reduce(marginal)
+    return GuideEnumerated(
+        log_p=reducer.total(site_log_p.values()),
+        log_q=reducer.total(site_log_q.values()),
+        elbo_terms=reducer.total(elbo_terms),
+        site_log_p=site_log_p,
+        site_log_q=site_log_q,
+    )

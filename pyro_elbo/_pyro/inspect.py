@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributions import Independent, constraints, transform_to
 
 from pyro_elbo._pyro.capture import reachable_modules
-from pyro_elbo._pyro.log_weights import log_weights
+from pyro_elbo._pyro.log_weights import LogWeights, log_weights
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
@@ -126,29 +126,74 @@ def raise_if_nonfinite_observed(
             )
 
 
+def sizeless_plate_problems(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Why a plate without a size (``pyro.plate("data")``) cannot split the bound per data point:
+    a site in it has one value for all points (one line per such plate, naming the sites and
+    the fix). Empty when every size-less plate's size is read off its sites. One run of guide
+    and model on the guide's draws (the random state is left untouched)."""
+    from pyro_elbo._pyro.tracing import sizeless_plate_sizes
+
+    try:
+        with forked_rng(), poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - the estimators report a failing program themselves
+        return []
+    _, why = sizeless_plate_sizes(model_trace, guide_trace)
+    return [
+        f"{reason}: every data point of the plate is merged into one. Give the plate its size "
+        f"(pyro.plate('{plate}', N)) or move the shared site(s) out of it"
+        for plate, reason in why.items()
+    ]
+
+
 class _Record(Messenger):
     """Keeps the first value of every latent site (the guide's draws)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.values: dict[str, Tensor] = {}
+        self.edges: dict[str, tuple[int, int]] = {}
 
     def _pyro_post_sample(self, msg: Any) -> None:
         if _latent(msg) and msg["name"] not in self.values:
             self.values[msg["name"]] = msg["value"].detach()
+            at_edge = _at_support_edge(msg["fn"], msg["value"].detach())
+            if at_edge is not None:
+                self.edges[msg["name"]] = (int(at_edge.sum()), at_edge.numel())
 
 
-class _Float64(Messenger):
-    """Upcasts parameters, and replays recorded guide draws in float64 (the guide's pass only:
-    the first time a site is seen). Delta sites (an autoguide's transformed value) are recomputed."""
+def _at_support_edge(fn: Any, value: Tensor) -> Tensor | None:
+    """Which draws sit where the dtype ends the support (where torch clamps samples): ``[0, 1]``
+    within ``eps`` of either end, a simplex with a component within ``eps`` of 1, a positive
+    value at the smallest normal number. ``None`` for other supports or non-float values."""
+    if not value.is_floating_point():
+        return None
+    support = getattr(fn, "support", None)
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    info = torch.finfo(value.dtype)
+    if support is constraints.unit_interval:
+        return (value <= info.eps) | (value >= 1 - info.eps)
+    if support is constraints.simplex:
+        return (value >= 1 - info.eps).any(-1)
+    if support is constraints.positive:
+        return value <= 2 * info.tiny
+    return None
 
-    def __init__(self, values: dict[str, Tensor]) -> None:
+
+class _Replay(Messenger):
+    """Replays recorded guide draws (the guide's pass only: the first time a site is seen), in
+    float64 with the parameters upcast when ``upcast``. Delta sites (an autoguide's transformed
+    value) are recomputed."""
+
+    def __init__(self, values: dict[str, Tensor], upcast: bool = True) -> None:
         super().__init__()
-        self.values = values
+        self.values, self.upcast = values, upcast
         self.seen: set[str] = set()
 
     def _pyro_post_param(self, msg: Any) -> None:
-        if isinstance(msg["value"], Tensor) and msg["value"].is_floating_point():
+        if self.upcast and isinstance(msg["value"], Tensor) and msg["value"].is_floating_point():
             msg["value"] = msg["value"].double()
 
     def _pyro_sample(self, msg: Any) -> None:
@@ -160,7 +205,7 @@ class _Float64(Messenger):
             fn = fn.base_dist
         if first and _latent(msg) and name in self.values and type(fn).__name__ != "Delta":
             value = self.values[name]
-            msg["value"] = value.double() if value.is_floating_point() else value
+            msg["value"] = value.double() if self.upcast and value.is_floating_point() else value
 
 
 def _double(value: Any) -> Any:
@@ -190,6 +235,7 @@ def float64_rounding_error(
     kwargs: dict[str, Any],
     num_particles: int,
     max_plate_nesting: int,
+    upcast: bool = True,
 ) -> Tensor | None:
     """``[K, *B]`` rounding error of ``K`` log-weights: the working-dtype value minus the value
     re-evaluated in float64 at the same guide draws (parameters, data and draws upcast).
@@ -200,21 +246,180 @@ def float64_rounding_error(
 
     The weights of ``nn.Module`` networks (those in the param store, as ``pyro.module`` and
     ``PyroModule`` put them there, and every module the programs reach) are upcast for the
-    re-evaluation and put back after it. ``None`` if the program still cannot run in float64."""
+    re-evaluation and put back after it. ``None`` if the program still cannot run in float64.
+
+    With ``upcast=False`` the re-evaluation stays in the working dtype: a program whose
+    log-density is a function of its sample sites' values gives exactly zero; anything else is
+    randomness outside the sample sites (see :func:`outside_randomness`)."""
+    check = rounding_check(model, guide, args, kwargs, num_particles, max_plate_nesting, upcast)
+    return None if check is None else check.error
+
+
+@dataclass(frozen=True)
+class RoundingCheck:
+    """The same draws evaluated twice: in the working dtype, and again (in float64, or in the
+    same dtype to test that the program is a function of its draws).
+
+    Attributes:
+        error: ``[K, *B]`` first minus second log-weight.
+        sites: ``"model site 'x'"`` / ``"guide site 'z'"`` -> ``[K, *B]`` first and second
+            evaluation of that site's log-density (float64 tensors).
+        edges: guide site -> (draws, of all) that sit where the working dtype ends the site's
+            support (see :func:`support_edges`); only sites with such draws.
+    """
+
+    error: Tensor
+    sites: dict[str, tuple[Tensor, Tensor]]
+    edges: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def rounding_check(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num_particles: int,
+    max_plate_nesting: int,
+    upcast: bool = True,
+) -> RoundingCheck | None:
+    """:func:`float64_rounding_error` with each site's two evaluations; ``None`` if the second
+    evaluation cannot run."""
     with forked_rng():
         try:
-            return _rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting)
+            pairs = [_rounding_error_once(model, guide, args, kwargs, num_particles, max_plate_nesting, upcast)]
         except Exception:  # noqa: BLE001 - no particle plate: one particle per run
-            pass
-        try:
-            errors = [
-                _rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting)
-                for _ in range(min(num_particles, 16))
-            ]
-        except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
-            return None
-    present = [e for e in errors if e is not None]
-    return torch.cat(present) if len(present) == len(errors) else None
+            try:
+                pairs = [
+                    _rounding_error_once(model, guide, args, kwargs, 1, max_plate_nesting, upcast)
+                    for _ in range(min(num_particles, 16))
+                ]
+            except Exception:  # best effort: the caller falls back to a floor derived from magnitudes
+                return None
+    present = [p for p in pairs if p is not None]
+    if len(present) != len(pairs):
+        return None
+    error = torch.cat([low.log_w.double() - high.log_w.double() for low, high, _ in present])
+    edges: dict[str, tuple[int, int]] = {}
+    for _, _, found in present:
+        for name, (hits, total) in found.items():
+            before = edges.get(name, (0, 0))
+            edges[name] = (before[0] + hits, before[1] + total)
+    sites: dict[str, tuple[Tensor, Tensor]] = {}
+    for kind, field_name in (("model", "site_log_p"), ("guide", "site_log_q")):
+        for name in getattr(present[0][0], field_name):
+            try:
+                first = torch.cat([getattr(low, field_name)[name].double() for low, _, _ in present])
+                second = torch.cat([getattr(high, field_name)[name].double() for _, high, _ in present])
+            except (KeyError, RuntimeError):  # a site that some runs lack: no per-site comparison
+                continue
+            sites[f"{kind} site '{name}'"] = (first, second)
+    return RoundingCheck(error, sites, {name: e for name, e in edges.items() if e[0]})
+
+
+#: a site's float32 log-density is wrong when it is off by more than this many nats and ...
+PRECISION_NATS = 0.1
+#: ... by more than this fraction of its float64 magnitude (plain rounding is ~1e-7 of it)
+PRECISION_SHARE = 1e-3
+
+
+def precision_losses(check: RoundingCheck) -> list[str]:
+    """The sites whose working-dtype log-density is finite in float64 but not in the working
+    dtype (underflow or overflow), or off by more than ``PRECISION_NATS`` and ``PRECISION_SHARE``
+    of its magnitude; one line per site, naming it and the numbers."""
+    found = []
+    for site, (low, high) in check.sites.items():
+        lost = torch.isfinite(high) & ~torch.isfinite(low)
+        if lost.any():
+            found.append(
+                f"{site} is -inf/inf/nan in the working dtype at {int(lost.sum())} of {lost.numel()} "
+                "particle values where float64 finds it finite (underflow or overflow)"
+            )
+            continue
+        both = torch.isfinite(high) & torch.isfinite(low)
+        if not both.any():
+            continue
+        error = float((low - high)[both].abs().max())
+        size = float(high[both].abs().max())
+        if error > PRECISION_NATS and error > PRECISION_SHARE * size:
+            found.append(
+                f"{site} is off by up to {error:.3g} nats (its float64 value is up to "
+                f"{size:.3g} nats in size): cancellation or underflow inside its log-density"
+            )
+    return found
+
+
+def support_edges(check: RoundingCheck, dtype: torch.dtype) -> list[str]:
+    """One line per guide site some of whose draws sit where ``dtype`` ends the site's support
+    (torch clamps a Beta draw to ``[eps, 1 - eps]``, a Gamma draw to ``tiny``): the guide's mass
+    beyond lies on one value, so every bound computed from these draws is biased."""
+    name = str(dtype).replace("torch.", "")
+    return [
+        f"guide site '{site}': {hits} of {total} draws sit at the edge of its support as {name} "
+        "represents it (clamped): the guide puts mass where this dtype cannot, so the bounds are biased"
+        for site, (hits, total) in check.edges.items()
+    ]
+
+
+@contextlib.contextmanager
+def float64_program(programs: tuple[Any, ...]) -> Iterator[None]:
+    """Run the programs in float64: default dtype, param store and reachable modules upcast (put
+    back on exit). Arguments are upcast with :func:`as_float64`."""
+    with _default_dtype(torch.float64), _weights_in_float64(programs):
+        yield
+
+
+def as_float64(value: Any) -> Any:
+    """Floating tensors (also inside lists, tuples and dicts) upcast to float64."""
+    return _double(value)
+
+
+#: module types whose output in training mode is random (dropout) or depends on the whole batch
+#: (batch normalization): a log-density through them is not a function of the sample sites
+_TRAINING_MODE_TYPES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.modules.dropout._DropoutNd,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.RReLU,
+)
+
+
+def outside_randomness(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Modules in training mode that make a program random beyond its sample sites, by name.
+
+    The modules that run during one pass of guide and model are recorded (a global forward
+    hook); those of a dropout or batch-norm type in training mode are named by their path from
+    the outermost module that ran, itself named as ``pyro.module`` registered it in the param
+    store (``"encoder.drop"``), or by its class. Empty if none is found (the randomness may then
+    come from ``torch.rand``-style calls outside ``pyro.sample``)."""
+    ran: dict[int, torch.nn.Module] = {}
+
+    def hook(module: torch.nn.Module, inputs: Any) -> None:
+        ran[id(module)] = module
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with forked_rng(), poutine.block(), torch.no_grad():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - naming is best effort; the caller still reports the randomness
+        pass
+    finally:
+        handle.remove()
+    inner = {id(sub) for m in ran.values() for sub in m.modules() if sub is not m}
+    roots = [m for key, m in ran.items() if key not in inner]
+    store = {id(p): name for name, p in pyro.get_param_store().named_parameters()}
+    names: list[str] = []
+    for root in roots:
+        prefix = type(root).__name__
+        for p in root.parameters():
+            if id(p) in store and "$$$" in store[id(p)]:
+                prefix = store[id(p)].split("$$$")[0]
+                break
+        for path, sub in root.named_modules():
+            if sub.training and isinstance(sub, _TRAINING_MODE_TYPES):
+                names.append(f"{type(sub).__name__} at {prefix + ('.' + path if path else '')}")
+    return names
 
 
 @contextlib.contextmanager
@@ -236,8 +441,16 @@ def _weights_in_float64(programs: tuple[Any, ...]) -> Iterator[None]:
 
 
 def _rounding_error_once(
-    model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any], num: int, max_plate_nesting: int
-) -> Tensor | None:
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    num: int,
+    max_plate_nesting: int,
+    upcast: bool = True,
+) -> tuple[LogWeights, LogWeights, dict[str, tuple[int, int]]] | None:
+    """The log-weights (per site too) of ``num`` particles, and again at the same draws; and
+    guide site -> (draws at the edge of the dtype's support, draws)."""
     with poutine.block(), torch.no_grad():
         record = _Record()
         with record:
@@ -248,21 +461,30 @@ def _rounding_error_once(
                 num_particles=num,
                 max_plate_nesting=max_plate_nesting,
                 vectorize_particles="plate",
+                need={"per_site"},
                 **kwargs,
             )
-        with _default_dtype(torch.float64), _Float64(record.values), _weights_in_float64((model, guide)):
-            high = log_weights(
-                model,
-                guide,
-                *_double(args),
-                num_particles=num,
-                max_plate_nesting=max_plate_nesting,
-                vectorize_particles="plate",
-                **_double(kwargs),
-            )
-    if high.log_w.dtype != torch.float64 or high.log_w.shape != low.log_w.shape:
+        if upcast:
+            with _default_dtype(torch.float64), _Replay(record.values), _weights_in_float64((model, guide)):
+                high = log_weights(
+                    model,
+                    guide,
+                    *_double(args),
+                    num_particles=num,
+                    max_plate_nesting=max_plate_nesting,
+                    vectorize_particles="plate",
+                    need={"per_site"},
+                    **_double(kwargs),
+                )
+        else:
+            with _Replay(record.values, upcast=False):
+                high = log_weights(
+                    model, guide, *args, num_particles=num, max_plate_nesting=max_plate_nesting,
+                    vectorize_particles="plate", need={"per_site"}, **kwargs,
+                )  # fmt: skip
+    if (upcast and high.log_w.dtype != torch.float64) or high.log_w.shape != low.log_w.shape:
         return None
-    return low.log_w.double() - high.log_w
+    return low, high, record.edges
 
 
 class FreeLocalGuide(Messenger):

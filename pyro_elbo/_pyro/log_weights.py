@@ -37,7 +37,9 @@ from pyro_elbo._pyro.tracing import (  # re-exported (__all__): the layer's entr
     PARTICLE_PLATE,
     _tensor,
     batch_frames,
+    dependencies,
     guess_max_plate_nesting,
+    has_baseline_options,
     particle_plated,
     plate_nesting,
     run_model,
@@ -80,6 +82,17 @@ class LogWeights:
             the log-weight restricted to the site's plates (Pyro's Rao-Blackwellization) and the
             site's unscaled log-density, whose gradient is the score function
             (:mod:`pyro_elbo._pyro.score`).
+        score_baselines: non-reparameterized guide site -> ``[S, *B, E]`` its learned baseline
+            (Pyro's ``nn_baseline`` or ``baseline_value``, in the units of ``log_r``), whose
+            squared error to the cost trains it (:mod:`pyro_elbo._pyro.score`).
+        baseline_decay: non-reparameterized guide site -> ``baseline_beta`` of the sites that
+            ask for Pyro's decaying-average baseline (kept by :class:`~pyro_elbo.ELBO`).
+        guide_enumerated: guide sites enumerated in parallel (``config_enumerate`` on the
+            guide). ``log_w`` then holds the exact sum over their values (the importance weight
+            :math:`\\sum_y p(x, y, z_y) / q(z_y \\mid y)`, :mod:`pyro_elbo._pyro.enum`).
+        elbo_terms: ``[S, *B]`` with guide enumeration, ``TraceEnum_ELBO``'s ELBO per particle
+            (each enumerated value weighted by its guide probability), which :func:`~pyro_elbo.estimators.elbo`
+            uses in place of ``log_w``; ``None`` otherwise.
         log_q_nonreparam: ``[S, *B]`` the scaled part of ``log_q`` from non-reparameterized
             sites (``None`` if there are none). Its direct gradient has expectation zero; the ELBO
             drops it, as Pyro's ``Trace_ELBO`` does.
@@ -103,6 +116,10 @@ class LogWeights:
     score_terms: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     log_q_nonreparam: Tensor | None = None
     log_q_observed: Tensor | None = None
+    score_baselines: dict[str, Tensor] = field(default_factory=dict)
+    baseline_decay: dict[str, float] = field(default_factory=dict)
+    guide_enumerated: tuple[str, ...] = ()
+    elbo_terms: Tensor | None = None
 
     @property
     def log_w(self) -> Tensor:
@@ -229,6 +246,8 @@ _TENSOR_FIELDS = (
     "site_log_q",
     "score_terms",
     "log_q_nonreparam",
+    "score_baselines",
+    "elbo_terms",
 )
 
 
@@ -243,13 +262,19 @@ def _log_weights_vectorized(
     detach_model_params: bool,
 ) -> LogWeights:
     model_trace, guide_trace = traces(model, guide, args, kwargs, num_particles, max_plate_nesting, detach_model_params)
-    enumerated = enum.enumerated_sites(model_trace, guide_trace)
+    guide_enumerated = enum.guide_enumerated_sites(guide_trace)
+    enumerated = enum.enumerated_sites(model_trace, guide_trace, guide_enumeration=bool(guide_enumerated))
     checks.check_model_guide(
         enum.without_sites(model_trace, enumerated),
         guide_trace,
         max_plate_nesting,
         num_particles > 1 and PARTICLE_PLATE,
+        guide_enumerated=guide_enumerated,
     )
+    if guide_enumerated:
+        return _guide_enumerated_log_weights(
+            model_trace, guide_trace, guide_enumerated, enumerated, max_plate_nesting, num_particles, need
+        )
     plated_model = particle_plated(model, num_particles, -max_plate_nesting - 1)
     if enumerated:  # sum them out: log p(x, z) of the marginal model, as in TraceEnum_ELBO
         with params_stopped() if detach_model_params else contextlib.nullcontext():
@@ -265,15 +290,19 @@ def _log_weights_vectorized(
         model_aligned, _ = enum.aligned_log_p(model_trace, guide_trace, reducer)
     else:
         model_aligned = {name: reducer.aligned(site) for name, site in model_sites.items()}
-    guide_aligned = {name: reducer.aligned(site) for name, site in guide_sites.items()}
+    guide_aligned = {name: reducer.aligned(site, role="guide") for name, site in guide_sites.items()}
     if "analytic_kl" in need:
         replace_with_kl(model_sites, guide_sites, model_aligned, guide_aligned, reducer)
     site_log_p = {name: reducer.reduce(t) for name, t in model_aligned.items()}
     site_log_q = {name: reducer.reduce(t) for name, t in guide_aligned.items()}
     score_sites = tuple(name for name, site in guide_sites.items() if not site["fn"].has_rsample)
+    if score_sites and has_baseline_options(guide_trace):
+        reducer.provenance = dependencies(model, guide, reducer.provenance)
     log_p = reducer.total(site_log_p.values())
     log_q = reducer.total(site_log_q.values())
-    terms = score_terms(model_sites, guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE)
+    terms, baselines = score_terms(
+        model_sites, guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE
+    )
     observed = tuple(n for n, site in guide_sites.items() if site["is_observed"])  # not drawn: no score
     log_q_score = reducer.total(
         reducer.reduce(reducer.aligned(guide_sites[n], scaled=False)) for n in score_sites if n not in observed
@@ -320,6 +349,56 @@ def _log_weights_vectorized(
         score_terms=terms,
         log_q_nonreparam=reducer.total(site_log_q[n] for n in score_sites) if score_sites else None,
         log_q_observed=reducer.total(site_log_q[n] for n in observed) if observed else None,
+        score_baselines=baselines.learned,
+        baseline_decay=baselines.decay,
+    )
+
+
+def _guide_enumerated_log_weights(
+    model_trace: Trace,
+    guide_trace: Trace,
+    guide_enumerated: tuple[str, ...],
+    model_enumerated: tuple[str, ...],
+    max_plate_nesting: int,
+    num_particles: int,
+    need: frozenset[str],
+) -> LogWeights:
+    """:class:`LogWeights` of a guide that enumerates ``guide_enumerated``: the exact sum over their
+    values inside the importance weight, and ``TraceEnum_ELBO``'s ELBO as ``elbo_terms``
+    (:func:`~pyro_elbo._pyro.enum.guide_enumerated_weights`)."""
+    if model_enumerated:
+        raise NotImplementedError(
+            f"The guide enumerates {list(guide_enumerated)} and the model enumerates {list(model_enumerated)}; "
+            "pyro_elbo sums out one side at a time. Sample one of them (drop its enumerate flag) or use "
+            "pyro.infer.TraceEnum_ELBO."
+        )
+    model_sites = dict(scored_sites(model_trace, named=True))
+    guide_sites = dict(scored_sites(guide_trace, named=True))
+    sampled = [n for n, site in guide_sites.items() if not site["fn"].has_rsample and n not in guide_enumerated]
+    if sampled:
+        raise NotImplementedError(
+            f"The guide enumerates {list(guide_enumerated)} and samples the discrete site(s) {sampled}, "
+            "whose score-function terms would need the enumerated weights; enumerate them too "
+            "(config_enumerate) or use pyro.infer.TraceEnum_ELBO."
+        )
+    batch = batch_frames(model_trace, guide_trace)
+    batch_scale = math.prod(frame.full_size / frame.size for frame in batch)
+    subsampled = tuple(sorted(set(subsampled_plates(model_trace, guide_trace)) - {frame.name for frame in batch}))
+    reducer = Reducer(max_plate_nesting, num_particles, batch, batch_scale)
+    num_dims = enum.num_enumeration_dims(guide_trace, max_plate_nesting)
+    summed = enum.guide_enumerated_weights(model_sites, guide_sites, guide_enumerated, reducer, num_dims)
+    per_site = "per_site" in need
+    return LogWeights(
+        log_p=summed.log_p,
+        log_q=summed.log_q,
+        log_q_score=reducer.total(()),
+        batch_plates=tuple(frame.name for frame in batch),
+        batch_scale=batch_scale,
+        subsampled_plates=subsampled,
+        site_log_p=summed.site_log_p if per_site else {},
+        site_log_q=summed.site_log_q if per_site else {},
+        guide_enumerated=guide_enumerated,
+        elbo_terms=summed.elbo_terms,
     )
 
 
@@ -347,6 +426,10 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
             k: (torch.cat([p.score_terms[k][0] for p in parts]), torch.cat([p.score_terms[k][1] for p in parts]))
             for k in first.score_terms
         },
+        score_baselines={k: torch.cat([p.score_baselines[k] for p in parts]) for k in first.score_baselines},
+        baseline_decay=first.baseline_decay,
+        guide_enumerated=first.guide_enumerated,
+        elbo_terms=cat([p.elbo_terms for p in parts]),
     )
 
 

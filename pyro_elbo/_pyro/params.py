@@ -22,6 +22,7 @@ from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import constraints, transform_to
 
+from pyro_elbo._pyro import checks
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
 
@@ -53,9 +54,15 @@ def trainable_params(trace: Trace) -> dict[str, Tensor]:
 def discover_params(model: Model, guide: Guide, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
     """Create every lazily initialized parameter of guide and model (without using the caller's
     random stream) and return :func:`trainable_params` of that run, in a deterministic order."""
-    with forked_rng(), poutine.trace(param_only=True) as capture:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    try:
+        with forked_rng(), poutine.trace(param_only=True) as capture:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+    except ValueError as error:  # Pyro's bare plate shape mismatch, named (a missing .to_event)
+        named = checks.plate_mismatch_error(error)
+        if named is None:
+            raise
+        raise named from error
     return trainable_params(capture.trace)
 
 

@@ -3,6 +3,11 @@
 Every site's ``log_prob`` is first *aligned*: left-padded to ``max_plate_nesting + 1`` dims, dim 0
 the particles and dim ``rank + frame.dim`` each plate. It is then summed over every dim except the
 particles and the batch plates (the plates that enclose every site), giving ``[S, *B]``.
+
+Under Pyro's ``TrackNonReparam`` (guides with baseline options, :mod:`pyro_elbo._pyro.score`) a
+``log_prob`` carries the names of the non-reparameterized sites it depends on; :meth:`Reducer.aligned`
+strips them, so every tensor it returns is a plain tensor, and keeps them per site in
+:attr:`Reducer.provenance`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,15 @@ from typing import Any
 
 import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.ops.provenance import extract_provenance
 from torch import Tensor
+
+
+def without_provenance(x: Tensor) -> tuple[Tensor, frozenset[str]]:
+    """``x`` as a plain tensor, and the names of the sites it depends on (empty if untracked)."""
+    value, provenance = extract_provenance(x)
+    assert isinstance(value, Tensor)
+    return value, frozenset(provenance)
 
 
 class Reducer:
@@ -33,13 +46,22 @@ class Reducer:
         self.shape = [num_particles] + [self.batch_dims.get(d, 1) for d in range(1, self.rank)]
         self.out_shape = [num_particles] + [self.batch_dims[d] for d in sorted(self.batch_dims)]
         self.like: Tensor | None = None
+        #: ``(role, site name) -> names of the non-reparameterized sites its log-density depends on``
+        #: (filled only where values carry provenance; ``role`` is ``"model"`` or ``"guide"``)
+        self.provenance: dict[tuple[str, str], frozenset[str]] = {}
 
-    def aligned(self, site: dict[str, Any], scaled: bool = True) -> Tensor:
+    def aligned(self, site: dict[str, Any], scaled: bool = True, role: str = "model", extra_dims: int = 0) -> Tensor:
         """The site's ``log_prob`` with ``rank`` dims; ``scaled=False`` leaves out scale and mask
-        (the score function :math:`\\nabla \\log q`, as in Pyro's ``ScoreParts``)."""
+        (the score function :math:`\\nabla \\log q`, as in Pyro's ``ScoreParts``: a
+        distribution's own ``.mask(...)`` does not apply either). ``role`` keys
+        the site's :attr:`provenance`. ``extra_dims`` more dims are allowed left of the particle
+        dim (the guide's enumeration dims, :func:`~pyro_elbo._pyro.enum.guide_enumerated_weights`)."""
         fn = site["fn"]
         try:
-            log_prob = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
+            if not scaled and hasattr(fn, "score_parts"):  # a masked distribution's score is unmasked
+                log_prob = fn.score_parts(site["value"], *site["args"], **site["kwargs"]).score_function
+            else:
+                log_prob = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
         except ValueError as error:  # distribution validation: say which site
             kind = "observed" if site["is_observed"] else "latent"
             raise ValueError(f"{kind} site '{site['name']}': {error}") from error
@@ -48,8 +70,12 @@ class Reducer:
             log_prob = scale_and_mask(log_prob, scale, site["mask"])
         if not isinstance(log_prob, Tensor):
             log_prob = torch.as_tensor(log_prob)
+        log_prob, provenance = without_provenance(log_prob)
+        if provenance:
+            self.provenance[(role, site["name"])] = provenance
         self.like = log_prob
-        extra = log_prob.dim() - self.rank
+        rank = self.rank + extra_dims
+        extra = log_prob.dim() - rank
         if extra > 0 and all(size == 1 for size in log_prob.shape[:extra]):  # e.g. Normal(zeros(1, 1)), no plate
             log_prob = log_prob.reshape(log_prob.shape[extra:])
             extra = 0

@@ -12,6 +12,7 @@ on SIGTERM/SIGINT), :mod:`~pyro_elbo.train.lock` (one writer per checkpoint path
 
 from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from pyro_elbo.train.hooks import Callbacks, Checkpointer, EarlyStopping, Hook, Progress, Validation
+from pyro_elbo.train.loading import load
 from pyro_elbo.train.loop import fit, init
 from pyro_elbo.train.result import FitResult, NonFiniteLossError
 from pyro_elbo.train.signals import TrainingTerminated
@@ -33,6 +34,7 @@ __all__ = [
     "Validation",
     "fit",
     "init",
+    "load",
     "load_checkpoint",
     "save_checkpoint",
     "step",

@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 import statistics
 
-from pyro_elbo.compiled import CompiledLoss
 from pyro_elbo.train.hooks import Hook
 from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import StepInfo
+from pyro_elbo.train.steppers import AutoStep, EagerStep
 
 #: a lower bound on capture + compilation (seconds): below this much eager time, never compile
 MIN_COMPILE_SECONDS = 2.0
@@ -63,7 +63,9 @@ def verdict(remaining: int, eager_seconds: float, compiled_seconds: float, compi
 
 
 class AutoCompile(Hook):
-    """Runs the three phases of the module docstring on ``state`` (put it first among the hooks).
+    """Runs the three phases of the module docstring on ``state`` (put it first among the hooks):
+    ``state.stepper`` becomes an :class:`~pyro_elbo.train.steppers.AutoStep` of the eager stepper
+    and the one ``init`` chose, and the hook tells it which to use.
 
     Args:
         total: the run's total steps.
@@ -75,14 +77,16 @@ class AutoCompile(Hook):
         self.phase = "eager"
         self.eager: list[float] = []
         self.compiled_times: list[float] = []
-        self.compiled: CompiledLoss | None = None
+        self.auto: AutoStep | None = None
         self.compile_seconds = 0.0
         self.settle_every = 1
 
     def on_start(self, state: TrainState) -> None:
-        self.compiled, state.compiled = state.compiled, None  # eager until decided
-        if self.compiled is None:
+        if state.compiled is None:
             self.phase = "done"
+            return
+        self.auto = AutoStep(EagerStep(), state.stepper)  # eager until decided
+        state.stepper = self.auto
 
     def seconds(self, info: StepInfo) -> float:
         """The step's wall-clock time (a separate method so tests can substitute timings)."""
@@ -97,7 +101,7 @@ class AutoCompile(Hook):
             if info.compile_seconds is None and state.compiled is not None and state.compiled.failed:
                 self.phase = "done"  # capture failed: CompiledLoss warned and the step ran eagerly
                 state.compile_decision = "compile='auto' stayed eager: the capture failed (see the warning)"
-                state.compiled, state.settle_every = None, self.settle_every
+                self._use(state, compiled=False)
                 return None
             self.compile_seconds = self.seconds(info)
             self.phase = "timing"
@@ -107,6 +111,13 @@ class AutoCompile(Hook):
                 self._decide_to_keep(state)
         return None
 
+    def _use(self, state: TrainState, compiled: bool) -> None:
+        """Switch the stepper (between steps: the state is unchanged) and restore the settle
+        interval the timing phase lowered."""
+        if self.auto is not None:
+            self.auto.switch(state, compiled)
+        state.settle_every = self.settle_every
+
     def _decide_to_try(self, state: TrainState) -> None:
         eager = statistics.median(self.eager[1:])
         remaining = self.total - state.step
@@ -114,7 +125,10 @@ class AutoCompile(Hook):
         if not go:
             self.phase, state.compile_decision = "done", why
             return
-        self.phase, state.compiled = "compiling", self.compiled
+        if self.auto is None:
+            return
+        self.phase = "compiling"
+        self.auto.switch(state, True)
         # time the compiled steps as the eager ones were: each step waits for the device
         self.settle_every, state.settle_every = state.settle_every, 1
 
@@ -123,6 +137,4 @@ class AutoCompile(Hook):
         remaining = self.total - state.step + len(self.compiled_times)
         keep, why = verdict(remaining, eager, compiled, self.compile_seconds)
         self.phase, state.compile_decision = "done", why
-        state.settle_every = self.settle_every
-        if not keep:
-            state.compiled = None
+        self._use(state, compiled=keep)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_elbo.compiled import LEDGER_FIELDS, CompiledLoss, Layout, adam_scalars
+from pyro_elbo.compiled import LEDGER_FIELDS, AdamBuffers, AdamScalars, CompiledLoss, Layout, adam_scalars
 
 #: the ledger entries a handled halt clears: its run of non-finite steps and the halting call
 _RESET_ON_HALT = [LEDGER_FIELDS.index("consecutive"), LEDGER_FIELDS.index("halted_at")]
@@ -78,8 +78,8 @@ class FlatAdam:
         self.limit = limit
         #: the ledger's ``skipped`` and ``calls`` when the host last read it
         self.seen_skipped = self.seen_calls = 0
-        self.buffers = [self.flat, self.exp_avg, self.exp_avg_sq, self.steps, self.ledger]
-        self.scalars: tuple[tuple[Any, ...], list[Tensor]] | None = None
+        self.buffers = AdamBuffers(self.flat, self.exp_avg, self.exp_avg_sq, self.steps, self.ledger)
+        self.scalars: tuple[tuple[Any, ...], AdamScalars] | None = None
 
     @classmethod
     def bind(cls, params: dict[str, Tensor], opt: torch.optim.Optimizer, limit: int = 1) -> FlatAdam | None:
@@ -121,13 +121,12 @@ class FlatAdam:
         and ``applied`` as 0-d tensors (nothing changed when not applied: the step was not finite,
         or the ledger had halted), or ``None`` if the graph is not available (run eagerly)."""
         self.scalars = adam_scalars(group, self.scalars, self.flat.dtype, self.flat.device)
-        inputs = [*self.buffers, *self.scalars[1]]
-        out = compiled.flat_adam(self.params, self.layout, inputs, args, kwargs)
+        out = compiled.flat_adam(self.params, self.layout, self.buffers, self.scalars[1], args, kwargs)
         if out is None:
             return None
         loss, finite, updated = out
         if updated:
-            torch._foreach_copy_(self.buffers, updated)
+            torch._foreach_copy_(list(self.buffers), updated)
         return loss, finite
 
     def read_ledger(self) -> tuple[int, int, int]:

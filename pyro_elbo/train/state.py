@@ -23,8 +23,8 @@ from pyro_elbo.objectives import Objective
 from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, FIELDS_2, missing_fields
 from pyro_elbo.train.data import DataPosition
 from pyro_elbo.train.flat import FlatAdam
-from pyro_elbo.train.nonfinite import settle
 from pyro_elbo.train.result import FitResult
+from pyro_elbo.train.steppers import Stepper, stepper_for
 
 #: optimizer options that choose an implementation, not the update: never a difference
 _IMPLEMENTATION_OPTIONS = {"params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable"}
@@ -81,6 +81,11 @@ class TrainState:
     )
     #: bytes of minibatch tensors those steps hold (their ledger is read before it passes 64 MiB)
     unsettled_bytes: int = field(default=0, repr=False)
+    #: what takes each step (:mod:`pyro_elbo.train.steppers`), chosen from ``compiled``
+    stepper: Stepper = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.stepper = stepper_for(self.compiled)
 
     #: device losses are read in one batch once this many are waiting
     FLUSH_EVERY = 256
@@ -133,18 +138,13 @@ class TrainState:
         """Read the compiled step's non-finite ledger now (:func:`~pyro_elbo.train.nonfinite.settle`):
         count skipped steps, and raise :class:`~pyro_elbo.NonFiniteLossError` for a refused one.
         :meth:`state_dict`, :meth:`result` and :meth:`release_flat_buffers` call it first."""
-        settle(self)
+        self.stepper.settle(self)
 
     def release_flat_buffers(self) -> None:
         """Parameters and Adam state out of the compiled step's flat buffers, each in its own memory
         (see :mod:`pyro_elbo.train.flat`); a later compiled step lays them out again. The ledger is
         read first (:meth:`settle`), and the buffers are released even when that raises."""
-        try:
-            self.settle()
-        finally:
-            if self.flat is not None:
-                self.flat.release()
-                self.flat = None
+        self.stepper.release(self)
 
     def result(self, stop_reason: str = "completed") -> FitResult:
         """The run so far as a :class:`~pyro_elbo.FitResult`."""

@@ -1,10 +1,10 @@
-"""One optimizer step of a :class:`~pyro_elbo.train.TrainState`: eager, compiled, or compiled with
-Adam in the graph; non-finite steps refused (naming the site) or skipped."""
+"""One optimizer step of a :class:`~pyro_elbo.train.TrainState`: ``state.stepper`` takes it (eager,
+compiled, or compiled with Adam in the graph: :mod:`pyro_elbo.train.steppers`); non-finite steps
+are refused (naming the site) or skipped, at once or when a deferred verdict is settled."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,15 +12,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_elbo import distributed
-from pyro_elbo._pyro.params import loss_and_params
 from pyro_elbo._random import torch_rng_state
-from pyro_elbo.compiled import adam_step, all_finite
-from pyro_elbo.train.flat import FlatAdam
-from pyro_elbo.train.nonfinite import find_nonfinite_site, refuse_or_skip, settle
+from pyro_elbo.train.nonfinite import find_nonfinite_site, refuse_or_skip
 from pyro_elbo.train.state import TrainState
+from pyro_elbo.train.steppers import add_new_params
 
-__all__ = ["StepInfo", "step", "find_nonfinite_site", "default_device"]
+__all__ = ["StepInfo", "step", "find_nonfinite_site", "default_device", "add_new_params"]
 
 
 class StepInfo:
@@ -99,33 +96,32 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     """
     args = args if args else state.args
     kwargs = {**state.kwargs, **kwargs} if kwargs else state.kwargs
-    compiled = state.compiled
+    stepper = state.stepper
     # the pre-step random state lets a refused step replay its draws (when they can be replayed)
-    replayable = compiled is None or compiled.backend == "eager" or compiled.failed is not None
-    rng_before = torch_rng_state() if state.on_nonfinite == "raise" and replayable else None
+    rng_before = torch_rng_state() if state.on_nonfinite == "raise" and stepper.replayable else None
     start = time.perf_counter()
     device = state.device
     with default_device(device):
-        loss, ok = _update(state, args, kwargs)
+        loss, ok = stepper(state, args, kwargs)
     compile_seconds = None
-    if compiled is not None and state.compile_seconds is None and compiled.capture_seconds:
-        compile_seconds = state.compile_seconds = sum(compiled.capture_seconds.values())
-    lean = isinstance(ok, Tensor)  # the flat compiled step: its ledger refuses or skips on the device
-    if lean:
+    if state.compile_seconds is None:
+        compile_seconds = state.compile_seconds = stepper.compile_seconds()
+    deferred = stepper.deferred  # the verdict is on the device: the stepper refuses or skips at settle
+    if deferred:
         state.unsettled.append((state.step, args, kwargs, loss))
     elif not ok:
         refuse_or_skip(state, float(loss), args, kwargs, rng_before)
     else:
         state.consecutive_skips = 0
-    if device is not None and device.type == "cuda" and (not lean or state.settle_every == 1):
-        torch.cuda.synchronize(device)  # (the lean step waits for nothing: its seconds are the host's)
+    if device is not None and device.type == "cuda" and (not deferred or state.settle_every == 1):
+        torch.cuda.synchronize(device)  # (a deferred step waits for nothing: its seconds are the host's)
     seconds = time.perf_counter() - start
     state.step_seconds.append(seconds)
     state.record_loss(loss)
     state.position.step += 1
-    if lean and (len(state.unsettled) >= state.settle_every or _holds_other_data(state, args)):
-        settle(state, rng_before)  # rewinds the record to before a refused step, and raises
-    if state.scheduler is not None and (not lean or bool(ok)):
+    if deferred and (len(state.unsettled) >= state.settle_every or _holds_other_data(state, args)):
+        stepper.settle(state, rng_before)  # rewinds the record to before a refused step, and raises
+    if state.scheduler is not None and (not deferred or bool(ok)):
         state.scheduler.step()  # (init sets settle_every=1 with a scheduler: the ledger was read)
     return state, StepInfo(state.position.step, loss, ok, seconds, compile_seconds)
 
@@ -141,67 +137,6 @@ def _holds_other_data(state: TrainState, args: tuple[Any, ...]) -> bool:
         return False
     state.unsettled_bytes += sum(a.nbytes for a in args if isinstance(a, Tensor))
     return state.unsettled_bytes > UNSETTLED_DATA_BYTES
-
-
-def _update(state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float | Tensor, bool | Tensor]:
-    """Loss, gradients and (if everything is finite) the optimizer step; returns (loss, finite),
-    both 0-d tensors on the flat compiled path (its ledger decides on the device)."""
-    compiled, params, opt = state.compiled, state.params, state.optimizer
-    if compiled is not None and compiled.adam:
-        flat = state.flat
-        limit = 1 if state.on_nonfinite == "raise" else state.max_consecutive_skips
-        if flat is None or not flat.valid(params, opt, limit):
-            settle(state)  # the old buffers' ledger, before they are dropped
-            flat = state.flat = FlatAdam.bind(params, opt, limit)
-        if flat is not None:
-            lean = flat.step(compiled, opt.param_groups[0], args, kwargs)
-            if lean is not None:
-                return lean
-        else:
-            done = adam_step(compiled, params, opt, args, kwargs)
-            if done is not None:
-                return done
-    out = compiled(params, args, kwargs) if compiled is not None and not compiled.adam else None
-    finite: Tensor | None = None
-    if out is not None:
-        loss, finite, param_grads = out
-        for param, grad in zip(params.values(), param_grads):
-            param.grad = grad
-    else:
-        objective, model, guide = state.objective, state.model, state.guide
-        try:
-            loss, seen = loss_and_params(lambda: objective.differentiable_loss(model, guide, *args, **kwargs))
-        except ValueError as error:  # Pyro's validation refuses NaN values: skipped like a NaN loss
-            if state.on_nonfinite != "skip" or "found invalid values" not in str(error):
-                raise
-            loss, seen = torch.tensor(math.nan), {}
-        add_new_params(seen, params, opt)
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-    if state.context.active:
-        distributed.average_gradients(list(params.values()), state.context)
-        loss = distributed.average_scalar(loss.detach(), state.context)
-        finite = None
-    if finite is None:
-        finite = all_finite(loss.detach(), [p.grad for p in params.values() if p.grad is not None])
-    loss_value = float(loss.detach())
-    if not bool(finite):
-        opt.zero_grad(set_to_none=True)
-        return loss_value, False
-    if state.clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(params.values()), state.clip_norm)
-    opt.step()
-    return loss_value, True
-
-
-def add_new_params(seen: dict[str, Tensor], params: dict[str, Tensor], opt: torch.optim.Optimizer) -> None:
-    """Parameters first read in this step (created lazily) join the optimizer in a new group."""
-    known = {id(p) for p in params.values()}
-    new = {name: leaf for name, leaf in seen.items() if name not in params and id(leaf) not in known}
-    if new:
-        params.update(new)
-        opt.add_param_group({"params": list(new.values())})
 
 
 def default_device(device: torch.device | None) -> contextlib.AbstractContextManager[None]:

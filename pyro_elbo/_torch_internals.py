@@ -1,0 +1,179 @@
+"""Every use of torch's private modules, in one place.
+
+The compiled path needs a few things torch offers only through private modules: inductor's
+``compile_fx`` (a graph compiled without Dynamo's per-call guards, and with inductor's on-disk
+caches), a fake-mode tracing context with a shape environment (without one those caches bypass),
+inductor's cache counters, its CPU vector-ISA check, ``make_fx`` with real tensors allowed beside
+fake ones, and fake-tensor metadata for graph rewrites. A torch release may move or change any of
+them. This module is the only one in the package that imports ``torch._inductor``,
+``torch._dynamo``, ``torch._guards``, ``torch._subclasses``, ``torch._prims``, ``torch._functorch``
+or ``torch.fx.experimental`` (``tests/test_architecture.py`` checks it), so an upgrade that breaks
+one shows up here, and each caller says what it does when a function here raises:
+
+===========================  ===========================================================================
+function                     a failure (any exception) degrades to
+===========================  ===========================================================================
+:func:`compile_fx`           ``torch.compile`` (the graph compiles; inductor's on-disk caches are lost)
+:func:`import_compile_fx`    ``torch.compile``, as :func:`compile_fx` (which meets the error again)
+:func:`shape_env_context`    ``torch.compile``, as :func:`compile_fx`
+:func:`cache_counters`       ``torch.compile``, as :func:`compile_fx`
+:func:`start_cpu_check`      nothing: the check is a head start; inductor runs it itself when compiling
+:func:`trace_fake`           the eager step (the model/guide cannot be captured)
+:func:`is_fake`,
+:func:`fake_mode_of`         the graph compiles without the rewrite that needed them
+:func:`is_data_dependent`    a failed capture described without naming a data-dependent guard
+===========================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def import_compile_fx() -> None:
+    """Import inductor's ``compile_fx`` module (and what it imports) without compiling anything."""
+    import torch._inductor.compile_fx  # noqa: F401
+
+
+def compile_fx(graph: torch.fx.GraphModule, inputs: list[Tensor], config_patches: dict[str, Any]) -> Callable[..., Any]:
+    """``graph`` compiled by inductor for ``inputs`` with ``config_patches``, without Dynamo."""
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+
+    compiled: Callable[..., Any] = inductor_compile_fx(graph, inputs, config_patches=config_patches)  # type: ignore[assignment]
+    return compiled
+
+
+@contextlib.contextmanager
+def shape_env_context() -> Iterator[None]:
+    """A tracing context whose fake mode has a shape environment, so that inductor's FX graph
+    cache and AOTAutograd's cache are used (without one both bypass: "No shape env"). The graph has
+    static shapes: the environment records no guards, and every cache entry is one exact input
+    signature. Inside someone else's compile (a tracing context already set), theirs is kept."""
+    import torch._guards
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if torch._guards.TracingContext.try_get() is not None:
+        yield
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    with torch._guards.tracing(torch._guards.TracingContext(mode)):
+        yield
+
+
+#: inductor's and AOTAutograd's cache counters, ``(group, name)``
+CACHE_COUNTERS = (
+    ("inductor", "fxgraph_cache_hit"),
+    ("inductor", "fxgraph_cache_miss"),
+    ("inductor", "fxgraph_cache_bypass"),
+    ("aot_autograd", "autograd_cache_hit"),
+    ("aot_autograd", "autograd_cache_miss"),
+    ("aot_autograd", "autograd_cache_bypass"),
+)
+
+
+@contextlib.contextmanager
+def cache_counters() -> Iterator[dict[str, int]]:
+    """The change of inductor's cache counters (:data:`CACHE_COUNTERS`) during the block, filled in
+    on exit; only the counters that changed are present."""
+    from torch._dynamo.utils import counters
+
+    before = {name: counters[group][name] for group, name in CACHE_COUNTERS}
+    changes: dict[str, int] = {}
+    try:
+        yield changes
+    finally:
+        for group, name in CACHE_COUNTERS:
+            change = counters[group][name] - before[name]
+            if change:
+                changes[name] = change
+
+
+#: the thread running :func:`start_cpu_check` (once per process)
+_cpu_check: threading.Thread | None = None
+
+
+def start_cpu_check() -> None:
+    """Start inductor's check of the CPU's vector instructions in a background thread (once per
+    process; a no-op after the first call, and a no-op when torch's modules for it are missing or
+    fail: inductor then meets the problem itself when it compiles, and the caller falls back).
+
+    Before it generates C++ for the CPU, inductor picks the widest vector ISA (AVX-512, AVX2...)
+    that the compiler builds and the machine loads: it compiles a small probe into its cache folder
+    and loads it in a child Python, in every process. That check waits on subprocesses, not on the
+    interpreter, so it runs beside the trace and inductor's own Python work instead of before the
+    code generation. It is inductor's own function, cached for the process: the graph compiles with
+    the ISA it finds, as it would without the thread.
+
+    Thread safety: every module the check imports is imported here, in the calling thread, before
+    the thread starts (imports of one package racing in two threads can meet half-initialised
+    modules); what the thread then does is run subprocesses and fill ``functools.cache`` entries.
+    If the compile needs the ISA before the thread has finished, inductor runs the check again
+    itself (a duplicate, waiting on inductor's file lock; the answer is the same)."""
+    global _cpu_check
+    if _cpu_check is not None:
+        return
+    try:
+        import torch._inductor.codecache
+        import torch.utils.cpp_extension  # noqa: F401  (the check's include paths; imports setuptools)
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        prefetch = getattr(torch._inductor.codecache.torch_key, "prefetch", None)
+    except Exception:  # a head start only: inductor's own call meets the problem and the caller falls back
+        return
+
+    def check() -> None:
+        try:
+            pick_vec_isa()
+        except Exception:  # inductor's own call meets it again, in the compiling thread
+            pass
+
+    _cpu_check = threading.Thread(target=check, name="pyro_elbo inductor CPU check", daemon=True)
+    _cpu_check.start()
+    # the hash of torch's sources in every cache key (file reads and sha256, once per process):
+    # inductor's own background computation for it (thread-safe: a lock, then a future)
+    if prefetch is not None:
+        try:
+            prefetch()
+        except Exception:  # inductor computes it itself when it needs it
+            pass
+
+
+def trace_fake(step: Callable[..., Any], example: list[Tensor]) -> torch.fx.GraphModule:
+    """``step`` traced by ``make_fx`` on fake copies of ``example`` (shapes, dtypes, devices);
+    real tensors the step creates or closes over (data, constants) are allowed beside the fakes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+
+
+def is_data_dependent(error: BaseException) -> bool:
+    """Whether ``error`` is torch's refusal to guard on a data-dependent value (``if tensor``,
+    ``int(tensor)``, a size read from data); ``False`` when torch no longer has that class."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    except Exception:
+        return False
+    return isinstance(error, GuardOnDataDependentSymNode)
+
+
+def is_fake(value: Any) -> bool:
+    """Whether ``value`` is a fake tensor (metadata only, no storage)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
+def fake_mode_of(values: list[Tensor]) -> Any:
+    """The fake mode of the fake tensors among ``values`` (``None`` if there are none); its
+    ``from_tensor`` makes fake metadata for a new constant, and inside ``with mode:`` an operation
+    on fake values gives the fake value of its result."""
+    import torch._guards
+
+    return torch._guards.detect_fake_mode(values)
