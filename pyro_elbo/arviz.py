@@ -13,6 +13,7 @@ float64 whatever the working dtype: ``az.loo`` exponentiates them and float32 ov
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -413,3 +414,71 @@ def _to_datatree(
     if history is not None:
         tree["fit_history"] = history
     return tree
+
+
+#: the characters netCDF (HDF5) refuses in variable and dimension names, and their safe form
+_NETCDF_REFUSED = {"/": "."}
+
+
+class NetCDFRenameWarning(UserWarning):
+    """Site names netCDF refuses (``/`` of ``pyro.contrib.autoname.scope``) were renamed in the file."""
+
+
+def to_netcdf(data: Any, path: str | os.PathLike[str]) -> dict[str, str]:
+    """Write an export of :func:`to_inference_data` to a netCDF file.
+
+    netCDF refuses ``/`` in variable and dimension names (HDF5's group separator), which
+    ``pyro.contrib.autoname.scope`` puts in site names (``"mixture/locs"``). Such names are written
+    with ``.`` instead (``"mixture.locs"``, with a trailing ``_`` while that clashes with another
+    name), with a :class:`NetCDFRenameWarning` naming the renames; every renamed group records them
+    in its attribute ``pyro_elbo_renamed`` (JSON, file name -> site name). A write that fails leaves
+    no partial file behind.
+
+    Returns:
+        The renames, site name -> name in the file (empty if none).
+    """
+    names: set[str] = set()
+
+    def collect(ds: Any) -> Any:
+        names.update(str(n) for n in (*ds.variables, *ds.dims))
+        return ds
+
+    _map_groups(data, collect)
+    renames: dict[str, str] = {}
+    for name in sorted(names):
+        if any(c in name for c in _NETCDF_REFUSED):
+            safe = "".join(_NETCDF_REFUSED.get(c, c) for c in name)
+            while safe in names or safe in renames.values():
+                safe += "_"
+            renames[name] = safe
+    if renames:
+        warnings.warn(
+            f"netCDF refuses '/' in names; written as: {', '.join(f'{a!r} -> {b!r}' for a, b in renames.items())} "
+            "(recorded in each group's attribute 'pyro_elbo_renamed')",
+            NetCDFRenameWarning,
+            stacklevel=2,
+        )
+
+        def rename(ds: Any) -> Any:
+            here = {a: b for a, b in renames.items() if a in ds.variables or a in ds.dims}
+            if not here:
+                return ds
+            ds = ds.rename(here)
+            ds.attrs["pyro_elbo_renamed"] = json.dumps({b: a for a, b in here.items()})
+            return ds
+
+        data = _map_groups(data, rename)
+    try:
+        data.to_netcdf(os.fspath(path))
+    except BaseException:
+        if os.path.exists(path):
+            os.remove(path)
+        raise
+    return renames
+
+
+def _map_groups(data: Any, fn: Any) -> Any:
+    """``fn`` applied to every group's Dataset: a new export (ArviZ 1.x DataTree or 0.x InferenceData)."""
+    if hasattr(data, "map_over_datasets"):
+        return data.map_over_datasets(fn)
+    return data.map(fn, inplace=False)

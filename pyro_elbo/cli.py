@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import math
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -228,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     guide, guide_label = _pick_guide(args, module, model, model_name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time() - 1.0  # outputs older than this run (its clock's coarseness aside) are not its own
     print(f"pyro-elbo: {args.file} -> {out}/  model={model_name} guide={guide_label} objective={objective!r}")
     result = pyro_elbo.fit(
         model,
@@ -255,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     if device is not None:
         model_args = tuple(a.to(device) if hasattr(a, "to") else a for a in model_args)
     failed = _after_fit(args, module, model, guide, model_args, result, summary, vectorize)
-    written = [name for name in OUTPUTS if (out / name).exists()]
+    written = [name for name in OUTPUTS if (out / name).exists() and (out / name).stat().st_mtime >= started]
     print()
     print(f"wrote {out}/{', '.join(written)}")
     if failed:
@@ -364,7 +366,9 @@ def _after_fit(
             log_likelihood=args.log_likelihood,
             **vectorize,
         )
-        idata.to_netcdf(str(out / "inference_data.nc"))
+        from pyro_elbo.arviz import to_netcdf
+
+        to_netcdf(idata, out / "inference_data.nc")
         return idata
 
     idata = attempt("the ArviZ export", export, ("to_inference_data(num_samples=", "--samples"))

@@ -234,6 +234,8 @@ def dreg(lw: LogWeights) -> Tensor:
     surrogate = (weights**2 * (lw.log_p - _stopped_log_q(lw, "dreg"))).sum(0)
     if lw.log_p_stopped_z is not None:
         surrogate = surrogate + ((weights - weights**2) * lw.log_p_stopped_z).sum(0)
+    if lw.log_q_observed is not None:  # a guide-observed log q has IWAE's gradient, weights w~ not w~^2
+        surrogate = surrogate - ((weights - weights**2) * lw.log_q_observed).sum(0)
     return _check_shape(replace_grad(value, surrogate), lw)
 
 

@@ -37,6 +37,7 @@ from pyro_elbo import ais
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.density import JointDensity, Observed, conditioned, guide_reads_data, simulate
 from pyro_elbo._pyro.inspect import sizeless_plate_problems
+from pyro_elbo._pyro.observed_plates import observed_per_point
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.weights import log_weights
 
@@ -252,7 +253,6 @@ def _iwae(
     **_: Any,
 ) -> Evidence:
     """Streaming IWAE: running log-sum-exps of ``log w`` and ``2 log w`` per data point."""
-    observed = JointDensity(model, guide, args, kwargs, 1).observed
     lse1: Tensor | None = None
     lse2: Tensor | None = None
     done = 0
@@ -272,7 +272,14 @@ def _iwae(
         se = (ratio / num_particles).sqrt()
     else:
         se = torch.full_like(per_point, math.nan)
-    return _evidence(per_point, se, "iwae", num_particles, num_particles, observed)
+    return _evidence(
+        per_point,
+        se,
+        "iwae",
+        num_particles,
+        num_particles,
+        observed_per_point(model, guide, args, kwargs, per_point.numel()),
+    )
 
 
 def _guide_scale(model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ais.Sites:

@@ -138,9 +138,10 @@ class Objective(pyro.infer.ELBO):
                 f"sample them ({name} then trains them by the score function where it can); kl_gap and "
                 "log_evidence use the exact sum."
             )
-        if self.spec.reparameterized_only and lw.score_sites:
+        drawn = [n for n in lw.score_sites if n not in lw.observed_score_sites]
+        if self.spec.reparameterized_only and drawn:
             raise ValueError(
-                f"{name} needs reparameterized guide sites, but {', '.join(map(repr, lw.score_sites))} "
+                f"{name} needs reparameterized guide sites, but {', '.join(map(repr, drawn))} "
                 "cannot be reparameterized (e.g. a discrete latent), and its gradient has no "
                 "score-function form; train it with pyro_elbo.ELBO (score function with baseline), "
                 "pyro_elbo.IWAE, pyro_elbo.RenyiELBO or pyro_elbo.VIMCO (leave-one-out score function)."

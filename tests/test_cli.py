@@ -317,3 +317,58 @@ def test_counts_may_be_written_in_scientific_notation() -> None:
     for bad in ("1.5", "1e-3", "many", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="not a whole number"):
             count(bad)
+
+
+SCOPED = """
+import pyro, torch
+import pyro.distributions as dist
+from pyro.contrib.autoname import scope
+
+def data():
+    return (torch.linspace(-1, 1, 8),)
+
+@scope(prefix="mix")
+def model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=x)
+"""
+
+
+def test_site_names_netcdf_refuses_are_written_renamed_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``autoname.scope`` names (``mix/mu``) cannot be netCDF names: the file has ``mix.mu``, the
+    renames are in its attributes, a warning names them; the file is listed as written."""
+    import arviz as az
+
+    from pyro_elbo.arviz import NetCDFRenameWarning
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scoped.py").write_text(SCOPED)
+    args = ("--steps", "5", "--samples", "20", "--diagnostic-particles", "20", "--out", "out", "--no-progress")
+    with pytest.warns(NetCDFRenameWarning, match="'mix/mu' -> 'mix.mu'"):
+        code, out, err = in_process(capsys, "run", "scoped.py", *args)
+    assert code == 0, err
+    assert "inference_data.nc" in out.splitlines()[-1]
+    idata = az.from_netcdf(tmp_path / "out" / "inference_data.nc")
+    assert "mix.mu" in idata.posterior and "mix.y" in idata.log_likelihood
+    assert idata.posterior.attrs["pyro_elbo_renamed"] == '{"mix.mu": "mix/mu"}'
+
+
+def test_an_output_of_an_earlier_run_is_not_listed_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fails.py").write_text(FAILS_AFTER_FIT)
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / "inference_data.nc"
+    stale.write_bytes(b"an earlier run's export")
+    os.utime(stale, (0, 0))
+    args = ("--steps", "5", "--samples", "100", "--diagnostic-particles", "100", "--out", "out", "--no-progress")
+    code, out, err = in_process(capsys, "run", "fails.py", *args)
+    assert code == 1 and "the ArviZ export failed" in err
+    wrote = [line for line in out.splitlines() if line.startswith("wrote ")]
+    assert wrote and "inference_data.nc" not in wrote[0] and "checkpoint.pt" in wrote[0]

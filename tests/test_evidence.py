@@ -307,3 +307,33 @@ def test_sizeless_plate_with_a_shared_site_is_named() -> None:
     assert len(evidence.per_point) == 1
     report = pyro_elbo.kl_gap(model, guide, x, num_particles=200, per_site=False)
     assert report.num_points == 1 and any("pyro.plate('data', N)" in w for w in report.warnings)
+
+
+def test_iwae_evidence_of_an_enumerated_model_with_a_point_mass_guide() -> None:
+    """IWAE needs no guide site per latent (AIS does): with the mixture assignments summed out and
+    a point mass at the means, every log-weight is log p(y, loc) exactly, so the estimate is that
+    number (no Monte Carlo error) and AIS still refuses the pair."""
+    from pyro.infer import config_enumerate
+    from pyro.infer.autoguide import AutoDelta
+    from pyro.ops.indexing import Vindex
+
+    y = torch.tensor([-2.1, -1.9, 2.0, 2.2, 1.8])
+
+    @config_enumerate
+    def model(y: Tensor) -> None:
+        loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 5.0).to_event(1))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("y", dist.Normal(Vindex(loc)[..., z], 1.0), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoDelta(pyro.poutine.block(model, expose=["loc"]))
+    guide(y)
+    loc = pyro.param("AutoDelta.loc").detach()
+    mixture = dist.Normal(loc, 1.0).log_prob(y.unsqueeze(-1)).logsumexp(-1) - math.log(2)
+    exact = float(dist.Normal(torch.zeros(2), 5.0).log_prob(loc).sum() + mixture.sum())
+    evidence = log_evidence(model, guide, y, num_particles=4)
+    assert evidence.total.value == pytest.approx(exact, rel=1e-5)
+    assert evidence.observed.dims == 5 // evidence.per_point.numel()
+    with pytest.raises(ValueError, match="AIS and BDMC"):
+        log_evidence(model, guide, y, num_particles=4, method="ais")

@@ -251,3 +251,30 @@ def test_a_batchnorm_decoder_takes_the_vmap_path() -> None:
     with pytest.warns(ParticlePathWarning, match="torch.func.vmap"):
         lw = log_weights(model, guide, num_particles=6)
     assert lw.log_w.shape == (6, 10) and bool(torch.isfinite(lw.log_w).all())
+
+
+def _gp_with_a_sampled_lengthscale():
+    import pyro.contrib.gp as gp
+    from pyro.nn import PyroSample
+
+    x = torch.linspace(-2.0, 2.0, 12, dtype=torch.float64)
+    kernel = gp.kernels.Matern52(input_dim=1)
+    kernel.lengthscale = PyroSample(dist.LogNormal(torch.tensor(0.0, dtype=torch.float64), 1.0))
+    noise = torch.tensor(0.1, dtype=torch.float64)
+    gpr = gp.models.GPRegression(x, torch.sin(2 * x), kernel, noise=noise, jitter=1e-3)
+    gpr.kernel.autoguide("lengthscale", dist.Normal)
+    return gpr
+
+
+def test_a_mismatch_seen_only_with_batched_particles_is_no_model_guide_mismatch() -> None:
+    """Pyro's GPRegression with a PyroSample hyperparameter is not written for batched latents; with
+    the particles batched its sites look mismatched, but the one-particle program is valid: the
+    plate says it cannot run the model (it names no mismatch), and ``auto`` takes another path."""
+    pyro.clear_param_store()
+    gpr = _gp_with_a_sampled_lengthscale()
+    with pytest.raises(ValueError, match="not written for batched latents") as refused:
+        log_weights(gpr.model, gpr.guide, num_particles=4, vectorize_particles="plate")
+    assert not getattr(refused.value, "names_a_mismatch", False)
+    with pytest.warns(ParticlePathWarning, match="cannot take a particle plate"):
+        loss = pyro_elbo.IWAE(num_particles=4).loss(gpr.model, gpr.guide)
+    assert math.isfinite(loss)

@@ -61,9 +61,12 @@ class LogWeights:
     Attributes:
         log_p: ``[S, *B]`` :math:`\\log p(x, z_s)` (scale and mask applied).
         log_q: ``[S, *B]`` :math:`\\log q(z_s \\mid x)`.
-        log_q_score: ``[S, *B]`` the unscaled log-density of the guide sites that are *not*
+        log_q_score: ``[S, *B]`` the unscaled log-density of the drawn guide sites that are *not*
             reparameterized (zeros if there are none); its gradient is the score function.
         score_sites: names of the non-reparameterized guide sites.
+        observed_score_sites: those of ``score_sites`` the guide observes (``obs=``): their value
+            is not drawn, so ``log_w``'s direct gradient of their ``log q`` is exact and an
+            objective that needs reparameterized draws can take them.
         batch_plates: names of the plates that enclose every site; ``B`` is their shape.
         batch_scale: subsampling factor ``full_size / subsample_size`` of the batch plates:
             a bound for the full data set is ``batch_scale * bound.sum()``.
@@ -93,12 +96,16 @@ class LogWeights:
         log_q_nonreparam: ``[S, *B]`` the scaled part of ``log_q`` from non-reparameterized
             sites (``None`` if there are none). Its direct gradient has expectation zero; the ELBO
             drops it, as Pyro's ``Trace_ELBO`` does.
+        log_q_observed: ``[S, *B]`` the scaled ``log q`` of the sites the guide observes
+            (``None`` if there are none): a function of the parameters only, the same in every
+            particle, so its gradient is direct (no score function, no path derivative).
     """
 
     log_p: Tensor
     log_q: Tensor
     log_q_score: Tensor
     score_sites: tuple[str, ...] = ()
+    observed_score_sites: tuple[str, ...] = ()
     batch_plates: tuple[str, ...] = ()
     batch_scale: float = 1.0
     subsampled_plates: tuple[str, ...] = ()
@@ -108,6 +115,7 @@ class LogWeights:
     site_log_q: dict[str, Tensor] = field(default_factory=dict)
     score_terms: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     log_q_nonreparam: Tensor | None = None
+    log_q_observed: Tensor | None = None
     score_baselines: dict[str, Tensor] = field(default_factory=dict)
     baseline_decay: dict[str, float] = field(default_factory=dict)
     guide_enumerated: tuple[str, ...] = ()
@@ -295,13 +303,20 @@ def _log_weights_vectorized(
     terms, baselines = score_terms(
         model_sites, guide_sites, model_aligned, guide_aligned, score_sites, reducer, PARTICLE_PLATE
     )
-    log_q_score = reducer.total(reducer.reduce(reducer.aligned(guide_sites[n], scaled=False)) for n in score_sites)
+    observed = tuple(n for n, site in guide_sites.items() if site["is_observed"])  # not drawn: no score
+    log_q_score = reducer.total(
+        reducer.reduce(reducer.aligned(guide_sites[n], scaled=False)) for n in score_sites if n not in observed
+    )
 
     log_q_stopped = None
     if "log_q_stopped" in need:
         with params_stopped():
             stopped, _ = trace_guide(guide, args, kwargs, num_particles, -max_plate_nesting - 1, replay=guide_trace)
-        log_q_stopped = reducer.total(reducer(site) for site in scored_sites(stopped))
+        # a site the guide observes has no path derivative: its log q keeps the parameters' gradient
+        log_q_stopped = reducer.total(
+            site_log_q[name] if site["is_observed"] else reducer(site)
+            for name, site in scored_sites(stopped, named=True)
+        )
 
     log_p_stopped_z = None
     if "log_p_stopped_z" in need and not detach_model_params and has_trainable_params(model_trace):
@@ -323,6 +338,7 @@ def _log_weights_vectorized(
         log_q=log_q,
         log_q_score=log_q_score,
         score_sites=score_sites,
+        observed_score_sites=tuple(n for n in score_sites if n in observed),
         batch_plates=tuple(frame.name for frame in batch),
         batch_scale=batch_scale,
         subsampled_plates=subsampled,
@@ -332,6 +348,7 @@ def _log_weights_vectorized(
         site_log_q=site_log_q if per_site else {},
         score_terms=terms,
         log_q_nonreparam=reducer.total(site_log_q[n] for n in score_sites) if score_sites else None,
+        log_q_observed=reducer.total(site_log_q[n] for n in observed) if observed else None,
         score_baselines=baselines.learned,
         baseline_decay=baselines.decay,
     )
@@ -395,6 +412,7 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
         log_q=torch.cat([p.log_q for p in parts]),
         log_q_score=torch.cat([p.log_q_score for p in parts]),
         score_sites=first.score_sites,
+        observed_score_sites=first.observed_score_sites,
         batch_plates=first.batch_plates,
         batch_scale=first.batch_scale,
         subsampled_plates=first.subsampled_plates,
@@ -403,6 +421,7 @@ def _concat(parts: list[LogWeights]) -> LogWeights:
         site_log_p={k: torch.cat([p.site_log_p[k] for p in parts]) for k in first.site_log_p},
         site_log_q={k: torch.cat([p.site_log_q[k] for p in parts]) for k in first.site_log_q},
         log_q_nonreparam=cat([p.log_q_nonreparam for p in parts]),
+        log_q_observed=cat([p.log_q_observed for p in parts]),
         score_terms={
             k: (torch.cat([p.score_terms[k][0] for p in parts]), torch.cat([p.score_terms[k][1] for p in parts]))
             for k in first.score_terms

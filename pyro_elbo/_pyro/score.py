@@ -73,6 +73,10 @@ def _plate_names(site: dict[str, Any], particle_plate: str) -> set[str]:
     return {f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != particle_plate}
 
 
+def _observed(site: dict[str, Any] | None) -> bool:
+    return bool(site is not None and site["is_observed"])
+
+
 def _sum_to(aligned: Tensor, keep: set[int]) -> Tensor:
     dims = [d for d in range(aligned.dim()) if d not in keep and aligned.shape[d] != 1]
     return aligned.sum(dims, keepdim=True) if dims else aligned
@@ -144,7 +148,13 @@ def score_terms(
     tracked = any(site["infer"].get("baseline") for site in guide_sites.values())
     provenance = reducer.provenance
     factors = [(model_sites.get(n), t, provenance.get(("model", n), frozenset())) for n, t in model_aligned.items()]
-    factors += [(guide_sites.get(n), -t, provenance.get(("guide", n), frozenset())) for n, t in guide_aligned.items()]
+    # log q of a site the guide observes is not a cost: its value is not drawn (Pyro's ``log_r``
+    # has the guide's density of the model's latents only)
+    factors += [
+        (guide_sites.get(n), -t, provenance.get(("guide", n), frozenset()))
+        for n, t in guide_aligned.items()
+        if not _observed(guide_sites.get(n))
+    ]
     terms = {}
     learned: dict[str, Tensor] = {}
     decay: dict[str, float] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pyro
 import pyro.poutine as poutine
@@ -139,12 +139,13 @@ def traces(
             _diagnose_model_failure(plated_model, guide_trace, args, kwargs, max_plate_nesting, num_particles, error)
             raise
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
-        if num_particles == 1 or isinstance(error, _NamedMismatch):
-            plate_error = checks.plate_mismatch_error(error)
-            if plate_error is None:
-                raise
-            raise plate_error from error
+        if num_particles == 1:
+            _raise_plate_mismatch(error)
         named = checks.diagnose_shape_failure(model, guide, args, kwargs, max_plate_nesting)
+        if isinstance(error, _NamedMismatch) and named is not None:
+            _raise_plate_mismatch(error)  # the program's own mismatch, named on the guide's values
+        # a mismatch seen only with the particles batched (a model not written for batched latents,
+        # e.g. a PyroSample hyperparameter of a GP kernel) is the plate's doing, not the program's
         if named is not None:
             raise (checks.plate_mismatch_error(named) or named) from error
         raise ValueError(
@@ -251,6 +252,14 @@ def _trace_guide_tracked(
         return trace_guide(guide, args, kwargs, num_particles, dim)
     with TrackNonReparam():
         return trace_guide(guide, args, kwargs, num_particles, dim)
+
+
+def _raise_plate_mismatch(error: Exception) -> NoReturn:
+    """Raise ``error``, as the plate mismatch it names where it names one."""
+    plate_error = checks.plate_mismatch_error(error)
+    if plate_error is None:
+        raise error
+    raise plate_error from error
 
 
 def _is_messenger(guide: Guide) -> bool:
