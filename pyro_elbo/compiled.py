@@ -56,6 +56,7 @@ from pyro_elbo._pyro.capture import (
 from pyro_elbo._pyro.capture_failures import describe_failure
 from pyro_elbo._pyro.params import loss_and_params, substituted_params
 from pyro_elbo._random import forked_rng
+from pyro_elbo._torch_internals import is_fake
 from pyro_elbo._typing import Guide, Model
 
 Signature = tuple[Any, ...]
@@ -229,9 +230,12 @@ class CompiledLoss:
         new = graph is None
         start = time.perf_counter()
         if graph is None:
+            saved = _objective_state(self.objective)
             try:
                 graph = capture()
+                _refuse_traced_state(self.objective)
             except Exception as error:  # CaptureError: the user's program; anything else: torch's internals
+                _restore_objective_state(self.objective, saved)  # the eager path continues from it
                 if self._in_eager_run:  # the model/guide itself raised, as it would on the eager path
                     self._in_eager_run = False
                     raise
@@ -260,6 +264,7 @@ class CompiledLoss:
         except Exception as error:
             if not new:
                 raise
+            _restore_objective_state(self.objective, saved)
             del self.graphs[signature]
             self.failed = f"compiling the captured graph failed: {type(error).__name__}: {error}"
             warnings.warn(f"compile=True: falling back to the eager path; {self.failed}", RuntimeWarning, stacklevel=4)
@@ -462,8 +467,58 @@ def _decide_eagerly(
     is untouched) so that choices made on a first call, such as the particle path, are made on
     real tensors: made while tracing, their trial runs would be recorded into the graph and draw
     random numbers on every step."""
+    trial = copy.copy(objective)
     with forked_rng():
-        copy.copy(objective).differentiable_loss(model, guide, *args, **kwargs)
+        trial.differentiable_loss(model, guide, *args, **kwargs)
+    # state the first call creates (ELBO's running baseline of a discrete guide site) is adopted
+    # from the trial run, so the graph is traced against real state that it updates in place,
+    # never against a first call's initialization (which would be recorded for every step)
+    mine, theirs = _objective_state(objective), _objective_state(trial)
+    if mine is not None and theirs is not None:
+        merged, changed = _with_missing(mine, theirs)
+        if changed:
+            _restore_objective_state(objective, merged)
+
+
+def _objective_state(objective: Any) -> Any:
+    """The objective's own training state (``state_dict()``), ``None`` if it keeps none."""
+    state_dict = getattr(objective, "state_dict", None)
+    return state_dict() if callable(state_dict) and callable(getattr(objective, "load_state_dict", None)) else None
+
+
+def _restore_objective_state(objective: Any, state: Any) -> None:
+    if state is not None:
+        objective.load_state_dict(state)
+
+
+def _with_missing(mine: Any, theirs: Any) -> tuple[Any, bool]:
+    """``mine`` with the entries of ``theirs`` it lacks (nested dicts), and whether any were added."""
+    if not (isinstance(mine, dict) and isinstance(theirs, dict)):
+        return mine, False
+    merged, changed = dict(mine), False
+    for key, value in theirs.items():
+        if key in mine:
+            merged[key], added = _with_missing(mine[key], value)
+            changed = changed or added
+        else:
+            merged[key], changed = value, True
+    return merged, changed
+
+
+def _refuse_traced_state(objective: Any) -> None:
+    """A trace that left fake values in the objective's state created that state while tracing:
+    the graph would repeat a first call's initialization on every step instead of carrying the
+    state, so the step is not compiled."""
+
+    def leaves(value: Any) -> list[Any]:
+        return [leaf for v in value.values() for leaf in leaves(v)] if isinstance(value, dict) else [value]
+
+    state = _objective_state(objective)
+    if state is not None and any(is_fake(leaf) for leaf in leaves(state)):
+        raise CaptureError(
+            f"{type(objective).__name__}'s own state (its running baselines) was created while the step was "
+            "traced, so the graph would not carry it from step to step"
+        )
 
 
 def all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:

@@ -9,7 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import pyro_elbo
 
@@ -226,3 +226,27 @@ def test_infer_keys_pyro_sets_itself_are_not_warned_about() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pyro_elbo.ELBO().loss(model, guide)
+
+
+def test_fit_compiled_from_the_first_step_carries_the_running_baseline() -> None:
+    """fit(compile=True) traces its very first step, before the running baseline exists: the
+    baseline made by the eager trial run is adopted, so the graph reads and advances real state.
+    (Traced as a first call's initialization, the baseline was each step's own cost, a zero
+    score-function gradient, and the objective kept a fake tensor after the run.)"""
+    from pyro_elbo._torch_internals import is_fake
+
+    model, guide = _discrete_pair()
+    objective = pyro_elbo.ELBO()
+    seen: list[Tensor] = []
+
+    def record(step: int, loss: float) -> bool:
+        seen.append(objective.state_dict()["baseline"]["k"].clone())
+        return True
+
+    pyro_elbo.fit(
+        model, guide, objective=objective, num_steps=4, compile=True, progress=False, seed=0, callbacks=[record]
+    )
+    assert not any(is_fake(value) for value in seen)
+    assert len({float(value) for value in seen}) == len(seen), seen  # it moves every step
+    logits = pyro.param("logits").detach()
+    assert float(logits[0]) != float(logits[1])  # the score term trained them
