@@ -409,8 +409,19 @@ def _to_datatree(
     history: Any,
 ) -> Any:
     """ArviZ 1.x: ``from_dict`` takes the groups as one nested dict (exercised by CI's newest-Python
-    leg)."""
+    leg). A DataTree refuses ``/`` in names (``pyro.contrib.autoname.scope``'s site names) as
+    netCDF does: they are renamed as :func:`to_netcdf` renames them, with the same warning and
+    record."""
+    renames = _safe_names({n for variables in groups.values() for n in variables} | set(dims))
+    if renames:
+        _warn_renames(renames)
+        groups = {g: {renames.get(n, n): v for n, v in variables.items()} for g, variables in groups.items()}
+        dims = {renames.get(n, n): d for n, d in dims.items()}
     tree = az.from_dict({k: v for k, v in groups.items() if v}, coords=coords, dims=dims)
+    for group, variables in groups.items():
+        here = {site: name for site, name in renames.items() if name in variables}
+        if here and variables:
+            tree[group].attrs["pyro_elbo_renamed"] = json.dumps({b: a for a, b in here.items()})
     if history is not None:
         tree["fit_history"] = history
     return tree
@@ -444,20 +455,9 @@ def to_netcdf(data: Any, path: str | os.PathLike[str]) -> dict[str, str]:
         return ds
 
     _map_groups(data, collect)
-    renames: dict[str, str] = {}
-    for name in sorted(names):
-        if any(c in name for c in _NETCDF_REFUSED):
-            safe = "".join(_NETCDF_REFUSED.get(c, c) for c in name)
-            while safe in names or safe in renames.values():
-                safe += "_"
-            renames[name] = safe
+    renames = _safe_names(names)
     if renames:
-        warnings.warn(
-            f"netCDF refuses '/' in names; written as: {', '.join(f'{a!r} -> {b!r}' for a, b in renames.items())} "
-            "(recorded in each group's attribute 'pyro_elbo_renamed')",
-            NetCDFRenameWarning,
-            stacklevel=2,
-        )
+        _warn_renames(renames)
 
         def rename(ds: Any) -> Any:
             here = {a: b for a, b in renames.items() if a in ds.variables or a in ds.dims}
@@ -475,6 +475,27 @@ def to_netcdf(data: Any, path: str | os.PathLike[str]) -> dict[str, str]:
             os.remove(path)
         raise
     return renames
+
+
+def _safe_names(names: set[str]) -> dict[str, str]:
+    """Each name netCDF (and a DataTree) refuses -> its safe form, unique among ``names``."""
+    renames: dict[str, str] = {}
+    for name in sorted(names):
+        if any(c in name for c in _NETCDF_REFUSED):
+            safe = "".join(_NETCDF_REFUSED.get(c, c) for c in name)
+            while safe in names or safe in renames.values():
+                safe += "_"
+            renames[name] = safe
+    return renames
+
+
+def _warn_renames(renames: dict[str, str]) -> None:
+    warnings.warn(
+        f"netCDF refuses '/' in names; written as: {', '.join(f'{a!r} -> {b!r}' for a, b in renames.items())} "
+        "(recorded in each group's attribute 'pyro_elbo_renamed')",
+        NetCDFRenameWarning,
+        stacklevel=3,
+    )
 
 
 def _map_groups(data: Any, fn: Any) -> Any:
