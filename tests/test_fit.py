@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gc
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pyro_elbo
 from pyro_elbo import train
 
 from models import default_conjugate, relative_tolerance
+from resume_runs import assert_same_run, run_child, straight
 
 HERE = Path(__file__).parent
 
@@ -81,27 +80,9 @@ def test_minibatch_gradients_average_to_the_full_batch_gradient() -> None:
     )
 
 
-def _child(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "resume_child.py"),
-            str(tmp_path / f"{name}.pt"),
-            str(tmp_path / f"{name}.out"),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp_path = tmp_path_factory.mktemp("straight")
-    straight = _child(tmp_path, "straight")
-    assert straight.returncode == 0, straight.stderr
-    return torch.load(tmp_path / "straight.out", weights_only=True)
+    return straight(tmp_path_factory.mktemp("straight"))
 
 
 @pytest.mark.parametrize(
@@ -110,20 +91,16 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ids=["mid-interval", "after-save", "during-write"],
 )
 def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, kill: tuple[str, str], straight_run: dict) -> None:
-    killed = _child(tmp_path, "run", *kill)
+    killed = run_child(tmp_path, "run", *kill)
     assert killed.returncode == -9, killed.stderr
     if kill[0] == "--kill-in-write":  # the previous checkpoint survived the interrupted write
         assert train.load_checkpoint(tmp_path / "run.pt")["step"] == 10
         assert len(list(tmp_path.glob(".run.pt.*.tmp"))) == 1
-    resumed = _child(tmp_path, "run", "--resume")
+    resumed = run_child(tmp_path, "run", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "left by a process that is no longer running" in resumed.stderr  # its lock, taken over
     assert not list(tmp_path.glob(".run.pt.*.tmp"))  # the interrupted write's file, removed
-    a = straight_run
-    b = torch.load(tmp_path / "run.out", weights_only=True)
-    assert a["history"] == b["history"]
-    for name in a["params"]:
-        assert torch.equal(a["params"][name], b["params"][name]), name
+    assert_same_run(straight_run, torch.load(tmp_path / "run.out", weights_only=True))
 
 
 def test_nan_in_data_names_the_observed_site_and_leaves_parameters_untouched() -> None:

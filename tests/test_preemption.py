@@ -21,32 +21,15 @@ import pyro_elbo
 from pyro_elbo import train
 from pyro_elbo.train.lock import CheckpointLock, CheckpointLocked
 
+from resume_runs import assert_same_run, run_child, straight
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
-def _child(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(HERE / "resume_child.py"), str(tmp_path / f"{name}.pt"), str(tmp_path / f"{name}.out")]
-        + list(extra),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp_path = tmp_path_factory.mktemp("straight")
-    straight = _child(tmp_path, "straight")
-    assert straight.returncode == 0, straight.stderr
-    return torch.load(tmp_path / "straight.out", weights_only=True)
-
-
-def _same_run(a: dict, b: dict) -> None:
-    assert a["history"] == b["history"]
-    for name in a["params"]:
-        assert torch.equal(a["params"][name], b["params"][name]), name
+    return straight(tmp_path_factory.mktemp("straight"))
 
 
 @pytest.mark.parametrize(
@@ -56,7 +39,7 @@ def test_a_signal_saves_the_step_reached_and_resume_is_bit_identical(
     tmp_path: Path, name: str, status: int, straight_run: dict
 ) -> None:
     """Checkpoints every 5 steps; the signal at step 7 used to lose steps 6 and 7."""
-    stopped = _child(tmp_path, "run", "--signal-at", "7", "--signal", name)
+    stopped = run_child(tmp_path, "run", "--signal-at", "7", "--signal", name)
     assert stopped.returncode == status, stopped.stderr
     assert train.load_checkpoint(tmp_path / "run.pt")["step"] == 7
     line = f"fit: stopped by SIG{name} after step 7 of 25; checkpoint {tmp_path / 'run.pt'} written at step 7"
@@ -64,9 +47,9 @@ def test_a_signal_saves_the_step_reached_and_resume_is_bit_identical(
     assert stopped.stderr.count("Traceback") == (1 if name == "INT" else 0)
     assert stopped.stderr.count('File "') <= 4 and "torch" not in stopped.stderr  # no traceback through torch
     assert not (tmp_path / "run.pt.lock").exists()
-    resumed = _child(tmp_path, "run", "--resume")
+    resumed = run_child(tmp_path, "run", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    _same_run(straight_run, torch.load(tmp_path / "run.out", weights_only=True))
+    assert_same_run(straight_run, torch.load(tmp_path / "run.out", weights_only=True))
 
 
 @pytest.mark.slow  # (a child process for tens of seconds)
@@ -90,9 +73,9 @@ def test_sigterm_from_outside_loses_no_step(tmp_path: Path, straight_run: dict) 
     assert child.returncode == 143, stderr
     reached = max(int(s) for s in trace.read_text().split())
     assert train.load_checkpoint(tmp_path / "run.pt")["step"] == reached
-    resumed = _child(tmp_path, "run", "--resume")
+    resumed = run_child(tmp_path, "run", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    _same_run(straight_run, torch.load(tmp_path / "run.out", weights_only=True))
+    assert_same_run(straight_run, torch.load(tmp_path / "run.out", weights_only=True))
 
 
 def _model(x: torch.Tensor) -> None:
@@ -202,7 +185,7 @@ def test_two_live_processes_on_one_checkpoint_path(tmp_path: Path) -> None:
         deadline = time.monotonic() + 120
         while not (tmp_path / "trace.txt").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        second = _child(tmp_path, "run", "--resume")
+        second = run_child(tmp_path, "run", "--resume")
         assert second.returncode == 1
         assert f"is being written by another run (pid {first.pid} on host" in second.stderr
     finally:
