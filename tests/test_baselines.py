@@ -156,7 +156,7 @@ def _discrete_pair():
 def test_running_baseline_is_captured_in_the_compiled_graph() -> None:
     """ELBO(num_particles=1) with a discrete site: the captured step reads and advances the running
     baseline as the eager step does, call after call (same draws, same losses and gradients)."""
-    from pyro_elbo.compiled import CompiledLoss
+    from pyro_elbo.compile.graph import CompiledLoss
 
     model, guide = _discrete_pair()
     eager, captured = pyro_elbo.ELBO(), pyro_elbo.ELBO()
@@ -191,7 +191,7 @@ def test_discrete_guide_compiles_under_svi_without_falling_back() -> None:
 def test_baseline_options_are_captured_in_the_compiled_graph() -> None:
     """The captured step (dependencies from the eager run, the decaying average updated in place)
     gives the eager step's loss and gradients, call after call, on the same draws."""
-    from pyro_elbo.compiled import CompiledLoss
+    from pyro_elbo.compile.graph import CompiledLoss
 
     program = _AIRLike(("nn", "decaying"))
     eager, captured = pyro_elbo.ELBO(), pyro_elbo.ELBO()
@@ -233,7 +233,7 @@ def test_fit_compiled_from_the_first_step_carries_the_running_baseline() -> None
     baseline made by the eager trial run is adopted, so the graph reads and advances real state.
     (Traced as a first call's initialization, the baseline was each step's own cost, a zero
     score-function gradient, and the objective kept a fake tensor after the run.)"""
-    from pyro_elbo._torch_internals import is_fake
+    from pyro_elbo.compile.torch_internals import is_fake
 
     model, guide = _discrete_pair()
     objective = pyro_elbo.ELBO()

@@ -1,4 +1,4 @@
-"""Inductor's persistent caches under the compiled step (``pyro_elbo._inductor.compile_graph``).
+"""Inductor's persistent caches under the compiled step (``pyro_elbo.compile.inductor.compile_graph``).
 
 A second compile of the same graph (same model, constants and input signature) must load the
 compiled kernels from the on-disk cache, and give the same numbers on the same random draws; a
@@ -20,8 +20,8 @@ from pyro.infer.autoguide import AutoNormal
 from torch import Tensor
 
 import pyro_elbo
-from pyro_elbo import _inductor, _torch_internals
-from pyro_elbo._compile_progress import CompileProgress, phase, stream_show
+from pyro_elbo.compile import inductor, torch_internals
+from pyro_elbo.compile.progress import CompileProgress, phase, stream_show
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_cache_lookups_see_a_shape_env() -> None:
     from torch._inductor.codecache import FxGraphCache
 
     assert FxGraphCache._get_shape_env() is None
-    with _torch_internals.shape_env_context():
+    with torch_internals.shape_env_context():
         assert FxGraphCache._get_shape_env() is not None
     assert FxGraphCache._get_shape_env() is None
 
@@ -69,10 +69,10 @@ def test_cpu_check_runs_once_beside_the_compile() -> None:
     the probe's subprocesses."""
     from torch._inductor.cpu_vec_isa import valid_vec_isa_list
 
-    _torch_internals.start_cpu_check()
-    thread = _torch_internals._cpu_check
-    _torch_internals.start_cpu_check()
-    assert thread is not None and _torch_internals._cpu_check is thread  # a second call starts nothing
+    torch_internals.start_cpu_check()
+    thread = torch_internals._cpu_check
+    torch_internals.start_cpu_check()
+    assert thread is not None and torch_internals._cpu_check is thread  # a second call starts nothing
     thread.join(timeout=300)
     assert not thread.is_alive()
     assert valid_vec_isa_list.cache_info().currsize == 1  # filled by the thread (an error leaves it empty)
@@ -82,32 +82,32 @@ def test_small_graphs_are_compiled_as_scalar_code() -> None:
     """Vector code pays only past SCALAR_CODE_MAX_ELEMENTS elements: a graph whose every tensor is
     at most that big compiles with ``cpp.simdlen = 1``; one larger tensor, anywhere in the graph,
     or a value without metadata, keeps the vector code."""
-    limit = _inductor.SCALAR_CODE_MAX_ELEMENTS
+    limit = inductor.SCALAR_CODE_MAX_ELEMENTS
     small = [torch.randn(4), torch.randn(limit // 4, 4)]  # x @ z: the largest tensor is x itself
     graph = _traced(_step(2.0, torch.zeros(limit // 4)), small)
-    assert _inductor.largest_tensor(graph, small) == limit
-    assert _inductor.cpu_patches(graph, small) == {**_inductor.CPU_PATCHES, "cpp.simdlen": 1}
+    assert inductor.largest_tensor(graph, small) == limit
+    assert inductor.cpu_patches(graph, small) == {**inductor.CPU_PATCHES, "cpp.simdlen": 1}
 
     def outer(w: Tensor, x: Tensor) -> tuple[Tensor, ...]:  # inputs as small, an intermediate past the limit
         product = x[:, None, :] * x[None, :, :]
         return product.sum() * w.sum(), w
 
     graph = _traced(outer, small)
-    assert _inductor.largest_tensor(graph, small) == (limit // 4) ** 2 * 4
-    assert "cpp.simdlen" not in _inductor.cpu_patches(graph, small)
+    assert inductor.largest_tensor(graph, small) == (limit // 4) ** 2 * 4
+    assert "cpp.simdlen" not in inductor.cpu_patches(graph, small)
 
     graph = _traced(_step(2.0, torch.zeros(limit // 4)), small)
     next(n for n in graph.graph.nodes if n.op == "call_function").meta.pop("val")
-    assert "cpp.simdlen" not in _inductor.cpu_patches(graph, small)
+    assert "cpp.simdlen" not in inductor.cpu_patches(graph, small)
 
 
 def test_same_graph_hits_the_cache(cache_dir: None) -> None:
     w, x = torch.randn(3), torch.randn(5, 3)
     shift = torch.arange(5.0)
-    first, _ = _inductor.compile_graph(_traced(_step(0.5, shift), [w, x]), [w, x], "inductor")
-    assert _inductor.last_stats.cache == "miss", _inductor.last_stats
-    second, _ = _inductor.compile_graph(_traced(_step(0.5, shift.clone()), [w, x]), [w, x], "inductor")
-    assert _inductor.last_stats.cache == "hit", _inductor.last_stats
+    first, _ = inductor.compile_graph(_traced(_step(0.5, shift), [w, x]), [w, x], "inductor")
+    assert inductor.last_stats.cache == "miss", inductor.last_stats
+    second, _ = inductor.compile_graph(_traced(_step(0.5, shift.clone()), [w, x]), [w, x], "inductor")
+    assert inductor.last_stats.cache == "hit", inductor.last_stats
     torch.manual_seed(3)
     a = first(w, x)
     torch.manual_seed(3)
@@ -139,8 +139,8 @@ def test_changes_miss_or_read_the_new_constants(cache_dir: None) -> None:
         (0.5, torch.tensor(7.0), 5),
     ]:
         fn = _affine(scale, shift[:rows] if shift.dim() else shift)
-        compiled, _ = _inductor.compile_graph(_traced(fn, [w, x[:rows]]), [w, x[:rows]], "inductor")
-        outcomes.append(_inductor.last_stats.cache)
+        compiled, _ = inductor.compile_graph(_traced(fn, [w, x[:rows]]), [w, x[:rows]], "inductor")
+        outcomes.append(inductor.last_stats.cache)
         for got, want in zip(compiled(w, x[:rows]), fn(w, x[:rows])):
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (scale, shift, rows)  # float32 rounding
     assert outcomes[:3] == ["miss", "miss", "miss"], outcomes
@@ -163,7 +163,7 @@ def _fit_cache(prior_scale: float, seed: int = 0) -> tuple[str, list[float]]:
     pyro.clear_param_store()
     model = _schools(prior_scale)
     result = pyro_elbo.fit(model, AutoNormal(model), y, sigma, num_steps=3, seed=seed, compile=True, progress=False)
-    return _inductor.last_stats.cache, [float(v) for v in result.history]
+    return inductor.last_stats.cache, [float(v) for v in result.history]
 
 
 @pytest.mark.slow  # three cold inductor compiles of a training step: ~50 s on two cores

@@ -15,7 +15,7 @@ import torch
 from pyro.nn import PyroModule, pyro_method
 
 import pyro_elbo
-from pyro_elbo.compiled import CompiledLoss
+from pyro_elbo.compile.graph import CompiledLoss
 from pyro_elbo.objectives import OBJECTIVES, make_objective
 
 from models import default_conjugate, relative_tolerance

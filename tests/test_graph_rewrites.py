@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from pyro_elbo._graph_rewrites import (
+from pyro_elbo.compile.rewrites import (
     CHUNK,
     MIN_CONTRACTED,
     constant_masks_as_indices,

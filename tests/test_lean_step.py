@@ -1,4 +1,4 @@
-"""The lean compiled Adam step (pyro_elbo.train.flat): parameters and Adam moments in flat
+"""The lean compiled Adam step (pyro_elbo.compile.flat): parameters and Adam moments in flat
 buffers, non-finite steps kept out inside the graph, losses read lazily. It must give eager Adam's
 parameters on the same draws, keep the parameter objects, survive a reload and ``p.data = ...``,
 and refuse or skip a non-finite step leaving parameters and Adam state exactly as they were."""
@@ -71,13 +71,13 @@ def test_the_copy_back_path_of_cuda_equals_the_in_place_path(monkeypatch: pytest
     """On CUDA the flat graph returns its buffers for the caller to copy (a graph that writes its
     inputs does not run as CUDA graphs); run that path on the CPU: same parameters, Adam state and
     skip count as the in-place path, on the same draws."""
-    import pyro_elbo.compiled
+    import pyro_elbo.compile.graph
 
     data = [True, False, True, True]
     runs = {}
     with pyro.validation_enabled(False):
         for writes in (True, False):
-            monkeypatch.setattr(pyro_elbo.compiled, "graph_writes_inputs", lambda device, w=writes: w)
+            monkeypatch.setattr(pyro_elbo.compile.graph, "graph_writes_inputs", lambda device, w=writes: w)
             state, _, raised = _run(8, data, on_nonfinite="skip")
             assert raised is None
             state.settle()
@@ -192,7 +192,7 @@ def test_a_nonfinite_step_is_skipped_and_consecutive_skips_stop() -> None:
 
 
 def _counting_ledger_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from pyro_elbo.train.flat import FlatAdam
+    from pyro_elbo.compile.flat import FlatAdam
 
     reads: list[int] = []
     original = FlatAdam.read_ledger
@@ -315,7 +315,7 @@ def test_fit_over_minibatches_refuses_or_skips_the_step_of_the_bad_batch(mode: s
 def test_guarded_step_halts_after_limit_consecutive_nonfinite_steps(
     limit: int, finite: str, applied: str, ledger: list[int]
 ) -> None:
-    from pyro_elbo.compiled import guarded_step
+    from pyro_elbo.compile.graph import guarded_step
 
     state = torch.tensor([limit, 0, 0, 0, 0])
     seen = ""

@@ -21,7 +21,8 @@ import torch
 from torch.distributions import constraints
 
 import pyro_elbo
-from pyro_elbo.train import TrainState, flat, init, step
+from pyro_elbo.compile import flat
+from pyro_elbo.train import TrainState, init, step
 
 from models import relative_tolerance
 

@@ -1,4 +1,4 @@
-"""Each private torch internal the compiled path uses (``pyro_elbo._torch_internals``), made to
+"""Each private torch internal the compiled path uses (``pyro_elbo.compile.torch_internals``), made to
 raise as a torch release that moves or changes it would: ``fit(compile=True)`` degrades to the next
 path down (inductor direct -> ``torch.compile`` -> eager) with a warning that says what was lost,
 and still trains to the eager answer."""
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import pyro_elbo
-from pyro_elbo import _graph_rewrites, _inductor, _torch_internals
 from pyro_elbo._pyro import capture, capture_failures
+from pyro_elbo.compile import inductor, rewrites, torch_internals
 
 from models import default_conjugate, relative_tolerance
 
@@ -46,7 +46,7 @@ def _fit_conjugate(**options: Any) -> tuple[pyro_elbo.FitResult, list[str]]:
 @pytest.mark.slow  # torch.compile compiles the graph: 30-60 s on two shared cores
 @pytest.mark.parametrize("internal", ["compile_fx", "shape_env_context", "cache_counters"])
 def test_inductor_direct_degrades_to_torch_compile(internal: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_inductor, internal, _moved)
+    monkeypatch.setattr(inductor, internal, _moved)
     result, messages = _fit_conjugate(compile=True)
     assert len(messages) == 1 and "compiled by torch.compile instead" in messages[0], messages
     assert "without inductor's on-disk caches" in messages[0] and "a torch release moved it" in messages[0]
@@ -59,15 +59,15 @@ def test_cpu_vec_isa_unimportable_still_trains(monkeypatch: pytest.MonkeyPatch) 
     first: in a release that moves the module, torch's code imports it by its new name.)"""
     importlib.import_module("torch._inductor.compile_fx")
     monkeypatch.setitem(sys.modules, "torch._inductor.cpu_vec_isa", None)
-    monkeypatch.setattr(_torch_internals, "_cpu_check", None)
+    monkeypatch.setattr(torch_internals, "_cpu_check", None)
     _, messages = _fit_conjugate(compile=True)
-    assert _torch_internals._cpu_check is None  # the head start was skipped, not half started
+    assert torch_internals._cpu_check is None  # the head start was skipped, not half started
     assert all("torch.compile instead" in m or "falling back to the eager path" in m for m in messages), messages
 
 
 def test_torch_compile_failing_too_degrades_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """Inductor direct and ``torch.compile`` both unusable: the eager step, on the eager draws."""
-    monkeypatch.setattr(_inductor, "compile_fx", _moved)
+    monkeypatch.setattr(inductor, "compile_fx", _moved)
     monkeypatch.setattr(torch, "compile", _moved)
     result, messages = _fit_conjugate(compile=True)
     assert len(messages) == 2, messages
@@ -103,7 +103,7 @@ def _fit_against_eager(
 
     eager, _ = run(False)
     with monkeypatch.context() as patch:
-        patch.setattr(_graph_rewrites, internal, _moved)
+        patch.setattr(rewrites, internal, _moved)
         compiled, messages = run(True)
     assert compiled == pytest.approx(eager, rel=relative_tolerance())
     return messages
@@ -167,13 +167,13 @@ def test_a_renamed_private_operation_leaves_its_rewrite_nothing_to_do(monkeypatc
         return torch.linalg.cholesky(a).diagonal().log().sum()
 
     a = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
-    assert _graph_rewrites.linalg_errors_as_nan(_torch_internals.trace_fake(cholesky_logdet, [a])) == 1
-    real = _graph_rewrites._overload
+    assert rewrites.linalg_errors_as_nan(torch_internals.trace_fake(cholesky_logdet, [a])) == 1
+    real = rewrites._overload
     monkeypatch.setattr(
-        _graph_rewrites,
+        rewrites,
         "_overload",
         lambda name, overload="default": None if name.startswith("_") else real(name, overload),
     )
-    graph = _torch_internals.trace_fake(cholesky_logdet, [a])
-    assert _graph_rewrites.linalg_errors_as_nan(graph) == 0 and _graph_rewrites.constant_masks_as_indices(graph) == 0
+    graph = torch_internals.trace_fake(cholesky_logdet, [a])
+    assert rewrites.linalg_errors_as_nan(graph) == 0 and rewrites.constant_masks_as_indices(graph) == 0
     assert torch.equal(graph(a), cholesky_logdet(a))

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._pyro.capture_failures import describe_failure
-from pyro_elbo._torch_internals import trace_fake
+from pyro_elbo.compile.torch_internals import trace_fake
 
 
 def trace_step(step: Callable[..., tuple[Tensor, ...]], example: list[Tensor]) -> torch.fx.GraphModule:

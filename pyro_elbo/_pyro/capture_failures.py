@@ -22,7 +22,7 @@ from types import TracebackType
 import pyro
 import torch
 
-from pyro_elbo._torch_internals import is_data_dependent
+from pyro_elbo.compile.torch_internals import is_data_dependent
 
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 _PYRO = os.path.dirname(os.path.abspath(pyro.__file__))

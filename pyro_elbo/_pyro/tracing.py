@@ -21,8 +21,8 @@ from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.params import params_stopped
 from pyro_elbo._pyro.particles import argument_signature
 from pyro_elbo._random import forked_rng
-from pyro_elbo._torch_internals import inside_make_fx
 from pyro_elbo._typing import Guide, Model
+from pyro_elbo.compile.torch_internals import inside_make_fx
 
 PARTICLE_PLATE = "_pyro_elbo_particles"
 
@@ -164,7 +164,7 @@ _TRACKED = ProgramCache()
 
 
 def capturing() -> bool:
-    """Whether the code runs inside a ``make_fx`` capture (:mod:`pyro_elbo.compiled`)."""
+    """Whether the code runs inside a ``make_fx`` capture (:mod:`pyro_elbo.compile.graph`)."""
     return inside_make_fx()
 
 

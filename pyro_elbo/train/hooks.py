@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from pyro_elbo._compile_progress import CompileProgress
 from pyro_elbo._random import forked_rng
+from pyro_elbo.compile.progress import CompileProgress
 from pyro_elbo.train import checkpoint
 from pyro_elbo.train.data import as_args, to_device
 from pyro_elbo.train.state import TrainState

@@ -18,11 +18,11 @@ from pyro_elbo import distributed
 from pyro_elbo._pyro.params import constrained_value
 from pyro_elbo._random import rng_state, set_rng_state
 from pyro_elbo._typing import Guide, Model
-from pyro_elbo.compiled import CompiledLoss
+from pyro_elbo.compile.flat import FlatAdam
+from pyro_elbo.compile.graph import CompiledLoss
 from pyro_elbo.objectives import Objective
 from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, FIELDS_2, missing_fields
 from pyro_elbo.train.data import DataPosition
-from pyro_elbo.train.flat import FlatAdam
 from pyro_elbo.train.result import FitResult
 from pyro_elbo.train.steppers import Stepper, stepper_for
 
@@ -69,7 +69,7 @@ class TrainState:
     #: ``fit(compile="auto")``'s choice and its reason, in one line
     compile_decision: str | None = None
     resumed_from_step: int | None = None
-    #: the compiled Adam step's flat parameter and moment buffers (:mod:`pyro_elbo.train.flat`)
+    #: the compiled Adam step's flat parameter and moment buffers (:mod:`pyro_elbo.compile.flat`)
     flat: FlatAdam | None = field(default=None, repr=False)
     #: the flat compiled step's non-finite ledger is read every this many steps
     #: (:func:`~pyro_elbo.train.nonfinite.settle`; :func:`~pyro_elbo.train.init` sets 1 with a
@@ -142,7 +142,7 @@ class TrainState:
 
     def release_flat_buffers(self) -> None:
         """Parameters and Adam state out of the compiled step's flat buffers, each in its own memory
-        (see :mod:`pyro_elbo.train.flat`); a later compiled step lays them out again. The ledger is
+        (see :mod:`pyro_elbo.compile.flat`); a later compiled step lays them out again. The ledger is
         read first (:meth:`settle`), and the buffers are released even when that raises."""
         self.stepper.release(self)
 

@@ -6,11 +6,11 @@ path shares (the record, non-finite refusals, the scheduler). The implementation
 
 - :class:`EagerStep`: Pyro's program run eagerly, ``loss.backward()``, the optimizer's own step;
 - :class:`CompiledGradients`: loss and gradients from one compiled graph
-  (:class:`~pyro_elbo.compiled.CompiledLoss`), the optimizer's own step (any optimizer, gradient
+  (:class:`~pyro_elbo.compile.graph.CompiledLoss`), the optimizer's own step (any optimizer, gradient
   clipping);
 - :class:`CompiledAdam`: loss, gradients and the Adam update of each parameter in one graph
   (a plain :class:`torch.optim.Adam`);
-- :class:`FlatAdamStep`: the same on flat buffers (:mod:`pyro_elbo.train.flat`), with the
+- :class:`FlatAdamStep`: the same on flat buffers (:mod:`pyro_elbo.compile.flat`), with the
   non-finite verdict kept on the device and read by :meth:`Stepper.settle` (``deferred``);
 - :class:`AutoStep`: ``fit(compile="auto")``, two steppers and the one now in use
   (:class:`~pyro_elbo.train.autocompile.AutoCompile` decides which).
@@ -30,8 +30,8 @@ from torch import Tensor
 
 from pyro_elbo import distributed
 from pyro_elbo._pyro.params import loss_and_params
-from pyro_elbo.compiled import CompiledLoss, adam_step, all_finite
-from pyro_elbo.train.flat import FlatAdam
+from pyro_elbo.compile.flat import FlatAdam
+from pyro_elbo.compile.graph import CompiledLoss, adam_step, all_finite
 from pyro_elbo.train.nonfinite import settle as settle_ledger
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class CompiledGradients(_Compiled):
 
 class CompiledAdam(_Compiled):
     """Loss, gradients and each parameter's Adam update in one graph call
-    (:func:`~pyro_elbo.compiled.adam_step`)."""
+    (:func:`~pyro_elbo.compile.graph.adam_step`)."""
 
     def __call__(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
         done = adam_step(self.compiled, state.params, state.optimizer, args, kwargs)
@@ -154,7 +154,7 @@ class CompiledAdam(_Compiled):
 
 class FlatAdamStep(_Compiled):
     """Loss, gradients and the Adam update of all parameters on flat buffers
-    (:class:`~pyro_elbo.train.flat.FlatAdam`, kept in ``state.flat``), the non-finite ledger on
+    (:class:`~pyro_elbo.compile.flat.FlatAdam`, kept in ``state.flat``), the non-finite ledger on
     the device; :class:`CompiledAdam` when the parameters cannot share one vector."""
 
     def __init__(self, compiled: CompiledLoss) -> None:

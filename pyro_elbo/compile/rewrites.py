@@ -25,9 +25,8 @@ which vectorizes along the summed dimension and fuses them with their neighbours
 are in ``benchmarks/README.md``.
 
 The result differs from the fused reduction only by float32 rounding: up to 8192 summed products
-the GEMM sums them in order, as inductor's cascade sum does at that length (for N=5000 the step's
-loss, finite flag and updated buffers came out bitwise equal over 5 seeds); beyond, the sum is
-chunked like the cascade (:func:`_chunked_mm`).
+the GEMM sums them in order, as inductor's cascade sum does at that length; beyond, the sum is
+chunked like the cascade (:func:`_chunked_mm`). Measured accuracy is in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_elbo._torch_internals import fake_mode_of, is_fake
+from pyro_elbo.compile.torch_internals import fake_mode_of, is_fake
 
 aten = torch.ops.aten
 
@@ -101,7 +100,7 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     check goes, and every floating-point output of the ``_ex`` operation becomes
     :math:`\\mathrm{where}(\\text{info} = 0, L, \\text{NaN})` per matrix. A failed factorization then
     gives a non-finite loss, which the compiled step refuses or skips like any other
-    (:func:`~pyro_elbo.compiled.guarded_step`); the eager replay that names the site raises the
+    (:func:`~pyro_elbo.compile.graph.guarded_step`); the eager replay that names the site raises the
     ``torch.linalg`` error itself. Without the rewrite the unchecked factor of a failed Cholesky is
     not NaN but whatever the partial factorization left, so the check cannot simply be dropped."""
     count = 0
@@ -355,9 +354,8 @@ def _chunked_mm(g: torch.fx.Graph, left: torch.fx.Node, right: torch.fx.Node, m:
     cascade sum up to ``2 * CHUNK`` terms (one level: it sums on in order), so up to there one
     ``mm``. Beyond, where the cascade adds chunk sums pairwise, the sum is chunked likewise: one
     ``bmm`` over the whole chunks of :data:`CHUNK`, its partial products summed, plus one ``mm``
-    for the rest, error up to :math:`(\\text{CHUNK} + k / \\text{CHUNK}) u` (measured on
-    :math:`r^\\top X` with 10^6 rows of positive-mean terms: 2.1e-7 relative, inductor 1.8e-7, one
-    ``mm`` 6.0e-5)."""
+    for the rest, error up to :math:`(\\text{CHUNK} + k / \\text{CHUNK}) u` (measurements in
+    ``benchmarks/README.md``)."""
     if k <= 2 * CHUNK:
         return _emit(g, aten.mm.default, left, right)
     whole, rest = divmod(k, CHUNK)  # whole >= 2

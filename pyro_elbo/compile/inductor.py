@@ -4,7 +4,7 @@ Inductor's ``compile_fx`` on the graph skips Dynamo and its per-call guards (the
 once by :func:`~pyro_elbo._pyro.capture.trace_step`); on CUDA it runs the graph as CUDA graphs
 (inductor's cudagraph trees, what ``mode="reduce-overhead"`` turns on): one launch per step
 instead of one per kernel. ``compile_fx`` is a private API (reached through
-:mod:`pyro_elbo._torch_internals`), so any failure there falls back to the public
+:mod:`pyro_elbo.compile.torch_internals`), so any failure there falls back to the public
 ``torch.compile``, with one warning that says the on-disk caches are lost.
 
 Persistent caches. Inductor keeps two caches on disk (``TORCHINDUCTOR_CACHE_DIR``, by default
@@ -33,8 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_elbo._compile_progress import phase
-from pyro_elbo._torch_internals import cache_counters, compile_fx, import_compile_fx, shape_env_context, start_cpu_check
+from pyro_elbo.compile.progress import phase
+from pyro_elbo.compile.torch_internals import (
+    cache_counters,
+    compile_fx,
+    import_compile_fx,
+    shape_env_context,
+    start_cpu_check,
+)
 
 __all__ = [
     "CPU_PATCHES",
@@ -53,7 +59,7 @@ __all__ = [
 #: ``compile_threads=1``: with one file a pool of compile workers has nothing to share out, and
 #: starting it (each worker imports torch) costs seconds. ``size_asserts=False``: the C++ wrapper
 #: would check every input's sizes and strides on each call; safe to drop because
-#: :class:`~pyro_elbo.compiled.CompiledLoss` keys its graphs by every input's shape and strides,
+#: :class:`~pyro_elbo.compile.graph.CompiledLoss` keys its graphs by every input's shape and strides,
 #: so an input of another layout gets a graph of its own.
 CPU_PATCHES: dict[str, Any] = {"compile_threads": 1, "cpp_wrapper": True, "size_asserts": False}
 

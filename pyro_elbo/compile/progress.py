@@ -2,7 +2,7 @@
 
 The compiled path spends seconds to minutes in the step that captures: tracing the step into a
 graph (:func:`~pyro_elbo._pyro.capture.trace_step`) and compiling it
-(:func:`~pyro_elbo._inductor.compile_graph`). Code doing such work wraps it in :func:`phase`;
+(:func:`~pyro_elbo.compile.inductor.compile_graph`). Code doing such work wraps it in :func:`phase`;
 nothing is shown unless a caller asked for it with a :class:`CompileProgress` (``fit``'s progress
 bar does). While it is active a line is redrawn twice a second::
 
