@@ -26,7 +26,7 @@ from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.log_weights import LogWeights, guess_max_plate_nesting, log_weights
 from pyro_elbo._pyro.particles import normalize as normalize_path
 from pyro_elbo._typing import Guide, Model
-from pyro_elbo.compile.graph import SVICompiledSteps
+from pyro_elbo.compile import SVICompiledSteps
 from pyro_elbo.estimators import Estimator, cubo, dreg, elbo, iwae, renyi, stl, vimco
 
 #: Options of ``pyro.infer.ELBO`` accepted for compatibility that change nothing here (documented).
@@ -49,7 +49,7 @@ class Objective(pyro.infer.ELBO):
             model runs on, decided once per model and argument shapes), ``"plate"`` (``True``),
             ``"vmap"`` or ``"sequential"`` (``False``); see :mod:`pyro_elbo._pyro.particles`.
         compile: in ``loss_and_grads`` (what ``pyro.infer.SVI`` calls), run loss and gradients as one
-            captured, compiled graph (:mod:`pyro_elbo.compile.graph`) after a first eager step; falls back
+            captured, compiled graph (:mod:`pyro_elbo.compile.svi`) after a first eager step; falls back
             to eager with one warning if the model cannot be captured. ``jit=True`` (Pyro's name for
             its ``JitTrace_ELBO``) means the same.
         retain_graph: passed to ``backward`` in ``loss_and_grads``, as in Pyro.

@@ -315,7 +315,7 @@ def test_fit_over_minibatches_refuses_or_skips_the_step_of_the_bad_batch(mode: s
 def test_guarded_step_halts_after_limit_consecutive_nonfinite_steps(
     limit: int, finite: str, applied: str, ledger: list[int]
 ) -> None:
-    from pyro_elbo.compile.graph import guarded_step
+    from pyro_elbo.compile.adam import guarded_step
 
     state = torch.tensor([limit, 0, 0, 0, 0])
     seen = ""

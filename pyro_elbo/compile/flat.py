@@ -8,7 +8,7 @@ moment), every step allocates and checks ``3n`` output buffers and writes ``3n``
 parameter's ``.data`` a view of it, and likewise each ``exp_avg``/``exp_avg_sq`` of the
 optimizer's state a view of a flat :math:`m, v \\in \\mathbb{R}^{D}`. The graph
 (:meth:`~pyro_elbo.compile.graph.CompiledLoss.flat_adam`) then takes four vectors and the non-finite
-ledger (:func:`~pyro_elbo.compile.graph.guarded_step`) and writes them in place (on CUDA it returns them
+ledger (:func:`~pyro_elbo.compile.adam.guarded_step`) and writes them in place (on CUDA it returns them
 and one ``_foreach_copy_`` writes the step).
 
 The parameters stay the same tensor objects (param store, modules, ``state_dict`` and
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_elbo.compile.graph import LEDGER_FIELDS, AdamBuffers, AdamScalars, CompiledLoss, Layout, adam_scalars
+from pyro_elbo.compile.adam import LEDGER_FIELDS, AdamBuffers, AdamScalars, Layout, adam_scalars
+from pyro_elbo.compile.graph import CompiledLoss
 
 #: the ledger entries a handled halt clears: its run of non-finite steps and the halting call
 _RESET_ON_HALT = [LEDGER_FIELDS.index("consecutive"), LEDGER_FIELDS.index("halted_at")]
@@ -73,7 +74,7 @@ class FlatAdam:
             offset += size
         self.state_dict_object = opt.state
         self.pointers = [p.data_ptr() for p in tensors]
-        #: :func:`~pyro_elbo.compile.graph.guarded_step`'s ledger, read by the host only now and then
+        #: :func:`~pyro_elbo.compile.adam.guarded_step`'s ledger, read by the host only now and then
         self.ledger = torch.tensor([limit, 0, 0, 0, 0], dtype=torch.int64, device=self.flat.device)
         self.limit = limit
         #: the ledger's ``skipped`` and ``calls`` when the host last read it

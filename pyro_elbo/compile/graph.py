@@ -12,8 +12,9 @@ randomness. One graph is kept per input signature (shapes, dtypes, devices, non-
 With a plain Adam optimizer the update runs inside the graph too. :meth:`CompiledLoss.flat_adam`
 takes all parameters as one flat vector :math:`\\theta \\in \\mathbb{R}^D` and the Adam moments as
 two more (:mod:`pyro_elbo.compile.flat` keeps them there), differentiates with respect to that
-vector, and applies :func:`flat_adam_update` only where the loss and gradient are finite and the
-non-finite ledger (:func:`guarded_step`) has not halted; on CPU the graph writes the four vectors
+vector, and applies :func:`~pyro_elbo.compile.adam.flat_adam_update` only where the loss and
+gradient are finite and the non-finite ledger (:func:`~pyro_elbo.compile.adam.guarded_step`) has
+not halted; on CPU the graph writes the four vectors
 and the ledger in place, so a step allocates no per-parameter outputs and reads nothing back. For
 inductor, ``torch.empty(shape).normal_()`` draws are rewritten to ``torch.randn`` so that they are
 generated inside the fused kernel (:func:`~pyro_elbo.compile.rewrites.standard_normals_as_randn`).
@@ -26,17 +27,14 @@ warning that says why.
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
-import pyro
 import torch
 from torch import Tensor
 
-from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.capture import (
     CaptureError,
     check_no_baked_parameters,
@@ -46,9 +44,20 @@ from pyro_elbo._pyro.capture import (
     trace_step,
 )
 from pyro_elbo._pyro.capture_failures import describe_failure
-from pyro_elbo._pyro.params import loss_and_params, substituted_params
+from pyro_elbo._pyro.params import substituted_params
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
+from pyro_elbo.compile.adam import (
+    AdamBuffers,
+    AdamMoments,
+    AdamScalars,
+    Layout,
+    adam_update,
+    all_finite,
+    flat_adam_update,
+    guarded_step,
+    split,
+)
 from pyro_elbo.compile.inductor import compile_graph, start_cpu_check
 from pyro_elbo.compile.progress import phase
 from pyro_elbo.compile.rewrites import (
@@ -60,51 +69,6 @@ from pyro_elbo.compile.rewrites import (
 from pyro_elbo.compile.torch_internals import is_fake
 
 Signature = tuple[Any, ...]
-
-
-class AdamScalars(NamedTuple):
-    """An optimizer's ``lr, betas, eps`` as 0-d tensors: inputs of the in-graph Adam update (a
-    scheduler's change is a new input, not a new graph)."""
-
-    lr: Tensor
-    beta1: Tensor
-    beta2: Tensor
-    eps: Tensor
-
-
-class AdamMoments(NamedTuple):
-    """``torch.optim.Adam``'s state of each parameter, as the per-parameter in-graph update reads it."""
-
-    exp_avg: list[Tensor]
-    exp_avg_sq: list[Tensor]
-    #: the step count (float32, as Adam keeps it; one for all parameters)
-    step: Tensor
-
-
-class AdamBuffers(NamedTuple):
-    """The flat compiled step's state (:mod:`pyro_elbo.compile.flat`): the parameters :math:`\\theta`
-    in one vector, the Adam moments :math:`m, v` laid out alike, one step count per parameter and
-    the non-finite ledger of :func:`guarded_step`."""
-
-    params: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    steps: Tensor
-    ledger: Tensor
-
-
-class Ledger(NamedTuple):
-    """The entries of :func:`guarded_step`'s ledger, in the order the ledger vector holds them."""
-
-    limit: Tensor
-    consecutive: Tensor
-    skipped: Tensor
-    calls: Tensor
-    halted_at: Tensor
-
-
-#: ``(name, shape)`` of each parameter, in the order they are laid out in a flat vector
-Layout = tuple[tuple[str, tuple[int, ...]], ...]
 
 
 class LossFunction(Protocol):
@@ -192,8 +156,9 @@ class CompiledLoss:
         ``buffers``: the parameters :math:`\\theta` concatenated in ``layout`` order (``(name,
         shape)`` per parameter; ``params`` are the parameter tensors themselves, views of
         ``buffers.params``), the Adam moments :math:`m, v` laid out alike, one step count per
-        parameter, and the non-finite ledger of :func:`guarded_step`. Returns the loss, ``applied`` (the step was finite and the ledger had
-        not halted) and the step's :math:`(\\theta', m', v', t')` (:func:`flat_adam_update`) under
+        parameter, and the non-finite ledger of :func:`~pyro_elbo.compile.adam.guarded_step`.
+        Returns the loss, ``applied`` (the step was finite and the ledger had not halted) and the
+        step's :math:`(\\theta', m', v', t')` (:func:`~pyro_elbo.compile.adam.flat_adam_update`) under
         :math:`x' = \\mathrm{where}(\\text{applied}, x_{\\text{new}}, x)`, then the new ledger, so
         a refused step changes nothing and the host reads no flag to keep it from writing. On CPU
         the graph writes them into the five buffers itself and the list is empty (no output
@@ -338,7 +303,7 @@ class CompiledLoss:
                 return (loss.detach(), finite, *grads)
             n = len(wanted)
             adam_state = AdamMoments(list(moments[:n]), list(moments[n : 2 * n]), moments[2 * n])
-            return (loss.detach(), finite, *_adam_update(wanted, grads, adam_state, AdamScalars(*moments[2 * n + 1 :])))
+            return (loss.detach(), finite, *adam_update(wanted, grads, adam_state, AdamScalars(*moments[2 * n + 1 :])))
 
         inputs = [args[i] for i in tensor_positions] + list(adam_inputs)
         trainable = [True] if layout is not None else [p.requires_grad for p in params.values()]
@@ -422,44 +387,6 @@ def graph_writes_inputs(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-class SVICompiledSteps:
-    """``loss_and_grads`` through :class:`CompiledLoss` for ``pyro.infer.SVI`` (``Objective(compile=True)``).
-
-    The first step of each model/guide pair runs eagerly and names the parameters; later steps
-    call the compiled graph with the param store's unconstrained tensors and accumulate the
-    gradients into their ``.grad``. Returns ``None`` (run eagerly) for parameters the param store
-    does not hold, or when capture failed."""
-
-    def __init__(self, objective: LossFunction) -> None:
-        self.objective = objective
-        #: per model/guide pair: the compiled loss (``None``: run eagerly) and its parameter names
-        self.programs = ProgramCache()
-
-    def __call__(self, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-        store = pyro.get_param_store()
-        entry: tuple[CompiledLoss | None, list[str]] | None = self.programs.get(model, guide)
-        if entry is None:  # the first step runs eagerly and names the parameters
-            loss, seen = loss_and_params(lambda: self.objective.differentiable_loss(model, guide, *args, **kwargs))
-            if loss.requires_grad:
-                loss.backward(retain_graph=bool(self.objective.retain_graph))
-            names = list(seen)
-            known = all(n in store for n in names)
-            self.programs.put(model, guide, (CompiledLoss(self.objective, model, guide) if known else None, names))
-            return float(loss.detach())
-        compiled, names = entry
-        if compiled is None:
-            return None
-        params = {name: store.get_param(name).unconstrained() for name in names}  # type: ignore[attr-defined]
-        out = compiled(params, args, kwargs)
-        if out is None:
-            return None
-        loss, _, grads = out
-        for name, param, grad in zip(names, params.values(), grads):
-            param.grad = grad if param.grad is None else param.grad + grad
-            pyro.param(name)  # let SVI's parameter trace see it
-        return float(loss)
-
-
 def _decide_eagerly(
     objective: LossFunction, model: Model, guide: Guide, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
@@ -519,191 +446,6 @@ def _refuse_traced_state(objective: Any) -> None:
             f"{type(objective).__name__}'s own state (its running baselines) was created while the step was "
             "traced, so the graph would not carry it from step to step"
         )
-
-
-def all_finite(loss: Tensor, grads: list[Tensor]) -> Tensor:
-    """A boolean scalar: the loss and every gradient are finite (no host sync)."""
-    return torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]).all()
-
-
-def _adam_update(params: list[Tensor], grads: list[Tensor], state: AdamMoments, scalars: AdamScalars) -> list[Tensor]:
-    """torch.optim.Adam's update (no weight decay, no amsgrad) of each parameter
-    (:func:`adam_moments`), as graph operations: returns the new parameters, first moments,
-    second moments and step count."""
-    step = state.step + 1
-    updates = [
-        adam_moments(p, g, m, v, step, *scalars) for p, g, m, v in zip(params, grads, state.exp_avg, state.exp_avg_sq)
-    ]
-    return [*(p.detach() for p, _, _ in updates), *(m for _, m, _ in updates), *(v for _, _, v in updates), step]
-
-
-#: the entries of :func:`guarded_step`'s ledger, in order
-LEDGER_FIELDS = Ledger._fields
-
-
-def guarded_step(finite: Tensor, ledger: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Whether a step may write, and the non-finite ledger after it: graph operations, so the host
-    need not read a flag every step (on CUDA, a synchronization).
-
-    ``ledger`` is an integer vector :math:`(\ell, c, s, n, h)` (:data:`LEDGER_FIELDS`): the limit
-    :math:`\ell` of consecutive non-finite steps, the current run :math:`c` of them, the number
-    :math:`s` of non-finite steps seen, the number :math:`n` of steps called and the call :math:`h`
-    at which the ledger halted (0: not halted). A step is *alive* while :math:`c < \ell`; it applies
-    its update iff it is alive and finite:
-
-    .. math::
-        a = [c < \ell] \wedge \text{finite}, \quad
-        c' = \begin{cases} 0 & \text{alive, finite} \\ c + 1 & \text{alive, not finite} \\
-        c & \text{halted} \end{cases}, \quad
-        s' = s + [c < \ell \wedge \neg\text{finite}], \quad n' = n + 1, \quad
-        h' = \begin{cases} n' & c < \ell \le c' \\ h & \text{else} \end{cases}
-
-    With :math:`\ell = 1` (``on_nonfinite="raise"``) the first non-finite step halts the ledger, so
-    it and every later step change nothing until the host reads it (and raises); with
-    :math:`\ell = ` ``max_consecutive_skips`` (``"skip"``) non-finite steps are skipped and
-    :math:`\ell` of them in a row halt it. Returns :math:`(a, (\ell, c', s', n', h'))`."""
-    limit, consecutive, skipped, calls, halted_at = Ledger(*ledger.unbind())
-    alive = consecutive < limit
-    applied = finite & alive
-    refused = alive & ~finite
-    new_consecutive = torch.where(
-        refused, consecutive + 1, torch.where(alive, torch.zeros_like(consecutive), consecutive)
-    )
-    new_calls = calls + 1
-    new_halted_at = torch.where(refused & (new_consecutive >= limit), new_calls, halted_at)
-    new_skipped = skipped + refused.to(skipped.dtype)
-    return applied, torch.stack(Ledger(limit, new_consecutive, new_skipped, new_calls, new_halted_at))
-
-
-def split(flat: Tensor, layout: Layout) -> list[Tensor]:
-    """Views of ``flat``, one per ``(name, shape)`` of ``layout``, laid out one after another."""
-    views, offset = [], 0
-    for _, shape in layout:
-        size = math.prod(shape)
-        views.append(flat[offset : offset + size].view(shape))
-        offset += size
-    return views
-
-
-def flat_adam_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    steps: Tensor,
-    lr: Tensor,
-    beta1: Tensor,
-    beta2: Tensor,
-    eps: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""torch.optim.Adam's update (no weight decay, no amsgrad) on flat vectors, as graph operations:
-
-    .. math::
-        t' = t + 1, \quad m' = \beta_1 m + (1 - \beta_1) g, \quad v' = \beta_2 v + (1 - \beta_2) g^2, \\
-        \theta' = \theta - \frac{\eta}{1 - \beta_1^{t'}} \, \frac{m'}{\sqrt{v'} / \sqrt{1 - \beta_2^{t'}} + \epsilon}
-
-    with one step count per parameter in ``steps`` (all equal; the first one is used). Returns
-    :math:`(\theta', m', v', t')`.
-
-    References:
-        | Adam: A Method for Stochastic Optimization (Kingma et al., 2015)
-        | https://arxiv.org/abs/1412.6980
-    """
-    new_steps = steps + 1
-    return (*adam_moments(param, grad, exp_avg, exp_avg_sq, new_steps[0], lr, beta1, beta2, eps), new_steps)
-
-
-def adam_moments(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: Tensor,
-    lr: Tensor,
-    beta1: Tensor,
-    beta2: Tensor,
-    eps: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    r"""One Adam update at step count ``step`` (already incremented, :math:`t'`):
-
-    .. math::
-        m' = \beta_1 m + (1 - \beta_1) g, \quad v' = \beta_2 v + (1 - \beta_2) g^2, \quad
-        \theta' = \theta - \frac{\eta}{1 - \beta_1^{t'}} \, \frac{m'}{\sqrt{v'} / \sqrt{1 - \beta_2^{t'}} + \epsilon}
-
-    Returns :math:`(\theta', m', v')`; the one formula of both in-graph Adam paths
-    (:func:`_adam_update` per parameter, :func:`flat_adam_update` on the flat vector)."""
-    bias1 = 1 - beta1**step
-    bias2_sqrt = (1 - beta2**step).sqrt()
-    m = exp_avg * beta1 + grad * (1 - beta1)
-    v = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
-    return param - (lr / bias1) * m / (v.sqrt() / bias2_sqrt + eps), m, v
-
-
-def adam_scalars(
-    group: dict[str, Any], cached: tuple[Any, AdamScalars] | None, dtype: torch.dtype, device: torch.device
-) -> tuple[Any, AdamScalars]:
-    """``lr, beta1, beta2, eps`` of an optimizer's param group as tensors of ``dtype`` on
-    ``device``, with the key they were made for: ``cached`` itself while that key still holds, so
-    a compiled step gets new scalar tensors only when a scheduler or the user changes them."""
-    beta1, beta2 = group["betas"]
-    values = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]))  # a tensor lr may change in place
-    key = (values, dtype, device)
-    if cached is not None and cached[0] == key:
-        return cached
-    return key, AdamScalars(*(torch.tensor(v, dtype=dtype, device=device) for v in values))
-
-
-def plain_adam(opt: torch.optim.Optimizer) -> bool:
-    """Adam with one parameter group and no weight decay, amsgrad or maximize: its update can run
-    inside the compiled graph (:func:`adam_step`)."""
-    if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
-        return False
-    group = opt.param_groups[0]
-    return not (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group.get("differentiable"))
-
-
-def adam_step(
-    compiled: CompiledLoss,
-    params: dict[str, Tensor],
-    opt: torch.optim.Optimizer,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> tuple[float, bool] | None:
-    """Loss, gradient and Adam update (:func:`_adam_update`) in one graph call for a
-    :func:`plain_adam` optimizer; ``None`` if the graph is not available (run eagerly).
-
-    The optimizer's own state tensors (``exp_avg``, ``exp_avg_sq``, ``step``) are read and written,
-    so checkpoints, schedulers (the learning rate is an input) and resume work unchanged. Nothing
-    is written when the step is not finite. Returns ``(loss, finite)``."""
-    group = opt.param_groups[0]
-    tensors = list(params.values())
-    states = []
-    for p in tensors:
-        state = opt.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states.append(state)
-    device, dtype = tensors[0].device, tensors[0].dtype
-    cached = compiled.adam_scalars = adam_scalars(group, compiled.adam_scalars, dtype, device)
-    step = states[0]["step"]  # float32, as torch's Adam keeps it; promoted inside the graph
-    moments = AdamMoments([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], step)
-    out = compiled(params, args, kwargs, (moments, cached[1]))
-    if out is None:
-        return None
-    loss, finite, updated = out
-    ok = bool(finite)
-    if ok:
-        n = len(tensors)
-        with torch.no_grad():
-            torch._foreach_copy_(tensors, updated[:n])
-        new_step = updated[3 * n]
-        for i, state in enumerate(states):
-            state["exp_avg"] = updated[n + i]
-            state["exp_avg_sq"] = updated[2 * n + i]
-            state["step"] = new_step if i == 0 else new_step.clone()  # never shared: eager Adam steps in place
-    return float(loss), ok
 
 
 def _arg_keys(args: tuple[Any, ...]) -> tuple[Any, ...]:

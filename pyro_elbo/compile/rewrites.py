@@ -100,7 +100,7 @@ def linalg_errors_as_nan(graph: torch.fx.GraphModule) -> int:
     check goes, and every floating-point output of the ``_ex`` operation becomes
     :math:`\\mathrm{where}(\\text{info} = 0, L, \\text{NaN})` per matrix. A failed factorization then
     gives a non-finite loss, which the compiled step refuses or skips like any other
-    (:func:`~pyro_elbo.compile.graph.guarded_step`); the eager replay that names the site raises the
+    (:func:`~pyro_elbo.compile.adam.guarded_step`); the eager replay that names the site raises the
     ``torch.linalg`` error itself. Without the rewrite the unchecked factor of a failed Cholesky is
     not NaN but whatever the partial factorization left, so the check cannot simply be dropped."""
     count = 0

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pyro_elbo._random import forked_rng
-from pyro_elbo.compile.progress import CompileProgress
+from pyro_elbo.compile import CompileProgress
 from pyro_elbo.train import checkpoint
 from pyro_elbo.train.data import as_args, to_device
 from pyro_elbo.train.state import TrainState

@@ -36,7 +36,7 @@ from torch import Tensor
 from pyro_elbo import distributed
 from pyro_elbo._pyro.params import discover_params
 from pyro_elbo._typing import Guide, Model
-from pyro_elbo.compile.graph import CompiledLoss, plain_adam
+from pyro_elbo.compile import CompiledLoss, plain_adam
 from pyro_elbo.objectives import ELBO, Objective
 from pyro_elbo.train.autocompile import AutoCompile
 from pyro_elbo.train.checkpoint import load_checkpoint
@@ -225,7 +225,7 @@ def fit(
             ``validate_every`` steps.
         seed: seeds torch, CUDA, Python and NumPy; same seed, same device -> identical runs.
         compile: capture the whole step (particles, guide, model, objective, gradients) as one graph
-            compiled with ``compile_backend`` (see :mod:`pyro_elbo.compile.graph`). The first step pays
+            compiled with ``compile_backend`` (see :mod:`pyro_elbo.compile`). The first step pays
             the compilation (seconds; reported in ``FitResult.compile_seconds``), so it pays off on
             long runs. Models that cannot be captured fall back to eager with one warning.
             ``"auto"`` times a few eager steps and compiles only when that can pay off within the

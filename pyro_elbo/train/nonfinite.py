@@ -3,7 +3,7 @@ ledger.
 
 Every path leaves parameters and optimizer state exactly as before a non-finite step. The eager
 and per-parameter compiled paths know at once whether a step was finite (one host read each). The
-flat compiled Adam step keeps the count on the device instead (:func:`~pyro_elbo.compile.graph.guarded_step`):
+flat compiled Adam step keeps the count on the device instead (:func:`~pyro_elbo.compile.adam.guarded_step`):
 under ``on_nonfinite="raise"`` the first non-finite step halts it, so that step and every later one
 change nothing, and :func:`settle` reads it every ``state.settle_every`` steps (and before a
 checkpoint, a result or the end of ``fit``), then raises for the step that failed, with its number,

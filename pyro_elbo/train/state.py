@@ -18,8 +18,7 @@ from pyro_elbo import distributed
 from pyro_elbo._pyro.params import constrained_value
 from pyro_elbo._random import rng_state, set_rng_state
 from pyro_elbo._typing import Guide, Model
-from pyro_elbo.compile.flat import FlatAdam
-from pyro_elbo.compile.graph import CompiledLoss
+from pyro_elbo.compile import CompiledLoss, FlatAdam
 from pyro_elbo.objectives import Objective
 from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, FIELDS_2, missing_fields
 from pyro_elbo.train.data import DataPosition

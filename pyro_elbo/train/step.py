@@ -85,7 +85,7 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     On the compiled Adam path (:mod:`pyro_elbo.compile.flat`) the step is one graph call that
     writes parameters and Adam moments (on CUDA one copy follows) and reads nothing back: the
     loss and ``info.finite`` stay device tensors until read, and non-finite steps are refused or
-    skipped inside the graph (:func:`~pyro_elbo.compile.graph.guarded_step`). The host reads that
+    skipped inside the graph (:func:`~pyro_elbo.compile.adam.guarded_step`). The host reads that
     ledger every ``state.settle_every`` steps (:func:`~pyro_elbo.train.nonfinite.settle`; 256 by
     default, 1 with a scheduler or ``compile_backend="eager"``): a refused step then raises up to
     that many steps later, for that step, its data and its number, with the parameters, optimizer

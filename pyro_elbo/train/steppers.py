@@ -30,8 +30,7 @@ from torch import Tensor
 
 from pyro_elbo import distributed
 from pyro_elbo._pyro.params import loss_and_params
-from pyro_elbo.compile.flat import FlatAdam
-from pyro_elbo.compile.graph import CompiledLoss, adam_step, all_finite
+from pyro_elbo.compile import CompiledLoss, FlatAdam, adam_step, all_finite
 from pyro_elbo.train.nonfinite import settle as settle_ledger
 
 if TYPE_CHECKING:
@@ -145,7 +144,7 @@ class CompiledGradients(_Compiled):
 
 class CompiledAdam(_Compiled):
     """Loss, gradients and each parameter's Adam update in one graph call
-    (:func:`~pyro_elbo.compile.graph.adam_step`)."""
+    (:func:`~pyro_elbo.compile.adam.adam_step`)."""
 
     def __call__(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
         done = adam_step(self.compiled, state.params, state.optimizer, args, kwargs)
