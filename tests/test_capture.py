@@ -269,6 +269,61 @@ def test_packed_sequences_fall_back_naming_pack_padded_sequence_and_the_line() -
     assert "mask" in message and "compile=False" in message, message
 
 
+# --- two modules registered under one name (Pyro's CEVAE: model and guide both have a t_nn) -----
+
+
+class _ClashingModel(PyroModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 1))  # "net$$$0.weight": the guide registers that name first
+
+    def forward(self, x: Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(self.net(z).squeeze(-1), 1.0), obs=x)
+
+
+class _ClashingGuide(PyroModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 4))
+
+    def forward(self, x: Tensor) -> None:
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = self.net(x.unsqueeze(-1)).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def test_parameters_outside_the_param_store_compile_as_constants() -> None:
+    """The model's ``net.0`` is shadowed in the param store by the guide's: neither the eager path
+    nor Pyro trains it, and the graph holds it as a constant. AOTAutograd (under inductor and
+    ``torch.compile``) differentiated the graph again because that constant required grad, and
+    failed on the step's in-place writes; the step now compiles (``aot_eager``: AOTAutograd with
+    the eager path's draws) and takes the eager path's steps."""
+
+    def fit(compile_backend: str | None) -> tuple[Any, list[str]]:
+        pyro.clear_param_store()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, guide, x = _ClashingModel(), _ClashingGuide(), torch.randn(10)
+        shadowed = model.net[0].weight.detach().clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = pyro_elbo.fit(
+                model, guide, x, num_steps=5, lr=0.01, seed=0, progress=False,
+                compile=compile_backend is not None, compile_backend=compile_backend or "inductor",
+            )  # fmt: skip
+        assert torch.equal(model.net[0].weight, shadowed)  # read, never trained
+        return result, [str(w.message) for w in caught if "falling back" in str(w.message)]
+
+    eager, _ = fit(None)
+    compiled, fallbacks = fit("aot_eager")
+    assert not fallbacks, fallbacks[0]
+    torch.testing.assert_close(torch.tensor(compiled.history), torch.tensor(eager.history))
+    for key, value in eager.params.items():
+        torch.testing.assert_close(compiled.params[key], value, msg=f"parameter {key} after 5 steps")
+
+
 # --- a Python value taken from a tensor --------------------------------------------------------
 
 
@@ -291,6 +346,31 @@ def test_python_branch_on_a_tensor_names_the_line() -> None:
     model = _branching()[0]
     assert "the model" in message and f"test_capture.py:{model.__code__.co_firstlineno + 2}" in message, message
     assert "if float(z) > 0:" in message and "torch.where" in message, message
+
+
+def _two_masked_selections() -> tuple[Any, Any, tuple[Any, ...]]:
+    """The CVAE example's pattern: the observed entries and their means selected by masks made
+    from the data (two mask tensors: two data-dependent sizes); the sizes first meet in the
+    package's shape check of the observed site, after the model returned."""
+
+    def model(x: Tensor) -> None:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        keep = x != -1
+        means = (z * torch.ones_like(x))[keep]
+        pyro.sample("obs", dist.Normal(means, 1.0).to_event(1), obs=x[x != -1])
+
+    def guide(x: Tensor) -> None:
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    return model, guide, (torch.tensor([0.5, -1.0, 1.5, -1.0, 0.2]),)
+
+
+def test_a_data_dependent_size_is_blamed_on_the_users_line_not_a_package_check() -> None:
+    message = _fallback_message(_two_masked_selections)
+    model = _two_masked_selections()[0]
+    lines = (_line_of("means = ", model), _line_of("obs=x[x != -1]", model))
+    assert "the model" in message and any(line in message for line in lines), message
+    assert "pyro_elbo" not in message and ".mask(" in message, message
 
 
 def test_numpy_in_the_model_is_named() -> None:

@@ -159,6 +159,37 @@ def test_data_dependent_check_failing_still_names_the_line(monkeypatch: pytest.M
     assert len(result.history) == 5
 
 
+def test_size_origins_failing_still_fall_back_and_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data_dependent_origins`` (the shape environment's record of where a data-dependent size
+    was made) only sharpens the message: raising, the step still falls back with one warning that
+    names no line of the package, and trains as the eager path does."""
+    monkeypatch.setattr(capture_failures, "data_dependent_origins", _moved)
+    x = torch.tensor([0.5, -1.0, 1.5, -1.0, 0.2])
+
+    def model() -> None:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        keep = x != -1
+        means = (z * torch.ones_like(x))[keep]  # two data-dependent sizes, compared in a package check
+        pyro.sample("obs", dist.Normal(means, 1.0).to_event(1), obs=x[x != -1])
+
+    def guide() -> None:
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+
+    def run(compile_: bool) -> tuple[list[float], list[str]]:
+        pyro.clear_param_store()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = pyro_elbo.fit(
+                model, guide, num_steps=5, seed=1, compile=compile_, compile_backend="eager", progress=False
+            )
+        return result.history, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+    compiled, messages = run(True)
+    assert len(messages) == 1 and "falling back to the eager path" in messages[0], messages
+    assert "pyro_elbo" not in messages[0], messages[0]
+    assert compiled == run(False)[0]
+
+
 def test_a_renamed_private_operation_leaves_its_rewrite_nothing_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rewrites look for private aten operations (``_linalg_check_errors``, ``_to_copy``...):
     in a torch without them the rewrite finds nothing, and the graph still runs."""

@@ -193,5 +193,25 @@ def check_no_baked_parameters(graph: torch.fx.GraphModule, params: dict[str, Ten
                 )
 
 
+def detach_untrained_parameters(graph: torch.fx.GraphModule) -> int:
+    """Make the parameters the graph holds as constants plain tensors; returns how many.
+
+    A module parameter the step reads but the param store does not hold (two modules registered
+    under one name, as Pyro's CEVAE model and guide do: the store keeps the first one's tensors,
+    and the other's are not trained, eagerly or by Pyro) is captured as a constant that still
+    requires grad. The graph already holds its own backward pass, but a compiler seeing an input
+    that requires grad differentiates the graph again (AOTAutograd's joint graph), which fails once
+    the step writes its buffers in place. Detached (the same storage), the constant is what it was
+    on the eager path: read, never trained. Run after :func:`check_no_baked_parameters`."""
+    detached = 0
+    for name, param in list(graph.named_parameters()):
+        owner_name, _, attribute = name.rpartition(".")
+        owner = graph.get_submodule(owner_name) if owner_name else graph
+        del owner._parameters[attribute]
+        owner.register_buffer(attribute, param.detach())
+        detached += 1
+    return detached
+
+
 def _storage(tensor: Tensor) -> tuple[str, int]:
     return (str(tensor.device), tensor.untyped_storage().data_ptr())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import sys
 import sysconfig
 import traceback
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ from types import TracebackType
 import pyro
 import torch
 
-from pyro_elbo.compile.torch_internals import is_data_dependent
+from pyro_elbo.compile.torch_internals import data_dependent_origins, is_data_dependent
 
 _TORCH = os.path.dirname(os.path.abspath(torch.__file__))
 _PYRO = os.path.dirname(os.path.abspath(pyro.__file__))
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # pyro_elbo
+_PACKAGE_DIR = os.path.join(_PACKAGE, "")
 #: torch's tracing and dispatch machinery: never the operation a user wrote
 _MACHINERY = tuple(
     os.path.join(_TORCH, part)
@@ -67,6 +69,11 @@ _VALUE_FIX = (
     "value: use tensor operations instead (torch.where, masks, poutine.mask), pass the numbers the "
     "model branches on as Python numbers rather than tensors, or use compile=False"
 )
+_SIZE_FIX = (
+    "compile=True records one graph for every step, so a size cannot depend on a tensor's values: keep "
+    "the full shape and mask what should not count instead (the distribution's .mask(...), or "
+    "poutine.mask), or use compile=False"
+)
 _PACKED_FIX = (
     "a packed batch's layout is computed from the values of its lengths, which must be host integers, "
     "so compile=True cannot capture it: run the RNN on the padded batch and mask the steps past each "
@@ -94,12 +101,23 @@ class _Frame:
 
 def describe_failure(error: BaseException) -> str:
     """A one-line account of a failed trace: what the model or guide does that cannot be captured,
-    at which line of the user's code, through which operation, and what to change."""
+    at which line of the user's code, through which operation, and what to change.
+
+    The blamed line is always the user's, never this package's: a guard on a data-dependent size
+    that fails in the package's own code (a shape check on a sample site, after the model returned)
+    is blamed on the user's line that made the size (``x[mask]``)."""
     frames, packed = _user_frames(error)
     user = next((f for f in reversed(frames) if _is_user(f)), None)
-    operation = next((f for f in reversed(frames) if not f.path.startswith(_MACHINERY) and not f.generated), None)
-    site = user or operation
+    innermost = next((f for f in reversed(frames) if not f.path.startswith(_MACHINERY) and not f.generated), None)
+    operation = None if innermost is None or innermost.path.startswith(_PACKAGE_DIR) else innermost
     role = _role(frames)
+    if user is None and _data_dependent(error):
+        origin = _size_origin(error)
+        if origin is not None:
+            made, stack = origin
+            role = _role(stack) if role == "the model/guide" else role
+            return f"{role} makes a tensor whose size depends on tensor values (a boolean mask, nonzero) at {made}; {_SIZE_FIX}"
+    site = user or operation
     at = f" at {site}" if site else ""
     via = (
         f", through {operation}"
@@ -114,6 +132,34 @@ def describe_failure(error: BaseException) -> str:
     if "numpy" in message.lower():
         return f"{role} converts a tensor to NumPy{at}{via}; the capture sees no values: use torch operations, or compile=False"
     return f"{role} cannot be traced{at}{via}: {message}"
+
+
+def _size_origin(error: BaseException) -> tuple[_Frame, list[_Frame]] | None:
+    """The user's line that made a data-dependent size a refused guard in ``error``'s chain asked
+    about (its innermost user frame when the size was created), with that creation's stack."""
+    for e in _chain(error):
+        if not _guard_on_data(e):
+            continue
+        try:
+            stacks = data_dependent_origins(e)
+        except Exception:  # torch's shape environment changed: the message names no line rather than ours
+            return None
+        for stack in stacks:
+            frames = [_frame(path, line, function) for path, line, function in stack]
+            made = next((f for f in reversed(frames) if _is_user(f)), None)
+            if made is not None:
+                return made, frames
+    return None
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which a warning issued by the caller points at the innermost frame
+    outside this package (the user's call of ``fit``, ``step`` or ``SVI.step``), never at the
+    package's own line: ``warnings.warn(..., stacklevel=user_stacklevel())``."""
+    frame, level = sys._getframe(1), 1  # the caller's frame is stacklevel 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_user(frame: _Frame) -> bool:
@@ -136,6 +182,10 @@ def _user_frames(error: BaseException) -> tuple[list[_Frame], bool]:
         if chosen is None and any(_is_user(f) for f in frames):
             chosen = frames
     return (outermost if chosen is None else chosen), packed
+
+
+def _frame(path: str, line: int, function: str) -> _Frame:
+    return _Frame(os.path.abspath(path), line, function, linecache.getline(path, line).strip())
 
 
 def _frames(tb: TracebackType | None) -> tuple[list[_Frame], bool]:

@@ -38,12 +38,13 @@ from torch import Tensor
 from pyro_elbo._pyro.capture import (
     CaptureError,
     check_no_baked_parameters,
+    detach_untrained_parameters,
     module_parameter_slots,
     module_state_kept,
     slots_replaced,
     trace_step,
 )
-from pyro_elbo._pyro.capture_failures import describe_failure
+from pyro_elbo._pyro.capture_failures import describe_failure, user_stacklevel
 from pyro_elbo._pyro.params import substituted_params
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -213,7 +214,7 @@ class CompiledLoss:
                 warnings.warn(
                     f"compile=True: falling back to the eager path because {cause}: {self.failed}",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
                 return None
             self.graphs[signature] = graph
@@ -231,8 +232,12 @@ class CompiledLoss:
                 raise
             _restore_objective_state(self.objective, saved)
             del self.graphs[signature]
-            self.failed = f"compiling the captured graph failed: {type(error).__name__}: {error}"
-            warnings.warn(f"compile=True: falling back to the eager path; {self.failed}", RuntimeWarning, stacklevel=4)
+            self.failed = f"compiling the captured graph failed: {type(error).__name__}: {_first_line(error)}"
+            warnings.warn(
+                f"compile=True: falling back to the eager path; {self.failed}",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
             return None
         if new:  # capture + compilation (torch.compile compiles on the first call)
             self.capture_seconds[signature] = time.perf_counter() - start
@@ -313,6 +318,7 @@ class CompiledLoss:
             with phase("trace"), module_state_kept((model, guide)):
                 graph = trace_step(step, example + inputs)
             check_no_baked_parameters(graph, params)
+            detach_untrained_parameters(graph)
             failed = _rewrite(graph, self.backend, skipped)
             if failed is None:
                 break
@@ -363,15 +369,19 @@ def _rewrite(graph: torch.fx.GraphModule, backend: str, skipped: set[str]) -> st
                 f"compile=True: the graph rewrite {name} failed ({type(error).__name__}: {_first_line(error)}); "
                 f"the step is compiled without it: {lost}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return name
     return None
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
+    """The first line of ``error``'s message, with the next one when it ends with a colon (torch's
+    ``backend='inductor' raised:``, then the error the backend raised)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _internal_failure(error: BaseException) -> str:

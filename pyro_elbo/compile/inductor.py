@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_elbo._pyro.capture_failures import user_stacklevel
 from pyro_elbo.compile.progress import phase
 from pyro_elbo.compile.torch_internals import (
     cache_counters,
@@ -140,7 +141,7 @@ def warn_fallback_to_torch_compile(failure: str) -> None:
         f"compile=True: inductor's direct compile failed ({failure}); the step is compiled by "
         "torch.compile instead, without inductor's on-disk caches (every process compiles it again)",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
 
 

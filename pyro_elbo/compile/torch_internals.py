@@ -10,19 +10,20 @@ them. This module is the only one in the package that imports ``torch._inductor`
 or ``torch.fx.experimental`` (``tests/test_architecture.py`` checks it), so an upgrade that breaks
 one shows up here, and each caller says what it does when a function here raises:
 
-===========================  ===========================================================================
-function                     a failure (any exception) degrades to
-===========================  ===========================================================================
-:func:`compile_fx`           ``torch.compile`` (the graph compiles; inductor's on-disk caches are lost)
-:func:`import_compile_fx`    ``torch.compile``, as :func:`compile_fx` (which meets the error again)
-:func:`shape_env_context`    ``torch.compile``, as :func:`compile_fx`
-:func:`cache_counters`       ``torch.compile``, as :func:`compile_fx`
-:func:`start_cpu_check`      nothing: the check is a head start; inductor runs it itself when compiling
-:func:`trace_fake`           the eager step (the model/guide cannot be captured)
+================================  ===========================================================================
+function                          a failure (any exception) degrades to
+================================  ===========================================================================
+:func:`compile_fx`                ``torch.compile`` (the graph compiles; inductor's on-disk caches are lost)
+:func:`import_compile_fx`         ``torch.compile``, as :func:`compile_fx` (which meets the error again)
+:func:`shape_env_context`         ``torch.compile``, as :func:`compile_fx`
+:func:`cache_counters`            ``torch.compile``, as :func:`compile_fx`
+:func:`start_cpu_check`           nothing: the check is a head start; inductor runs it itself when compiling
+:func:`trace_fake`                the eager step (the model/guide cannot be captured)
 :func:`is_fake`,
-:func:`fake_mode_of`         the graph compiles without the rewrite that needed them
-:func:`is_data_dependent`    a failed capture described without naming a data-dependent guard
-===========================  ===========================================================================
+:func:`fake_mode_of`              the graph compiles without the rewrite that needed them
+:func:`is_data_dependent`         a failed capture described without naming a data-dependent guard
+:func:`data_dependent_origins`    a failed capture described at the line where the guard failed
+================================  ===========================================================================
 """
 
 from __future__ import annotations
@@ -171,6 +172,30 @@ def is_data_dependent(error: BaseException) -> bool:
     except Exception:
         return False
     return isinstance(error, GuardOnDataDependentSymNode)
+
+
+def data_dependent_origins(error: BaseException) -> list[list[tuple[str, int, str]]]:
+    """Where the data-dependent sizes that a refused guard (``error``: :func:`is_data_dependent`)
+    asked about were made: for each of its unbacked symbols, the stack (``(file, line, function)``,
+    outermost first) at the operation that created it (``x[mask]``, ``nonzero``). The guard itself
+    may fail far from there (a shape check after the model returned). The shape environment that
+    holds these stacks is read from the traceback of the refusal (its methods raised it). ``[]``
+    when nothing is found, or torch's classes have moved or changed."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        env = None
+        tb = error.__traceback__
+        while tb is not None and env is None:
+            env = next((v for v in tb.tb_frame.f_locals.values() if isinstance(v, ShapeEnv)), None)
+            tb = tb.tb_next
+        cond = getattr(error, "cond", None)  # GuardOnDataDependentSymNode's expression
+        if env is None or cond is None:
+            return []
+        stacks = (env.var_to_stack.get(symbol) for symbol in sorted(cond.free_symbols, key=str))
+        return [[(f.filename, f.lineno or 0, f.name) for f in stack.summary()] for stack in stacks if stack is not None]
+    except Exception:  # the description then names the line where the guard failed
+        return []
 
 
 def is_fake(value: Any) -> bool:
