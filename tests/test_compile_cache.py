@@ -180,6 +180,23 @@ def test_fit_reuses_kernels_only_for_the_same_model(tmp_path: Path, monkeypatch:
     assert fresh == "miss" and changed == reference and changed != losses
 
 
+@pytest.mark.slow  # one cold inductor compile: ~15 s on two cores
+def test_sizes_made_from_data_compile_directly(cache_dir: None) -> None:
+    """A graph whose values have sizes made from data (``x[mask]``, unbacked symbols) compiles by
+    inductor directly, in the fake mode it was traced in (in a new one the compile's retrace made
+    symbols of the same names and refused them, and the step went through ``torch.compile``); the
+    warning of that fallback would fail this test (warnings are errors)."""
+
+    def masked(w: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+        kept = (x * w)[x > 0]
+        return (kept.exp().sum() / kept.numel(),)
+
+    w, x = torch.tensor(0.5), torch.tensor([0.3, -1.0, 2.0, -0.5, 1.0])
+    compiled, _ = inductor.compile_graph(_traced(masked, [w, x]), [w, x], "inductor")
+    assert inductor.last_stats.fallback == "", inductor.last_stats
+    torch.testing.assert_close(compiled(w, x)[0], masked(w, x)[0])
+
+
 def test_progress_line_names_each_phase() -> None:
     lines: list[tuple[str, bool]] = []
     with CompileProgress(show=lambda text, final: lines.append((text, final)), interval=0.01) as progress:

@@ -15,6 +15,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from capture_models import masked_sizes_compared_in_the_package
 
 import pyro_elbo
 from pyro_elbo._pyro import capture, capture_failures
@@ -162,30 +163,22 @@ def test_data_dependent_check_failing_still_names_the_line(monkeypatch: pytest.M
 def test_size_origins_failing_still_fall_back_and_train(monkeypatch: pytest.MonkeyPatch) -> None:
     """``data_dependent_origins`` (the shape environment's record of where a data-dependent size
     was made) only sharpens the message: raising, the step still falls back with one warning that
-    names no line of the package, and trains as the eager path does."""
+    names the user's line, not the package's, and trains as the eager path does."""
     monkeypatch.setattr(capture_failures, "data_dependent_origins", _moved)
-    x = torch.tensor([0.5, -1.0, 1.5, -1.0, 0.2])
-
-    def model() -> None:
-        z = pyro.sample("z", dist.Normal(0.0, 1.0))
-        keep = x != -1
-        means = (z * torch.ones_like(x))[keep]  # two data-dependent sizes, compared in a package check
-        pyro.sample("obs", dist.Normal(means, 1.0).to_event(1), obs=x[x != -1])
-
-    def guide() -> None:
-        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
+    model, guide, args = masked_sizes_compared_in_the_package()
 
     def run(compile_: bool) -> tuple[list[float], list[str]]:
         pyro.clear_param_store()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = pyro_elbo.fit(
-                model, guide, num_steps=5, seed=1, compile=compile_, compile_backend="eager", progress=False
+                model, guide, *args, num_steps=5, seed=1, compile=compile_, compile_backend="eager", progress=False
             )
         return result.history, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
     compiled, messages = run(True)
     assert len(messages) == 1 and "falling back to the eager path" in messages[0], messages
+    assert "test_torch_internals.py" not in messages[0] and "capture_models.py" in messages[0], messages[0]
     assert "pyro_elbo" not in messages[0], messages[0]
     assert compiled == run(False)[0]
 

@@ -104,14 +104,16 @@ def describe_failure(error: BaseException) -> str:
     at which line of the user's code, through which operation, and what to change.
 
     The blamed line is always the user's, never this package's: a guard on a data-dependent size
-    that fails in the package's own code (a shape check on a sample site, after the model returned)
-    is blamed on the user's line that made the size (``x[mask]``)."""
+    that fails in the package's own code (a check on a sample site, possibly after the model
+    returned) is blamed on the user's line that made the size (``x[mask]``), else on the user's
+    innermost line on the stack."""
     frames, packed = _user_frames(error)
     user = next((f for f in reversed(frames) if _is_user(f)), None)
     innermost = next((f for f in reversed(frames) if not f.path.startswith(_MACHINERY) and not f.generated), None)
-    operation = None if innermost is None or innermost.path.startswith(_PACKAGE_DIR) else innermost
+    in_package = innermost is not None and innermost.path.startswith(_PACKAGE_DIR)
+    operation = None if in_package else innermost
     role = _role(frames)
-    if user is None and _data_dependent(error):
+    if (user is None or in_package) and _data_dependent(error):
         origin = _size_origin(error)
         if origin is not None:
             made, stack = origin

@@ -274,6 +274,8 @@ def site_shape_error(
     With ``enumerated``, dims left of the particle dim (enumeration dims) are not checked."""
     if site["is_observed"] and is_deterministic(site):
         return None
+    if _sizes_from_data(site):  # a capture (compile=True): the eager run before it checked this site
+        return None
     batch_shape = tuple(site["fn"].batch_shape)
     shape, value_error = _log_prob_batch_shape(site, batch_shape)
     if enumerated:
@@ -286,6 +288,15 @@ def site_shape_error(
     if error is not None and site["is_observed"] and shape != batch_shape:
         return _observed_shape_error(site, batch_shape, shape, max_plate_nesting, particle_plate, None)
     return error
+
+
+def _sizes_from_data(site: Any) -> bool:
+    """Whether the site's shapes hold sizes that are not numbers: a step being captured in which
+    the size came from data (``x[mask]``). Comparing them would ask the capture for a value it does
+    not have; the eager run of the same step, before the capture, checked them as numbers."""
+    value = site["value"]
+    shapes = (site["fn"].batch_shape, site["fn"].event_shape, value.shape if isinstance(value, torch.Tensor) else ())
+    return any(not isinstance(size, int) for shape in shapes for size in shape)
 
 
 def _plate_rule_error(

@@ -122,7 +122,7 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
                     {"triton.cudagraphs": True} if cuda else cpu_patches(graph, inputs) if cpu else {}
                 )
                 prepare_compile_fx()
-                with cache_counters() as counts, shape_env_context(), _quiet_fallback_notes():
+                with cache_counters() as counts, shape_env_context(graph), _quiet_fallback_notes():
                     compiled = compile_fx(graph, inputs, patches)
                 last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
                 shown.note = f"cache {last_stats.cache}" if last_stats.cache else ""

@@ -51,19 +51,26 @@ def compile_fx(graph: torch.fx.GraphModule, inputs: list[Tensor], config_patches
 
 
 @contextlib.contextmanager
-def shape_env_context() -> Iterator[None]:
+def shape_env_context(graph: torch.fx.GraphModule | None = None) -> Iterator[None]:
     """A tracing context whose fake mode has a shape environment, so that inductor's FX graph
     cache and AOTAutograd's cache are used (without one both bypass: "No shape env"). The graph has
     static shapes: the environment records no guards, and every cache entry is one exact input
-    signature. Inside someone else's compile (a tracing context already set), theirs is kept."""
+    signature. A ``graph`` whose values have sizes made from data (``x[mask]``: unbacked symbols)
+    is compiled in the fake mode it was traced in, whose shape environment knows those symbols
+    (in a new one, the compile's retrace makes symbols of the same names and refuses them). Inside
+    someone else's compile (a tracing context already set), theirs is kept."""
     import torch._guards
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, free_unbacked_symbols
 
     if torch._guards.TracingContext.try_get() is not None:
         yield
         return
-    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    values = [] if graph is None else [node.meta.get("val") for node in graph.graph.nodes]
+    traced = None
+    if any(free_unbacked_symbols(value) for value in values if value is not None):
+        traced = torch._guards.detect_fake_mode([v for v in values if isinstance(v, Tensor)])
+    mode = traced if traced is not None else FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
     with torch._guards.tracing(torch._guards.TracingContext(mode)):
         yield
 
