@@ -1,6 +1,6 @@
 """``fit(compile="auto")``: compile the step only when it pays off within the requested steps.
 
-The decision is made on measurements of this run, in three phases driven by :class:`AutoCompile`
+The decision is made on measurements of this run, in four phases driven by :class:`AutoCompile`
 (a hook that runs before the others):
 
 1. **Eager probe.** The first ``probe + 1`` steps run eagerly (they are real training steps); the
@@ -8,20 +8,33 @@ The decision is made on measurements of this run, in three phases driven by :cla
 2. **Gate.** With :math:`R` steps left, eager training costs :math:`R\\,t_e`. Compiling costs at
    least :data:`MIN_COMPILE_SECONDS` (capture + inductor, warm cache, on the machines we
    measured), so if :math:`R\\,t_e` is below it the run stays eager without compiling.
-3. **Compile and check.** Otherwise the next step captures and compiles (its time :math:`C` is
-   measured), ``probe`` compiled steps give :math:`t_c`, and the run keeps the compiled step if
+3. **Compile in the background.** Otherwise a child process builds the compiled step
+   (:mod:`pyro_elbo.train.background`, forked right before the next eager step) while training
+   goes on eagerly; the hook polls the child between steps. When it has exited cleanly the
+   compiler's caches hold the graph. If the child fails, one warning says so and the compile
+   happens in the foreground as below; where forking is not safe (parameters off the CPU,
+   ``torch.distributed``) this phase is skipped. A run that ends first stays eager, and the
+   child is killed when the run ends for any reason.
+4. **Compile and check.** The next step captures and compiles (from the caches when the child
+   filled them; its time :math:`C` is measured), ``probe`` compiled steps give :math:`t_c`, and the run keeps the compiled step if
    :math:`t_c < t_e`, else returns to eager. The decision line says whether the compile paid off
    within the requested steps, i.e. whether :math:`C + R' t_c < R' t_e + C_{\\text{probe}}`
    (:math:`R'` the steps left after the compile), and the break-even step count
    :math:`C / (t_e - t_c)`.
 
 The line is written by the progress bar and kept in ``FitResult.compile_decision``.
+
+Draws: every step before the switch is an eager step of the parent process and draws from the
+global random state exactly as ``compile=False`` would (the child's draws are its own copy's); the
+first compiled step draws from the same state the next eager step would have started from.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
+import warnings
 
 from pyro_elbo.train.hooks import Hook
 from pyro_elbo.train.state import TrainState
@@ -63,7 +76,7 @@ def verdict(remaining: int, eager_seconds: float, compiled_seconds: float, compi
 
 
 class AutoCompile(Hook):
-    """Runs the three phases of the module docstring on ``state`` (put it first among the hooks):
+    """Runs the four phases of the module docstring on ``state`` (put it first among the hooks):
     ``state.stepper`` becomes an :class:`~pyro_elbo.train.steppers.AutoStep` of the eager stepper
     and the one ``init`` chose, and the hook tells it which to use.
 
@@ -80,6 +93,9 @@ class AutoCompile(Hook):
         self.auto: AutoStep | None = None
         self.compile_seconds = 0.0
         self.settle_every = 1
+        self.warming_since = 0.0
+        self.state: TrainState | None = None
+        self.background_note = ""
 
     def on_start(self, state: TrainState) -> None:
         if state.compiled is None:
@@ -87,6 +103,7 @@ class AutoCompile(Hook):
             return
         self.auto = AutoStep(EagerStep(), state.stepper)  # eager until decided
         state.stepper = self.auto
+        self.state = state
 
     def seconds(self, info: StepInfo) -> float:
         """The step's wall-clock time (a separate method so tests can substitute timings)."""
@@ -97,6 +114,8 @@ class AutoCompile(Hook):
             self.eager.append(self.seconds(info))
             if len(self.eager) > self.probe:
                 self._decide_to_try(state)
+        elif self.phase == "warming":
+            self._poll_background(state)
         elif self.phase == "compiling":
             if info.compile_seconds is None and state.compiled is not None and state.compiled.failed:
                 self.phase = "done"  # capture failed: CompiledLoss warned and the step ran eagerly
@@ -127,6 +146,36 @@ class AutoCompile(Hook):
             return
         if self.auto is None:
             return
+        if self.auto.compile_in_background(state):
+            self.phase, self.warming_since = "warming", time.perf_counter()
+            return
+        self._compile_now(state)
+
+    def _poll_background(self, state: TrainState) -> None:
+        """Between steps: switch to the compiled step once the child has exited (warn once and
+        compile in the foreground if it failed)."""
+        child = self.auto.background if self.auto is not None else None
+        if child is None:  # the fork failed: compile in the foreground
+            self._compile_now(state)
+            return
+        if child.poll() is None:
+            return
+        self.background_note = (
+            f"; the child compiled for {time.perf_counter() - self.warming_since:.1f} s beside eager steps"
+        )
+        if not child.built:
+            warnings.warn(
+                f"compile='auto': the background compile failed ({child.describe()}); compiling in the "
+                "foreground instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._compile_now(state)
+
+    def _compile_now(self, state: TrainState) -> None:
+        """The next step captures and compiles (reading the caches the child filled, if any)."""
+        if self.auto is None:
+            return
         self.phase = "compiling"
         self.auto.switch(state, True)
         # time the compiled steps as the eager ones were: each step waits for the device
@@ -136,5 +185,20 @@ class AutoCompile(Hook):
         eager, compiled = statistics.median(self.eager[1:]), statistics.median(self.compiled_times)
         remaining = self.total - state.step + len(self.compiled_times)
         keep, why = verdict(remaining, eager, compiled, self.compile_seconds)
-        self.phase, state.compile_decision = "done", why
+        self.phase, state.compile_decision = "done", why + self.background_note
         self._use(state, compiled=keep)
+
+    def close(self) -> None:
+        """The run ended (for any reason): kill the background compile if it still runs."""
+        if self.auto is None:
+            return
+        if self.phase == "warming":
+            self.phase = "done"
+            seconds = time.perf_counter() - self.warming_since
+            self.auto.stop_background()
+            if self.state is not None:
+                self.state.compile_decision = (
+                    f"compile='auto' stayed eager: the run ended before the background compile finished "
+                    f"({seconds:.1f} s)"
+                )
+        self.auto.stop_background()

@@ -31,6 +31,8 @@ from torch import Tensor
 from pyro_elbo import distributed
 from pyro_elbo._pyro.params import loss_and_params
 from pyro_elbo.compiled import CompiledLoss, adam_step, all_finite
+from pyro_elbo.train import background
+from pyro_elbo.train.background import BackgroundCompile
 from pyro_elbo.train.flat import FlatAdam
 from pyro_elbo.train.nonfinite import settle as settle_ledger
 
@@ -198,6 +200,26 @@ class AutoStep:
     def __init__(self, eager: Stepper, compiled: Stepper) -> None:
         self.eager, self.compiled = eager, compiled
         self.use_compiled = False
+        self.background: BackgroundCompile | None = None
+        self.background_wanted = False
+
+    def compile_in_background(self, state: TrainState) -> bool:
+        """Ask for the compiled step to be built in a child process
+        (:mod:`~pyro_elbo.train.background`) forked right before the next (eager) step; ``False``
+        when forking is not safe for this run (nothing is asked then)."""
+        compiled = self.compiled
+        if not isinstance(compiled, _Compiled) or state.context.active:
+            return False
+        if not background.can_fork(state.params, compiled.compiled.backend):
+            return False
+        self.background_wanted = True
+        return True
+
+    def stop_background(self) -> None:
+        """Kill and reap the child, if one runs."""
+        self.background_wanted = False
+        if self.background is not None:
+            self.background.stop()
 
     @property
     def active(self) -> Stepper:
@@ -218,7 +240,17 @@ class AutoStep:
         self.use_compiled = compiled
 
     def __call__(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+        if self.background_wanted:
+            self.background_wanted = False
+            self.background = BackgroundCompile.start(lambda: self._build(state, args, kwargs))
         return self.active(state, args, kwargs)
+
+    def _build(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """In the child: one compiled step on the child's copy of the state; whether the graph
+        was built."""
+        self.compiled(state, args, kwargs)
+        compiled = self.compiled
+        return isinstance(compiled, _Compiled) and compiled.compiled.failed is None
 
     def compile_seconds(self) -> float | None:
         return self.compiled.compile_seconds()

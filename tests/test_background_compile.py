@@ -1,0 +1,176 @@
+"""fit(compile="auto") compiles in a child process while training goes on eagerly: the switch
+keeps the state bit-identical to an eager run of the same steps, a failing child falls back to
+the foreground compile with one warning, and the child never outlives the run.
+
+The eager step timings are substituted (as in ``test_autocompile``) so that the gate always
+decides to compile; every run is bounded by a step cap and a wall-clock cap, so none can hang
+whatever the child does."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_elbo
+from pyro_elbo.train import autocompile, background, init, step
+from pyro_elbo.train.hooks import Hook
+from pyro_elbo.train.state import TrainState
+from pyro_elbo.train.step import StepInfo
+from pyro_elbo.train.steppers import AutoStep
+
+#: no run in this file may take longer than this (seconds of wall clock)
+WALL_CAP = 300.0
+
+
+def model(x: torch.Tensor) -> None:
+    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def guide(x: torch.Tensor) -> None:
+    m = pyro.param("m", torch.tensor(0.0))
+    s = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
+    pyro.sample("loc", dist.Normal(m, s))
+
+
+def always_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager steps 'take' one second and compiled ones 0.1 s, so the gate always tries to compile
+    and the compiled step is kept."""
+
+    def seconds(self: autocompile.AutoCompile, info: StepInfo) -> float:
+        return {"compiling": 3.0, "timing": 0.1}.get(self.phase, 1.0)
+
+    monkeypatch.setattr(autocompile.AutoCompile, "seconds", seconds)
+
+
+class Watch(Hook):
+    """Records the child and a copy of the state at the switch, and stops the run ``after`` steps
+    past it (or at the wall-clock cap)."""
+
+    def __init__(self, after: int = 4) -> None:
+        self.after = after
+        self.pid: int | None = None
+        self.switch_step: int | None = None
+        self.at_switch: dict[str, Any] = {}
+        self.start = time.perf_counter()
+
+    def on_step(self, state: TrainState, info: StepInfo) -> str | None:
+        stepper = state.stepper
+        assert isinstance(stepper, AutoStep)
+        if stepper.background is not None and self.pid is None:
+            self.pid = stepper.background.pid
+        if stepper.use_compiled and self.switch_step is None:
+            self.switch_step = state.step
+            self.at_switch = snapshot(state)
+        if self.switch_step is not None and state.step >= self.switch_step + self.after:
+            return "switched"
+        if time.perf_counter() - self.start > WALL_CAP:
+            return "wall-clock cap"
+        return None
+
+
+def snapshot(state: TrainState) -> dict[str, Any]:
+    """Parameters and Adam state, copied."""
+    params = {name: p.detach().clone() for name, p in state.params.items()}
+    adam = {
+        name: {key: value.clone() for key, value in state.optimizer.state[p].items()}
+        for name, p in state.params.items()
+    }
+    return {"params": params, "adam": adam}
+
+
+def fit(num_steps: int, hooks: list[Hook], backend: str = "inductor") -> pyro_elbo.FitResult:
+    pyro.clear_param_store()
+    x = torch.arange(6.0)
+    return pyro_elbo.fit(
+        model, guide, x, num_steps=num_steps, seed=0, compile="auto", compile_backend=backend,
+        progress=False, hooks=hooks,
+    )  # fmt: skip
+
+
+def test_switch_keeps_the_state_of_an_eager_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    always_compile(monkeypatch)
+    watch = Watch()
+    result = fit(10**7, [watch])
+    assert watch.pid is not None and watch.switch_step is not None, result.compile_decision
+    assert watch.switch_step > 5  # the probe (4 steps) and at least one eager step beside the child
+    assert result.compile_decision is not None and result.compile_decision.startswith("compile='auto' compiled")
+    assert result.compile_seconds is not None
+    with pytest.raises(ChildProcessError):  # exited and reaped
+        os.waitpid(watch.pid, os.WNOHANG)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    state = init(model, guide, torch.arange(6.0))
+    for _ in range(watch.switch_step):
+        state, _ = step(state, torch.arange(6.0))
+    eager = snapshot(state)
+    for name, value in eager["params"].items():
+        assert torch.equal(value, watch.at_switch["params"][name]), name
+    for name, moments in eager["adam"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, watch.at_switch["adam"][name][key]), (name, key)
+
+
+def test_failing_child_warns_once_and_compiles_in_the_foreground(monkeypatch: pytest.MonkeyPatch) -> None:
+    always_compile(monkeypatch)
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))  # a fast capture, same mechanism
+
+    def fail(self: AutoStep, *args: Any) -> bool:
+        raise RuntimeError("no graph")
+
+    monkeypatch.setattr(AutoStep, "_build", fail)
+    watch = Watch()
+    with pytest.warns(RuntimeWarning, match="background compile failed .the compiled step raised in the child"):
+        result = fit(10**7, [watch], backend="eager")
+    assert watch.pid is not None and watch.switch_step is not None
+    assert (result.compile_decision or "").startswith("compile='auto' compiled")
+
+
+def test_child_is_killed_when_the_run_ends_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    always_compile(monkeypatch)
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
+
+    def forever(self: AutoStep, *args: Any) -> bool:
+        while True:
+            time.sleep(1.0)
+
+    monkeypatch.setattr(AutoStep, "_build", forever)
+    watch = Watch()
+    result = fit(12, [watch], backend="eager")
+    assert watch.pid is not None and watch.switch_step is None and len(result.history) == 12
+    assert (result.compile_decision or "").startswith("compile='auto' stayed eager: the run ended before")
+    with pytest.raises(ChildProcessError):  # killed and reaped
+        os.waitpid(watch.pid, os.WNOHANG)
+
+
+def test_child_is_killed_when_a_step_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    always_compile(monkeypatch)
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
+
+    def forever(self: AutoStep, *args: Any) -> bool:
+        while True:
+            time.sleep(1.0)
+
+    monkeypatch.setattr(AutoStep, "_build", forever)
+
+    class Interrupt(Watch):
+        def on_step(self, state: TrainState, info: StepInfo) -> str | None:
+            super().on_step(state, info)
+            if self.pid is not None:
+                raise KeyboardInterrupt
+            return None
+
+    watch = Interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        fit(100, [watch], backend="eager")
+    assert watch.pid is not None
+    with pytest.raises(ChildProcessError):
+        os.waitpid(watch.pid, os.WNOHANG)
