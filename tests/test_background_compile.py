@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import pyro
@@ -146,7 +147,7 @@ def test_child_is_killed_when_the_run_ends_first(monkeypatch: pytest.MonkeyPatch
     watch = Watch()
     result = fit(12, [watch], backend="eager")
     assert watch.pid is not None and watch.switch_step is None and len(result.history) == 12
-    assert (result.compile_decision or "").startswith("compile='auto' stayed eager: the run ended before")
+    assert (result.compile_decision or "").startswith("compile='auto' stayed eager: the run ended before the switch")
     with pytest.raises(ChildProcessError):  # killed and reaped
         os.waitpid(watch.pid, os.WNOHANG)
 
@@ -174,3 +175,35 @@ def test_child_is_killed_when_a_step_raises(monkeypatch: pytest.MonkeyPatch) -> 
     assert watch.pid is not None
     with pytest.raises(ChildProcessError):
         os.waitpid(watch.pid, os.WNOHANG)
+
+
+def test_a_capture_that_fails_in_the_child_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    always_compile(monkeypatch)
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
+
+    def branching(x: torch.Tensor) -> None:
+        z = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        if float(z) > 0:  # a data-dependent Python branch cannot be captured
+            pyro.factor("bonus", torch.tensor(0.1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    class Stop(Watch):
+        def on_step(self, state: TrainState, info: StepInfo) -> str | None:
+            super().on_step(state, info)
+            child = getattr(state.stepper, "background", None)
+            done = child is not None and child.poll() is not None
+            return "child done" if done and state.step >= (self.switch_step or 0) + 4 else None
+
+    pyro.clear_param_store()
+    watch = Stop()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pyro_elbo.fit(
+            branching, guide, torch.arange(6.0), num_steps=10**7, compile="auto", compile_backend="eager",
+            progress=False, hooks=[watch],
+        )  # fmt: skip
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert watch.pid is not None
+    assert len(messages) == 1 and "falling back to the eager path" in messages[0], messages
+    assert (result.compile_decision or "").startswith("compile='auto' stayed eager: the capture failed")

@@ -11,13 +11,14 @@ The decision is made on measurements of this run, in four phases driven by :clas
 3. **Compile in the background.** Otherwise a child process builds the compiled step
    (:mod:`pyro_elbo.train.background`, forked right before the next eager step) while training
    goes on eagerly; the hook polls the child between steps. When it has exited cleanly the
-   compiler's caches hold the graph. If the child fails, one warning says so and the compile
-   happens in the foreground as below; where forking is not safe (parameters off the CPU,
+   compiler's caches hold the graph. If the child fails, the compile happens in the foreground
+   as below, with one warning (a failed capture's own, which names the line). Where forking
+   does not pay or is not safe (another backend than inductor, parameters off the CPU,
    ``torch.distributed``) this phase is skipped. A run that ends first stays eager, and the
    child is killed when the run ends for any reason.
 4. **Compile and check.** The next step captures and compiles (from the caches when the child
-   filled them; its time :math:`C` is measured), ``probe`` compiled steps give :math:`t_c`, and the run keeps the compiled step if
-   :math:`t_c < t_e`, else returns to eager. The decision line says whether the compile paid off
+   filled them; its time :math:`C` is measured), ``probe`` compiled steps give :math:`t_c`, and
+   the run keeps the compiled step if :math:`t_c < t_e`, else returns to eager. The decision line says whether the compile paid off
    within the requested steps, i.e. whether :math:`C + R' t_c < R' t_e + C_{\\text{probe}}`
    (:math:`R'` the steps left after the compile), and the break-even step count
    :math:`C / (t_e - t_c)`.
@@ -36,6 +37,7 @@ import statistics
 import time
 import warnings
 
+from pyro_elbo.train.background import NOT_BUILT
 from pyro_elbo.train.hooks import Hook
 from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import StepInfo
@@ -163,7 +165,7 @@ class AutoCompile(Hook):
         self.background_note = (
             f"; the child compiled for {time.perf_counter() - self.warming_since:.1f} s beside eager steps"
         )
-        if not child.built:
+        if not child.built and child.status != NOT_BUILT:  # a failed capture warns itself, below
             warnings.warn(
                 f"compile='auto': the background compile failed ({child.describe()}); compiling in the "
                 "foreground instead",
@@ -198,7 +200,7 @@ class AutoCompile(Hook):
             self.auto.stop_background()
             if self.state is not None:
                 self.state.compile_decision = (
-                    f"compile='auto' stayed eager: the run ended before the background compile finished "
-                    f"({seconds:.1f} s)"
+                    f"compile='auto' stayed eager: the run ended before the switch to the compiled step "
+                    f"(the background compile ran {seconds:.1f} s)"
                 )
         self.auto.stop_background()

@@ -10,16 +10,22 @@ instead of a cold compile) and the run switches to the compiled step between two
 
 The child acts on its own copy of the process: nothing it does reaches the parent's parameters,
 optimizer state or random state, so the parent's eager steps draw exactly what an eager run draws.
-It writes nothing but the compiler's caches: its standard output and error go to ``os.devnull``,
-its warnings are ignored, it ignores SIGINT (the parent's own handling of Ctrl-C stops the run,
-and the child is killed then), and it leaves through ``os._exit``, so no ``atexit`` handler, buffered
-stream or ``finally`` block of the parent runs in it. The parent kills it (SIGKILL) and reaps it
+It keeps the parent's number of intra-op threads: inductor's generated code and its cache key
+depend on it (with another count the parent's compile misses the cache and compiles again). It
+runs at the training process's priority (a lower one starves it on a machine busy with other
+work, and the run never switches); on a machine with a core to spare it costs the eager steps
+nothing, on a machine without one it shares the CPUs with them. It writes nothing but the
+compiler's caches: its standard output and error go to ``os.devnull``, its warnings are ignored,
+it ignores SIGINT (the parent's own handling of Ctrl-C stops the run, and the child is killed
+then), and it leaves through ``os._exit``, so no ``atexit`` handler, buffered stream or ``finally``
+block of the parent runs in it. The parent never waits for it: it kills it (SIGKILL) and reaps it
 when the run ends for any reason (before the run's checkpoint lock is released: the child holds a
-copy of its file descriptor), so a child that never finishes cannot keep a run waiting.
+copy of its file descriptor), so a child that never finishes (or hangs) leaves the run eager and
+cannot keep it waiting.
 
-Forking is used only where it pays and is safe: for backends with on-disk caches, on platforms with ``os.fork``, with every parameter on the
-CPU (a CUDA context does not survive a fork), and outside ``torch.distributed`` runs (the child
-would share the parent's process-group connections).
+Forking is used only where it pays and is safe: for backends with on-disk caches, on platforms
+with ``os.fork``, with every parameter on the CPU (a CUDA context does not survive a fork), and
+outside ``torch.distributed`` runs (the child would share the parent's process-group connections).
 """
 
 from __future__ import annotations
@@ -83,7 +89,6 @@ class BackgroundCompile:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
-                torch.set_num_threads(1)  # no intra-op thread pool inherited half-way through a fork
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     status = BUILT if build() else NOT_BUILT
