@@ -9,6 +9,9 @@ whatever the child does."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -41,14 +44,20 @@ def guide(x: torch.Tensor) -> None:
     pyro.sample("loc", dist.Normal(m, s))
 
 
-def always_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eager steps 'take' one second and compiled ones 0.1 s, so the gate always tries to compile
-    and the compiled step is kept."""
+def always_compile(monkeypatch: pytest.MonkeyPatch, idle: float = 1.0) -> None:
+    """Eager steps 'take' one second and compiled ones 0.1 s, so the plan always compiles and the
+    compiled step is kept; the CPU meter reads ``idle`` idle cores at once (a free core by
+    default: the child is forked)."""
 
     def seconds(self: autocompile.AutoCompile, info: StepInfo) -> float:
         return {"compiling": 3.0, "timing": 0.1}.get(self.phase, 1.0)
 
+    def read(self: background.CpuMeter) -> background.IdleCores:
+        return background.IdleCores(idle, 2.0, self.elapsed(), "substituted")
+
     monkeypatch.setattr(autocompile.AutoCompile, "seconds", seconds)
+    monkeypatch.setattr(background.CpuMeter, "read", read)
+    monkeypatch.setattr(background, "CPU_WINDOW_SECONDS", 0.0)
 
 
 class Watch(Hook):
@@ -207,3 +216,135 @@ def test_a_capture_that_fails_in_the_child_warns_once(monkeypatch: pytest.Monkey
     assert watch.pid is not None
     assert len(messages) == 1 and "falling back to the eager path" in messages[0], messages
     assert (result.compile_decision or "").startswith("compile='auto' stayed eager: the capture failed")
+
+
+def test_without_a_free_core_the_compile_runs_in_the_foreground(monkeypatch: pytest.MonkeyPatch) -> None:
+    always_compile(monkeypatch, idle=0.1)
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
+    watch = Watch()
+    result = fit(10**7, [watch], backend="eager")
+    assert watch.pid is None and watch.switch_step == 4  # right after the probe's 4 eager steps
+    decision = result.compile_decision or ""
+    assert decision.startswith("compile='auto' compiled")
+    assert "; compiled in the foreground (no core was free: 0.10 of 2 cores idle over " in decision
+
+
+def test_a_child_done_with_little_left_leaves_the_run_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan forks (16 'seconds' of eager steps left); when the child is done one step is
+    left, whose second costs less than loading the compiled step: the run stays eager."""
+    always_compile(monkeypatch)
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
+    total = 20
+
+    class WaitForChild(Watch):
+        def on_step(self, state: TrainState, info: StepInfo) -> str | None:
+            super().on_step(state, info)
+            child = getattr(state.stepper, "background", None)
+            while state.step == total - 2 and child is not None and child.poll() is None:
+                assert time.perf_counter() - self.start < WALL_CAP
+                time.sleep(0.05)
+            return None
+
+    watch = WaitForChild()
+    result = fit(total, [watch], backend="eager")
+    assert watch.pid is not None and watch.switch_step is None and len(result.history) == total
+    decision = result.compile_decision or ""
+    assert decision.startswith("compile='auto' stayed eager: a child process compiled for"), decision
+    assert "the 1 steps left × 1000.00 ms = 1.00 s eager cost less than loading the compiled step" in decision
+    with pytest.raises(ChildProcessError):
+        os.waitpid(watch.pid, os.WNOHANG)
+
+
+@pytest.mark.parametrize("ending", ["model raises", "SIGTERM"])
+def test_no_child_survives_a_run_that_stops_early(monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
+    always_compile(monkeypatch)
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
+
+    def forever(self: AutoStep, *args: Any) -> bool:
+        while True:
+            time.sleep(1.0)
+
+    monkeypatch.setattr(AutoStep, "_build", forever)
+    broken = {"now": False}
+
+    def breaking_guide(x: torch.Tensor) -> None:
+        if broken["now"]:
+            raise ValueError("the guide broke")
+        guide(x)
+
+    class Break(Watch):
+        def on_step(self, state: TrainState, info: StepInfo) -> str | None:
+            super().on_step(state, info)
+            if self.pid is not None and not broken["now"]:
+                broken["now"] = True
+                if ending == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)  # fit stops after this step
+            return None
+
+    watch = Break()
+    pyro.clear_param_store()
+    expected: type[BaseException] = ValueError if ending == "model raises" else SystemExit
+    with pytest.raises(expected):
+        pyro_elbo.fit(
+            model, breaking_guide if ending == "model raises" else guide, torch.arange(6.0), num_steps=10**7,
+            compile="auto", compile_backend="eager", progress=False, hooks=[watch],
+        )  # fmt: skip
+    assert watch.pid is not None
+    with pytest.raises(ChildProcessError):  # killed and reaped
+        os.waitpid(watch.pid, os.WNOHANG)
+
+
+PARENT = """
+import os, sys, time
+from pyro_elbo.train.background import BackgroundCompile
+
+def forever():
+    while True:
+        time.sleep(1.0)
+
+child = BackgroundCompile.start(forever)
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_child_dies_with_a_killed_parent() -> None:
+    """A parent killed by SIGKILL runs none of its exit paths: Linux kills the child."""
+    with subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True) as parent:
+        try:
+            assert parent.stdout is not None
+            pid = int(parent.stdout.readline())
+            time.sleep(0.5)  # the child has asked for its parent's death signal
+            assert alive(pid)
+        finally:
+            parent.kill()
+            parent.wait(timeout=60)
+    deadline = time.perf_counter() + 30.0
+    while alive(pid) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    survived = alive(pid)
+    if survived:
+        os.kill(pid, signal.SIGKILL)  # leave nothing behind
+    assert not survived
+
+
+def alive(pid: int) -> bool:
+    """The process runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_cpu_meter_reads_idle_cores_of_this_process() -> None:
+    meter = background.CpuMeter()
+    time.sleep(0.3)
+    idle = meter.read()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 0.0 <= idle.idle <= max(0.0, idle.cores - 1.0) and 0 < idle.cores <= (cores or 1)
+    assert idle.seconds >= 0.3
+    if sys.platform.startswith("linux"):
+        assert idle.source == "/proc/stat"
+    assert str(idle).endswith(f"of {idle.cores:g} cores idle over {idle.seconds:.2f} s")

@@ -14,7 +14,7 @@ It keeps the parent's number of intra-op threads: inductor's generated code and 
 depend on it (with another count the parent's compile misses the cache and compiles again). It
 runs at the training process's priority (a lower one starves it on a machine busy with other
 work, and the run never switches); on a machine with a core to spare it costs the eager steps
-nothing, on a machine without one it shares the CPUs with them. It writes nothing but the
+nothing (and on one without, it is not forked). It writes nothing but the
 compiler's caches: its standard output and error go to ``os.devnull``, its warnings are ignored,
 it ignores SIGINT (the parent's own handling of Ctrl-C stops the run, and the child is killed
 then), and it leaves through ``os._exit``, so no ``atexit`` handler, buffered stream or ``finally``
@@ -23,18 +23,26 @@ when the run ends for any reason (before the run's checkpoint lock is released: 
 copy of its file descriptor), so a child that never finishes (or hangs) leaves the run eager and
 cannot keep it waiting.
 
-Forking is used only where it pays and is safe: for backends with on-disk caches, on platforms
-with ``os.fork``, with every parameter on the CPU (a CUDA context does not survive a fork), and
-outside ``torch.distributed`` runs (the child would share the parent's process-group connections).
+Forking is used only where it is safe (:func:`why_not_fork`): for backends with on-disk caches, on
+platforms with ``os.fork``, with every parameter on the CPU (a CUDA context does not survive a
+fork), and outside ``torch.distributed`` runs (the child would share the parent's process-group
+connections); and only where it pays: when a core stood idle beside the training process
+(:class:`CpuMeter`). A child without a core of its own takes CPU time from the eager steps it was
+meant to run beside, and the run ends later than with the compile in the foreground. On Linux the
+child also dies with the parent (``PR_SET_PDEATHSIG``), so even a parent killed by SIGKILL leaves
+no compile running.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -50,10 +58,135 @@ RAISED = 4
 CACHED_BACKENDS: tuple[str, ...] = ("inductor",)
 
 
-def can_fork(params: dict[str, torch.Tensor], backend: str) -> bool:
-    """Whether a child process may compile for this run: the backend caches on disk
-    (:data:`CACHED_BACKENDS`), ``os.fork`` exists and every parameter lives on the CPU."""
-    return backend in CACHED_BACKENDS and hasattr(os, "fork") and all(p.device.type == "cpu" for p in params.values())
+#: a child is forked only when at least this much of a core stood idle beside the training process
+SPARE_CORE = 0.8
+
+#: the idle CPU time is measured over at least this many seconds of training (``/proc/stat``
+#: counts in ticks of 10 ms: a shorter window cannot tell 0.8 of a core from 1)
+CPU_WINDOW_SECONDS = 0.25
+
+#: Linux's ``prctl`` option that sends the child a signal when its parent dies
+_PR_SET_PDEATHSIG = 1
+
+
+def why_not_fork(params: dict[str, torch.Tensor], backend: str, distributed: bool) -> str | None:
+    """Why a child process may not compile for this run (``None``: it may): the backend must
+    cache on disk (:data:`CACHED_BACKENDS`), ``os.fork`` must exist, every parameter must live on
+    the CPU and the run must not be a ``torch.distributed`` one."""
+    if backend not in CACHED_BACKENDS:
+        return f"the {backend!r} backend keeps no on-disk cache for a child to fill"
+    if not hasattr(os, "fork"):
+        return "this platform has no os.fork"
+    devices = sorted({p.device.type for p in params.values()} - {"cpu"})
+    if devices:
+        return f"parameters live on {', '.join(devices)} (a fork does not carry its context)"
+    if distributed:
+        return "a torch.distributed run (a child would share its process group)"
+    return None
+
+
+@dataclass(frozen=True)
+class IdleCores:
+    """How much CPU stood idle beside the training process.
+
+    Attributes:
+        idle: idle cores, averaged over the window (0.5: one core idle half of the time).
+        cores: the cores this process may use (its CPU affinity, capped by a cgroup quota).
+        seconds: the window.
+        source: ``"/proc/stat"`` (measured over the window) or ``"load average"`` (the last
+            minute's, where ``/proc/stat`` is missing).
+    """
+
+    idle: float
+    cores: float
+    seconds: float
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.idle:.2f} of {self.cores:g} cores idle over {self.seconds:.2f} s"
+
+
+class CpuMeter:
+    """Idle time of the cores this process may run on, from the meter's creation to
+    :meth:`read`: per core, the share of ``/proc/stat``'s ticks spent idle (or waiting for I/O),
+    summed over the process's CPU affinity. Under a cgroup CPU quota of :math:`Q` cores the idle
+    cores are at most :math:`Q - 1` (the training process holds one). Without ``/proc/stat`` the
+    estimate is :math:`\\max(0,\\ n - 1 - L)` for :math:`n` cores and the last minute's load
+    average :math:`L`, which errs towards no idle core (it may count this process already)."""
+
+    def __init__(self) -> None:
+        self.cpus = _affinity()
+        self.start = time.perf_counter()
+        self.ticks = _idle_and_total_ticks(self.cpus)
+
+    def elapsed(self) -> float:
+        """Seconds since the meter was created."""
+        return time.perf_counter() - self.start
+
+    def read(self) -> IdleCores:
+        """The idle cores since the meter was created."""
+        seconds = self.elapsed()
+        quota = _cpu_quota()
+        cores = float(len(self.cpus)) if quota is None else min(float(len(self.cpus)), quota)
+        now = _idle_and_total_ticks(self.cpus)
+        if self.ticks is not None and now is not None and now[1] > self.ticks[1]:
+            idle = len(self.cpus) * (now[0] - self.ticks[0]) / (now[1] - self.ticks[1])
+            source = "/proc/stat"
+        else:
+            idle, source = max(0.0, cores - 1.0 - os.getloadavg()[0]), "load average"
+        return IdleCores(min(idle, max(0.0, cores - 1.0)), cores, seconds, source)
+
+
+def _affinity() -> set[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def _idle_and_total_ticks(cpus: set[int]) -> tuple[int, int] | None:
+    """Idle (idle + iowait) and total ticks of ``cpus`` since boot, from ``/proc/stat``; ``None``
+    where it cannot be read."""
+    try:
+        with open("/proc/stat") as stat:
+            lines = stat.read().splitlines()
+    except OSError:
+        return None
+    idle = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+        idle, total = idle + ticks[3] + ticks[4], total + sum(ticks)
+    return (idle, total) if total else None
+
+
+def _cpu_quota() -> float | None:
+    """The cgroup v2 CPU quota of this process in cores (``cpu.max``), ``None`` without one."""
+    try:
+        with open("/proc/self/cgroup") as groups:
+            path = next((line.strip()[3:] for line in groups if line.startswith("0::")), None)
+        if path is None:
+            return None
+        with open(os.path.join("/sys/fs/cgroup", path.lstrip("/"), "cpu.max")) as limit:
+            quota, period = limit.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def die_with_parent(parent: int) -> None:
+    """In the child: ask Linux for SIGKILL when the parent dies, and exit at once if it already
+    has (elsewhere, nothing: the parent's own exit paths kill the child)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request
+        os._exit(RAISED)
 
 
 class BackgroundCompile:
@@ -77,6 +210,7 @@ class BackgroundCompile:
         :data:`BUILT`, :data:`NOT_BUILT` or :data:`RAISED`; ``None`` when the fork fails."""
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError:
@@ -84,6 +218,7 @@ class BackgroundCompile:
         if pid == 0:  # the child: never returns into the caller
             status = RAISED
             try:
+                die_with_parent(parent)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 devnull = os.open(os.devnull, os.O_WRONLY)

@@ -203,17 +203,18 @@ class AutoStep:
         self.background: BackgroundCompile | None = None
         self.background_wanted = False
 
-    def compile_in_background(self, state: TrainState) -> bool:
-        """Ask for the compiled step to be built in a child process
-        (:mod:`~pyro_elbo.train.background`) forked right before the next (eager) step; ``False``
-        when forking is not safe for this run (nothing is asked then)."""
+    def why_not_in_background(self, state: TrainState) -> str | None:
+        """Why a child process may not build the compiled step for this run
+        (:func:`~pyro_elbo.train.background.why_not_fork`); ``None``: it may."""
         compiled = self.compiled
-        if not isinstance(compiled, _Compiled) or state.context.active:
-            return False
-        if not background.can_fork(state.params, compiled.compiled.backend):
-            return False
+        if not isinstance(compiled, _Compiled):
+            return "the step has no compiled graph"
+        return background.why_not_fork(state.params, compiled.compiled.backend, state.context.active)
+
+    def compile_in_background(self) -> None:
+        """Build the compiled step in a child process (:mod:`~pyro_elbo.train.background`) forked
+        right before the next (eager) step (check :meth:`why_not_in_background` first)."""
         self.background_wanted = True
-        return True
 
     def stop_background(self) -> None:
         """Kill and reap the child, if one runs."""
