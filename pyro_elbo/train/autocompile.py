@@ -20,8 +20,9 @@ The decision is made on measurements of this run and machine, in five phases dri
    - No core to spare (the child would take CPU time from the eager steps: with the compile in
      the foreground the run ends sooner), or no child possible (another backend than inductor,
      parameters off the CPU, ``torch.distributed``): compile in the foreground (phase 4) when
-     :math:`E` is at least :data:`EXPECTED_COMPILE_SECONDS` (a cold compile of a small model),
-     else stay eager.
+     :math:`E` is at least :data:`EXPECTED_COMPILE_SECONDS` (a cold compile of a small model, on
+     one core) divided by the share of a core the eager steps got (on a machine busy with other
+     work the compile takes longer, as the steps do), else stay eager.
 3. **Compile in the background.** A child process builds the compiled step
    (:mod:`pyro_elbo.train.background`, forked right before the next eager step) while training
    goes on eagerly; the hook polls the child between steps. When it has exited cleanly the
@@ -76,14 +77,16 @@ EXPECTED_COMPILE_SECONDS = 10.0
 def plan(
     remaining: int,
     eager_seconds: float,
-    idle: IdleCores | None,
+    cpu: IdleCores,
     unavailable: str | None,
     min_compile_seconds: float = MIN_COMPILE_SECONDS,
     expected_compile_seconds: float = EXPECTED_COMPILE_SECONDS,
 ) -> tuple[str, str]:
     """Phase 2 of the module docstring: ``"eager"``, ``"background"`` or ``"foreground"``, and
-    why. ``remaining`` eager steps of ``eager_seconds``; ``idle``: the CPU idle beside the run;
-    ``unavailable``: why no child process may compile (``None``: one may)."""
+    why. ``remaining`` eager steps of ``eager_seconds``; ``cpu``: the CPU idle beside the run and
+    the share of a core the run got (a compile in the foreground is expected to take
+    ``expected_compile_seconds / cpu.share``); ``unavailable``: why no child process may compile
+    (``None``: one may)."""
     total = remaining * eager_seconds
     left = f"{remaining} steps left × {1e3 * eager_seconds:.2f} ms = {total:.2f} s eager"
     if total < min_compile_seconds:
@@ -91,13 +94,17 @@ def plan(
             "eager",
             f"compile='auto' stayed eager: {left}, less than a compile costs (≥ {min_compile_seconds:.0f} s)",
         )
-    if unavailable is None and idle is not None and idle.idle >= background.SPARE_CORE:
-        return "background", f"a core was free: {idle}"
-    why = f"no child process: {unavailable}" if unavailable is not None else f"no core was free: {idle}"
-    if total < expected_compile_seconds:
+    if unavailable is None and cpu.idle >= background.SPARE_CORE:
+        return "background", f"a core was free: {cpu}"
+    why = f"no child process: {unavailable}" if unavailable is not None else f"no core was free: {cpu}"
+    expected = expected_compile_seconds / max(cpu.share, 0.05)
+    if total < expected:
+        cost = f"~{expected_compile_seconds:.0f} s"
+        if cpu.share < 0.95:
+            cost += f" at the {cpu.share:.2f} of a core this run got: {expected:.0f} s"
         return "eager", (
-            f"compile='auto' stayed eager: {left}, less than a compile is expected to cost "
-            f"(~{expected_compile_seconds:.0f} s), and it could not run beside the training ({why})"
+            f"compile='auto' stayed eager: {left}, less than a compile is expected to cost ({cost}), "
+            f"and it could not run beside the training ({why})"
         )
     return "foreground", f"compiled in the foreground ({why})"
 
@@ -193,7 +200,7 @@ class AutoCompile(Hook):
         worth = unavailable is None and remaining * eager >= MIN_COMPILE_SECONDS
         if worth and self.meter.elapsed() < background.CPU_WINDOW_SECONDS:
             return  # a child may pay: measure the idle CPU a little longer (the steps go on eagerly)
-        action, why = plan(remaining, eager, self.meter.read() if unavailable is None else None, unavailable)
+        action, why = plan(remaining, eager, self.meter.read(), unavailable)
         if action == "eager":
             self.phase, state.compile_decision = "done", why
         elif action == "background":

@@ -87,7 +87,7 @@ def why_not_fork(params: dict[str, torch.Tensor], backend: str, distributed: boo
 
 @dataclass(frozen=True)
 class IdleCores:
-    """How much CPU stood idle beside the training process.
+    """How much CPU stood idle beside the training process, and how much of a core it got.
 
     Attributes:
         idle: idle cores, averaged over the window (0.5: one core idle half of the time).
@@ -95,20 +95,24 @@ class IdleCores:
         seconds: the window.
         source: ``"/proc/stat"`` (measured over the window) or ``"load average"`` (the last
             minute's, where ``/proc/stat`` is missing).
+        share: the CPU seconds this process used per second of the window, at most 1 (a
+            compile runs on one core): on a machine busy with other work a compile in the
+            foreground takes its CPU time divided by this.
     """
 
     idle: float
     cores: float
     seconds: float
     source: str
+    share: float = 1.0
 
     def __str__(self) -> str:
         return f"{self.idle:.2f} of {self.cores:g} cores idle over {self.seconds:.2f} s"
 
 
 class CpuMeter:
-    """Idle time of the cores this process may run on, from the meter's creation to
-    :meth:`read`: per core, the share of ``/proc/stat``'s ticks spent idle (or waiting for I/O),
+    """Idle time of the cores this process may run on, and the process's own CPU time, from the
+    meter's creation to :meth:`read`: per core, the share of ``/proc/stat``'s ticks spent idle (or waiting for I/O),
     summed over the process's CPU affinity. Under a cgroup CPU quota of :math:`Q` cores the idle
     cores are at most :math:`Q - 1` (the training process holds one). Without ``/proc/stat`` the
     estimate is :math:`\\max(0,\\ n - 1 - L)` for :math:`n` cores and the last minute's load
@@ -116,7 +120,7 @@ class CpuMeter:
 
     def __init__(self) -> None:
         self.cpus = _affinity()
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.ticks = _idle_and_total_ticks(self.cpus)
 
     def elapsed(self) -> float:
@@ -126,6 +130,7 @@ class CpuMeter:
     def read(self) -> IdleCores:
         """The idle cores since the meter was created."""
         seconds = self.elapsed()
+        share = min(1.0, (time.process_time() - self.cpu_start) / seconds) if seconds > 0 else 1.0
         quota = _cpu_quota()
         cores = float(len(self.cpus)) if quota is None else min(float(len(self.cpus)), quota)
         now = _idle_and_total_ticks(self.cpus)
@@ -134,7 +139,7 @@ class CpuMeter:
             source = "/proc/stat"
         else:
             idle, source = max(0.0, cores - 1.0 - os.getloadavg()[0]), "load average"
-        return IdleCores(min(idle, max(0.0, cores - 1.0)), cores, seconds, source)
+        return IdleCores(min(idle, max(0.0, cores - 1.0)), cores, seconds, source, share)
 
 
 def _affinity() -> set[int]:
