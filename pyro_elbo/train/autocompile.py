@@ -25,7 +25,9 @@ The decision is made on measurements of this run and machine, in five phases dri
      work the compile takes longer, as the steps do), else stay eager.
 3. **Compile in the background.** A child process builds the compiled step
    (:mod:`pyro_elbo.train.background`, forked right before the next eager step) while training
-   goes on eagerly; the hook polls the child between steps. When it has exited cleanly the
+   goes on eagerly (when :math:`E` is at least twice :data:`EXPECTED_COMPILE_SECONDS` the run
+   will switch, and import inductor then anyway: it imports it before the fork, so the child
+   starts compiling at once); the hook polls the child between steps. When it has exited cleanly the
    compiler's caches hold the graph; if the eager time left is still at least
    :data:`MIN_COMPILE_SECONDS` (what loading the compiled step from the caches costs), the run
    goes to phase 4, else it stays eager. If the child fails, the compile happens in the foreground
@@ -205,7 +207,7 @@ class AutoCompile(Hook):
             self.phase, state.compile_decision = "done", why
         elif action == "background":
             self.note = why
-            self.auto.compile_in_background()
+            self.auto.compile_in_background(import_first=remaining * eager >= 2 * EXPECTED_COMPILE_SECONDS)
             self.phase, self.warming_since, self.forked_at = "warming", time.perf_counter(), state.step
         else:
             self.note = why
@@ -226,6 +228,8 @@ class AutoCompile(Hook):
             f"a child process compiled for {time.perf_counter() - self.warming_since:.1f} s beside "
             f"{state.step - self.forked_at} eager steps"
         )
+        if self.auto is not None and self.auto.import_seconds is not None:
+            beside += f", after inductor's import before the fork ({self.auto.import_seconds:.1f} s)"
         self.note = f"{beside} ({self.note})"
         if not child.built and child.status != NOT_BUILT:  # a failed capture warns itself, below
             warnings.warn(

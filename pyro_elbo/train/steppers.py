@@ -23,12 +23,14 @@ warned once), so a stepper always takes the step. The path is chosen in one plac
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from pyro_elbo import distributed
+from pyro_elbo._inductor import prepare_compile_fx
 from pyro_elbo._pyro.params import loss_and_params
 from pyro_elbo.compiled import CompiledLoss, adam_step, all_finite
 from pyro_elbo.train import background
@@ -201,7 +203,9 @@ class AutoStep:
         self.eager, self.compiled = eager, compiled
         self.use_compiled = False
         self.background: BackgroundCompile | None = None
-        self.background_wanted = False
+        self.background_wanted = self.import_first = False
+        #: seconds spent importing inductor before the fork (``None``: it was not imported then)
+        self.import_seconds: float | None = None
 
     def why_not_in_background(self, state: TrainState) -> str | None:
         """Why a child process may not build the compiled step for this run
@@ -211,10 +215,12 @@ class AutoStep:
             return "the step has no compiled graph"
         return background.why_not_fork(state.params, compiled.compiled.backend, state.context.active)
 
-    def compile_in_background(self) -> None:
+    def compile_in_background(self, import_first: bool = False) -> None:
         """Build the compiled step in a child process (:mod:`~pyro_elbo.train.background`) forked
-        right before the next (eager) step (check :meth:`why_not_in_background` first)."""
-        self.background_wanted = True
+        right before the next (eager) step (check :meth:`why_not_in_background` first).
+        ``import_first``: import inductor here before the fork (seconds), for a run that will
+        switch and so import it anyway: the child inherits it and compiles that much sooner."""
+        self.background_wanted, self.import_first = True, import_first
 
     def stop_background(self) -> None:
         """Kill and reap the child, if one runs."""
@@ -243,6 +249,11 @@ class AutoStep:
     def __call__(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
         if self.background_wanted:
             self.background_wanted = False
+            compiled = self.compiled
+            if self.import_first and isinstance(compiled, _Compiled) and compiled.compiled.backend == "inductor":
+                start = time.perf_counter()
+                prepare_compile_fx()
+                self.import_seconds = time.perf_counter() - start
             self.background = BackgroundCompile.start(lambda: self._build(state, args, kwargs))
         return self.active(state, args, kwargs)
 
