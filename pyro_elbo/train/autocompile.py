@@ -1,7 +1,7 @@
 """``fit(compile="auto")``: compile the step only when it pays off within the requested steps,
 and never make the run wait for a compile it could have run beside.
 
-The decision is made on measurements of this run and machine, in five phases driven by
+The decision is made on measurements of this run and machine, in four phases driven by
 :class:`AutoCompile` (a hook that runs before the others):
 
 1. **Eager probe.** The first ``probe + 1`` steps run eagerly (they are real training steps); the
@@ -16,7 +16,7 @@ The decision is made on measurements of this run and machine, in five phases dri
    - A core stood idle (at least :data:`~pyro_elbo.train.background.SPARE_CORE` of one) and a
      child process may compile for this run: compile in the background (phase 3). The child
      costs the eager steps nothing, so whatever the compile costs, the run is never later than
-     an eager run by more than the switch itself.
+     an eager run by more than the compile from the caches at the switch (seconds).
    - No core to spare (the child would take CPU time from the eager steps: with the compile in
      the foreground the run ends sooner), or no child possible (another backend than inductor,
      parameters off the CPU, ``torch.distributed``): compile in the foreground (phase 4) when
