@@ -97,7 +97,10 @@ def loo(
     :math:`-\\log p(y_i \\mid \\theta_s) + \\log p(\\theta_s, y) - \\log q(\\theta_s)`, PSIS-smoothed
     per point; :math:`\\widehat{elpd}_i = \\log \\sum_s \\tilde w_{s,i} p(y_i \\mid \\theta_s)` and
     :math:`p_{loo,i} = \\log \\frac1S \\sum_s p(y_i \\mid \\theta_s) - \\widehat{elpd}_i`. The same
-    numbers as R's ``loo::loo_approximate_posterior(log_lik, log_p, log_g)``.
+    numbers as R's ``loo::loo_approximate_posterior(log_lik, log_p, log_g)``. A discrete site
+    :math:`y` that the guide enumerates is one of the drawn :math:`\\theta_s`, drawn from
+    :math:`q(y \\mid x)`, so :math:`\\log q(\\theta_s)` includes :math:`\\log q(y_s \\mid x)`
+    (:func:`~pyro_elbo.to_inference_data` says why).
 
     Args:
         data_or_model: an ``InferenceData`` (ArviZ 0.x) or ``DataTree`` (ArviZ 1.x) export, or
