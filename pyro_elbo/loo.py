@@ -410,6 +410,21 @@ def _elpd_data(data: Any, log_lik: Any, log_p: np.ndarray, log_q: np.ndarray, re
     if int(az.__version__.split(".")[0]) >= 1:
         arviz_stats: Any = importlib.import_module("arviz_stats")  # ArviZ 1.x's statistics
 
+        loo_class = getattr(importlib.import_module("arviz_stats.utils"), "ELPDDataLOO", None)
+        if loo_class is not None:  # built from these numbers (arviz_stats's own PSIS refuses < 25 draws)
+            return loo_class(
+                elpd=result.elpd,
+                se=result.se,
+                p=result.p_loo,
+                n_samples=result.num_samples,
+                n_data_points=result.elpd_i.size,
+                scale="log",
+                warning=warning,
+                good_k=good_k,
+                elpd_i=pointwise(result.elpd_i, str(log_lik.name)),
+                pareto_k=pointwise(result.pareto_k, "pareto_shape"),
+                approx_posterior=True,
+            )
         dims = ("chain", "draw")
         shape = log_lik.shape[:2]
         with warnings.catch_warnings():  # its own PSIS warns; the numbers are replaced below
