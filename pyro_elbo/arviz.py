@@ -140,6 +140,12 @@ def to_inference_data(
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
 
+    Warns:
+        UserWarning: an observed site the model draws no replicate of (named, with the shapes),
+            left out of ``posterior_predictive``.
+        ParticlePathWarning: with ``vectorize_particles="auto"``, the draws are made one particle
+            at a time (the path and its error named).
+
     Raises:
         ValueError: if ``num_samples`` or ``chunk_size`` is < 1, the exported arrays of
             ``num_samples`` draws would take more than half the machine's memory (measured on one
