@@ -122,12 +122,22 @@ def traces(
     num_particles: int,
     max_plate_nesting: int,
     detach_model_params: bool,
+    sample_guide_enumerated: bool = False,
 ) -> tuple[Trace, Trace]:
+    """The guide's trace (``num_particles`` in the particle plate at dim ``-max_plate_nesting - 1``)
+    and the model's, replayed on it. A guide site marked for enumeration is enumerated
+    (``poutine.enum``, as ``TraceEnum_ELBO`` does), or with ``sample_guide_enumerated`` drawn from
+    its guide distribution and unmarked (:func:`~pyro_elbo._pyro.enum.without_enumerate_marks`):
+    the guide is then the same program with its enumerated sites sampled (the export's draws)."""
     dim = -max_plate_nesting - 1
     plated_model = particle_plated(model, num_particles, dim)
     try:
-        with params_stopped() if detach_model_params and _is_messenger(guide) else contextlib.nullcontext():
-            guide_trace, inner_model_trace = _trace_guide_tracked(model, guide, args, kwargs, num_particles, dim)
+        if sample_guide_enumerated:
+            guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
+            guide_trace = enum.without_enumerate_marks(guide_trace)
+        else:
+            with params_stopped() if detach_model_params and _is_messenger(guide) else contextlib.nullcontext():
+                guide_trace, inner_model_trace = _trace_guide_tracked(model, guide, args, kwargs, num_particles, dim)
         try:
             with params_stopped() if detach_model_params else contextlib.nullcontext():
                 model_trace = (
