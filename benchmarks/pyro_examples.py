@@ -309,6 +309,8 @@ def cell_compiled(entry: Any, tmp: Path) -> str:
     result, fallbacks = _fit(entry, compile=True)
     if fallbacks:
         raise _Fallback(fallbacks[0].strip().splitlines()[0][:400])
+    if result.compile_seconds is None and not result.params:  # nothing to train: fit stays eager and says why
+        raise _NoParams(f"{result.compile_decision}; losses {', '.join(f'{v:.4g}' for v in result.history)}")
     return f"compiled in {result.compile_seconds:.0f} s; losses {', '.join(f'{v:.4g}' for v in result.history)}"
 
 

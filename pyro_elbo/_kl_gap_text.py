@@ -56,7 +56,9 @@ def report_text(report: KLGapReport) -> str:
     lines.append(f"  {'CUBO_2':<12}{report.cubo.value:>14.4f}{report.cubo.se:>13.4f}")
     lines.append("")
     lines.append(f"  log p(x)    {_interval(*report.log_evidence_interval)}")
-    if report.resolvable or not report.consistent:
+    if report.wider_supports:
+        lines.append("  KL(q || p)  = inf by definition: q draws where the model's density is zero (see the verdict)")
+    elif report.resolvable or not report.consistent:
         lines.append(f"  KL(q || p)  {_interval(*report.kl_interval)}")
     else:
         lines.append(f"  KL(q || p)  not resolvable: below the {report.noise_floor:.2g} nat rounding noise floor")
@@ -79,6 +81,8 @@ def report_text(report: KLGapReport) -> str:
         )
     for message in report.warnings:
         lines.append(f"  warning: {message}")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
     if report.simulated is not None:
         lines.extend(simulated_text(report.simulated))
     return "\n".join(lines)
@@ -229,6 +233,8 @@ def per_point_text(report: KLGapReport) -> list[str]:
 
 def assess(report: KLGapReport) -> tuple[str, list[str]]:
     """The verdict line and the warnings of a report (see the README's ``kl_gap`` section)."""
+    if report.wider_supports:
+        return infinite_kl(report)
     lo, hi = report.kl_interval
     if not report.resolvable:
         return (
@@ -270,6 +276,30 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
     ]
 
 
+def infinite_kl(report: KLGapReport) -> tuple[str, list[str]]:
+    """The verdict of a guide whose support is wider than the model's: KL = inf by definition,
+    and what the draws measured (the bracket of q restricted to the model's support)."""
+    sites = "; ".join(report.wider_supports)
+    n, m = report.num_particles, report.outside_draws
+    verdict = f"infinite: KL(q || p) = inf by definition, because {sites}"
+    if report.restricted_kl is None:
+        measured = "every draw of some data point fell outside the model's support"
+    else:
+        lo, hi = report.restricted_kl
+        measured = (
+            f"restricted to the model's support and renormalized, q is {lo:.4g} (IWAE_{n} - ELBO) to {hi:.4g} "
+            "(CUBO_2 - ELBO) nats from the posterior (estimates from the draws inside"
+            + ("" if report.reliable else f"; unreliable: k-hat {report.khat:.2f}, ESS {report.ess:.1f}")
+            + ")"
+        )
+    return verdict, [
+        f"KL(q || p(z | x)) is infinite: q puts mass where p(z | x) = 0 ({sites}), so the ELBO is -inf in "
+        f"expectation. Its draws: {m} of {n} fell outside the model's support (log w = -inf); {measured}. "
+        "IWAE and CUBO still bracket log p(x) (the weights outside are zero). Fix: a guide distribution on the "
+        "model's support, or an autoguide such as AutoNormal, which transforms into it"
+    ]
+
+
 #: standard errors a bound may stray past another before the two contradict each other
 #: (one-sided false-alarm rate 3e-5 per comparison for Gaussian errors)
 CONTRADICTION_Z = 4.0
@@ -290,6 +320,8 @@ def contradictions(report: KLGapReport) -> list[str]:
     claim = verdict.split(":")[0]
     claims = verdict.startswith(CLAIMS)
     floor, n = report.noise_floor, report.num_particles
+    for wider in report.wider_supports if claims else ():
+        found.append(f"the verdict '{claim}' against {wider}: the KL is infinite")
     if claims and report.replay_error > 0:
         found.append(f"the verdict '{claim}' against {randomness_text(report)}")
     for edge in report.support_edges if claims else ():
