@@ -84,3 +84,24 @@ def test_the_restricted_bracket_measures_the_truncated_guide() -> None:
     lower, upper = report.restricted_kl
     slack = 5 * report.iwae[max(report.iwae)].se + 5 * report.log_w_sd / math.sqrt(4000)
     assert lower - slack <= exact <= upper + slack
+
+
+def test_a_model_that_cannot_run_on_a_draw_outside_names_the_site() -> None:
+    """A Normal(-5, 0.1) guide for a scale: every draw is negative, and the model's Normal(0, scale)
+    refuses it; the error names the guide site and its draw, not the particle plate."""
+    data = torch.tensor([0.3, -0.2, 1.1])
+
+    def model():
+        scale = pyro.sample("scale", dist.HalfCauchy(1.0))
+        with pyro.plate("data", len(data)):
+            pyro.sample("x", dist.Normal(0.0, scale), obs=data)
+
+    def guide():
+        pyro.sample("scale", dist.Normal(pyro.param("loc", torch.tensor(-5.0)), 0.1))
+
+    with pytest.warns(SupportWarning):  # once, on the first call
+        for objective in (pyro_elbo.ELBO(), pyro_elbo.IWAE(num_particles=8)):
+            with pytest.raises(
+                ValueError, match=r"Guide site 'scale' drew -\d.* outside the model's support reals in \[0, inf\]"
+            ):
+                objective.loss(model, guide)

@@ -132,6 +132,32 @@ def wider_supports(model: Any, guide: Any, args: tuple[Any, ...], kwargs: dict[s
     ]
 
 
+def draws_outside(model_trace: Any, guide_trace: Any) -> str | None:
+    """Why the model failed on the guide's values, where a guide site with a wider support drew
+    outside the model site's support (e.g. a negative draw used as a scale); else ``None``."""
+    for name, model_support, guide_support, model_fn, _ in _compared_sites(model_trace, guide_trace):
+        value = sample_sites(guide_trace)[name]["value"]
+        constraint = _unwrap(model_fn.support)
+        if _relation(guide_support, model_support) != "wider" or not isinstance(value, Tensor):
+            continue
+        try:
+            inside = constraint.check(value)
+        except (RuntimeError, ValueError, TypeError):
+            continue
+        if inside.shape != value.shape or bool(inside.all()):
+            continue
+        outside = value[~inside]
+        return (
+            f"Guide site '{name}' drew {float(outside.flatten()[0]):.4g} ({outside.numel()} of {value.numel()} "
+            f"values), outside the model's support {_describe(model_support)}: its support "
+            f"{_describe(guide_support)} is wider than the model's, and the model cannot run on such a value "
+            "(Pyro's Trace_ELBO fails the same way). Use a guide distribution on the model's support (e.g. "
+            "LogNormal or Gamma for a positive latent, Beta for (0, 1)), or an autoguide such as AutoNormal, "
+            "which transforms into it."
+        )
+    return None
+
+
 def _compared_sites(model_trace: Any, guide_trace: Any) -> list[tuple[str, Any, Any, Any, Any]]:
     """``(name, model support, guide support, model fn, guide fn)`` of every comparable latent site."""
     model_sites = sample_sites(model_trace)
