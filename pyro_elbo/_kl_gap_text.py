@@ -171,7 +171,12 @@ def report_plot(report: KLGapReport, ax: Any = None) -> Any:
     ax.set_xlabel("K (particles per bound)")
     ax.set_ylabel("nats")
     kl_lo, kl_hi = report.kl_interval
-    ax.set_title(f"KL(q‖p) ∈ [{kl_lo:.3g}, {kl_hi:.3g}],  k̂ = {report.khat:.2f}", fontsize=10)
+    title = (
+        "KL(q‖p) = ∞ (q's support is wider than the model's)"
+        if report.wider_supports
+        else (f"KL(q‖p) ∈ [{kl_lo:.3g}, {kl_hi:.3g}]")
+    )
+    ax.set_title(f"{title},  k̂ = {report.khat:.2f}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     if point_ax is not None and report.per_point is not None:
         khat = report.per_point.khat.clamp(-1.0, 2.0)
