@@ -144,6 +144,10 @@ def log_evidence(
     of ``num_pilot_chains`` chains (default ``max(2, num_particles // 4)``), then frozen. Its cost
     is counted in ``num_evals``.
 
+    The IWAE estimate stays valid for a guide whose support is wider than the model's (a draw
+    outside has weight zero). An autoguide built on subsamples is evaluated on each batch given,
+    with its plates opened at the model's sizes (:mod:`~pyro_elbo._pyro.guide_plates`).
+
     Returns:
         An :class:`Evidence` with ``per_point`` ``[N]``, ``per_point_se``, ``total`` and, for
         discrete observations, ``bits_per_dim``.

@@ -279,6 +279,14 @@ def kl_gap(
     sites), ``report.per_point`` holds each point's k̂, ESS and bracket; the verdict reads their
     distribution and the headline k̂ and ESS are the worst point's.
 
+    A guide whose support is wider than the model's (``report.wider_supports``) puts mass where
+    the posterior has none: its KL is :math:`+\\infty` by definition, the verdict says so and
+    names the site, whatever the draws show, and the warning says what they measured (how many
+    fell outside, the bracket of q restricted to the model's support). An autoguide built on
+    subsamples (Pyro's ``AutoNormal`` trained on minibatches) is evaluated on the data given, with
+    its per-point parameters of every point (``report.notes`` says so; see
+    :mod:`~pyro_elbo._pyro.guide_plates`).
+
     Args:
         model, guide, *args, **kwargs: as for :func:`~pyro_elbo.log_weights`.
         num_particles: ``S``, total particles.
