@@ -230,7 +230,9 @@ def per_point_text(report: KLGapReport) -> list[str]:
         f"{points.quantile(points.khat, 0.9):.3f}; > 0.7 at {100 * share:.1f}% of points",
         f"    ESS         median {points.quantile(points.ess, 0.5):.1f}, 10th pct {points.quantile(points.ess, 0.1):.1f}"
         f" of {report.num_particles}; unreliable (k-hat >= 0.7 or ESS < {MIN_ESS:g}) at {int(bad.sum())} of {n}",
-        f"    KL bracket  median [{points.quantile(points.kl_lower, 0.5):.4g}, "
+        "    KL bracket  inf by definition (q's support is wider than the model's)"
+        if report.wider_supports
+        else f"    KL bracket  median [{points.quantile(points.kl_lower, 0.5):.4g}, "
         f"{points.quantile(points.kl_upper, 0.5):.4g}] nats per point",
         f"    worst       {worst}",
     ]
@@ -286,6 +288,11 @@ def infinite_kl(report: KLGapReport) -> tuple[str, list[str]]:
     and what the draws measured (the bracket of q restricted to the model's support)."""
     sites = "; ".join(report.wider_supports)
     n, m = report.num_particles, report.outside_draws
+    drawn = (
+        f"{m} of {n * report.num_points} draws ({n} particles x {report.num_points} data points)"
+        if (report.num_points > 1)
+        else f"{m} of {n} draws"
+    )
     verdict = f"infinite: KL(q || p) = inf by definition, because {sites}"
     if report.restricted_kl is None:
         measured = "every draw of some data point fell outside the model's support"
@@ -299,7 +306,7 @@ def infinite_kl(report: KLGapReport) -> tuple[str, list[str]]:
         )
     return verdict, [
         f"KL(q || p(z | x)) is infinite: q puts mass where p(z | x) = 0 ({sites}), so the ELBO is -inf in "
-        f"expectation. Its draws: {m} of {n} fell outside the model's support (log w = -inf); {measured}. "
+        f"expectation. Its draws: {drawn} fell outside the model's support (log w = -inf); {measured}. "
         "IWAE and CUBO still bracket log p(x) (the weights outside are zero). Fix: a guide distribution on the "
         "model's support, or an autoguide such as AutoNormal, which transforms into it"
     ]

@@ -147,8 +147,8 @@ class KLGapReport:
             both supports: q puts mass where :math:`p(x, z) = 0`, so the KL is :math:`+\\infty` by
             definition (``kl_interval`` is ``(inf, inf)``) and the verdict says so, whatever the
             draws show; IWAE and CUBO still bracket :math:`\\log p(x)` (weights outside are zero).
-        outside_draws: with ``wider_supports``, the number of particles that fell outside the
-            model's support (log-weight :math:`-\\infty`) at some data point.
+        outside_draws: with ``wider_supports``, the number of draws (particles times data
+            points) that fell outside the model's support (log-weight :math:`-\\infty`).
         restricted_kl: with ``wider_supports``, what the draws measured: the bracket
             ``IWAE_S - ELBO``, ``CUBO_2 - ELBO`` for :math:`q` restricted to the model's support and
             renormalized (:math:`q_r = q \\, 1_{p > 0} / P`, whose importance weights are
@@ -435,7 +435,7 @@ def _report(
         wider_supports=wider_supports(model, guide, args, kwargs),
     )
     if report.wider_supports:
-        report.outside_draws = int((log_w == -math.inf).any(1).sum())
+        report.outside_draws = int((log_w == -math.inf).sum())
         report.restricted_kl = _restricted_kl(log_w)
     from pyro_elbo._kl_gap_text import assess, check_consistency
 
@@ -733,18 +733,16 @@ def _restricted_kl(log_w: Tensor) -> tuple[float, float] | None:
     its IWAE equals q's and its CUBO is q's plus :math:`\\tfrac12 \\log \\hat P`; summed over points.
     """
     num = log_w.shape[0]
-    lower = upper = 0.0
-    for point in log_w.T:
-        inside = torch.isfinite(point)
-        count = int(inside.sum())
-        if count == 0:
-            return None
-        log_share = math.log(count / num)
-        mean_inside = float(point[inside].mean())
-        iwae = float(torch.logsumexp(point, 0)) - math.log(num)
-        cubo = (float(torch.logsumexp(2 * point, 0)) - math.log(num)) / 2
-        lower += iwae - mean_inside - log_share
-        upper += cubo - mean_inside - log_share / 2
+    inside = torch.isfinite(log_w)
+    count = inside.sum(0)
+    if bool((count == 0).any()):
+        return None
+    log_share = torch.log(count / num)
+    mean_inside = torch.where(inside, log_w, torch.zeros_like(log_w)).sum(0) / count
+    iwae = torch.logsumexp(log_w, 0) - math.log(num)
+    cubo = (torch.logsumexp(2 * log_w, 0) - math.log(num)) / 2
+    lower = float((iwae - mean_inside - log_share).sum())
+    upper = float((cubo - mean_inside - log_share / 2).sum())
     return lower, upper
 
 

@@ -105,3 +105,23 @@ def test_a_model_that_cannot_run_on_a_draw_outside_names_the_site() -> None:
                 ValueError, match=r"Guide site 'scale' drew -\d.* outside the model's support reals in \[0, inf\]"
             ):
                 objective.loss(model, guide)
+
+
+def test_a_per_point_report_of_a_wider_guide_is_infinite_at_every_level() -> None:
+    data = torch.linspace(-1.0, 1.0, 12)
+
+    def model():
+        with pyro.plate("data", len(data)):
+            s = pyro.sample("s", dist.HalfNormal(1.0))
+            pyro.sample("x", dist.Normal(0.0, s.abs() + 0.5), obs=data)
+
+    def guide():
+        with pyro.plate("data", len(data)):
+            pyro.sample("s", dist.Normal(pyro.param("loc", torch.full((len(data),), 0.8)), 0.5))
+
+    with pytest.warns(SupportWarning):
+        report = pyro_elbo.kl_gap(model, guide, num_particles=500, per_site=False)
+    assert report.num_points == len(data) and report.verdict.startswith("infinite:")
+    assert report.outside_draws > 0  # P(outside) = 5.5% per draw: 6000 draws all inside has probability < 1e-140
+    text = str(report)
+    assert "KL bracket  inf by definition" in text and f"of {500 * len(data)} draws" in text
