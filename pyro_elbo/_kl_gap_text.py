@@ -58,7 +58,7 @@ def report_text(report: KLGapReport) -> str:
     lines.append(f"  log p(x)    {_interval(*report.log_evidence_interval)}")
     if report.wider_supports:
         lines.append("  KL(q || p)  = inf by definition: q draws where the model's density is zero (see the verdict)")
-    elif report.resolvable or not report.consistent:
+    elif report.resolvable or not report.consistent or report.narrower_supports:
         lines.append(f"  KL(q || p)  {_interval(*report.kl_interval)}")
     else:
         lines.append(f"  KL(q || p)  not resolvable: below the {report.noise_floor:.2g} nat rounding noise floor")
@@ -242,6 +242,8 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
     """The verdict line and the warnings of a report (see the README's ``kl_gap`` section)."""
     if report.wider_supports:
         return infinite_kl(report)
+    if report.narrower_supports:
+        return unverifiable_kl(report)
     lo, hi = report.kl_interval
     if not report.resolvable:
         return (
@@ -312,6 +314,23 @@ def infinite_kl(report: KLGapReport) -> tuple[str, list[str]]:
     ]
 
 
+def unverifiable_kl(report: KLGapReport) -> tuple[str, list[str]]:
+    """The verdict of a guide whose support is narrower than the model's: its draws cannot see
+    posterior mass outside it, so only the lower ends of the bracket hold."""
+    sites = "; ".join(report.narrower_supports)
+    lo = report.kl_interval[0]
+    return (
+        f"unverifiable: KL(q || p) >= {lo:.4g} nats, no upper end, because {sites}",
+        [
+            f"q's support is narrower than the model's ({sites}): q's draws cannot see posterior mass outside "
+            "it, so IWAE (a lower bound of log p(x)) and IWAE - ELBO (of the KL) still hold, but CUBO bounds "
+            "only the mass inside q's support, and this report claims no upper end. If the likelihood is zero "
+            "outside q's support, the bracket holds; to check, give the guide the model's support (or use an "
+            "autoguide such as AutoNormal, which transforms into it)"
+        ],
+    )
+
+
 #: standard errors a bound may stray past another before the two contradict each other
 #: (one-sided false-alarm rate 3e-5 per comparison for Gaussian errors)
 CONTRADICTION_Z = 4.0
@@ -334,6 +353,8 @@ def contradictions(report: KLGapReport) -> list[str]:
     floor, n = report.noise_floor, report.num_particles
     for wider in report.wider_supports if claims else ():
         found.append(f"the verdict '{claim}' against {wider}: the KL is infinite")
+    for narrower in report.narrower_supports if claims else ():
+        found.append(f"the verdict '{claim}' against {narrower}: the draws cannot see mass outside it")
     if claims and report.replay_error > 0:
         found.append(f"the verdict '{claim}' against {randomness_text(report)}")
     for edge in report.support_edges if claims else ():

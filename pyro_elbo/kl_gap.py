@@ -46,7 +46,7 @@ from pyro_elbo._pyro.inspect import (
     support_edges,
 )
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
-from pyro_elbo._pyro.supports import wider_supports
+from pyro_elbo._pyro.supports import support_differences
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.psis import effective_sample_size, psis_khat
 
@@ -147,6 +147,10 @@ class KLGapReport:
             both supports: q puts mass where :math:`p(x, z) = 0`, so the KL is :math:`+\\infty` by
             definition (``kl_interval`` is ``(inf, inf)``) and the verdict says so, whatever the
             draws show; IWAE and CUBO still bracket :math:`\\log p(x)` (weights outside are zero).
+        narrower_supports: latent sites whose guide support is narrower than the model's, each
+            naming both supports: q's draws cannot see posterior mass outside q's support, so CUBO
+            is no upper bound there; ``kl_interval`` and ``log_evidence_interval`` keep only their
+            lower ends and the verdict claims nothing more.
         outside_draws: with ``wider_supports``, the number of draws (particles times data
             points) that fell outside the model's support (log-weight :math:`-\\infty`).
         restricted_kl: with ``wider_supports``, what the draws measured: the bracket
@@ -185,6 +189,7 @@ class KLGapReport:
     support_edges: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wider_supports: list[str] = field(default_factory=list)
+    narrower_supports: list[str] = field(default_factory=list)
     outside_draws: int = 0
     restricted_kl: tuple[float, float] | None = None
 
@@ -215,7 +220,7 @@ class KLGapReport:
             return math.inf, math.inf
         low, high = self.gap_lower, self.gap_upper
         lo = max(0.0, low.value - Z * low.se - self.noise_floor)
-        if not self.consistent:
+        if not self.consistent or self.narrower_supports:  # (q's draws cannot see mass outside q's support)
             return lo, math.inf
         if not self.resolvable:
             return 0.0, max(self.noise_floor, high.value + Z * high.se + self.noise_floor)
@@ -224,7 +229,7 @@ class KLGapReport:
     @property
     def log_evidence_interval(self) -> tuple[float, float]:
         top = self.iwae[max(self.iwae)]
-        trusted = self.reliable and self.consistent
+        trusted = self.reliable and self.consistent and not self.narrower_supports
         hi = self.cubo.value + Z * self.cubo.se + self.noise_floor if trusted else math.inf
         return top.value - Z * top.se - self.noise_floor, hi
 
@@ -282,7 +287,9 @@ def kl_gap(
     A guide whose support is wider than the model's (``report.wider_supports``) puts mass where
     the posterior has none: its KL is :math:`+\\infty` by definition, the verdict says so and
     names the site, whatever the draws show, and the warning says what they measured (how many
-    fell outside, the bracket of q restricted to the model's support). An autoguide built on
+    fell outside, the bracket of q restricted to the model's support). A guide whose support is
+    narrower (``report.narrower_supports``) cannot see posterior mass outside it: the report keeps
+    the lower ends (IWAE, IWAE - ELBO) and claims no upper end. An autoguide built on
     subsamples (Pyro's ``AutoNormal`` trained on minibatches) is evaluated on the data given, with
     its per-point parameters of every point (``report.notes`` says so; see
     :mod:`~pyro_elbo._pyro.guide_plates`).
@@ -432,8 +439,8 @@ def _report(
         precision_losses=run.precision,
         support_edges=run.edges,
         per_point=per_point,
-        wider_supports=wider_supports(model, guide, args, kwargs),
     )
+    report.wider_supports, report.narrower_supports = support_differences(model, guide, args, kwargs)
     if report.wider_supports:
         report.outside_draws = int((log_w == -math.inf).sum())
         report.restricted_kl = _restricted_kl(log_w)

@@ -413,6 +413,12 @@ SUPPORT_PAIRS = [
         dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-1.0, 4.0)]),
         "passes",
     ),
+    (  # biject_to(interval(-2.3, 1.7)) as AutoNormalMessenger pushes forward: upper end -2.3 + 4.0 = 1.7000000000000002
+        "uniform-sigmoid-affine-rounded",
+        dist.Uniform(-2.3, 1.7),
+        dist.TransformedDistribution(dist.Normal(0.0, 1.0), [SigmoidTransform(), AffineTransform(-2.3, 1.7 + 2.3)]),
+        "passes",
+    ),
     (
         "uniform-sigmoid-affine-wider",
         dist.Uniform(-1.0, 3.0),

@@ -125,3 +125,22 @@ def test_a_per_point_report_of_a_wider_guide_is_infinite_at_every_level() -> Non
     assert report.outside_draws > 0  # P(outside) = 5.5% per draw: 6000 draws all inside has probability < 1e-140
     text = str(report)
     assert "KL bracket  inf by definition" in text and f"of {500 * len(data)} draws" in text
+
+
+def test_a_narrower_guide_is_never_exact_and_keeps_only_the_lower_ends() -> None:
+    """Uniform(0, 5) guide for a Uniform(0, 10) latent without data: every weight is 1/2, so the
+    draws alone say "exact", yet KL(q || p) = log 2: the draws cannot see the posterior's other half."""
+
+    def model():
+        pyro.sample("z", dist.Uniform(0.0, 10.0))
+
+    def guide():
+        pyro.sample("z", dist.Uniform(0.0, 5.0))
+
+    report = pyro_elbo.kl_gap(model, guide, num_particles=500, per_site=False)
+    assert report.verdict.startswith("unverifiable: KL(q || p) >= 0 nats, no upper end, because guide site 'z'")
+    assert not report.verdict.startswith(CLAIMS)
+    low, high = report.kl_interval
+    assert high == math.inf and low <= math.log(2.0)
+    assert report.log_evidence_interval[1] == math.inf
+    assert "narrower than the model's reals in [0, 10]" in str(report)

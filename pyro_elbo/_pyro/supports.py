@@ -12,6 +12,10 @@ warned about once per site (:class:`SupportWarning`), and a draw that lands outs
 loop's non-finite policy names. Importance-sampling estimates of :math:`\\log p(x)` stay valid
 (the weights outside are zero); :func:`~pyro_elbo.kl_gap` reports the KL as infinite.
 
+A guide support *narrower* than the model's is valid for training (every draw can be scored),
+but its draws cannot see posterior mass outside it: :func:`~pyro_elbo.kl_gap` then keeps only the
+lower ends of its bracket (:func:`support_differences` names both kinds).
+
 A guide support that meets the model's only in a set of measure zero (a continuous guide for a
 discrete latent, an unconstrained guide for a simplex, or intervals that do not overlap) draws
 outside almost surely: that pair is refused with a ``ValueError``.
@@ -76,8 +80,8 @@ def check_supports(model_trace: Any, guide_trace: Any) -> tuple[str, ...]:
     wider: list[str] = []
     for name, model_support, guide_support, model_fn, guide_fn in _compared_sites(model_trace, guide_trace):
         relation = _relation(guide_support, model_support)
-        if relation is None:
-            continue
+        if relation not in ("wider", "disjoint"):
+            continue  # a narrower guide: every draw can be scored (kl_gap says what it cannot see)
         described = (
             f"Guide site '{name}' has support {_describe(guide_support)}, "
             + ("wider than" if relation == "wider" else "almost surely outside")
@@ -111,25 +115,32 @@ def check_supports(model_trace: Any, guide_trace: Any) -> tuple[str, ...]:
     return tuple(wider)
 
 
-def wider_supports(model: Any, guide: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
-    """One line per latent site whose guide support is provably wider than the model's, naming both.
+def support_differences(
+    model: Any, guide: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """The latent sites whose guide support is provably wider, and those where it is provably
+    narrower, than the model's: one line per site naming both supports.
 
     Runs guide and model once (one particle, without gradients, under
     :func:`~pyro_elbo._random.forked_rng` and ``poutine.block``, so the caller's random stream and
     handlers are untouched) and compares their sites as :func:`check_supports` does, without
-    warning. ``[]`` if the run fails (the caller's own run says why).
+    warning. ``([], [])`` if the run fails (the caller's own run says why).
     """
     with forked_rng(), torch.no_grad(), poutine.block():
         try:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
         except Exception:  # noqa: BLE001 - the caller's own evaluation raises it, with its context
-            return []
-    return [
-        f"guide site '{name}' has support {_describe(guide_support)}, wider than the model's {_describe(model_support)}"
-        for name, model_support, guide_support, _, _ in _compared_sites(model_trace, guide_trace)
-        if _relation(guide_support, model_support) == "wider"
-    ]
+            return [], []
+    found: dict[str, list[str]] = {"wider": [], "narrower": []}
+    for name, model_support, guide_support, _, _ in _compared_sites(model_trace, guide_trace):
+        relation = _relation(guide_support, model_support)
+        if relation in found:
+            found[relation].append(
+                f"guide site '{name}' has support {_describe(guide_support)}, {relation} than the model's "
+                f"{_describe(model_support)}"
+            )
+    return found["wider"], found["narrower"]
 
 
 def draws_outside(model_trace: Any, guide_trace: Any) -> str | None:
@@ -317,7 +328,8 @@ def _comparable(*values: Any) -> bool:
 
 def _relation(guide: Any, model: Any) -> str | None:
     """``"wider"`` if the guide's support provably overlaps the model's and extends beyond it,
-    ``"disjoint"`` if they provably meet at most in a set of measure zero, else ``None``."""
+    ``"disjoint"`` if they provably meet at most in a set of measure zero, ``"narrower"`` if it is
+    provably inside the model's and not all of it, else ``None``."""
     if isinstance(guide, tuple) and isinstance(model, tuple):
         g_lower, g_upper, g_discrete = guide
         m_lower, m_upper, m_discrete = model
@@ -328,18 +340,29 @@ def _relation(guide: Any, model: Any) -> str | None:
         bounds = (g_lower, g_upper, m_lower, m_upper)
         if all(not isinstance(v, torch.Tensor) for v in bounds):  # plain numbers: no tensor op while tracing
             apart = g_upper < m_lower or g_lower > m_upper if g_discrete else g_upper <= m_lower or g_lower >= m_upper
-            wider = g_lower < m_lower or g_upper > m_upper
+            low_tol, up_tol = _tolerance(m_lower), _tolerance(m_upper)
+            wider = g_lower < m_lower - low_tol or g_upper > m_upper + up_tol
+            narrower = g_lower > m_lower + low_tol or g_upper < m_upper - up_tol
         elif _comparable(*bounds):
             gl, gu, ml, mu = (torch.as_tensor(v) for v in bounds)
             apart = bool(((gu < ml) | (gl > mu) if g_discrete else (gu <= ml) | (gl >= mu)).any())
-            wider = bool((gl < ml).any() or (gu > mu).any())
+            ml_tol = torch.where(torch.isfinite(ml), 1e-6 * (1 + ml.abs()), torch.zeros_like(ml))
+            mu_tol = torch.where(torch.isfinite(mu), 1e-6 * (1 + mu.abs()), torch.zeros_like(mu))
+            wider = bool((gl < ml - ml_tol).any() or (gu > mu + mu_tol).any())
+            narrower = bool((gl > ml + ml_tol).any() or (gu < mu - mu_tol).any())
         else:
             return None
-        return "disjoint" if apart else "wider" if wider else None
+        return "disjoint" if apart else "wider" if wider else "narrower" if narrower else None
     if isinstance(guide, tuple):  # the model's support is not an interval (simplex, ...)
         unconstrained = not guide[2] and guide[0] == -math.inf and guide[1] == math.inf
         return "disjoint" if unconstrained else None
     return None
+
+
+def _tolerance(bound: float) -> float:
+    """Bounds this close are equal: a guide's pushed-forward bound (``a + (b - a) * 1``) differs
+    from the model's by rounding."""
+    return 1e-6 * (1 + abs(bound)) if math.isfinite(bound) else 0.0
 
 
 def _describe(support: Any) -> str:
