@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pyro_elbo._pyro.draws import Draws, posterior_draws
+from pyro_elbo._pyro.guide_plates import on_given_data
 from pyro_elbo._pyro.inspect import raise_if_nonfinite_observed
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting
 from pyro_elbo._pyro.observed_plates import Plate, observed_plates
@@ -35,6 +36,7 @@ COMBINED = "combined"
 """Name of the one log-likelihood variable of ``log_likelihood="combined"``."""
 
 
+@on_given_data  # an autoguide built on subsamples: its plates opened as the model's on these data
 def to_inference_data(
     model: Model,
     guide: Guide,

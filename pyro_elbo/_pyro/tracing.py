@@ -16,7 +16,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_elbo._pyro import checks, enum
+from pyro_elbo._pyro import checks, enum, supports
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.params import params_stopped
 from pyro_elbo._pyro.particles import argument_signature
@@ -149,6 +149,8 @@ def traces(
             _diagnose_model_failure(plated_model, guide_trace, args, kwargs, max_plate_nesting, num_particles, error)
             raise
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        if isinstance(error, _OutsideSupport):  # the draw's doing, not the particle plate's
+            raise
         if num_particles == 1:
             _raise_plate_mismatch(error)
         named = checks.diagnose_shape_failure(model, guide, args, kwargs, max_plate_nesting)
@@ -282,6 +284,10 @@ class _NamedMismatch(ValueError):
     names_a_mismatch = True
 
 
+class _OutsideSupport(_NamedMismatch):
+    """The model failed on a guide draw outside its support (a guide support wider than the model's)."""
+
+
 def _diagnose_model_failure(
     plated_model: Any,
     guide_trace: Trace,
@@ -308,6 +314,10 @@ def _diagnose_model_failure(
     except ValueError as mismatch:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {first_line})") from error
+    outside = supports.draws_outside(prior_trace, guide_trace)
+    if outside is not None:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _OutsideSupport(f"{outside} (The model failed on that value: {first_line})") from error
 
 
 def scored_sites(trace: Trace, named: bool = False) -> Iterator[Any]:
