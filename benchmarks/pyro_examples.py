@@ -309,6 +309,8 @@ def cell_compiled(entry: Any, tmp: Path) -> str:
     result, fallbacks = _fit(entry, compile=True)
     if fallbacks:
         raise _Fallback(fallbacks[0].strip().splitlines()[0][:400])
+    if result.compile_seconds is None and not result.params:  # nothing to train: fit stays eager and says why
+        raise _NoParams(f"{result.compile_decision}; losses {', '.join(f'{v:.4g}' for v in result.history)}")
     return f"compiled in {result.compile_seconds:.0f} s; losses {', '.join(f'{v:.4g}' for v in result.history)}"
 
 
@@ -561,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown models or entry points {unknown}; models: {list(EXAMPLES)}", file=sys.stderr)
         return 2
     if args.table is None or args.models != "all" or args.entry_points != "all":
-        if args.redo:
-            forget(names, chosen, Path(args.results))
+        if args.redo:  # only the cells of the phases that run again
+            phased = {e for phase in args.phases.split(",") for e in PHASES[phase]}
+            forget(names, [e for e in chosen if e in phased], Path(args.results))
         for phase in args.phases.split(","):
             entry_points = [e for e in PHASES[phase] if e in chosen]
             if entry_points:

@@ -56,7 +56,9 @@ def report_text(report: KLGapReport) -> str:
     lines.append(f"  {'CUBO_2':<12}{report.cubo.value:>14.4f}{report.cubo.se:>13.4f}")
     lines.append("")
     lines.append(f"  log p(x)    {_interval(*report.log_evidence_interval)}")
-    if report.resolvable or not report.consistent:
+    if report.wider_supports:
+        lines.append("  KL(q || p)  = inf by definition: q draws where the model's density is zero (see the verdict)")
+    elif report.resolvable or not report.consistent or report.narrower_supports:
         lines.append(f"  KL(q || p)  {_interval(*report.kl_interval)}")
     else:
         lines.append(f"  KL(q || p)  not resolvable: below the {report.noise_floor:.2g} nat rounding noise floor")
@@ -79,6 +81,8 @@ def report_text(report: KLGapReport) -> str:
         )
     for message in report.warnings:
         lines.append(f"  warning: {message}")
+    for note in report.notes:
+        lines.append(f"  note: {note}")
     if report.simulated is not None:
         lines.extend(simulated_text(report.simulated))
     return "\n".join(lines)
@@ -167,7 +171,12 @@ def report_plot(report: KLGapReport, ax: Any = None) -> Any:
     ax.set_xlabel("K (particles per bound)")
     ax.set_ylabel("nats")
     kl_lo, kl_hi = report.kl_interval
-    ax.set_title(f"KL(q‖p) ∈ [{kl_lo:.3g}, {kl_hi:.3g}],  k̂ = {report.khat:.2f}", fontsize=10)
+    title = (
+        "KL(q‖p) = ∞ (q's support is wider than the model's)"
+        if report.wider_supports
+        else (f"KL(q‖p) ∈ [{kl_lo:.3g}, {kl_hi:.3g}]")
+    )
+    ax.set_title(f"{title},  k̂ = {report.khat:.2f}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     if point_ax is not None and report.per_point is not None:
         khat = report.per_point.khat.clamp(-1.0, 2.0)
@@ -221,7 +230,9 @@ def per_point_text(report: KLGapReport) -> list[str]:
         f"{points.quantile(points.khat, 0.9):.3f}; > 0.7 at {100 * share:.1f}% of points",
         f"    ESS         median {points.quantile(points.ess, 0.5):.1f}, 10th pct {points.quantile(points.ess, 0.1):.1f}"
         f" of {report.num_particles}; unreliable (k-hat >= 0.7 or ESS < {MIN_ESS:g}) at {int(bad.sum())} of {n}",
-        f"    KL bracket  median [{points.quantile(points.kl_lower, 0.5):.4g}, "
+        "    KL bracket  inf by definition (q's support is wider than the model's)"
+        if report.wider_supports
+        else f"    KL bracket  median [{points.quantile(points.kl_lower, 0.5):.4g}, "
         f"{points.quantile(points.kl_upper, 0.5):.4g}] nats per point",
         f"    worst       {worst}",
     ]
@@ -229,6 +240,10 @@ def per_point_text(report: KLGapReport) -> list[str]:
 
 def assess(report: KLGapReport) -> tuple[str, list[str]]:
     """The verdict line and the warnings of a report (see the README's ``kl_gap`` section)."""
+    if report.wider_supports:
+        return infinite_kl(report)
+    if report.narrower_supports:
+        return unverifiable_kl(report)
     lo, hi = report.kl_interval
     if not report.resolvable:
         return (
@@ -270,6 +285,52 @@ def assess(report: KLGapReport) -> tuple[str, list[str]]:
     ]
 
 
+def infinite_kl(report: KLGapReport) -> tuple[str, list[str]]:
+    """The verdict of a guide whose support is wider than the model's: KL = inf by definition,
+    and what the draws measured (the bracket of q restricted to the model's support)."""
+    sites = "; ".join(report.wider_supports)
+    n, m = report.num_particles, report.outside_draws
+    drawn = (
+        f"{m} of {n * report.num_points} draws ({n} particles x {report.num_points} data points)"
+        if (report.num_points > 1)
+        else f"{m} of {n} draws"
+    )
+    verdict = f"infinite: KL(q || p) = inf by definition, because {sites}"
+    if report.restricted_kl is None:
+        measured = "every draw of some data point fell outside the model's support"
+    else:
+        lo, hi = report.restricted_kl
+        measured = (
+            f"restricted to the model's support and renormalized, q is {lo:.4g} (IWAE_{n} - ELBO) to {hi:.4g} "
+            "(CUBO_2 - ELBO) nats from the posterior (estimates from the draws inside"
+            + ("" if report.reliable else f"; unreliable: k-hat {report.khat:.2f}, ESS {report.ess:.1f}")
+            + ")"
+        )
+    return verdict, [
+        f"KL(q || p(z | x)) is infinite: q puts mass where p(z | x) = 0 ({sites}), so the ELBO is -inf in "
+        f"expectation. Its draws: {drawn} fell outside the model's support (log w = -inf); {measured}. "
+        "IWAE and CUBO still bracket log p(x) (the weights outside are zero). Fix: a guide distribution on the "
+        "model's support, or an autoguide such as AutoNormal, which transforms into it"
+    ]
+
+
+def unverifiable_kl(report: KLGapReport) -> tuple[str, list[str]]:
+    """The verdict of a guide whose support is narrower than the model's: its draws cannot see
+    posterior mass outside it, so only the lower ends of the bracket hold."""
+    sites = "; ".join(report.narrower_supports)
+    lo = report.kl_interval[0]
+    return (
+        f"unverifiable: KL(q || p) >= {lo:.4g} nats, no upper end, because {sites}",
+        [
+            f"q's support is narrower than the model's ({sites}): q's draws cannot see posterior mass outside "
+            "it, so IWAE (a lower bound of log p(x)) and IWAE - ELBO (of the KL) still hold, but CUBO bounds "
+            "only the mass inside q's support, and this report claims no upper end. If the likelihood is zero "
+            "outside q's support, the bracket holds; to check, give the guide the model's support (or use an "
+            "autoguide such as AutoNormal, which transforms into it)"
+        ],
+    )
+
+
 #: standard errors a bound may stray past another before the two contradict each other
 #: (one-sided false-alarm rate 3e-5 per comparison for Gaussian errors)
 CONTRADICTION_Z = 4.0
@@ -290,6 +351,10 @@ def contradictions(report: KLGapReport) -> list[str]:
     claim = verdict.split(":")[0]
     claims = verdict.startswith(CLAIMS)
     floor, n = report.noise_floor, report.num_particles
+    for wider in report.wider_supports if claims else ():
+        found.append(f"the verdict '{claim}' against {wider}: the KL is infinite")
+    for narrower in report.narrower_supports if claims else ():
+        found.append(f"the verdict '{claim}' against {narrower}: the draws cannot see mass outside it")
     if claims and report.replay_error > 0:
         found.append(f"the verdict '{claim}' against {randomness_text(report)}")
     for edge in report.support_edges if claims else ():

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pyro_elbo._pyro.draws import Draws, posterior_draws
+from pyro_elbo._pyro.guide_plates import on_given_data
 from pyro_elbo._pyro.inspect import raise_if_nonfinite_observed
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting
 from pyro_elbo._pyro.observed_plates import Plate, observed_plates
@@ -35,6 +36,7 @@ COMBINED = "combined"
 """Name of the one log-likelihood variable of ``log_likelihood="combined"``."""
 
 
+@on_given_data  # an autoguide built on subsamples: its plates opened as the model's on these data
 def to_inference_data(
     model: Model,
     guide: Guide,
@@ -64,10 +66,32 @@ def to_inference_data(
     Every site as what it is: a site rewritten by ``poutine.reparam`` (e.g. ``LocScaleReparam``,
     which Pyro records as an observed ``Delta``) is a latent, in ``posterior`` with its auxiliary
     ``_decentered`` site; a ``pyro.factor`` term is part of ``log_p`` but not an observation, so it
-    is in neither ``log_likelihood`` nor ``observed_data``. Enumerated discrete sites are drawn
+    is in neither ``log_likelihood`` nor ``observed_data``. The model's enumerated discrete sites are drawn
     from their exact posterior given each draw (Pyro's ``infer_discrete``); where that fails on a
     model, they are left out with a warning and the observed sites' log-likelihood is still the
     marginal over them.
+
+    A guide that enumerates a discrete site :math:`y` (``config_enumerate`` on the guide, which
+    ``TraceEnum_ELBO`` sums out, as in Pyro's semi-supervised VAE and scANVI) is exported as the
+    same guide with :math:`y` sampled: each draw is :math:`y_s \\sim q(y \\mid x)` from the guide's
+    own distribution, then the other guide sites given it as the guide draws them,
+    :math:`z_s \\sim q(z \\mid x, y_s)`. Every group speaks of the one joint
+    :math:`q(y, z) = q(y \\mid x)\\, q(z \\mid x, y)`: ``posterior`` holds :math:`y_s` with the other
+    latents, ``log_likelihood`` holds :math:`\\log p(x_i \\mid y_s, z_s)`, and ``sample_stats``
+    holds :math:`\\log p(x, y_s, z_s)` and :math:`\\log q(y_s \\mid x) + \\log q(z_s \\mid x, y_s)`.
+    So :math:`\\log p - \\log q` is the importance weight of the draw :math:`(y_s, z_s)`:
+    :func:`~pyro_elbo.loo`'s ratios :math:`p(x, y_s, z_s) / (q(y_s, z_s)\\, p(x_i \\mid y_s, z_s))`
+    and ``draws="psis"`` reweight the labels together with the other latents. The exact sum over
+    :math:`y` that ``log_evidence`` and ``kl_gap`` use, :math:`\\sum_y p(x, y, z_y) / q(z_y \\mid x, y)`,
+    is the weight of a tuple :math:`(z_y)_y` (one :math:`z` per label), not of one draw
+    :math:`(y, z)`; it would leave the exported labels out of the weights, so it is not used here.
+    (``tests/test_guide_enumeration.py`` checks the exported labels' frequencies against
+    :math:`q(y \\mid x)` and the corrected LOO against that of the guide without ``config_enumerate``.)
+
+    An observed site's ``posterior_predictive`` is a replicate of its data; a distribution whose
+    draws do not have the data's shape (Pyro's ``MissingDataDiscreteHMM`` of the MuE models, whose
+    event shape ``(1, K)`` stands for a sequence of any length) draws no replicate, and the site is
+    left out of that group with a warning (its other groups are exported).
 
     Draws are vectorized, ``chunk_size`` at a time, and moved to CPU as they come, so device memory
     stays bounded for large ``num_samples``.
@@ -92,7 +116,10 @@ def to_inference_data(
             ``"combined"`` or an observed site's dims cover those plates.
         vectorize_particles: how the draws are made: ``"auto"`` (default; the fastest path the
             model runs on), ``"plate"``, ``"vmap"`` or ``"sequential"`` (``True``/``False`` mean
-            ``"plate"``/``"sequential"``), as for the objectives.
+            ``"plate"``/``"sequential"``), as for the objectives. With ``"auto"``, draws that
+            fail on the path the objectives take (a value that mixes the particles with its own
+            dims, a predictive draw that cannot be batched) are made one particle at a time, with
+            a :class:`~pyro_elbo.ParticlePathWarning`.
         draws: ``"guide"`` (default): the guide's own independent draws, ``theta_s ~ q``, with
             ``log_p``/``log_q`` in ``sample_stats``. They stand for q, not for the posterior:
             ArviZ's summaries and ``az.loo`` on them describe q (the worse q, the further off);
@@ -114,6 +141,12 @@ def to_inference_data(
 
     Returns:
         ``arviz.InferenceData`` (ArviZ 0.x) or ``xarray.DataTree`` (ArviZ 1.x).
+
+    Warns:
+        UserWarning: an observed site the model draws no replicate of (named, with the shapes),
+            left out of ``posterior_predictive``.
+        ParticlePathWarning: with ``vectorize_particles="auto"``, the draws are made one particle
+            at a time (the path and its error named).
 
     Raises:
         ValueError: if ``num_samples`` or ``chunk_size`` is < 1, the exported arrays of
@@ -246,6 +279,13 @@ def _collect(
         names = getattr(parts[0], field)
         return {name: np.concatenate([getattr(p, field)[name] for p in parts])[None] for name in names}
 
+    for name, why in parts[0].no_replicate.items():
+        warnings.warn(
+            f"to_inference_data: no posterior predictive for observed site '{name}': {why}, so no draw of "
+            "the model is a replicate of the data (the other groups hold the site)",
+            UserWarning,
+            stacklevel=3,
+        )
     log_p = np.concatenate([p.log_p for p in parts])[None].astype(np.float64)
     log_q = np.concatenate([p.log_q for p in parts])[None].astype(np.float64)
     return {
@@ -327,6 +367,7 @@ class _CpuDraws:
     observed: dict[str, np.ndarray]
     log_p: np.ndarray
     log_q: np.ndarray
+    no_replicate: dict[str, str]
 
 
 def _machine_memory() -> int:
@@ -375,6 +416,7 @@ def _to_cpu(draws: Draws) -> _CpuDraws:
         observed=cpu(draws.observed),
         log_p=draws.log_p.detach().cpu().numpy(),
         log_q=draws.log_q.detach().cpu().numpy(),
+        no_replicate=draws.no_replicate,
     )
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from pyro_elbo import ais
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.density import JointDensity, Observed, conditioned, guide_reads_data, simulate
+from pyro_elbo._pyro.guide_plates import plates_of_model
 from pyro_elbo._pyro.inspect import sizeless_plate_problems
 from pyro_elbo._pyro.observed_plates import observed_per_point
 from pyro_elbo._typing import Guide, Model
@@ -143,6 +144,10 @@ def log_evidence(
     of ``num_pilot_chains`` chains (default ``max(2, num_particles // 4)``), then frozen. Its cost
     is counted in ``num_evals``.
 
+    The IWAE estimate stays valid for a guide whose support is wider than the model's (a draw
+    outside has weight zero). An autoguide built on subsamples is evaluated on each batch given,
+    with its plates opened at the model's sizes (:mod:`~pyro_elbo._pyro.guide_plates`).
+
     Returns:
         An :class:`Evidence` with ``per_point`` ``[N]``, ``per_point_se``, ``total`` and, for
         discrete observations, ``bits_per_dim``.
@@ -175,13 +180,14 @@ def log_evidence(
     warned = False
     bar = _progress_bar(progress, len(args[0]) if _is_loader(args) else 1)
     for batch in batches:
-        for problem in [] if warned else sizeless_plate_problems(model, guide, batch, kwargs):
-            warnings.warn(f"log_evidence: {problem}", stacklevel=2)
-        warned = True
-        if method == "iwae":
-            results.append(_iwae(model, guide, batch, kwargs, **options))
-        else:
-            results.append(_ais(model, guide, batch, kwargs, **options)[0])
+        with plates_of_model(model, guide, batch, kwargs):  # an autoguide built on subsamples: this batch's plates
+            for problem in [] if warned else sizeless_plate_problems(model, guide, batch, kwargs):
+                warnings.warn(f"log_evidence: {problem}", stacklevel=2)
+            warned = True
+            if method == "iwae":
+                results.append(_iwae(model, guide, batch, kwargs, **options))
+            else:
+                results.append(_ais(model, guide, batch, kwargs, **options)[0])
         bar.update(1)
     bar.close()
     return _concat(results)

@@ -32,6 +32,7 @@ from torch import Tensor
 from pyro_elbo import evidence
 from pyro_elbo._estimate import Estimate
 from pyro_elbo._pyro.enum import MARGINAL_PREFIX
+from pyro_elbo._pyro.guide_plates import plates_of_model
 from pyro_elbo._pyro.inspect import (
     SiteShares,
     as_float64,
@@ -45,6 +46,7 @@ from pyro_elbo._pyro.inspect import (
     support_edges,
 )
 from pyro_elbo._pyro.log_weights import guess_max_plate_nesting, log_weights
+from pyro_elbo._pyro.supports import support_differences
 from pyro_elbo._typing import Guide, Model
 from pyro_elbo.psis import effective_sample_size, psis_khat
 
@@ -120,8 +122,8 @@ class KLGapReport:
         joint_sites: latent sites left out of ``khat_per_site``: their guide density is joint
             (e.g. ``AutoMultivariateNormal``), latent -> the shared auxiliary sites.
         ess: importance effective sample size (of ``num_particles``; the worst data point).
-        log_w_sd: standard deviation of ``log w`` (summed over data points); ``log_w_sd**2 / 2``
-            is the KL to second order.
+        log_w_sd: standard deviation of ``log w`` (summed over data points; particles outside
+            the model's support left out); ``log_w_sd**2 / 2`` is the KL to second order.
         noise_floor: bound on the rounding error of the gaps, in nats (see ``floor_source``).
         resolvable: whether the upper end of the bracket exceeds the noise floor.
         reliable: k̂ < 0.7 and ESS >= ``MIN_ESS``: IWAE and CUBO and their errors can be trusted.
@@ -139,6 +141,23 @@ class KLGapReport:
         support_edges: guide sites some of whose draws sit where this dtype ends their support
             (torch clamps them there): the bounds are biased, and no verdict claims more than
             the lower end of the bracket.
+        notes: what was evaluated where it is not the obvious (e.g. an autoguide built on
+            subsamples, evaluated with its per-point parameters on all the data given).
+        wider_supports: latent sites whose guide support is wider than the model's, each naming
+            both supports: q puts mass where :math:`p(x, z) = 0`, so the KL is :math:`+\\infty` by
+            definition (``kl_interval`` is ``(inf, inf)``) and the verdict says so, whatever the
+            draws show; IWAE and CUBO still bracket :math:`\\log p(x)` (weights outside are zero).
+        narrower_supports: latent sites whose guide support is narrower than the model's, each
+            naming both supports: q's draws cannot see posterior mass outside q's support, so CUBO
+            is no upper bound there; ``kl_interval`` and ``log_evidence_interval`` keep only their
+            lower ends and the verdict claims nothing more.
+        outside_draws: with ``wider_supports``, the number of draws (particles times data
+            points) that fell outside the model's support (log-weight :math:`-\\infty`).
+        restricted_kl: with ``wider_supports``, what the draws measured: the bracket
+            ``IWAE_S - ELBO``, ``CUBO_2 - ELBO`` for :math:`q` restricted to the model's support and
+            renormalized (:math:`q_r = q \\, 1_{p > 0} / P`, whose importance weights are
+            :math:`P w`), estimated from the draws inside with :math:`\\hat P` the share of them
+            (estimates without error bars; ``None`` if some data point has no draw inside).
         contradictions: where the verdict :func:`assess` reached disagrees with the report's own
             ESS, k̂ or ladder ``ELBO <= IWAE_K <= CUBO``; then the verdict starts with
             "inconsistent" and claims nothing, and ``kl_interval`` has no upper end.
@@ -168,6 +187,11 @@ class KLGapReport:
     precision_losses: list[str] = field(default_factory=list)
     per_point: PerPoint | None = None
     support_edges: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    wider_supports: list[str] = field(default_factory=list)
+    narrower_supports: list[str] = field(default_factory=list)
+    outside_draws: int = 0
+    restricted_kl: tuple[float, float] | None = None
 
     @property
     def consistent(self) -> bool:
@@ -192,9 +216,11 @@ class KLGapReport:
 
     @property
     def kl_interval(self) -> tuple[float, float]:
+        if self.wider_supports:  # q puts mass where the posterior has none
+            return math.inf, math.inf
         low, high = self.gap_lower, self.gap_upper
         lo = max(0.0, low.value - Z * low.se - self.noise_floor)
-        if not self.consistent:
+        if not self.consistent or self.narrower_supports:  # (q's draws cannot see mass outside q's support)
             return lo, math.inf
         if not self.resolvable:
             return 0.0, max(self.noise_floor, high.value + Z * high.se + self.noise_floor)
@@ -203,7 +229,7 @@ class KLGapReport:
     @property
     def log_evidence_interval(self) -> tuple[float, float]:
         top = self.iwae[max(self.iwae)]
-        trusted = self.reliable and self.consistent
+        trusted = self.reliable and self.consistent and not self.narrower_supports
         hi = self.cubo.value + Z * self.cubo.se + self.noise_floor if trusted else math.inf
         return top.value - Z * top.se - self.noise_floor, hi
 
@@ -258,6 +284,16 @@ def kl_gap(
     sites), ``report.per_point`` holds each point's k̂, ESS and bracket; the verdict reads their
     distribution and the headline k̂ and ESS are the worst point's.
 
+    A guide whose support is wider than the model's (``report.wider_supports``) puts mass where
+    the posterior has none: its KL is :math:`+\\infty` by definition, the verdict says so and
+    names the site, whatever the draws show, and the warning says what they measured (how many
+    fell outside, the bracket of q restricted to the model's support). A guide whose support is
+    narrower (``report.narrower_supports``) cannot see posterior mass outside it: the report keeps
+    the lower ends (IWAE, IWAE - ELBO) and claims no upper end. An autoguide built on
+    subsamples (Pyro's ``AutoNormal`` trained on minibatches) is evaluated on the data given, with
+    its per-point parameters of every point (``report.notes`` says so; see
+    :mod:`~pyro_elbo._pyro.guide_plates`).
+
     Args:
         model, guide, *args, **kwargs: as for :func:`~pyro_elbo.log_weights`.
         num_particles: ``S``, total particles.
@@ -295,6 +331,29 @@ def kl_gap(
         raise ValueError(f"kl_gap needs an integer num_particles >= 2, got {num_particles!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    with plates_of_model(model, guide, args, kwargs) as notes:  # an autoguide built on subsamples: these data
+        report = _kl_gap(model, guide, args, kwargs, num_particles=num_particles, chunk_size=chunk_size,
+                         ladder=ladder, max_plate_nesting=max_plate_nesting, vectorize_particles=vectorize_particles,
+                         per_site=per_site, max_seconds=max_seconds, bdmc=bdmc)  # fmt: skip
+    report.notes = notes + report.notes
+    return report
+
+
+def _kl_gap(
+    model: Model,
+    guide: Guide,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    num_particles: int,
+    chunk_size: int,
+    ladder: tuple[int, ...] | None,
+    max_plate_nesting: int | None,
+    vectorize_particles: bool | str,
+    per_site: bool,
+    max_seconds: float,
+    bdmc: bool | Mapping[str, Any],
+) -> KLGapReport:
     raise_if_nonfinite_observed(model, guide, args, kwargs, caller="kl_gap")
     bdmc_options = _bdmc_options(bdmc, model, guide, args, kwargs)
     if max_plate_nesting is None:
@@ -372,7 +431,7 @@ def _report(
         noise_floor=floor,
         dtype=dtype,
         num_points=log_w.shape[1],
-        log_w_sd=float(log_w.sum(1).std()),
+        log_w_sd=float(_finite_rows(log_w.sum(1)).std()),
         floor_source=source,
         joint_sites=dict(shares.joint) if shares is not None else {},
         replay_error=run.replay_error,
@@ -381,6 +440,10 @@ def _report(
         support_edges=run.edges,
         per_point=per_point,
     )
+    report.wider_supports, report.narrower_supports = support_differences(model, guide, args, kwargs)
+    if report.wider_supports:
+        report.outside_draws = int((log_w == -math.inf).sum())
+        report.restricted_kl = _restricted_kl(log_w)
     from pyro_elbo._kl_gap_text import assess, check_consistency
 
     report.verdict, report.warnings = assess(report)
@@ -582,10 +645,10 @@ class _Run:
                 share = sum((lw.site_log_p[k] for k in keys), torch.zeros_like(lw.log_p))
                 share = share - sum((lw.site_log_q[s] for s in self.shares.guide_sites[z]), torch.zeros_like(lw.log_p))
                 shares[z] = share.double().reshape(size, -1).cpu()
-        self.abs_terms += float(
-            sum(v.abs().sum() for v in (*lw.site_log_p.values(), *lw.site_log_q.values()))
+        self.abs_terms += float(  # a draw outside the model's support (-inf) has no rounding error
+            sum(_finite(v).abs().sum() for v in (*lw.site_log_p.values(), *lw.site_log_q.values()))
             if lw.site_log_p
-            else lw.log_p.abs().sum() + lw.log_q.abs().sum()
+            else _finite(lw.log_p).abs().sum() + _finite(lw.log_q).abs().sum()
         )
         if lw.elbo_terms is not None:
             self.elbo_chunks.append(lw.elbo_terms.double().reshape(size, -1).cpu())
@@ -656,6 +719,38 @@ def _check_budget(num: int, chunk_size: int, values_per_particle: int, seconds: 
             f"{chunk_size}); lower num_particles (10_000 to 1_000_000 is plenty), pass per_site=False to "
             f"keep one value per particle, or raise max_seconds (now {max_seconds:g})."
         )
+
+
+def _finite(x: Tensor) -> Tensor:
+    """``x`` with its ``-inf`` entries (log-densities of values outside a support) as zeros."""
+    return torch.where(x == -math.inf, torch.zeros_like(x), x)
+
+
+def _finite_rows(totals: Tensor) -> Tensor:
+    """The particles' summed log-weights without those outside the model's support (``-inf``)."""
+    return totals[totals != -math.inf]
+
+
+def _restricted_kl(log_w: Tensor) -> tuple[float, float] | None:
+    """The KL bracket of q restricted to the model's support, from ``[S, B]`` log-weights some of
+    which are ``-inf`` (draws outside it); see :attr:`KLGapReport.restricted_kl`.
+
+    With :math:`\\hat P` the share of draws inside and :math:`\\bar\\ell` the mean of their log-weights,
+    the restricted guide's weights are :math:`\\hat P w`, so its ELBO is :math:`\\bar\\ell + \\log \\hat P`,
+    its IWAE equals q's and its CUBO is q's plus :math:`\\tfrac12 \\log \\hat P`; summed over points.
+    """
+    num = log_w.shape[0]
+    inside = torch.isfinite(log_w)
+    count = inside.sum(0)
+    if bool((count == 0).any()):
+        return None
+    log_share = torch.log(count / num)
+    mean_inside = torch.where(inside, log_w, torch.zeros_like(log_w)).sum(0) / count
+    iwae = torch.logsumexp(log_w, 0) - math.log(num)
+    cubo = (torch.logsumexp(2 * log_w, 0) - math.log(num)) / 2
+    lower = float((iwae - mean_inside - log_share).sum())
+    upper = float((cubo - mean_inside - log_share / 2).sum())
+    return lower, upper
 
 
 def _ladder(num: int) -> tuple[int, ...]:

@@ -97,7 +97,10 @@ def loo(
     :math:`-\\log p(y_i \\mid \\theta_s) + \\log p(\\theta_s, y) - \\log q(\\theta_s)`, PSIS-smoothed
     per point; :math:`\\widehat{elpd}_i = \\log \\sum_s \\tilde w_{s,i} p(y_i \\mid \\theta_s)` and
     :math:`p_{loo,i} = \\log \\frac1S \\sum_s p(y_i \\mid \\theta_s) - \\widehat{elpd}_i`. The same
-    numbers as R's ``loo::loo_approximate_posterior(log_lik, log_p, log_g)``.
+    numbers as R's ``loo::loo_approximate_posterior(log_lik, log_p, log_g)``. A discrete site
+    :math:`y` that the guide enumerates is one of the drawn :math:`\\theta_s`, drawn from
+    :math:`q(y \\mid x)`, so :math:`\\log q(\\theta_s)` includes :math:`\\log q(y_s \\mid x)`
+    (:func:`~pyro_elbo.to_inference_data` says why).
 
     Args:
         data_or_model: an ``InferenceData`` (ArviZ 0.x) or ``DataTree`` (ArviZ 1.x) export, or
@@ -407,6 +410,21 @@ def _elpd_data(data: Any, log_lik: Any, log_p: np.ndarray, log_q: np.ndarray, re
     if int(az.__version__.split(".")[0]) >= 1:
         arviz_stats: Any = importlib.import_module("arviz_stats")  # ArviZ 1.x's statistics
 
+        loo_class = getattr(importlib.import_module("arviz_stats.utils"), "ELPDDataLOO", None)
+        if loo_class is not None:  # built from these numbers (arviz_stats's own PSIS refuses < 25 draws)
+            return loo_class(
+                elpd=result.elpd,
+                se=result.se,
+                p=result.p_loo,
+                n_samples=result.num_samples,
+                n_data_points=result.elpd_i.size,
+                scale="log",
+                warning=warning,
+                good_k=good_k,
+                elpd_i=pointwise(result.elpd_i, str(log_lik.name)),
+                pareto_k=pointwise(result.pareto_k, "pareto_shape"),
+                approx_posterior=True,
+            )
         dims = ("chain", "draw")
         shape = log_lik.shape[:2]
         with warnings.catch_warnings():  # its own PSIS warns; the numbers are replaced below

@@ -7,6 +7,8 @@ import pyro
 import pytest
 import torch
 
+from pyro_elbo._pyro import supports
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="torch device for the tests (cpu, cuda)")
@@ -24,6 +26,7 @@ def _setup(request: pytest.FixtureRequest) -> object:
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     pyro.enable_validation(True)
+    supports._warned.clear()  # each test sees its own once-per-site support warnings
     yield
     torch.set_default_dtype(old_dtype)
     torch.set_default_device("cpu")

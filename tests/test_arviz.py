@@ -1,5 +1,5 @@
-"""to_inference_data: groups, dims, shapes, LOO/summary, netCDF round trip, and draws that follow
-the guide (false alarm 1e-6)."""
+"""to_inference_data: groups, dims, shapes, LOO/summary, netCDF round trip, draws that follow
+the guide (false alarm 1e-6), predictive draws shaped as their data, and the particle layout."""
 
 from __future__ import annotations
 
@@ -261,3 +261,47 @@ def test_summary_r_hat_is_a_number_and_arviz_does_not_warn() -> None:
     summary = az.summary(idata, var_names=["mu", "w", "z"])
     r_hat = summary["r_hat"].to_numpy(dtype=float)
     assert np.isfinite(r_hat).all() and (abs(r_hat - 1) < 0.25).all(), r_hat
+
+
+def test_a_site_the_model_cannot_replicate_is_left_out_of_the_predictive_with_a_warning() -> None:
+    """Pyro's MuE ProfileHMM observes whole sequences with MissingDataDiscreteHMM, whose event
+    shape (1, K) stands for a sequence of any length: it draws one step where the data has five.
+    The site has no posterior predictive (named in a warning); its log-likelihood is exported and
+    pyro_elbo.loo takes the export."""
+    import pyro_examples_models
+
+    example = pyro_examples_models.EXAMPLES["profile_hmm"]()
+    with pytest.warns(UserWarning, match=r"no posterior predictive for observed site 'obs_seq'.*\(1, 4\).*\(6, 5, 4\)"):
+        idata = pyro_elbo.to_inference_data(
+            example.model, example.guide, *example.args, num_samples=20, vectorize_particles="sequential"
+        )
+    assert "posterior_predictive" not in group_names(idata)
+    assert idata.log_likelihood["obs_seq"].shape == (4, 5, 6)
+    assert idata.observed_data["obs_seq"].shape == (6, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyro_elbo.VariationalLooWarning)  # an untrained guide, 20 draws
+        assert math.isfinite(elpd(pyro_elbo.loo(idata)))
+
+
+def mixing_model(y):
+    """Not written for batched latents: ``w[0]`` is the first particle's w under a particle plate."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.deterministic("first", w[0])
+    pyro.sample("y", dist.Normal(w.sum(-1), 1.0), obs=y)
+
+
+def mixing_guide(y):
+    pyro.sample("w", dist.Normal(torch.tensor([1.0, -1.0]), 0.3).to_event(1))
+
+
+def test_a_value_that_mixes_the_particles_is_drawn_one_particle_at_a_time() -> None:
+    """``first`` has shape (2,) with 20 particles and () without: not a particle dim in front of its
+    own shape. The plate passes the two-particle trial (where 2 particles look like a particle dim),
+    so the export falls back to one particle at a time, says so once, and exports w[0] per draw;
+    asked for the plate, it refuses naming the site."""
+    y = torch.tensor(0.3)
+    with pytest.warns(pyro_elbo.ParticlePathWarning, match="failed on the plate path.*'first'"):
+        idata = pyro_elbo.to_inference_data(mixing_model, mixing_guide, y, num_samples=20)
+    assert (idata.posterior["first"].values == idata.posterior["w"].values[..., 0]).all()
+    with pytest.raises(ValueError, match=r"site 'first' has shape \(2,\) with 20 particles but \(\) without"):
+        pyro_elbo.to_inference_data(mixing_model, mixing_guide, y, num_samples=20, vectorize_particles="plate")

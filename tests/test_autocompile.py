@@ -10,6 +10,7 @@ import torch
 
 import pyro_elbo
 from pyro_elbo.train import autocompile
+from pyro_elbo.train.background import CpuMeter, IdleCores
 from pyro_elbo.train.step import StepInfo
 
 
@@ -27,12 +28,17 @@ def guide(x: torch.Tensor) -> None:
 
 def fake_timings(monkeypatch: pytest.MonkeyPatch, eager: float, compiled: float, compile: float) -> None:
     """Step seconds as if eager steps took ``eager``, the compile step ``compile`` and compiled
-    steps ``compiled`` (the phase tells which one the hook is timing)."""
+    steps ``compiled`` (the phase tells which one the hook is timing); the run 'got' a whole core
+    and no other core was idle."""
 
     def seconds(self: autocompile.AutoCompile, info: StepInfo) -> float:
         return {"eager": eager, "compiling": compile, "timing": compiled}.get(self.phase, eager)
 
+    def read(self: CpuMeter) -> IdleCores:
+        return IdleCores(0.0, 2.0, self.elapsed(), "substituted", share=1.0)
+
     monkeypatch.setattr(autocompile.AutoCompile, "seconds", seconds)
+    monkeypatch.setattr(CpuMeter, "read", read)
 
 
 def run(steps: int) -> pyro_elbo.FitResult:
@@ -49,23 +55,35 @@ def test_five_steps_stay_eager(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_long_run_compiles_and_keeps_the_faster_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_timings(monkeypatch, eager=1.0, compiled=0.1, compile=3.0)
+    fake_timings(monkeypatch, eager=2.0, compiled=0.1, compile=3.0)  # 8 steps left: 16 s eager
     result = run(12)
     assert result.compile_seconds is not None  # the capture ran
     decision = result.compile_decision or ""
-    assert decision.startswith("compile='auto' compiled") and "breaks even after 4 steps" in decision
+    assert decision.startswith("compile='auto' compiled") and "breaks even after 2 steps" in decision
+    assert "compiled in the foreground (no child process: the 'eager' backend" in decision
     assert "(paid off)" in decision and len(result.history) == 12
 
 
 def test_slower_compiled_step_goes_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_timings(monkeypatch, eager=1.0, compiled=2.0, compile=3.0)
+    fake_timings(monkeypatch, eager=2.0, compiled=3.0, compile=3.0)
     result = run(12)
     assert (result.compile_decision or "").startswith("compile='auto' went back to eager")
 
 
 def test_rules() -> None:
-    assert autocompile.gate(100, 0.01, 2.0)[0] is False  # 1 s of eager work < the cheapest compile
-    assert autocompile.gate(1000, 0.01, 2.0)[0] is True
+    free, busy = IdleCores(1.0, 2.0, 0.3, "/proc/stat"), IdleCores(0.2, 2.0, 0.3, "/proc/stat")
+    loaded = IdleCores(0.0, 2.0, 0.3, "/proc/stat", share=0.4)
+    assert autocompile.plan(100, 0.01, free, None, 2.0, 10.0)[0] == "eager"  # 1 s of eager work < any compile
+    assert autocompile.plan(1000, 0.01, free, None, 2.0, 10.0)[0] == "background"
+    action, why = autocompile.plan(1000, 0.01, busy, None, 2.0, 10.0)  # 10 s: no core to run 10 s beside
+    assert action == "foreground" and "no core was free: 0.20 of 2 cores idle over 0.30 s" in why
+    action, why = autocompile.plan(999, 0.01, busy, None, 2.0, 10.0)
+    assert action == "eager" and "less than a compile is expected to cost (~10 s)" in why
+    action, why = autocompile.plan(2000, 0.01, loaded, None, 2.0, 10.0)  # 20 s < 10 s / 0.4 of a core
+    assert action == "eager" and "(~10 s at the 0.40 of a core this run got: 25 s)" in why
+    assert autocompile.plan(2500, 0.01, loaded, None, 2.0, 10.0)[0] == "foreground"
+    action, why = autocompile.plan(1000, 0.01, free, "the 'eager' backend keeps no on-disk cache", 2.0, 10.0)
+    assert action == "foreground" and "no child process: the 'eager' backend" in why
     keep, why = autocompile.verdict(100, 0.01, 0.002, 5.0)  # saves 0.8 s over 100 steps < 5 s
     assert keep and "breaks even after 625 steps" in why and "did not pay off" in why
     assert autocompile.verdict(100, 0.01, 0.02, 5.0)[0] is False

@@ -164,6 +164,8 @@ def test_a_finished_fit_is_kept_when_the_report_and_export_fail(
         "100",
         "--diagnostic-particles",
         "100",
+        "--vectorize",
+        "plate",  # as asked: with auto, the export would draw its particles one at a time
         "--out",
         "out",
         "--no-progress",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +15,7 @@ from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
 from pyro_elbo._pyro import checks, enum
+from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.log_weights import (
     PARTICLE_PLATE,
     guess_max_plate_nesting,
@@ -25,7 +25,13 @@ from pyro_elbo._pyro.log_weights import (
     trace_guide,
     traces,
 )
-from pyro_elbo._pyro.particles import particle_path, vmap_particles
+from pyro_elbo._pyro.particles import (
+    ParticlePathWarning,
+    argument_signature,
+    normalize,
+    particle_path,
+    vmap_particles,
+)
 from pyro_elbo._pyro.reduce import Reducer
 from pyro_elbo._random import forked_rng
 from pyro_elbo._typing import Guide, Model
@@ -43,6 +49,8 @@ class Draws:
         predictive: observed site -> ``[S, *shape]`` draws from the model given each particle.
         observed: observed site -> its data.
         log_p, log_q: ``[S]`` joint log-densities of each draw.
+        no_replicate: observed site -> why the model cannot draw a replicate of its data (its
+            distribution's event shape is not the data's), for the sites left out of ``predictive``.
     """
 
     latent: dict[str, Tensor]
@@ -52,6 +60,7 @@ class Draws:
     observed: dict[str, Tensor]
     log_p: Tensor
     log_q: Tensor
+    no_replicate: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def posterior_draws(
@@ -105,7 +114,32 @@ def posterior_draws(
         if num_samples == 1:
             return run("plate", 1)
         path = particle_path(vectorize_particles, model, guide, args, kwargs, lambda p, n: _discard(run(p, n)))
-        return run(path, num_samples)
+        if path == "sequential" or normalize(vectorize_particles) != "auto":
+            return run(path, num_samples)
+        signature = argument_signature(args, kwargs)
+        sequential = _SEQUENTIAL.get(model, guide)
+        if sequential is not None and signature in sequential:
+            return run("sequential", num_samples)
+        try:
+            return run(path, num_samples)
+        except Exception as error:  # noqa: BLE001 - the program's own error recurs one particle at a time
+            draws = run("sequential", num_samples)
+            if sequential is None:
+                sequential = set()
+                _SEQUENTIAL.put(model, guide, sequential)
+            sequential.add(signature)
+            warnings.warn(
+                f"pyro_elbo: the export's draws failed on the {path} path ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}), so they are drawn one "
+                "particle at a time. Pass vectorize_particles='sequential' to choose that path yourself.",
+                ParticlePathWarning,
+                stacklevel=4,
+            )
+            return draws
+
+
+#: model/guide pairs whose export draws failed on the path their objectives take -> argument signatures
+_SEQUENTIAL = ProgramCache()
 
 
 def _discard(_: Any) -> None:
@@ -126,7 +160,9 @@ def _draws_plated(
     reference_trace: Trace,
 ) -> Draws:
     """``num_samples`` draws in one pass inside the particle plate."""
-    model_trace, guide_trace = traces(model, guide, args, kwargs, num_samples, max_plate_nesting, False)
+    model_trace, guide_trace = traces(
+        model, guide, args, kwargs, num_samples, max_plate_nesting, False, sample_guide_enumerated=True
+    )
     enumerated = enum.enumerated_sites(model_trace, guide_trace)
     particle_plate = num_samples > 1 and PARTICLE_PLATE
     checks.check_model_guide(
@@ -164,17 +200,22 @@ def _draws_plated(
         elif name not in left_out:
             latent[name] = shaped.value(name, site["value"])
     pred: dict[str, Tensor] = {}
+    no_replicate: dict[str, str] = {}
     if predictive and observed:
-        plated = particle_plated(_ResampleObserved()(model), num_samples, -max_plate_nesting - 1)
+        resample = _ResampleObserved()
+        plated = particle_plated(resample(model), num_samples, -max_plate_nesting - 1)
         latent_only = Trace()
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and name not in observed:
                 latent_only.add_node(name, **site)
         pred_trace = poutine.trace(poutine.replay(plated, trace=latent_only)).get_trace(*args, **kwargs)
+        no_replicate = dict(resample.unmatched)
         pred = {
-            name: shaped.value(name, pred_trace.nodes[name]["value"]) for name in observed if name not in no_predictive
+            name: shaped.value(name, pred_trace.nodes[name]["value"])
+            for name in observed
+            if name not in no_predictive and name not in resample.unmatched
         }
-    return Draws(latent, deterministic, log_lik, pred, observed, log_p, log_q)  # type: ignore[arg-type]
+    return Draws(latent, deterministic, log_lik, pred, observed, log_p, log_q, no_replicate)  # type: ignore[arg-type]
 
 
 def site_kind(site: Any) -> str:
@@ -264,17 +305,57 @@ def _enumerated_parts(
 
 class _ResampleObserved(Messenger):
     """Like ``poutine.uncondition`` but only for observed data: leaves ``pyro.deterministic``,
-    ``pyro.factor`` and ``poutine.reparam``'s rewritten sites alone."""
+    ``pyro.factor`` and ``poutine.reparam``'s rewritten sites alone.
+
+    A draw replicates the data only where the distribution's shape covers the data's. Where it
+    does not (Pyro's ``MissingDataDiscreteHMM``, whose event shape ``(1, K)`` stands for a sequence
+    of any length, draws one step per sequence) no draw is a replicate: the site stays observed
+    and ``unmatched`` says why (site -> reason). (A distribution that broadcasts against its data
+    in the batch dims is refused before, by :func:`~pyro_elbo._pyro.checks.check_model_guide`.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unmatched: dict[str, str] = {}
 
     def _pyro_sample(self, msg: Any) -> None:
-        if msg["is_observed"] and site_kind(msg) == "observed":
-            msg["is_observed"] = False
-            msg["value"] = None
-            msg["done"] = False
+        if not (msg["is_observed"] and site_kind(msg) == "observed"):
+            return
+        fn, data = msg["fn"], msg["value"]
+        if isinstance(data, Tensor):
+            shape = tuple(fn.batch_shape) + tuple(fn.event_shape)
+            try:
+                covers = tuple(torch.broadcast_shapes(shape, tuple(data.shape))) == shape
+            except RuntimeError:
+                covers = False
+            if not covers:
+                base = fn
+                while hasattr(base, "base_dist"):  # Independent, MaskedDistribution, ExpandedDistribution
+                    base = base.base_dist
+                self.unmatched[msg["name"]] = (
+                    f"its distribution ({type(base).__name__}) draws events of shape {tuple(fn.event_shape)}, "
+                    f"but its data has shape {tuple(data.shape)}"
+                )
+                return
+        msg["is_observed"] = False
+        msg["value"] = None
+        msg["done"] = False
+
+
+class ParticleLayoutError(ValueError):
+    """A site's value with particles is not laid out as the particle plate puts it."""
 
 
 class _Shaper:
-    """Reshapes vectorized site values ``[S, 1, ..., *shape]`` to ``[S, *shape]``."""
+    """Reshapes vectorized site values ``[S, 1, ..., *shape]`` to ``[S, *shape]``.
+
+    The particle plate sits left of every plate of the model (dim ``-max_plate_nesting - 1``), so
+    a value with particles is the site's own value (its shape in a run without particles, from
+    ``reference``) behind the particle dim and size-1 dims: ``[S, 1, ..., 1, *shape]`` (the
+    particle dim may also take the place of leading size-1 dims of ``shape``), or the value
+    without a particle dim (``[1, ..., 1, *shape]``, the same for every particle, repeated).
+    Anything else (a model not written for batched latents whose value mixes the particles with
+    its own dims) is a :class:`ParticleLayoutError`, not a guess from the number of elements.
+    """
 
     def __init__(self, reference: Trace, num_samples: int) -> None:
         self.reference = reference
@@ -291,11 +372,18 @@ class _Shaper:
 
     def _reshape(self, name: str, value: Tensor, shape: tuple[int, ...]) -> Tensor:
         target = (self.num, *shape)
-        if value.numel() == math.prod(target):
-            return value.reshape(target)
-        if value.numel() == math.prod(shape):  # does not depend on the particles: repeat it
-            return value.reshape(shape).expand(target).clone()
-        raise ValueError(
-            f"site '{name}' has shape {tuple(value.shape)} with {self.num} particles but {shape} without; "
-            "cannot tell its particle dim apart (pass vectorize-friendly shapes or fewer plates)"
+        have = tuple(value.shape)
+        core = shape
+        while core and core[0] == 1:
+            core = core[1:]
+        lead = have[: len(have) - len(core)]
+        if have[len(lead) :] == core:
+            if all(d == 1 for d in lead):  # does not depend on the particles: repeat it
+                return value.reshape(shape).expand(target).clone()
+            if lead[0] == self.num and all(d == 1 for d in lead[1:]):
+                return value.reshape(target)
+        raise ParticleLayoutError(
+            f"site '{name}' has shape {have} with {self.num} particles but {shape} without, which is not "
+            f"{shape} behind a particle dim of size {self.num}; draw the particles one at a time "
+            "(vectorize_particles='sequential')"
         )

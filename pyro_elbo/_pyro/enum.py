@@ -274,6 +274,23 @@ def guide_marked_sites(guide_trace: Trace) -> tuple[str, ...]:
     )
 
 
+def without_enumerate_marks(guide_trace: Trace) -> Trace:
+    """A shallow copy of a guide's trace (run without ``poutine.enum``) whose sites marked for
+    enumeration are unmarked: they were drawn from their guide distribution, and replaying them
+    into the model (which copies a guide site's ``infer``) must not mark the model's sites. ``guide_trace``
+    itself when no site is marked."""
+    marked = set(guide_marked_sites(guide_trace))
+    if not marked:
+        return guide_trace
+    unmarked = Trace(graph_type=guide_trace.graph_type)
+    for name, site in guide_trace.nodes.items():
+        node: dict[str, Any] = dict(site)
+        if name in marked:
+            node["infer"] = {k: v for k, v in (site["infer"] or {}).items() if k not in ("enumerate", "expand")}
+        unmarked.add_node(name, **node)
+    return unmarked
+
+
 def guide_enumerated_sites(guide_trace: Trace) -> tuple[str, ...]:
     """The guide's latent sites enumerated in parallel (the guide ran under ``poutine.enum``)."""
     return tuple(

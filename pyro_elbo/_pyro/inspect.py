@@ -298,7 +298,7 @@ def rounding_check(
     present = [p for p in pairs if p is not None]
     if len(present) != len(pairs):
         return None
-    error = torch.cat([low.log_w.double() - high.log_w.double() for low, high, _ in present])
+    error = torch.cat([_difference(low.log_w.double(), high.log_w.double()) for low, high, _ in present])
     edges: dict[str, tuple[int, int]] = {}
     for _, _, found in present:
         for name, (hits, total) in found.items():
@@ -314,6 +314,12 @@ def rounding_check(
                 continue
             sites[f"{kind} site '{name}'"] = (first, second)
     return RoundingCheck(error, sites, {name: e for name, e in edges.items() if e[0]})
+
+
+def _difference(first: Tensor, second: Tensor) -> Tensor:
+    """``first - second``, zero where both are the same infinity (a draw outside the model's
+    support is ``-inf`` in every evaluation: no rounding error)."""
+    return torch.where(first == second, torch.zeros_like(first), first - second)
 
 
 #: a site's float32 log-density is wrong when it is off by more than this many nats and ...

@@ -20,6 +20,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.ops.provenance import extract_provenance
 from torch import Tensor
 
+from pyro_elbo._pyro.supports import log_prob_outside_support
+
 
 def without_provenance(x: Tensor) -> tuple[Tensor, frozenset[str]]:
     """``x`` as a plain tensor, and the names of the sites it depends on (empty if untracked)."""
@@ -63,8 +65,11 @@ class Reducer:
             else:
                 log_prob = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
         except ValueError as error:  # distribution validation: say which site
-            kind = "observed" if site["is_observed"] else "latent"
-            raise ValueError(f"{kind} site '{site['name']}': {error}") from error
+            outside = None if site["is_observed"] or role != "model" else log_prob_outside_support(fn, site["value"])
+            if outside is None:
+                kind = "observed" if site["is_observed"] else "latent"
+                raise ValueError(f"{kind} site '{site['name']}': {error}") from error
+            log_prob = outside  # a guide draw outside the model's support: density zero there
         if scaled:
             scale = site["scale"] / self.batch_scale if self.batch_scale != 1.0 else site["scale"]
             log_prob = scale_and_mask(log_prob, scale, site["mask"])

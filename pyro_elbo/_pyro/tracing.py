@@ -16,7 +16,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from pyro_elbo._pyro import checks, enum
+from pyro_elbo._pyro import checks, enum, supports
 from pyro_elbo._pyro.cache import ProgramCache
 from pyro_elbo._pyro.params import params_stopped
 from pyro_elbo._pyro.particles import argument_signature
@@ -122,12 +122,22 @@ def traces(
     num_particles: int,
     max_plate_nesting: int,
     detach_model_params: bool,
+    sample_guide_enumerated: bool = False,
 ) -> tuple[Trace, Trace]:
+    """The guide's trace (``num_particles`` in the particle plate at dim ``-max_plate_nesting - 1``)
+    and the model's, replayed on it. A guide site marked for enumeration is enumerated
+    (``poutine.enum``, as ``TraceEnum_ELBO`` does), or with ``sample_guide_enumerated`` drawn from
+    its guide distribution and unmarked (:func:`~pyro_elbo._pyro.enum.without_enumerate_marks`):
+    the guide is then the same program with its enumerated sites sampled (the export's draws)."""
     dim = -max_plate_nesting - 1
     plated_model = particle_plated(model, num_particles, dim)
     try:
-        with params_stopped() if detach_model_params and _is_messenger(guide) else contextlib.nullcontext():
-            guide_trace, inner_model_trace = _trace_guide_tracked(model, guide, args, kwargs, num_particles, dim)
+        if sample_guide_enumerated:
+            guide_trace, inner_model_trace = trace_guide(guide, args, kwargs, num_particles, dim)
+            guide_trace = enum.without_enumerate_marks(guide_trace)
+        else:
+            with params_stopped() if detach_model_params and _is_messenger(guide) else contextlib.nullcontext():
+                guide_trace, inner_model_trace = _trace_guide_tracked(model, guide, args, kwargs, num_particles, dim)
         try:
             with params_stopped() if detach_model_params else contextlib.nullcontext():
                 model_trace = (
@@ -139,6 +149,8 @@ def traces(
             _diagnose_model_failure(plated_model, guide_trace, args, kwargs, max_plate_nesting, num_particles, error)
             raise
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        if isinstance(error, _OutsideSupport):  # the draw's doing, not the particle plate's
+            raise
         if num_particles == 1:
             _raise_plate_mismatch(error)
         named = checks.diagnose_shape_failure(model, guide, args, kwargs, max_plate_nesting)
@@ -272,6 +284,10 @@ class _NamedMismatch(ValueError):
     names_a_mismatch = True
 
 
+class _OutsideSupport(_NamedMismatch):
+    """The model failed on a guide draw outside its support (a guide support wider than the model's)."""
+
+
 def _diagnose_model_failure(
     plated_model: Any,
     guide_trace: Trace,
@@ -298,6 +314,10 @@ def _diagnose_model_failure(
     except ValueError as mismatch:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _NamedMismatch(f"{mismatch} (The model failed on the guide's values: {first_line})") from error
+    outside = supports.draws_outside(prior_trace, guide_trace)
+    if outside is not None:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _OutsideSupport(f"{outside} (The model failed on that value: {first_line})") from error
 
 
 def scored_sites(trace: Trace, named: bool = False) -> Iterator[Any]:

@@ -6,7 +6,7 @@ step), :mod:`~pyro_elbo.train.state` (``TrainState`` and its ``state_dict``),
 :mod:`~pyro_elbo.train.checkpoint` (files), :mod:`~pyro_elbo.train.data` (data order),
 :mod:`~pyro_elbo.train.hooks` (progress, validation, checkpoints, callbacks, early stopping),
 :mod:`~pyro_elbo.train.memory` (particle-count check), :mod:`~pyro_elbo.train.autocompile`
-(``compile="auto"``), :mod:`~pyro_elbo.compile.flat` (flat parameter/Adam buffers of the compiled step), :mod:`~pyro_elbo.train.signals` (stopping cleanly
+(``compile="auto"``), :mod:`~pyro_elbo.train.background` (its compile in a child process), :mod:`~pyro_elbo.compile.flat` (flat parameter/Adam buffers of the compiled step), :mod:`~pyro_elbo.train.signals` (stopping cleanly
 on SIGTERM/SIGINT), :mod:`~pyro_elbo.train.lock` (one writer per checkpoint path).
 """
 

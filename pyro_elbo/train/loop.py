@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,18 @@ from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import default_device, step
 
 logger = logging.getLogger("pyro_elbo.train")
+
+
+class NothingToTrainWarning(UserWarning):
+    """The model and guide have no trainable parameters: each step evaluates the loss and updates
+    nothing (as Pyro's ``SVI.step`` does)."""
+
+
+NOTHING_TO_TRAIN = (
+    "the model and guide have no trainable parameters (pyro.param, pyro.module, PyroModule): each step "
+    "evaluates the loss and updates nothing, as Pyro's SVI.step does. To train, give the guide parameters, "
+    "e.g. pyro.param('loc', torch.tensor(0.0)) for a site's location, or an autoguide such as AutoNormal(model)."
+)
 
 
 def init(
@@ -79,7 +92,12 @@ def init(
     of :func:`~pyro_elbo.train.step`.
 
     Raises:
-        ValueError: no trainable parameters, mixed devices, too many particles, bad options.
+        ValueError: mixed devices, too many particles, bad options.
+
+    Warns:
+        NothingToTrainWarning: the model and guide have no trainable parameters; each step then
+            evaluates the loss and changes nothing (``compile`` stays eager, and
+            ``state.compile_decision`` says why).
         TypeError: ``objective`` is not a pyro_elbo objective.
     """
     if on_nonfinite not in ("raise", "skip"):
@@ -102,7 +120,7 @@ def init(
     with default_device(where):
         params = _unique(discover_params(model, guide, *args, **kwargs))
         if not params:
-            raise ValueError("the model and guide have no trainable parameters (pyro.param, pyro.module, PyroModule)")
+            warnings.warn(NOTHING_TO_TRAIN, NothingToTrainWarning, stacklevel=3)
         if where is not None:
             for param in params.values():
                 param.data = param.data.to(where)
@@ -113,7 +131,10 @@ def init(
     opt = make_optimizer(optimizer, list(params.values()), lr, optimizer_options)
     sched = scheduler(opt) if scheduler is not None else None
     in_graph_adam = compile and plain_adam(opt) and clip_norm is None and not context.active
-    compiled = CompiledLoss(objective, model, guide, backend=compile_backend, adam=in_graph_adam) if compile else None
+    compile_now = compile and bool(params)  # no parameters: no gradient step to compile
+    compiled = (
+        CompiledLoss(objective, model, guide, backend=compile_backend, adam=in_graph_adam) if compile_now else None
+    )
     if context.active:
         distributed.seed_rank(context)
     settings = {
@@ -130,6 +151,11 @@ def init(
     )  # fmt: skip
     if sched is not None or compile_backend == "eager":  # a scheduler steps only after finite steps
         state.settle_every = 1
+    if compile and not params:
+        state.compile_decision = (
+            f"compile={compile!r} stayed eager: the model and guide have no trainable parameters, so a step only "
+            "evaluates the loss and there is no gradient step to compile"
+        )
     return state
 
 
@@ -281,7 +307,10 @@ def fit(
                 state.load_state_dict(load_checkpoint(checkpoint, map_location=where))
                 state.resumed_from_step = state.step
                 logger.info("resumed from step %d of %s", state.step, checkpoint)
-            built: list[Hook] = [AutoCompile(data.total_steps)] if compile == "auto" else []
+            if compile and state.compile_decision is not None and "stayed eager" in state.compile_decision:
+                state.compile_decision = state.compile_decision.replace("compile=True", f"compile={compile!r}")
+            autocompile = compile == "auto" and state.compiled is not None
+            built: list[Hook] = [AutoCompile(data.total_steps)] if autocompile else []
             built += [Progress(data.total_steps)] if progress else []
             built += [Validation(validation, validate_every)] if validation is not None else []
             built += [Checkpointer(checkpoint, checkpoint_every)] if checkpoint is not None else []
@@ -374,6 +403,8 @@ def make_optimizer(
     otherwise; it computes the same update as the default loop up to rounding."""
     options = dict(options or {})
     build: Callable[..., torch.optim.Optimizer] = optimizer
+    if not params:  # nothing to train: an optimizer of one empty group (a step changes nothing)
+        return build([{"params": []}], lr=lr, **options)
     if optimizer in (torch.optim.Adam, torch.optim.AdamW) and "fused" not in options and "foreach" not in options:
         try:
             return build(params, lr=lr, fused=True, **options)

@@ -132,5 +132,10 @@ def find_nonfinite_site(
     for role, sites in (("model", lw.site_log_p), ("guide", lw.site_log_q)):
         for name, value in sites.items():
             if not torch.isfinite(value).all():
-                return f"; the {role} site '{name}' has a non-finite log-density{how}"
+                outside = (
+                    " (-inf: a value outside the site's support, e.g. a guide draw where the model's density is zero)"
+                    if role == "model" and bool((value == -float("inf")).any())
+                    else ""
+                )
+                return f"; the {role} site '{name}' has a non-finite log-density{outside}{how}"
     return f"; every site's log-density is finite, so the gradient overflowed{how}"

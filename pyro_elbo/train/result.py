@@ -29,7 +29,8 @@ class FitResult:
         objective: the objective used.
         resumed_from_step: the checkpoint's step when the run resumed from one.
         compile_seconds: capture and compilation time of the compiled step (``compile=True``).
-        compile_decision: with ``compile="auto"``, which path ran and why (one line).
+        compile_decision: with ``compile="auto"`` (or a ``compile=True`` that stayed eager), which path ran
+            and why (one line).
     """
 
     history: list[float] = field(default_factory=list)

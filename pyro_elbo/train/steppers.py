@@ -23,6 +23,7 @@ warned once), so a stepper always takes the step. The path is chosen in one plac
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -31,6 +32,9 @@ from torch import Tensor
 from pyro_elbo import distributed
 from pyro_elbo._pyro.params import loss_and_params
 from pyro_elbo.compile import CompiledLoss, FlatAdam, adam_step, all_finite
+from pyro_elbo.compile.inductor import prepare_compile_fx
+from pyro_elbo.train import background
+from pyro_elbo.train.background import BackgroundCompile
 from pyro_elbo.train.nonfinite import settle as settle_ledger
 
 if TYPE_CHECKING:
@@ -197,6 +201,31 @@ class AutoStep:
     def __init__(self, eager: Stepper, compiled: Stepper) -> None:
         self.eager, self.compiled = eager, compiled
         self.use_compiled = False
+        self.background: BackgroundCompile | None = None
+        self.background_wanted = self.import_first = False
+        #: seconds spent importing inductor before the fork (``None``: it was not imported then)
+        self.import_seconds: float | None = None
+
+    def why_not_in_background(self, state: TrainState) -> str | None:
+        """Why a child process may not build the compiled step for this run
+        (:func:`~pyro_elbo.train.background.why_not_fork`); ``None``: it may."""
+        compiled = self.compiled
+        if not isinstance(compiled, _Compiled):
+            return "the step has no compiled graph"
+        return background.why_not_fork(state.params, compiled.compiled.backend, state.context.active)
+
+    def compile_in_background(self, import_first: bool = False) -> None:
+        """Build the compiled step in a child process (:mod:`~pyro_elbo.train.background`) forked
+        right before the next (eager) step (check :meth:`why_not_in_background` first).
+        ``import_first``: import inductor here before the fork (seconds), for a run that will
+        switch and so import it anyway: the child inherits it and compiles that much sooner."""
+        self.background_wanted, self.import_first = True, import_first
+
+    def stop_background(self) -> None:
+        """Kill and reap the child, if one runs."""
+        self.background_wanted = False
+        if self.background is not None:
+            self.background.stop()
 
     @property
     def active(self) -> Stepper:
@@ -217,7 +246,22 @@ class AutoStep:
         self.use_compiled = compiled
 
     def __call__(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+        if self.background_wanted:
+            self.background_wanted = False
+            compiled = self.compiled
+            if self.import_first and isinstance(compiled, _Compiled) and compiled.compiled.backend == "inductor":
+                start = time.perf_counter()
+                prepare_compile_fx()
+                self.import_seconds = time.perf_counter() - start
+            self.background = BackgroundCompile.start(lambda: self._build(state, args, kwargs))
         return self.active(state, args, kwargs)
+
+    def _build(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """In the child: one compiled step on the child's copy of the state; whether the graph
+        was built."""
+        self.compiled(state, args, kwargs)
+        compiled = self.compiled
+        return isinstance(compiled, _Compiled) and compiled.compiled.failed is None
 
     def compile_seconds(self) -> float | None:
         return self.compiled.compile_seconds()
