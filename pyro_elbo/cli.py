@@ -115,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         "az.loo needs no var_name; auto (default): combined for several observed sites that share a plate",
     )
     run.add_argument(
-        "--compile", action="store_true", help="capture and compile the whole step (pays off on long runs)"
+        "--compile",
+        nargs="?",
+        choices=tuple(COMPILE_MODES),
+        const="on",
+        default=None,
+        help="auto (the default): compile the whole step only when that pays off within the run, in a child "
+        "process while training goes on eagerly where a core is idle; on (also plain --compile): compile at "
+        "the first step; off: never (the only mode whose runs repeat bit for bit whatever the machine's load). "
+        "With --resume and no --compile, the checkpoint's own mode",
     )
     run.add_argument(
         "--resume",
@@ -204,6 +212,28 @@ def load_model_file(spec: str) -> tuple[ModuleType, str]:
     return module, name
 
 
+#: ``--compile``'s values and what ``fit(compile=...)`` gets for each
+COMPILE_MODES: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
+
+
+def _compile_mode(args: argparse.Namespace, checkpoint: Path) -> bool | str:
+    """``fit``'s ``compile``: the one ``--compile`` names; without it, ``"auto"``, or with
+    ``--resume`` the mode the checkpoint was written with (a resumed run keeps its path, which
+    ``fit`` requires)."""
+    if args.compile is not None:
+        return COMPILE_MODES[args.compile]
+    if args.resume and checkpoint.exists():
+        from pyro_elbo.train.checkpoint import load_checkpoint
+
+        try:
+            saved = load_checkpoint(checkpoint, map_location="cpu").get("settings", {}).get("compile")
+        except Exception:  # an unreadable checkpoint: fit's own load names the problem
+            saved = None
+        if saved in ("auto", True, False):
+            return bool(saved) if isinstance(saved, bool) else "auto"
+    return "auto"
+
+
 def run(args: argparse.Namespace) -> int:
     import pyro
     import torch
@@ -244,12 +274,14 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=max(1, args.steps // 20),
         resume=args.resume,
         progress=not args.no_progress,
-        compile=args.compile,
+        compile=_compile_mode(args, out / "checkpoint.pt"),
     )
     if result.resumed_from_step is not None and args.no_progress:  # (the progress bar wrote it)
         print(f"resumed from step {result.resumed_from_step}")
     final = result.history[-1] if result.history else float("nan")
     summary = f"fit: {result.num_steps} steps, final loss {final:.4f}, {result.num_skipped} skipped"
+    if result.compile_decision is not None:
+        summary += f"\n{result.compile_decision}"
     print(summary)
     full_data = getattr(module, "full_data", None)  # a model trained on minibatches: diagnose all the data
     if callable(full_data):

@@ -374,3 +374,31 @@ def test_an_output_of_an_earlier_run_is_not_listed_as_written(
     assert code == 1 and "the ArviZ export failed" in err
     wrote = [line for line in out.splitlines() if line.startswith("wrote ")]
     assert wrote and "inference_data.nc" not in wrote[0] and "checkpoint.pt" in wrote[0]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [([], "auto"), (["--compile"], True), (["--compile", "on"], True), (["--compile", "off"], False)],
+)
+def test_compile_defaults_to_auto_and_plain_compile_means_on(given: list[str], expected: bool | str) -> None:
+    from pyro_elbo import cli
+
+    args = cli.build_parser().parse_args(["run", "model.py", *given])
+    assert cli._compile_mode(args, Path("no-such-checkpoint.pt")) == expected
+
+
+def test_resume_without_compile_keeps_the_checkpoints_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run written with --compile off resumes under --resume alone (the default mode, auto, would be
+    refused by fit as a changed setting); naming another mode is refused as fit refuses it."""
+    monkeypatch.chdir(tmp_path)
+    example = str(ROOT / "examples" / "eight_schools.py")
+    common = ["--samples", "20", "--diagnostic-particles", "200", "--no-progress", "--out", "run"]
+    code, _, err = in_process(capsys, "run", example, "--steps", "4", "--compile", "off", *common)
+    assert code == 0, err
+    code, out, err = in_process(capsys, "run", example, "--steps", "6", "--resume", *common)
+    assert code == 0, err
+    assert "resumed from step 4" in out
+    code, _, err = in_process(capsys, "run", example, "--steps", "8", "--resume", "--compile", "auto", *common)
+    assert code != 0 and "compile=False in the checkpoint" in err, err
