@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from pyro_elbo._compile_progress import phase
+from pyro_elbo._fused_rewrites import FUSED_REWRITES
 from pyro_elbo._graph_rewrites import (
     constant_masks_as_indices,
     linalg_errors_as_nan,
@@ -379,6 +380,7 @@ _REWRITES: tuple[tuple[str, Callable[[torch.fx.GraphModule], int], bool, str], .
         False,
         "contractions over long outer dimensions stay inductor reductions (slower steps)",
     ),
+    *FUSED_REWRITES,
 )
 
 
