@@ -188,10 +188,28 @@ def _emit(g: torch.fx.Graph, target: Any, *args: Any) -> torch.fx.Node:
 
 
 def _computed(node: torch.fx.Node) -> bool:
-    """Whether ``node`` (looked through views) is computed by the graph, not an input or constant."""
+    """Whether ``node`` (looked through views) is computed by the graph, not an input or constant,
+    and nothing writes it in place, directly or through any view of it (a stored copy would then
+    go stale)."""
     while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], torch.fx.Node):
         node = node.args[0]
-    return node.op == "call_function"
+    if node.op != "call_function":
+        return False
+    seen, pending = {node}, [node]
+    while pending:
+        for user in pending.pop().users:
+            if _writes(user):
+                return False
+            if user.target in _VIEWS and user not in seen:
+                seen.add(user)
+                pending.append(user)
+    return True
+
+
+def _writes(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an operation that writes one of its inputs (``copy_``, ``normal_``, ...)."""
+    schema = getattr(node.target, "_schema", None)
+    return bool(getattr(schema, "is_mutable", False))
 
 
 def _force_stride_order() -> Any:

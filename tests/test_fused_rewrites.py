@@ -228,3 +228,28 @@ def test_the_compiled_step_applies_them_and_equals_eager() -> None:
     bound = 2 * 1000 * U * float(terms.max() * factor) + 1e-6
     for g, e in zip(grads, eager_grads):
         assert (g - e).abs().max() <= bound
+
+
+def test_an_operand_written_in_place_or_without_inductors_operation_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x, loc, scale = torch.randn(5000, 20), torch.randn(20), torch.rand(20)
+
+    def written_through_a_view(x: Tensor, loc: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        w = loc * scale
+        first = (x * w).sum(-1)
+        w[:5].add_(1.0)  # the second product reads the written values through w itself
+        return first, (x * w).sum(-1)
+
+    graph = make_fx(written_through_a_view, tracing_mode="fake")(x, loc, scale)
+    assert small_operands_computed_once(graph) == 0
+    torch.testing.assert_close(graph(x, loc, scale), written_through_a_view(x, loc, scale))
+
+    def product(x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+        return (x * (loc * scale)).sum(-1)
+
+    graph = make_fx(product, tracing_mode="fake")(x, loc, scale)
+    monkeypatch.setattr("pyro_elbo._fused_rewrites._force_stride_order", lambda: None)
+    assert small_operands_computed_once(graph) == 0
+    monkeypatch.undo()
+    assert small_operands_computed_once(graph) == 1
