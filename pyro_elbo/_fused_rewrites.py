@@ -18,6 +18,10 @@ result differs from ``torch.sigmoid`` by float rounding, and for :math:`z \\ll 0
 :math:`e^{-z}` overflows, it keeps :math:`t` instead of flushing to 0). The loss is written
 exactly as inductor's decomposition writes it, so its value is unchanged.
 
+:func:`small_operands_computed_once` stores a small value computed in the graph (the guide's draw
+:math:`w` of a linear predictor ``(x * w).sum(-1)``) once, where inductor would evaluate it again
+for every row of the large product that reads it.
+
 :data:`FUSED_REWRITES` lists the rewrites in the form of the compiled path's rewrite table
 (name, function, whether the ``"eager"`` backend applies it, what the step loses when it fails).
 Measurements are in ``benchmarks/README.md``.
@@ -115,7 +119,8 @@ def small_operands_computed_once(graph: torch.fx.GraphModule) -> int:
     at least :data:`MIN_BROADCAST_RATIO` times smaller than a result of at least
     :data:`MIN_BROADCAST_ELEMENTS` elements, is passed through inductor's
     ``prims.inductor_force_stride_order`` with its own strides: the same values, which inductor
-    stores in a buffer of their own. Where this torch has no such operation, nothing is rewritten."""
+    stores in a buffer of their own. CPU graphs only; operands written in place (directly or
+    through a view) are left alone. Where this torch has no such operation, nothing is rewritten."""
     force = _force_stride_order()
     if force is None:
         return 0
