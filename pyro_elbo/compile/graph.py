@@ -59,6 +59,7 @@ from pyro_elbo.compile.adam import (
     guarded_step,
     split,
 )
+from pyro_elbo.compile.fused_rewrites import FUSED_REWRITES
 from pyro_elbo.compile.inductor import compile_graph, start_cpu_check
 from pyro_elbo.compile.progress import phase
 from pyro_elbo.compile.rewrites import (
@@ -350,6 +351,7 @@ _REWRITES: tuple[tuple[str, Callable[[torch.fx.GraphModule], int], bool, str], .
         False,
         "contractions over long outer dimensions stay inductor reductions (slower steps)",
     ),
+    *FUSED_REWRITES,
 )
 
 
