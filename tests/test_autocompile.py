@@ -71,17 +71,23 @@ def test_slower_compiled_step_goes_back_to_eager(monkeypatch: pytest.MonkeyPatch
 
 
 def test_rules() -> None:
-    free, busy = IdleCores(1.0, 2.0, 0.3, "/proc/stat"), IdleCores(0.2, 2.0, 0.3, "/proc/stat")
+    free, busy = IdleCores(2.0, 4.0, 0.3, "/proc/stat"), IdleCores(0.2, 2.0, 0.3, "/proc/stat")
+    one_free = IdleCores(1.0, 2.0, 0.3, "/proc/stat")
     loaded = IdleCores(0.0, 2.0, 0.3, "/proc/stat", share=0.4)
     assert autocompile.plan(100, 0.01, free, None, 2.0, 10.0)[0] == "eager"  # 1 s of eager work < any compile
     assert autocompile.plan(1000, 0.01, free, None, 2.0, 10.0)[0] == "background"
+    action, why = autocompile.plan(2000, 0.01, free, None, 2.0, 10.0)  # 20 s: twice the compile, at once
+    assert action == "foreground" and "at least 2× the ~10 s a compile is expected to cost" in why
+    action, why = autocompile.plan(999, 0.01, one_free, None, 2.0, 10.0)  # one idle core is not enough
+    assert action == "eager" and "too few cores were free: 1.00 of 2 cores idle" in why
     action, why = autocompile.plan(1000, 0.01, busy, None, 2.0, 10.0)  # 10 s: no core to run 10 s beside
-    assert action == "foreground" and "no core was free: 0.20 of 2 cores idle over 0.30 s" in why
+    assert action == "foreground" and "too few cores were free: 0.20 of 2 cores idle over 0.30 s" in why
     action, why = autocompile.plan(999, 0.01, busy, None, 2.0, 10.0)
     assert action == "eager" and "less than a compile is expected to cost (~10 s)" in why
     action, why = autocompile.plan(2000, 0.01, loaded, None, 2.0, 10.0)  # 20 s < 10 s / 0.4 of a core
     assert action == "eager" and "(~10 s at the 0.40 of a core this run got: 25 s)" in why
     assert autocompile.plan(2500, 0.01, loaded, None, 2.0, 10.0)[0] == "foreground"
+    assert autocompile.plan(4000, 0.01, free, None, 2.0, 10.0)[0] == "foreground"  # 40 s ≥ 2 × 10 s
     action, why = autocompile.plan(1000, 0.01, free, "the 'eager' backend keeps no on-disk cache", 2.0, 10.0)
     assert action == "foreground" and "no child process: the 'eager' backend" in why
     keep, why = autocompile.verdict(100, 0.01, 0.002, 5.0)  # saves 0.8 s over 100 steps < 5 s

@@ -8,6 +8,7 @@ whatever the child does."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -44,10 +45,12 @@ def guide(x: torch.Tensor) -> None:
     pyro.sample("loc", dist.Normal(m, s))
 
 
-def always_compile(monkeypatch: pytest.MonkeyPatch, idle: float = 1.0) -> None:
+def always_compile(monkeypatch: pytest.MonkeyPatch, idle: float = 2.0) -> None:
     """Eager steps 'take' one second and compiled ones 0.1 s, so the plan always compiles and the
-    compiled step is kept; the CPU meter reads ``idle`` idle cores at once (a free core by
-    default: the child is forked)."""
+    compiled step is kept (no run is long enough to compile in the foreground at once: the
+    runs here ask for many steps and stop themselves); the CPU meter reads ``idle`` idle cores at
+    once (two free cores by default: the child is forked)."""
+    monkeypatch.setattr(autocompile, "LONG_RUN", math.inf)
 
     def seconds(self: autocompile.AutoCompile, info: StepInfo) -> float:
         return {"compiling": 3.0, "timing": 0.1}.get(self.phase, 1.0)
@@ -227,7 +230,7 @@ def test_without_a_free_core_the_compile_runs_in_the_foreground(monkeypatch: pyt
     assert watch.pid is None and watch.switch_step == 4  # right after the probe's 4 eager steps
     decision = result.compile_decision or ""
     assert decision.startswith("compile='auto' compiled")
-    assert "; compiled in the foreground (no core was free: 0.10 of 2 cores idle over " in decision
+    assert "; compiled in the foreground (too few cores were free: 0.10 of 2 cores idle over " in decision
 
 
 def test_a_child_done_with_little_left_leaves_the_run_eager(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,16 +13,21 @@ The decision is made on measurements of this run and machine, in four phases dri
 
    - :math:`E` below :data:`MIN_COMPILE_SECONDS` (the cheapest compile we measured: capture and
      inductor with a warm cache): the run stays eager.
-   - A core stood idle (at least :data:`~pyro_elbo.train.background.SPARE_CORE` of one) and a
-     child process may compile for this run: compile in the background (phase 3). The child
-     costs the eager steps nothing, so whatever the compile costs, the run is never later than
-     an eager run by more than the compile from the caches at the switch (seconds).
-   - No core to spare (the child would take CPU time from the eager steps: with the compile in
-     the foreground the run ends sooner), or no child possible (another backend than inductor,
-     parameters off the CPU, ``torch.distributed``): compile in the foreground (phase 4) when
-     :math:`E` is at least :data:`EXPECTED_COMPILE_SECONDS` (a cold compile of a small model, on
-     one core) divided by the share of a core the eager steps got (on a machine busy with other
-     work the compile takes longer, as the steps do), else stay eager.
+   - :math:`E` at least :data:`LONG_RUN` times the expected compile, :math:`\\hat C`
+     (:data:`EXPECTED_COMPILE_SECONDS`, a cold compile of a small model on one core, divided by
+     the share of a core the eager steps got: on a machine busy with other work the compile takes
+     longer, as the steps do): compile in the foreground now (phase 4). A long run ends soonest
+     this way: a compile beside the eager steps takes longer than in their place, and the switch
+     then loads the compiled step from the caches again, while the eager steps it buys are few.
+   - Otherwise, when two cores stood idle (at least
+     :data:`~pyro_elbo.train.background.SPARE_CORES`) and a child process may compile for this
+     run: compile in the background (phase 3); the run is never later than an eager run by more
+     than the compile from the caches at the switch (seconds). One idle core is not enough: on a
+     two-core machine the eager steps beside a compile were measured ~30% slower (the VAE, the
+     enumerated HMM), which costs more than the compile saves in this middle range.
+   - Otherwise (no cores to spare, or no child possible: another backend than inductor,
+     parameters off the CPU, ``torch.distributed``): compile in the foreground when :math:`E` is
+     at least :math:`\\hat C`, else stay eager.
 3. **Compile in the background.** A child process builds the compiled step
    (:mod:`pyro_elbo.train.background`, forked right before the next eager step) while training
    goes on eagerly (when :math:`E` is at least twice :data:`EXPECTED_COMPILE_SECONDS` the run
@@ -75,6 +80,9 @@ MIN_COMPILE_SECONDS = 2.0
 #: no core is free to run it beside the training: below this much eager time, stay eager
 EXPECTED_COMPILE_SECONDS = 10.0
 
+#: eager time left of at least this many expected compiles: compile in the foreground at once
+LONG_RUN = 2.0
+
 
 def plan(
     remaining: int,
@@ -96,10 +104,15 @@ def plan(
             "eager",
             f"compile='auto' stayed eager: {left}, less than a compile costs (≥ {min_compile_seconds:.0f} s)",
         )
-    if unavailable is None and cpu.idle >= background.SPARE_CORE:
-        return "background", f"a core was free: {cpu}"
-    why = f"no child process: {unavailable}" if unavailable is not None else f"no core was free: {cpu}"
     expected = expected_compile_seconds / max(cpu.share, 0.05)
+    if total >= LONG_RUN * expected:
+        return "foreground", (
+            f"compiled in the foreground: {left}, at least {LONG_RUN:g}× the ~{expected:.0f} s a compile is "
+            "expected to cost, so it pays off at once (a compile beside the eager steps would end later)"
+        )
+    if unavailable is None and cpu.idle >= background.SPARE_CORES:
+        return "background", f"two cores were free: {cpu}"
+    why = f"no child process: {unavailable}" if unavailable is not None else f"too few cores were free: {cpu}"
     if total < expected:
         cost = f"~{expected_compile_seconds:.0f} s"
         if cpu.share < 0.95:
@@ -202,7 +215,9 @@ class AutoCompile(Hook):
         worth = unavailable is None and remaining * eager >= MIN_COMPILE_SECONDS
         if worth and self.meter.elapsed() < background.CPU_WINDOW_SECONDS:
             return  # a child may pay: measure the idle CPU a little longer (the steps go on eagerly)
-        action, why = plan(remaining, eager, self.meter.read(), unavailable)
+        action, why = plan(
+            remaining, eager, self.meter.read(), unavailable, MIN_COMPILE_SECONDS, EXPECTED_COMPILE_SECONDS
+        )
         if action == "eager":
             self.phase, state.compile_decision = "done", why
         elif action == "background":

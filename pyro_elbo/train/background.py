@@ -58,8 +58,10 @@ RAISED = 4
 CACHED_BACKENDS: tuple[str, ...] = ("inductor",)
 
 
-#: a child is forked only when at least this much of a core stood idle beside the training process
-SPARE_CORE = 0.8
+#: a child is forked only when at least this many cores stood idle beside the training process:
+#: one for the compile and one to spare, as the eager steps beside a compile with only one idle
+#: core (of two) were measured ~30% slower
+SPARE_CORES = 1.8
 
 #: the idle CPU time is measured over at least this many seconds of training (``/proc/stat``
 #: counts in ticks of 10 ms: a shorter window cannot tell 0.8 of a core from 1)
