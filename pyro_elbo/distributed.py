@@ -8,6 +8,7 @@ with batch ``B`` follow the trajectory of one process with batch ``N * B``.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import warnings
@@ -56,6 +57,7 @@ def setup(device: str | torch.device | None, timeout: float | None = None) -> Co
         use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         wait = None if timeout is None else datetime.timedelta(seconds=timeout)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=wait)
+        atexit.register(_release_process_group)
     world_size = dist.get_world_size()
     if world_size == 1:
         return Context()
@@ -69,6 +71,18 @@ def setup(device: str | torch.device | None, timeout: float | None = None) -> Co
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Context(active=True, rank=rank, world_size=world_size, device=device)
+
+
+def _release_process_group() -> None:
+    """At interpreter exit, destroy the process group :func:`setup` created (a local call, no
+    collective). Left to the interpreter's teardown, Gloo's worker threads can still be joinable
+    when their owner is destroyed, and the process aborts ("terminate called without an active
+    exception", exit code -6) after a run that succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the interpreter is exiting: nothing left to tell
+            pass
 
 
 def broadcast_params(params: dict[str, Tensor], ctx: Context) -> None:
