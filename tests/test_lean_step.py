@@ -119,6 +119,49 @@ def test_reload_and_replaced_storage_rebind_the_buffers() -> None:
     assert not torch.equal(first.detach(), before)  # still trained
 
 
+def test_data_changed_in_place_gets_a_graph_of_its_own_and_the_same_data_keeps_its_graph() -> None:
+    """The graph is repeated while the step gets the same data objects (a new tuple of them too);
+    the same object given other contents (``x.data = ...``) of another shape, dtype or strides gets
+    a new graph (compiled graphs do not check their inputs' layout)."""
+    x = X.clone()
+    pyro.clear_param_store()
+    with pyro.validation_enabled(False):
+        state = init(model, guide, x, objective=pyro_elbo.IWAE(num_particles=3), lr=0.05, seed=1, compile=True,
+                     compile_backend="eager", optimizer_options={"foreach": False})  # fmt: skip
+        assert state.compiled is not None
+        graphs = state.compiled.graphs
+        for _ in range(3):
+            step(state)
+        for _ in range(3):
+            step(state, x)  # a new args tuple of the same tensor each call
+        assert len(graphs) == 1
+        counts = []
+        for data in (torch.cat([X, X]), X.clone().double(), torch.cat([X, X])[::2]):
+            x.data = data
+            losses = [step(state)[1].loss for _ in range(2)]
+            assert all(math.isfinite(loss) for loss in losses)
+            counts.append(len(graphs))
+    assert counts == [2, 3, 4]
+
+
+def test_a_learning_rate_changed_between_steps_is_the_next_steps() -> None:
+    """A float learning rate replaced, and a tensor learning rate changed in place: the next step
+    uses the new value (at 0 it changes no parameter)."""
+    state = _state(True)
+    for _ in range(3):
+        step(state)
+    group = state.optimizer.param_groups[0]
+    for lr, frozen in ((0.0, True), (torch.tensor(0.05), False), (None, True)):
+        if lr is None:  # the same tensor, set to 0 in place
+            group["lr"].fill_(0.0)
+        else:
+            group["lr"] = lr
+        before = {n: p.detach().clone() for n, p in state.params.items()}
+        step(state)
+        unchanged = [torch.equal(state.params[n].detach(), value) for n, value in before.items()]
+        assert all(unchanged) if frozen else not any(unchanged), lr
+
+
 def _deep(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.clone()

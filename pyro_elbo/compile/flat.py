@@ -81,6 +81,9 @@ class FlatAdam:
         self.seen_skipped = self.seen_calls = 0
         self.buffers = AdamBuffers(self.flat, self.exp_avg, self.exp_avg_sq, self.steps, self.ledger)
         self.scalars: tuple[tuple[Any, ...], AdamScalars] | None = None
+        #: the param group's ``lr``, ``betas`` and ``eps`` objects :attr:`scalars` were made from,
+        #: when all are Python numbers (immutable: the same objects hold the same values)
+        self.scalar_sources: tuple[Any, Any, Any] | None = None
 
     @classmethod
     def bind(cls, params: dict[str, Tensor], opt: torch.optim.Optimizer, limit: int = 1) -> FlatAdam | None:
@@ -111,8 +114,8 @@ class FlatAdam:
             limit == self.limit
             and opt is self.optimizer
             and opt.state is self.state_dict_object
-            and [p.data_ptr() for p in params.values()] == self.pointers
-            and len(params) == len(self.layout)
+            and len(params) == len(self.pointers)
+            and list(map(Tensor.data_ptr, params.values())) == self.pointers
         )
 
     def step(
@@ -121,8 +124,18 @@ class FlatAdam:
         """One compiled loss, gradient and Adam step written into the buffers; returns the loss
         and ``applied`` as 0-d tensors (nothing changed when not applied: the step was not finite,
         or the ledger had halted), or ``None`` if the graph is not available (run eagerly)."""
-        self.scalars = adam_scalars(group, self.scalars, self.flat.dtype, self.flat.device)
-        out = compiled.flat_adam(self.params, self.layout, self.buffers, self.scalars[1], args, kwargs)
+        lr, betas, eps = group["lr"], group["betas"], group["eps"]
+        sources, scalars = self.scalar_sources, self.scalars
+        if (
+            scalars is None
+            or sources is None
+            or lr is not sources[0]
+            or betas is not sources[1]
+            or eps is not sources[2]
+        ):
+            scalars = self.scalars = adam_scalars(group, scalars, self.flat.dtype, self.flat.device)
+            self.scalar_sources = (lr, betas, eps) if type(betas) is tuple and _numbers(lr, *betas, eps) else None
+        out = compiled.flat_adam(self.params, self.layout, self.buffers, scalars[1], args, kwargs)
         if out is None:
             return None
         loss, finite, updated = out
@@ -157,6 +170,12 @@ class FlatAdam:
                 for key in ("exp_avg", "exp_avg_sq", "step"):
                     if state and key in state:
                         state[key] = state[key].clone()
+
+
+def _numbers(*values: Any) -> bool:
+    """Whether every value is a Python ``float`` or ``int`` (immutable, unlike a tensor learning
+    rate that a scheduler may change in place)."""
+    return all(type(v) is float or type(v) is int for v in values)
 
 
 def _moment(opt: torch.optim.Optimizer, param: Tensor, key: str) -> Tensor:

@@ -27,6 +27,7 @@ warning that says why.
 from __future__ import annotations
 
 import copy
+import operator
 import time
 import warnings
 from collections.abc import Callable
@@ -111,9 +112,13 @@ class CompiledLoss:
         self.cudagraphs: set[Signature] = set()
         self._captured_cudagraphs = False  # the graph _capture just returned runs as CUDA graphs
         self._in_eager_run = False  # _capture is running the step eagerly (its errors are the program's)
-        self._last: tuple[Any, Signature] | None = None
+        #: the last call's quick key, its signature and the objects the key names by ``id`` (held,
+        #: so that no other object can take one of those ids while the key is kept)
+        self._last: tuple[Any, Signature, Any] | None = None
         #: the signature and graph of the last call (not for CUDA graphs, whose outputs are copied)
         self._hot: tuple[Signature, Callable[..., Any]] | None = None
+        #: the last :meth:`flat_adam` call, to be repeated while its objects and layouts hold
+        self._flat_call: _FlatCall | None = None
 
     def __call__(
         self,
@@ -134,15 +139,21 @@ class CompiledLoss:
             adam_inputs = [*moments.exp_avg, *moments.exp_avg_sq, moments.step, *scalars]
         tensors = [a for a in args if isinstance(a, Tensor)] + adam_inputs
         # the same parameter and argument objects, of the same layout, as last call: same graph
-        quick_key = (_arg_keys(tuple(params.values())), _arg_keys(args), tuple(kwargs.items()))
+        values = tuple(params.values())
+        quick_key = (_arg_keys(values), _arg_keys(args), tuple(kwargs.items()))
         if self._last is not None and self._last[0] == quick_key:
             signature = self._last[1]
         else:
             signature = _signature(params, args, kwargs)
-            self._last = (quick_key, signature)
+            self._last = (quick_key, signature, (values, args))
         detached = [p.detach() for p in params.values()]
         inputs = [*detached, *adam_inputs]
         return self._run(signature, lambda: self._capture(params, None, args, kwargs, inputs), [*detached, *tensors])
+
+    def forget_inputs(self) -> None:
+        """Drop the objects the last call's keys hold (the flat buffers and arguments), e.g. once
+        the flat buffers are released; the next call checks its signature afresh."""
+        self._last = self._flat_call = None
 
     def flat_adam(
         self,
@@ -169,18 +180,33 @@ class CompiledLoss:
         """
         if self.failed is not None:
             return None
+        items = tuple(kwargs.items()) if kwargs else ()
+        call = self._flat_call
+        if call is not None and call.repeats(self._hot, buffers, layout, args, items):
+            outputs = call.graph(*call.inputs, *scalars)
+            return outputs[0], outputs[1], list(outputs[2:])
         tensors = [a for a in args if isinstance(a, Tensor)]
         # the layout itself, not its id: a freed layout's id may be reused by another one
         first = buffers.params
-        quick_key = (id(first), first.dtype, first.device, layout, _arg_keys(args), tuple(kwargs.items()))
-        if self._last is not None and self._last[0] == quick_key:
-            signature = self._last[1]
+        quick_key = (id(first), first.dtype, first.device, layout, _arg_keys(args), items)
+        last = self._last
+        again = last is not None and last[0] == quick_key  # the same objects as the last call
+        if last is not None and again:
+            signature = last[1]
         else:
             signature = ("flat", _signature(params, args, kwargs))
-            self._last = (quick_key, signature)
+            self._last = (quick_key, signature, (first, args))
         state = [*buffers, *scalars]
-        inputs = [buffers.params, *tensors, *buffers[1:], *scalars]
-        return self._run(signature, lambda: self._capture(params, layout, args, kwargs, state), inputs)
+        leading = (buffers.params, *tensors, *buffers[1:])
+        out = self._run(signature, lambda: self._capture(params, layout, args, kwargs, state), [*leading, *scalars])
+        hot = self._hot
+        # kept once a call repeats the last one's objects (minibatches, new tensors each step, never do)
+        self._flat_call = (
+            _FlatCall(hot, buffers, layout, args, items, (first, *tensors), leading)
+            if again and out is not None and hot is not None and hot[0] is signature
+            else None
+        )
+        return out
 
     def _run(
         self,
@@ -461,9 +487,72 @@ def _refuse_traced_state(objective: Any) -> None:
 
 
 def _arg_keys(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The arguments' identities, with each tensor's shape and strides: a tensor given again with
-    new contents (``x.data = other``) of another layout is a new signature, not the old graph."""
-    return tuple((id(a), a.shape, a.stride()) if isinstance(a, Tensor) else id(a) for a in args)
+    """The arguments' identities, with each tensor's shape, strides, dtype and device: a tensor
+    given again with new contents (``x.data = other``) of another layout, dtype or device is a new
+    signature, not the old graph."""
+    return tuple((id(a), a.shape, a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else id(a) for a in args)
+
+
+def _tensor_layouts(tensors: tuple[Tensor, ...]) -> list[tuple[Any, ...]]:
+    """Each tensor's shape, strides, dtype and device: what a compiled graph was specialized to
+    (inductor's CPU graphs do not check them: ``size_asserts`` off)."""
+    return [(t.shape, t.stride(), t.dtype, t.device) for t in tensors]
+
+
+class _FlatCall:
+    """A :meth:`CompiledLoss.flat_adam` call that ran a compiled graph, kept so that the next call
+    with the same objects skips the signature check and the building of the input list.
+
+    The call repeats (:meth:`repeats`) while the graph is still the last one run (``run``, the
+    ``CompiledLoss._hot`` it was made from: any other call or a recompile replaces that), the
+    buffers and the layout are the same objects, the arguments are the same objects (all held
+    here, so that no other object can take their ids), the kwargs are equal, and the flat vector
+    and every tensor argument still have the shape, strides, dtype and device the graph was
+    compiled for (``x.data = other`` keeps the object and may change them). The Adam scalars are
+    not part of it: they are passed on each call (0-d tensors of the flat vector's dtype and
+    device, so of the graph's signature whatever their values).
+    """
+
+    __slots__ = ("run", "graph", "buffers", "layout", "args", "items", "tensors", "layouts", "inputs")
+
+    def __init__(
+        self,
+        run: tuple[Signature, Callable[..., Any]],
+        buffers: AdamBuffers,
+        layout: Layout,
+        args: tuple[Any, ...],
+        items: tuple[Any, ...],
+        tensors: tuple[Tensor, ...],
+        inputs: tuple[Tensor, ...],
+    ) -> None:
+        self.run, self.graph = run, run[1]
+        self.buffers, self.layout, self.args, self.items = buffers, layout, args, items
+        #: the graph's inputs before the Adam scalars
+        self.tensors, self.layouts, self.inputs = tensors, _tensor_layouts(tensors), inputs
+
+    def repeats(
+        self,
+        run: tuple[Signature, Callable[..., Any]] | None,
+        buffers: AdamBuffers,
+        layout: Layout,
+        args: tuple[Any, ...],
+        items: tuple[Any, ...],
+    ) -> bool:
+        """Whether a call with these objects runs this graph on :attr:`inputs` (then the scalars)."""
+        return (
+            run is self.run
+            and buffers is self.buffers
+            and layout is self.layout
+            and (args is self.args or _same_objects(args, self.args))
+            and items == self.items
+            and _tensor_layouts(self.tensors) == self.layouts
+        )
+
+
+def _same_objects(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two tuples hold the same objects, in order (``step(state, x, y)`` builds a new tuple
+    of the same tensors each call)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _signature(params: dict[str, Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Signature:

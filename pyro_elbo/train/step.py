@@ -101,14 +101,17 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     rng_before = torch_rng_state() if state.on_nonfinite == "raise" and stepper.replayable else None
     start = time.perf_counter()
     device = state.device
-    with default_device(device):
+    if device is None or device.type == "cpu":  # (default_device's nullcontext, without entering it)
         loss, ok = stepper(state, args, kwargs)
+    else:
+        with _default_device(device):
+            loss, ok = stepper(state, args, kwargs)
     compile_seconds = None
     if state.compile_seconds is None:
         compile_seconds = state.compile_seconds = stepper.compile_seconds()
     deferred = stepper.deferred  # the verdict is on the device: the stepper refuses or skips at settle
     if deferred:
-        state.unsettled.append((state.step, args, kwargs, loss))
+        state.unsettled.append((state.position.step, args, kwargs, loss))
     elif not ok:
         refuse_or_skip(state, float(loss), args, kwargs, rng_before)
     else:
@@ -119,7 +122,9 @@ def step(state: TrainState, *args: Any, **kwargs: Any) -> tuple[TrainState, Step
     state.step_seconds.append(seconds)
     state.record_loss(loss)
     state.position.step += 1
-    if deferred and (len(state.unsettled) >= state.settle_every or _holds_other_data(state, args)):
+    if deferred and (
+        len(state.unsettled) >= state.settle_every or (args is not state.args and _holds_other_data(state, args))
+    ):
         stepper.settle(state, rng_before)  # rewinds the record to before a refused step, and raises
     if state.scheduler is not None and (not deferred or bool(ok)):
         state.scheduler.step()  # (init sets settle_every=1 with a scheduler: the ledger was read)

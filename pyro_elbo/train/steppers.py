@@ -190,6 +190,7 @@ class FlatAdamStep(_Compiled):
             if state.flat is not None:
                 state.flat.release()
                 state.flat = None
+            self.compiled.forget_inputs()  # the graph's last inputs: the released buffers
 
 
 class AutoStep:
