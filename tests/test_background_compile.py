@@ -63,6 +63,18 @@ def always_compile(monkeypatch: pytest.MonkeyPatch, idle: float = 2.0) -> None:
     monkeypatch.setattr(background, "CPU_WINDOW_SECONDS", 0.0)
 
 
+def child_never_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child's build (a fast capture on the 'eager' backend) never returns: the run must end or
+    raise with the child still compiling."""
+    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
+
+    def forever(self: AutoStep, *args: Any) -> bool:
+        while True:
+            time.sleep(1.0)
+
+    monkeypatch.setattr(AutoStep, "_build", forever)
+
+
 class Watch(Hook):
     """Records the child and a copy of the state at the switch, and stops the run ``after`` steps
     past it (or at the wall-clock cap)."""
@@ -150,13 +162,7 @@ def test_failing_child_warns_once_and_compiles_in_the_foreground(monkeypatch: py
 
 def test_child_is_killed_when_the_run_ends_first(monkeypatch: pytest.MonkeyPatch) -> None:
     always_compile(monkeypatch)
-    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
-
-    def forever(self: AutoStep, *args: Any) -> bool:
-        while True:
-            time.sleep(1.0)
-
-    monkeypatch.setattr(AutoStep, "_build", forever)
+    child_never_finishes(monkeypatch)
     watch = Watch()
     result = fit(12, [watch], backend="eager")
     assert watch.pid is not None and watch.switch_step is None and len(result.history) == 12
@@ -167,13 +173,7 @@ def test_child_is_killed_when_the_run_ends_first(monkeypatch: pytest.MonkeyPatch
 
 def test_child_is_killed_when_a_step_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     always_compile(monkeypatch)
-    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
-
-    def forever(self: AutoStep, *args: Any) -> bool:
-        while True:
-            time.sleep(1.0)
-
-    monkeypatch.setattr(AutoStep, "_build", forever)
+    child_never_finishes(monkeypatch)
 
     class Interrupt(Watch):
         def on_step(self, state: TrainState, info: StepInfo) -> str | None:
@@ -262,13 +262,7 @@ def test_a_child_done_with_little_left_leaves_the_run_eager(monkeypatch: pytest.
 @pytest.mark.parametrize("ending", ["model raises", "SIGTERM"])
 def test_no_child_survives_a_run_that_stops_early(monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
     always_compile(monkeypatch)
-    monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
-
-    def forever(self: AutoStep, *args: Any) -> bool:
-        while True:
-            time.sleep(1.0)
-
-    monkeypatch.setattr(AutoStep, "_build", forever)
+    child_never_finishes(monkeypatch)
     broken = {"now": False}
 
     def breaking_guide(x: torch.Tensor) -> None:
