@@ -70,10 +70,8 @@ def fit_timing(name: str, steps: int, compile: bool) -> dict[str, Any]:
     from pyro_models import ZOO
 
     import pyro_elbo
-    from pyro_elbo.compile import inductor
 
     pyro.clear_param_store()
-    inductor.last_stats = inductor.CompileStats()
     entry = ZOO[name]()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -97,7 +95,7 @@ def fit_timing(name: str, steps: int, compile: bool) -> dict[str, Any]:
                 "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
             }
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
-    stats = inductor.last_stats if compile else None
+    stats = result.compile_stats if compile else None
     return {
         "us": _median_us(result.step_seconds),
         "compile_s": result.compile_seconds,

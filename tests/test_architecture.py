@@ -54,6 +54,7 @@ _PRIVATE_TORCH = (
     "torch._prims",
     "torch._functorch",
     "torch.fx.experimental",
+    "torch.utils._python_dispatch",
 )
 
 

@@ -11,6 +11,8 @@ import torch
 import pyro_elbo
 from pyro_elbo.train import autocompile
 from pyro_elbo.train.background import CpuMeter, IdleCores
+from pyro_elbo.train.hooks import Hook
+from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import StepInfo
 
 
@@ -48,14 +50,15 @@ def run(steps: int) -> pyro_elbo.FitResult:
 
 def test_five_steps_stay_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_timings(monkeypatch, eager=0.01, compiled=0.001, compile=10.0)
-    result = run(5)
+    result = run(6)
     assert result.compile_seconds is None  # never captured
     assert result.compile_decision is not None and result.compile_decision.startswith("compile='auto' stayed eager")
-    assert "1 steps left" in result.compile_decision and len(result.history) == 5
+    assert "1 steps left" in result.compile_decision and len(result.history) == 6
 
 
 def test_long_run_compiles_and_keeps_the_faster_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_timings(monkeypatch, eager=2.0, compiled=0.1, compile=3.0)  # 8 steps left: 16 s eager
+    fake_timings(monkeypatch, eager=2.0, compiled=0.1, compile=3.0)  # 7 steps left: 14 s eager
+    monkeypatch.setattr(autocompile, "expected_compile_seconds", lambda operators: 10.0)  # 14 s < 2 × 10 s
     result = run(12)
     assert result.compile_seconds is not None  # the capture ran
     decision = result.compile_decision or ""
@@ -68,6 +71,50 @@ def test_slower_compiled_step_goes_back_to_eager(monkeypatch: pytest.MonkeyPatch
     fake_timings(monkeypatch, eager=2.0, compiled=3.0, compile=3.0)
     result = run(12)
     assert (result.compile_decision or "").startswith("compile='auto' went back to eager")
+
+
+def wide_model(x: torch.Tensor) -> None:
+    """The test model with three more latent sites: a larger step, and so a larger graph."""
+    model(x)
+    for k in range(3):
+        pyro.sample(f"extra{k}", dist.Normal(0.0, 1.0))
+
+
+def wide_guide(x: torch.Tensor) -> None:
+    guide(x)
+    for k in range(3):
+        m = pyro.param(f"m{k}", torch.tensor(0.0))
+        s = pyro.param(f"s{k}", torch.tensor(1.0), constraint=dist.constraints.positive)
+        pyro.sample(f"extra{k}", dist.Normal(m, s))
+
+
+class Operators(Hook):
+    """Reads the operator count the auto stepper took during the probe."""
+
+    count: int | None = None
+
+    def on_end(self, state: TrainState) -> None:
+        self.count = getattr(state.stepper, "operators", None)
+
+
+def test_the_probe_counts_the_steps_operators_without_changing_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One probe step runs under the operator counter: the run stays bit-identical to an eager
+    run of the same seed, and a step with more sites counts more operators."""
+    fake_timings(monkeypatch, eager=0.01, compiled=0.001, compile=10.0)  # stays eager after the probe
+    x = torch.randn(8)
+    counts, histories = [], []
+    for m, g, compile in ((model, guide, "auto"), (model, guide, False), (wide_model, wide_guide, "auto")):
+        pyro.clear_param_store()
+        hook = Operators()
+        result = pyro_elbo.fit(
+            m, g, x, num_steps=8, seed=1, compile=compile, compile_backend="eager", progress=False, hooks=[hook]
+        )
+        counts.append(hook.count)
+        histories.append(result.history)
+    assert histories[0] == histories[1]  # the counted step changed nothing
+    small, wide = counts[0], counts[2]
+    assert small is not None and wide is not None and 20 < small < wide, counts
+    assert autocompile.expected_compile_seconds(wide) > autocompile.expected_compile_seconds(small)
 
 
 def test_rules() -> None:

@@ -125,7 +125,7 @@ def test_switch_keeps_the_state_of_an_eager_run(monkeypatch: pytest.MonkeyPatch)
     watch = Watch()
     result = fit(10**7, [watch])
     assert watch.pid is not None and watch.switch_step is not None, result.compile_decision
-    assert watch.switch_step > 5  # the probe (4 steps) and at least one eager step beside the child
+    assert watch.switch_step > 6  # the probe (5 steps) and at least one eager step beside the child
     assert result.compile_decision is not None and result.compile_decision.startswith("compile='auto' compiled")
     assert "after inductor's import before the fork" in result.compile_decision  # a long run imports first
     assert result.compile_seconds is not None
@@ -227,7 +227,7 @@ def test_without_a_free_core_the_compile_runs_in_the_foreground(monkeypatch: pyt
     monkeypatch.setattr(background, "CACHED_BACKENDS", ("eager",))
     watch = Watch()
     result = fit(10**7, [watch], backend="eager")
-    assert watch.pid is None and watch.switch_step == 4  # right after the probe's 4 eager steps
+    assert watch.pid is None and watch.switch_step == 5  # right after the probe's 5 eager steps
     decision = result.compile_decision or ""
     assert decision.startswith("compile='auto' compiled")
     assert "; compiled in the foreground (too few cores were free: 0.10 of 2 cores idle over " in decision

@@ -104,10 +104,10 @@ def test_small_graphs_are_compiled_as_scalar_code() -> None:
 def test_same_graph_hits_the_cache(cache_dir: None) -> None:
     w, x = torch.randn(3), torch.randn(5, 3)
     shift = torch.arange(5.0)
-    first, _ = inductor.compile_graph(_traced(_step(0.5, shift), [w, x]), [w, x], "inductor")
-    assert inductor.last_stats.cache == "miss", inductor.last_stats
-    second, _ = inductor.compile_graph(_traced(_step(0.5, shift.clone()), [w, x]), [w, x], "inductor")
-    assert inductor.last_stats.cache == "hit", inductor.last_stats
+    first, _, stats = inductor.compile_graph(_traced(_step(0.5, shift), [w, x]), [w, x], "inductor")
+    assert stats.cache == "miss", stats
+    second, _, stats = inductor.compile_graph(_traced(_step(0.5, shift.clone()), [w, x]), [w, x], "inductor")
+    assert stats.cache == "hit", stats
     torch.manual_seed(3)
     a = first(w, x)
     torch.manual_seed(3)
@@ -139,8 +139,8 @@ def test_changes_miss_or_read_the_new_constants(cache_dir: None) -> None:
         (0.5, torch.tensor(7.0), 5),
     ]:
         fn = _affine(scale, shift[:rows] if shift.dim() else shift)
-        compiled, _ = inductor.compile_graph(_traced(fn, [w, x[:rows]]), [w, x[:rows]], "inductor")
-        outcomes.append(inductor.last_stats.cache)
+        compiled, _, stats = inductor.compile_graph(_traced(fn, [w, x[:rows]]), [w, x[:rows]], "inductor")
+        outcomes.append(stats.cache)
         for got, want in zip(compiled(w, x[:rows]), fn(w, x[:rows])):
             assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (scale, shift, rows)  # float32 rounding
     assert outcomes[:3] == ["miss", "miss", "miss"], outcomes
@@ -163,7 +163,8 @@ def _fit_cache(prior_scale: float, seed: int = 0) -> tuple[str, list[float]]:
     pyro.clear_param_store()
     model = _schools(prior_scale)
     result = pyro_elbo.fit(model, AutoNormal(model), y, sigma, num_steps=3, seed=seed, compile=True, progress=False)
-    return inductor.last_stats.cache, [float(v) for v in result.history]
+    assert result.compile_stats is not None
+    return result.compile_stats.cache, [float(v) for v in result.history]
 
 
 @pytest.mark.slow  # three cold inductor compiles of a training step: ~50 s on two cores
@@ -192,8 +193,8 @@ def test_sizes_made_from_data_compile_directly(cache_dir: None) -> None:
         return (kept.exp().sum() / kept.numel(),)
 
     w, x = torch.tensor(0.5), torch.tensor([0.3, -1.0, 2.0, -0.5, 1.0])
-    compiled, _ = inductor.compile_graph(_traced(masked, [w, x]), [w, x], "inductor")
-    assert inductor.last_stats.fallback == "", inductor.last_stats
+    compiled, _, stats = inductor.compile_graph(_traced(masked, [w, x]), [w, x], "inductor")
+    assert stats.fallback == "", stats
     torch.testing.assert_close(compiled(w, x)[0], masked(w, x)[0])
 
 

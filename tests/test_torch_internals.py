@@ -201,3 +201,18 @@ def test_a_renamed_private_operation_leaves_its_rewrite_nothing_to_do(monkeypatc
     graph = torch_internals.trace_fake(cholesky_logdet, [a])
     assert rewrites.linalg_errors_as_nan(graph) == 0 and rewrites.constant_masks_as_indices(graph) == 0
     assert torch.equal(graph(a), cholesky_logdet(a))
+
+
+def test_operator_counting_unavailable_runs_the_block_uncounted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile="auto"`` counts a probe step's operators to expect a compile's cost; without the
+    dispatch mode the step still runs (the count is ``None``: a compile of a typical size is expected)."""
+    with torch_internals.counting_operators() as counted:
+        value = torch.ones(3).mul(2.0).sum()
+    assert counted.count == 3 and float(value) == 6.0  # ones, mul, sum
+    monkeypatch.setitem(sys.modules, "torch.utils._python_dispatch", None)
+    with torch_internals.counting_operators() as counted:
+        value = torch.ones(3).mul(2.0).sum()
+    assert counted.count is None and float(value) == 6.0
+    from pyro_elbo.train import autocompile
+
+    assert autocompile.expected_compile_seconds(None) == autocompile.EXPECTED_COMPILE_SECONDS

@@ -61,7 +61,7 @@ from pyro_elbo.compile.adam import (
     split,
 )
 from pyro_elbo.compile.fused_rewrites import FUSED_REWRITES
-from pyro_elbo.compile.inductor import compile_graph, start_cpu_check
+from pyro_elbo.compile.inductor import CompileStats, compile_graph, start_cpu_check
 from pyro_elbo.compile.progress import phase
 from pyro_elbo.compile.rewrites import (
     constant_masks_as_indices,
@@ -107,6 +107,9 @@ class CompiledLoss:
         self.backend = backend
         self.graphs: dict[Signature, Callable[..., Any]] = {}
         self.capture_seconds: dict[Signature, float] = {}
+        #: what inductor (or ``torch.compile``) did for each graph: cache outcome, fallback, seconds
+        self.compile_stats: dict[Signature, CompileStats] = {}
+        self._captured_stats = CompileStats()  # those of the graph _capture just returned
         self.failed: str | None = None
         #: signatures whose graph runs as CUDA graphs (inductor's cudagraph trees, CUDA only)
         self.cudagraphs: set[Signature] = set()
@@ -245,6 +248,7 @@ class CompiledLoss:
                 )
                 return None
             self.graphs[signature] = graph
+            self.compile_stats[signature] = self._captured_stats
             if self._captured_cudagraphs:
                 self.cudagraphs.add(signature)
         replayed = signature in self.cudagraphs
@@ -259,6 +263,7 @@ class CompiledLoss:
                 raise
             _restore_objective_state(self.objective, saved)
             del self.graphs[signature]
+            self.compile_stats.pop(signature, None)
             self.failed = f"compiling the captured graph failed: {type(error).__name__}: {_first_line(error)}"
             warnings.warn(
                 f"compile=True: falling back to the eager path; {self.failed}",
@@ -350,7 +355,7 @@ class CompiledLoss:
             if failed is None:
                 break
             skipped.add(failed)
-        compiled, self._captured_cudagraphs = compile_graph(graph, leading + inputs, self.backend)
+        compiled, self._captured_cudagraphs, self._captured_stats = compile_graph(graph, leading + inputs, self.backend)
         return compiled
 
 

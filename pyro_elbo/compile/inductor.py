@@ -74,7 +74,8 @@ SCALAR_CODE_MAX_ELEMENTS = 512
 
 @dataclass
 class CompileStats:
-    """What the last :func:`compile_graph` call did (read by benchmarks and tests).
+    """What one :func:`compile_graph` call did (it returns them; ``FitResult.compile_stats`` holds
+    those of the training step's graph).
 
     Attributes:
         seconds: wall time of the call.
@@ -91,24 +92,20 @@ class CompileStats:
     fallback: str = ""
 
 
-#: the statistics of the most recent :func:`compile_graph` call in this process
-last_stats = CompileStats()
-
-
-def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str) -> tuple[Callable[..., Any], bool]:
-    """``graph`` compiled for ``inputs`` (real tensors) by ``backend``; and whether it runs as
-    CUDA graphs (then a caller must call ``torch.compiler.cudagraph_mark_step_begin()`` before each
-    call and copy the outputs it keeps).
+def compile_graph(
+    graph: torch.fx.GraphModule, inputs: list[Tensor], backend: str
+) -> tuple[Callable[..., Any], bool, CompileStats]:
+    """``graph`` compiled for ``inputs`` (real tensors) by ``backend``; whether it runs as CUDA
+    graphs (then a caller must call ``torch.compiler.cudagraph_mark_step_begin()`` before each
+    call and copy the outputs it keeps); and what the compile did.
 
     With ``backend="inductor"`` a second process that traces the same graph (same model, constants
     and input signature) loads the compiled kernels from inductor's on-disk caches instead of
     generating and compiling C++ again; see the module docstring for what the cache key covers.
     Any exception on that path (a private API) compiles the graph with ``torch.compile`` instead,
     with one ``RuntimeWarning`` naming the error and what is lost."""
-    global last_stats
-    last_stats = CompileStats()
     if backend == "eager":
-        return graph, False
+        return graph, False, CompileStats()
     start = time.perf_counter()
     failure = ""
     if backend == "inductor":
@@ -124,15 +121,14 @@ def compile_graph(graph: torch.fx.GraphModule, inputs: list[Tensor], backend: st
                 prepare_compile_fx()
                 with cache_counters() as counts, shape_env_context(graph), _quiet_fallback_notes():
                     compiled = compile_fx(graph, inputs, patches)
-                last_stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
-                shown.note = f"cache {last_stats.cache}" if last_stats.cache else ""
-            return compiled, cuda
+                stats = CompileStats(time.perf_counter() - start, _cache_outcome(counts), counts)
+                shown.note = f"cache {stats.cache}" if stats.cache else ""
+            return compiled, cuda, stats
         except Exception as error:  # a private API: fall back to the public entry point
             failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             warn_fallback_to_torch_compile(failure)
     compiled = torch.compile(graph, backend=backend, dynamic=False)
-    last_stats = CompileStats(time.perf_counter() - start, fallback=failure)
-    return compiled, False
+    return compiled, False, CompileStats(time.perf_counter() - start, fallback=failure)
 
 
 def warn_fallback_to_torch_compile(failure: str) -> None:

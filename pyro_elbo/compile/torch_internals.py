@@ -5,9 +5,10 @@ The compiled path needs a few things torch offers only through private modules: 
 caches), a fake-mode tracing context with a shape environment (without one those caches bypass),
 inductor's cache counters, its CPU vector-ISA check, ``make_fx`` with real tensors allowed beside
 fake ones, and fake-tensor metadata for graph rewrites. A torch release may move or change any of
-them. This module is the only one in the package that imports ``torch._inductor``,
-``torch._dynamo``, ``torch._guards``, ``torch._subclasses``, ``torch._prims``, ``torch._functorch``
-or ``torch.fx.experimental`` (``tests/test_architecture.py`` checks it), so an upgrade that breaks
+them, and counting the operators a step dispatches (a Python dispatch mode) estimates what a
+compile will cost. This module is the only one in the package that imports ``torch._inductor``,
+``torch._dynamo``, ``torch._guards``, ``torch._subclasses``, ``torch._prims``, ``torch._functorch``,
+``torch.fx.experimental`` or ``torch.utils._python_dispatch`` (``tests/test_architecture.py`` checks it), so an upgrade that breaks
 one shows up here, and each caller says what it does when a function here raises:
 
 ================================  ===========================================================================
@@ -23,6 +24,7 @@ function                          a failure (any exception) degrades to
 :func:`fake_mode_of`              the graph compiles without the rewrite that needed them
 :func:`is_data_dependent`         a failed capture described without naming a data-dependent guard
 :func:`data_dependent_origins`    a failed capture described at the line where the guard failed
+:func:`counting_operators`        no count: ``compile="auto"`` expects a compile of a typical size
 ================================  ===========================================================================
 """
 
@@ -219,3 +221,45 @@ def fake_mode_of(values: list[Tensor]) -> Any:
     import torch._guards
 
     return torch._guards.detect_fake_mode(values)
+
+
+class OperatorCount:
+    """How many of torch's operators (ATen calls, forward and backward) ran inside
+    :func:`counting_operators`; ``None`` when they could not be counted."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+
+
+@contextlib.contextmanager
+def counting_operators() -> Iterator[OperatorCount]:
+    """Count the operators dispatched inside the block (a Python dispatch mode that passes each
+    call through unchanged). The count of one training step predicts the size of its captured
+    graph, and so the time inductor needs to compile it. If the mode cannot be entered (a torch
+    release that moved it), the block runs without it and the count stays ``None``."""
+    result = OperatorCount()
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Counter(TorchDispatchMode):
+            calls = 0
+
+            def __torch_dispatch__(
+                self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+            ) -> Any:
+                self.calls += 1
+                return func(*args, **(kwargs or {}))
+
+        counter: Any = _Counter  # an untyped class of torch's
+        mode = counter()
+        mode.__enter__()
+    except Exception:
+        yield result
+        return
+    try:
+        yield result
+    finally:
+        mode.__exit__(None, None, None)
+        result.count = mode.calls

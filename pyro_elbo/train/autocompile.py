@@ -4,8 +4,10 @@ and never make the run wait for a compile it could have run beside.
 The decision is made on measurements of this run and machine, in four phases driven by
 :class:`AutoCompile` (a hook that runs before the others):
 
-1. **Eager probe.** The first ``probe + 1`` steps run eagerly (they are real training steps); the
-   first is dropped (lazy set-up) and the median of the rest, :math:`t_e`, is the eager cost.
+1. **Eager probe.** The first ``probe + 2`` steps run eagerly (they are real training steps); the
+   first is dropped (lazy set-up), the second counts the operators the step dispatches (forward,
+   backward and update: :func:`~pyro_elbo.compile.torch_internals.counting_operators`), which is
+   dropped too (counting slows it), and the median of the rest, :math:`t_e`, is the eager cost.
    Meanwhile :class:`~pyro_elbo.train.background.CpuMeter` measures how much CPU stands idle
    beside the training process (the probe goes on, eagerly, until it has measured
    :data:`~pyro_elbo.train.background.CPU_WINDOW_SECONDS`).
@@ -14,9 +16,10 @@ The decision is made on measurements of this run and machine, in four phases dri
    - :math:`E` below :data:`MIN_COMPILE_SECONDS` (the cheapest compile we measured: capture and
      inductor with a warm cache): the run stays eager.
    - :math:`E` at least :data:`LONG_RUN` times the expected compile, :math:`\\hat C`
-     (:data:`EXPECTED_COMPILE_SECONDS`, a cold compile of a small model on one core, divided by
-     the share of a core the eager steps got: on a machine busy with other work the compile takes
-     longer, as the steps do): compile in the foreground now (phase 4). A long run ends soonest
+     (:func:`expected_compile_seconds`: a cold compile on one core grows with the operators the
+     step dispatches, as its graph does; divided by the share of a core the eager steps got: on
+     a machine busy with other work the compile takes longer, as the steps do): compile in the
+     foreground now (phase 4). A long run ends soonest
      this way: a compile beside the eager steps takes longer than in their place, and the switch
      then loads the compiled step from the caches again, while the eager steps it buys are few.
    - Otherwise, when two cores stood idle (at least
@@ -30,7 +33,7 @@ The decision is made on measurements of this run and machine, in four phases dri
      at least :math:`\\hat C`, else stay eager.
 3. **Compile in the background.** A child process builds the compiled step
    (:mod:`pyro_elbo.train.background`, forked right before the next eager step) while training
-   goes on eagerly (when :math:`E` is at least twice :data:`EXPECTED_COMPILE_SECONDS` the run
+   goes on eagerly (when :math:`E` is at least twice the expected compile the run
    will switch, and import inductor then anyway: it imports it before the fork, so the child
    starts compiling at once); the hook polls the child between steps. When it has exited cleanly the
    compiler's caches hold the graph; if the eager time left is still at least
@@ -76,12 +79,32 @@ from pyro_elbo.train.steppers import AutoStep, EagerStep
 #: a lower bound on capture + compilation (seconds, warm caches): below this much eager time, never compile
 MIN_COMPILE_SECONDS = 2.0
 
-#: what a compile is expected to cost (seconds: a small model's cold compile, on one core), when
-#: no core is free to run it beside the training: below this much eager time, stay eager
+#: what a compile is expected to cost (seconds: a small model's cold compile, on one core) when
+#: the step's operators could not be counted
 EXPECTED_COMPILE_SECONDS = 10.0
+
+#: a cold compile on one core, :math:`a + b\\,n` seconds for a step that dispatches :math:`n`
+#: operators: :data:`COMPILE_SECONDS_AT_NO_OPERATORS` is :math:`a` (capture, imports, the C++
+#: compiler's start-up), :data:`COMPILE_SECONDS_PER_OPERATOR` is :math:`b` (fitted to the models of
+#: ``tests/pyro_models.py`` by ``benchmarks/compile_cost.py``; see ``benchmarks/README.md``)
+COMPILE_SECONDS_AT_NO_OPERATORS = 6.5
+COMPILE_SECONDS_PER_OPERATOR = 0.0095
+
+
+def expected_compile_seconds(operators: int | None) -> float:
+    """Seconds of one core that capturing and compiling a step of ``operators`` operators (forward,
+    backward and update, as dispatched by one eager step) is expected to take with an empty cache;
+    :data:`EXPECTED_COMPILE_SECONDS` when they were not counted (``None``)."""
+    if operators is None:
+        return EXPECTED_COMPILE_SECONDS
+    return COMPILE_SECONDS_AT_NO_OPERATORS + COMPILE_SECONDS_PER_OPERATOR * operators
+
 
 #: eager time left of at least this many expected compiles: compile in the foreground at once
 LONG_RUN = 2.0
+
+#: eager steps left out of the timing: the first (lazy set-up) and the one whose operators are counted
+PROBE_SKIPS = 2
 
 
 def plan(
@@ -90,13 +113,14 @@ def plan(
     cpu: IdleCores,
     unavailable: str | None,
     min_compile_seconds: float = MIN_COMPILE_SECONDS,
-    expected_compile_seconds: float = EXPECTED_COMPILE_SECONDS,
+    expected_seconds: float = EXPECTED_COMPILE_SECONDS,
+    operators: int | None = None,
 ) -> tuple[str, str]:
     """Phase 2 of the module docstring: ``"eager"``, ``"background"`` or ``"foreground"``, and
     why. ``remaining`` eager steps of ``eager_seconds``; ``cpu``: the CPU idle beside the run and
     the share of a core the run got (a compile in the foreground is expected to take
-    ``expected_compile_seconds / cpu.share``); ``unavailable``: why no child process may compile
-    (``None``: one may)."""
+    ``expected_seconds / cpu.share``: :func:`expected_compile_seconds` of the step's
+    ``operators``, when counted); ``unavailable``: why no child process may compile (``None``: one may)."""
     total = remaining * eager_seconds
     left = f"{remaining} steps left × {1e3 * eager_seconds:.2f} ms = {total:.2f} s eager"
     if total < min_compile_seconds:
@@ -104,17 +128,18 @@ def plan(
             "eager",
             f"compile='auto' stayed eager: {left}, less than a compile costs (≥ {min_compile_seconds:.0f} s)",
         )
-    expected = expected_compile_seconds / max(cpu.share, 0.05)
+    expected = expected_seconds / max(cpu.share, 0.05)
+    size = "" if operators is None else f" for a step of {operators} operators"
     if total >= LONG_RUN * expected:
         return "foreground", (
-            f"compiled in the foreground: {left}, at least {LONG_RUN:g}× the ~{expected:.0f} s a compile is "
+            f"compiled in the foreground: {left}, at least {LONG_RUN:g}× the ~{expected:.0f} s a compile{size} is "
             "expected to cost, so it pays off at once (a compile beside the eager steps would end later)"
         )
     if unavailable is None and cpu.idle >= background.SPARE_CORES:
         return "background", f"two cores were free: {cpu}"
     why = f"no child process: {unavailable}" if unavailable is not None else f"too few cores were free: {cpu}"
     if total < expected:
-        cost = f"~{expected_compile_seconds:.0f} s"
+        cost = f"~{expected_seconds:.0f} s{size}"
         if cpu.share < 0.95:
             cost += f" at the {cpu.share:.2f} of a core this run got: {expected:.0f} s"
         return "eager", (
@@ -181,7 +206,9 @@ class AutoCompile(Hook):
     def on_step(self, state: TrainState, info: StepInfo) -> str | None:
         if self.phase == "eager":
             self.eager.append(self.seconds(info))
-            if len(self.eager) > self.probe:
+            if len(self.eager) == 1 and self.auto is not None:
+                self.auto.count_next_step()
+            if len(self.eager) > self.probe + 1:
                 self._plan(state)
         elif self.phase == "warming":
             self._poll_background(state)
@@ -210,19 +237,19 @@ class AutoCompile(Hook):
         """Phase 2: stay eager, fork the child, or compile now (once the CPU window is measured)."""
         if self.auto is None or self.meter is None:
             return
-        eager, remaining = statistics.median(self.eager[1:]), self.total - state.step
+        eager, remaining = statistics.median(self.eager[PROBE_SKIPS:]), self.total - state.step
         unavailable = self.auto.why_not_in_background(state)
         worth = unavailable is None and remaining * eager >= MIN_COMPILE_SECONDS
         if worth and self.meter.elapsed() < background.CPU_WINDOW_SECONDS:
             return  # a child may pay: measure the idle CPU a little longer (the steps go on eagerly)
-        action, why = plan(
-            remaining, eager, self.meter.read(), unavailable, MIN_COMPILE_SECONDS, EXPECTED_COMPILE_SECONDS
-        )
+        expected = expected_compile_seconds(self.auto.operators)
+        operators = self.auto.operators
+        action, why = plan(remaining, eager, self.meter.read(), unavailable, MIN_COMPILE_SECONDS, expected, operators)
         if action == "eager":
             self.phase, state.compile_decision = "done", why
         elif action == "background":
             self.note = why
-            self.auto.compile_in_background(import_first=remaining * eager >= 2 * EXPECTED_COMPILE_SECONDS)
+            self.auto.compile_in_background(import_first=remaining * eager >= 2 * expected)
             self.phase, self.warming_since, self.forked_at = "warming", time.perf_counter(), state.step
         else:
             self.note = why
@@ -253,7 +280,7 @@ class AutoCompile(Hook):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        eager, remaining = statistics.median(self.eager[1:]), self.total - state.step
+        eager, remaining = statistics.median(self.eager[PROBE_SKIPS:]), self.total - state.step
         if child.status != NOT_BUILT and remaining * eager < MIN_COMPILE_SECONDS:
             self.phase = "done"
             state.compile_decision = (
@@ -274,7 +301,7 @@ class AutoCompile(Hook):
         self.settle_every, state.settle_every = state.settle_every, 1
 
     def _decide_to_keep(self, state: TrainState) -> None:
-        eager, compiled = statistics.median(self.eager[1:]), statistics.median(self.compiled_times)
+        eager, compiled = statistics.median(self.eager[PROBE_SKIPS:]), statistics.median(self.compiled_times)
         remaining = self.total - state.step + len(self.compiled_times)
         keep, why = verdict(remaining, eager, compiled, self.compile_seconds)
         self.phase, state.compile_decision = "done", f"{why}; {self.note}" if self.note else why

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
 
 from pyro_elbo.objectives import Objective
+
+if TYPE_CHECKING:
+    from pyro_elbo.compile.inductor import CompileStats
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -31,6 +34,9 @@ class FitResult:
         compile_seconds: capture and compilation time of the compiled step (``compile=True``).
         compile_decision: with ``compile="auto"`` (or a ``compile=True`` that stayed eager), which path ran
             and why (one line).
+        compile_stats: what compiling the step did (:class:`~pyro_elbo.compile.inductor.CompileStats`:
+            inductor's cache outcome, ``"hit"`` when the kernels were loaded from an earlier run's
+            compile; a fallback to ``torch.compile`` and why); ``None`` when nothing was compiled.
     """
 
     history: list[float] = field(default_factory=list)
@@ -43,6 +49,7 @@ class FitResult:
     resumed_from_step: int | None = None
     compile_seconds: float | None = None
     compile_decision: str | None = None
+    compile_stats: CompileStats | None = None
 
     @property
     def num_steps(self) -> int:

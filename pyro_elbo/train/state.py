@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -24,6 +24,9 @@ from pyro_elbo.train.checkpoint import CHECKPOINT_FORMAT, FIELDS_2, missing_fiel
 from pyro_elbo.train.data import DataPosition
 from pyro_elbo.train.result import FitResult
 from pyro_elbo.train.steppers import Stepper, stepper_for
+
+if TYPE_CHECKING:
+    from pyro_elbo.compile.inductor import CompileStats
 
 #: optimizer options that choose an implementation, not the update: never a difference
 _IMPLEMENTATION_OPTIONS = {"params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable"}
@@ -159,7 +162,14 @@ class TrainState:
             resumed_from_step=self.resumed_from_step,
             compile_seconds=self.compile_seconds,
             compile_decision=self.compile_decision,
+            compile_stats=self.compile_stats(),
         )
+
+    def compile_stats(self) -> CompileStats | None:
+        """What compiling the step's graph did (the last graph, if the inputs' layout changed and
+        another was compiled); ``None`` when no graph was compiled."""
+        graphs = self.compiled.compile_stats if self.compiled is not None else {}
+        return list(graphs.values())[-1] if graphs else None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the run bit-identically, as a checkpoint ``dict`` (format

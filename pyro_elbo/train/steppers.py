@@ -33,6 +33,7 @@ from pyro_elbo import distributed
 from pyro_elbo._pyro.params import loss_and_params
 from pyro_elbo.compile import CompiledLoss, FlatAdam, adam_step, all_finite
 from pyro_elbo.compile.inductor import prepare_compile_fx
+from pyro_elbo.compile.torch_internals import counting_operators
 from pyro_elbo.train import background
 from pyro_elbo.train.background import BackgroundCompile
 from pyro_elbo.train.nonfinite import settle as settle_ledger
@@ -206,6 +207,15 @@ class AutoStep:
         self.background_wanted = self.import_first = False
         #: seconds spent importing inductor before the fork (``None``: it was not imported then)
         self.import_seconds: float | None = None
+        #: count the operators of the next step (:meth:`count_next_step`); their count, once taken
+        self.count_wanted = False
+        self.operators: int | None = None
+
+    def count_next_step(self) -> None:
+        """Count the operators the next step dispatches (forward, backward and update) into
+        :attr:`operators`: the size of the graph a compile would build. That step runs slower
+        (each operator passes through Python), so it should not be one whose time is measured."""
+        self.count_wanted = True
 
     def why_not_in_background(self, state: TrainState) -> str | None:
         """Why a child process may not build the compiled step for this run
@@ -255,6 +265,12 @@ class AutoStep:
                 prepare_compile_fx()
                 self.import_seconds = time.perf_counter() - start
             self.background = BackgroundCompile.start(lambda: self._build(state, args, kwargs))
+        if self.count_wanted:
+            self.count_wanted = False
+            with counting_operators() as counted:
+                outcome = self.active(state, args, kwargs)
+            self.operators = counted.count
+            return outcome
         return self.active(state, args, kwargs)
 
     def _build(self, state: TrainState, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
