@@ -56,6 +56,15 @@ def test_five_steps_stay_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "1 steps left" in result.compile_decision and len(result.history) == 6
 
 
+def test_a_run_shorter_than_the_probe_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timings(monkeypatch, eager=0.01, compiled=0.001, compile=10.0)
+    result = run(3)
+    assert (
+        result.compile_decision
+        == "compile='auto' stayed eager: the run ended after 3 steps, within the eager probe (5 steps)"
+    )
+
+
 def test_long_run_compiles_and_keeps_the_faster_step(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_timings(monkeypatch, eager=2.0, compiled=0.1, compile=3.0)  # 7 steps left: 14 s eager
     monkeypatch.setattr(autocompile, "expected_compile_seconds", lambda operators: 10.0)  # 14 s < 2 × 10 s

@@ -311,6 +311,12 @@ class AutoCompile(Hook):
         """The run ended (for any reason): kill the background compile if it still runs."""
         if self.auto is None:
             return
+        if self.phase == "eager" and self.state is not None and self.state.compile_decision is None:
+            self.phase = "done"
+            self.state.compile_decision = (
+                f"compile='auto' stayed eager: the run ended after {len(self.eager)} steps, within the "
+                f"eager probe ({self.probe + PROBE_SKIPS} steps)"
+            )
         if self.phase == "warming":
             self.phase = "done"
             seconds = time.perf_counter() - self.warming_since
