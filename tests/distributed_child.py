@@ -13,11 +13,18 @@ A,B`` gives rank r only the first rows[r] rows; ``--local-param`` adds a paramet
 rank; ``--stream STEPS`` passes each rank its own IterableDataset and ``num_steps=STEPS``;
 ``--stall-at STEP`` stops rank 1 for a minute at that step and ``--timeout S`` is fit's
 ``process_group_timeout``.
+
+``--exit-check`` tests the exit after a finished run: before ``fit`` each rank registers an
+``atexit`` hook (it runs after the package's own) that writes the names of the process's threads
+still alive to OUT/threads{r}.txt; after ``fit`` each rank leaves an all-reduce in flight on a
+tensor it drops at once, rank 0 half a second later than rank 1, so that a Gloo worker thread
+still holds a tensor whose Python object is gone while the interpreter exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import time
@@ -76,6 +83,7 @@ def main() -> None:
     parser.add_argument("--stream", type=int)
     parser.add_argument("--stall-at", type=int)
     parser.add_argument("--timeout", type=float)
+    parser.add_argument("--exit-check", action="store_true")
     args = parser.parse_args()
     env_rank = int(os.environ.get("RANK", "0"))
     torch.set_default_dtype(torch.float64)
@@ -111,6 +119,8 @@ def main() -> None:
         if step == args.stall_at and rank == 1:
             time.sleep(60)
 
+    if args.exit_check:
+        atexit.register(write_thread_names, out / f"threads{env_rank}.txt")
     if args.objective == "map":
         guide, objective = AutoDelta(model), pyro_elbo.ELBO()
     else:
@@ -135,6 +145,15 @@ def main() -> None:
     )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"params": result.params, "history": result.history, "draws": draws}, out / f"rank{rank}.pt")
+    if args.exit_check:
+        time.sleep(0.5 * (rank == 0))
+        torch.distributed.all_reduce(torch.ones(2), async_op=True)  # neither the tensor nor the work is kept
+
+
+def write_thread_names(path):
+    """The names of this process's threads (Linux: /proc/self/task), one per line."""
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    path.write_text("\n".join(sorted(names)) + "\n")
 
 
 if __name__ == "__main__":
