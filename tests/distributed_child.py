@@ -14,11 +14,12 @@ rank; ``--stream STEPS`` passes each rank its own IterableDataset and ``num_step
 ``--stall-at STEP`` stops rank 1 for a minute at that step and ``--timeout S`` is fit's
 ``process_group_timeout``.
 
-``--exit-check`` tests the exit after a finished run: before ``fit`` each rank registers an
-``atexit`` hook (it runs after the package's own) that writes the names of the process's threads
-still alive to OUT/threads{r}.txt; after ``fit`` each rank leaves an all-reduce in flight on a
-tensor it drops at once, rank 0 half a second later than rank 1, so that a Gloo worker thread
-still holds a tensor whose Python object is gone while the interpreter exits.
+``--exit-check`` registers, before ``fit``, an ``atexit`` hook (it runs after the package's own)
+that writes the names of the rank's threads still alive to OUT/threads{r}.txt.
+``--starve-gloo-workers`` (Linux) pins every thread of the rank to one CPU, the same for all ranks,
+at the first step and puts Gloo's worker threads in the idle scheduling class: a worker then runs
+only when nothing else on that CPU wants to, and it releases the last collective's tensors late,
+often while the interpreter exits, as a worker does now and then on a loaded machine.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--stall-at", type=int)
     parser.add_argument("--timeout", type=float)
     parser.add_argument("--exit-check", action="store_true")
+    parser.add_argument("--starve-gloo-workers", action="store_true")
     args = parser.parse_args()
     env_rank = int(os.environ.get("RANK", "0"))
     torch.set_default_dtype(torch.float64)
@@ -111,6 +113,8 @@ def main() -> None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if step == 1:
             draws.append(torch.rand(2))
+            if args.starve_gloo_workers:
+                starve_gloo_workers()
         with open(out / f"steps{rank}.txt", "a") as steps:
             steps.write(f"{step}\n")
         if step == args.sigterm_launcher_at and rank == 1:
@@ -145,9 +149,14 @@ def main() -> None:
     )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"params": result.params, "history": result.history, "draws": draws}, out / f"rank{rank}.pt")
-    if args.exit_check:
-        time.sleep(0.5 * (rank == 0))
-        torch.distributed.all_reduce(torch.ones(2), async_op=True)  # neither the tensor nor the work is kept
+
+
+def starve_gloo_workers():
+    cpu = min(os.sched_getaffinity(0))
+    for task in Path("/proc/self/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpu})
+        if (task / "comm").read_text().strip() == "pt_gloo_runloop":
+            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
 
 
 def write_thread_names(path):

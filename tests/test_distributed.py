@@ -173,17 +173,18 @@ def test_a_per_rank_stream_trains_with_num_steps(tmp_path: Path) -> None:
             Data((stream,), steps, epochs, None, ctx)
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists a process's threads through Linux's /proc")
-def test_a_finished_run_exits_0_while_a_gloo_worker_still_holds_a_dropped_tensor(tmp_path: Path) -> None:
-    """Gloo's worker threads release a collective's tensors a moment after the caller has moved on;
-    when the caller's Python object of the tensor is gone, that release takes the GIL. Left to the
-    interpreter's teardown (the process group outlived ``destroy_process_group`` while
-    ``torch.distributed.nn.functional``, imported after ``init_process_group``, held it in its
-    default arguments), a worker met a finalizing interpreter and the rank aborted after a finished
-    run (``terminate called without an active exception``, exit -6). Each rank here leaves an
-    all-reduce in flight on a dropped tensor, so a worker holds one at exit every time; fit's group
-    must be gone, its threads joined, before the interpreter finalizes."""
-    result = launch(2, tmp_path, "--batch", "4", "--stream", "10", "--exit-check")
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="sets threads' CPU and class through Linux's /proc")
+def test_a_finished_run_exits_0_on_every_rank_while_gloo_workers_still_hold_tensors(tmp_path: Path) -> None:
+    """Gloo's worker threads release a collective's tensors a moment after the caller has moved on
+    (the barrier that ends ``fit`` holds the last all-reduce); when the caller's Python object of
+    such a tensor is gone, that release takes the GIL. A worker that got there only while the
+    interpreter finalized was ended by CPython inside the tensor's destructor, and the rank aborted
+    after a finished run ("terminate called without an active exception", exit -6). Here the
+    workers run only when their CPU is otherwise idle, so they release late. While the group
+    outlived ``destroy_process_group`` (``torch.distributed.nn.functional``, imported after
+    ``init_process_group``, held it in default arguments), most such runs aborted; the group must be
+    gone, its threads joined, before the interpreter finalizes."""
+    result = launch(2, tmp_path, "--batch", "4", "--stream", "10", "--starve-gloo-workers", "--exit-check")
     assert result.returncode == 0, result.stderr
     assert "terminate called" not in result.stderr
     for rank in (0, 1):
