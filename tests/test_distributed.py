@@ -192,6 +192,36 @@ def test_a_finished_run_exits_0_on_every_rank_while_gloo_workers_still_hold_tens
         assert [name for name in alive if "gloo" in name] == [], alive
 
 
+OWN_GROUP = """
+import pathlib, sys
+import pyro, pyro.distributions as dist, torch
+import pyro_elbo
+torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+
+def model(x):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+pyro_elbo.fit(model, pyro.infer.autoguide.AutoDelta(model), torch.randn(8), num_steps=2, progress=False)
+torch.distributed.destroy_process_group()
+print(sorted((task / "comm").read_text().strip() for task in pathlib.Path("/proc/self/task").iterdir()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists a process's threads through Linux's /proc")
+def test_a_group_the_program_created_is_freed_by_its_own_destroy_process_group_after_fit(tmp_path: Path) -> None:
+    """fit builds an optimizer, which imports ``torch.distributed.nn.functional`` (through
+    ``torch._dynamo``); imported after the program's ``init_process_group``, its default arguments
+    kept the group, and the program's ``destroy_process_group`` left Gloo's threads running into the
+    interpreter's teardown (the abort above). Importing the package first binds them to ``None``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", OWN_GROUP, str(tmp_path / "store")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "gloo" not in result.stdout, result.stdout
+
+
 @pytest.mark.slow  # (a rank stalled for a minute)
 def test_a_stalled_rank_fails_after_the_process_group_timeout(tmp_path: Path) -> None:
     start = time.monotonic()
