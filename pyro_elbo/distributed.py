@@ -4,6 +4,16 @@
 ``WORLD_SIZE``/``RANK`` environment) or inside a process group the user already initialized, each
 process trains on its shard of the ``DataLoader`` and gradients are averaged, so ``N`` processes
 with batch ``B`` follow the trajectory of one process with batch ``N * B``.
+
+Exit. A process group that ``fit`` creates is destroyed when the interpreter begins to exit
+(``atexit``), while Python is still whole. Gloo's worker threads keep the tensors of a finished
+collective for a moment after the caller has moved on; when the caller's Python object of such a
+tensor is gone by then, the worker's release of it takes the GIL. Destroying the group joins
+those threads first. Left to the interpreter's teardown, a worker can reach the GIL after Python
+has begun to finalize; CPython then ends the thread inside a C++ destructor, and the process
+aborts ("terminate called without an active exception", exit code -6) after a run that
+succeeded. For the destruction to free the group, no object may still hold it: see
+:func:`_bind_group_defaults_to_none`.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ def setup(device: str | torch.device | None, timeout: float | None = None) -> Co
             return Context()
         use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         wait = None if timeout is None else datetime.timedelta(seconds=timeout)
+        _bind_group_defaults_to_none()
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=wait)
         atexit.register(_release_process_group)
     world_size = dist.get_world_size()
@@ -75,14 +86,34 @@ def setup(device: str | torch.device | None, timeout: float | None = None) -> Co
 
 def _release_process_group() -> None:
     """At interpreter exit, destroy the process group :func:`setup` created (a local call, no
-    collective). Left to the interpreter's teardown, Gloo's worker threads can still be joinable
-    when their owner is destroyed, and the process aborts ("terminate called without an active
-    exception", exit code -6) after a run that succeeded."""
+    collective), which joins Gloo's worker threads while the interpreter can still serve them
+    (see the module docstring)."""
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
         except Exception:  # the interpreter is exiting: nothing left to tell
             pass
+
+
+def _bind_group_defaults_to_none() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists (once; a no-op
+    afterwards).
+
+    Its functions take ``group=group.WORLD`` as a default argument, and Python evaluates a default
+    once, when the module is imported. torch imports that module lazily (building the first
+    optimizer imports ``torch._dynamo``, which imports it); imported after
+    ``init_process_group``, ten function defaults hold the default group, so
+    ``destroy_process_group`` cannot free it and Gloo's threads live on into the interpreter's
+    teardown. Imported first, the defaults are ``None``, which those functions read as the
+    default group at call time: the same behaviour."""
+    if dist.is_available() and not dist.is_initialized():
+        try:
+            import torch.distributed.nn.functional  # noqa: F401
+        except ImportError:  # a build without it: nothing to bind
+            pass
+
+
+_bind_group_defaults_to_none()  # for a group the program creates itself after importing the package
 
 
 def broadcast_params(params: dict[str, Tensor], ctx: Context) -> None:

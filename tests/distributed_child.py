@@ -13,11 +13,19 @@ A,B`` gives rank r only the first rows[r] rows; ``--local-param`` adds a paramet
 rank; ``--stream STEPS`` passes each rank its own IterableDataset and ``num_steps=STEPS``;
 ``--stall-at STEP`` stops rank 1 for a minute at that step and ``--timeout S`` is fit's
 ``process_group_timeout``.
+
+``--exit-check`` registers, before ``fit``, an ``atexit`` hook (it runs after the package's own)
+that writes the names of the rank's threads still alive to OUT/threads{r}.txt.
+``--starve-gloo-workers`` (Linux) pins every thread of the rank to one CPU, the same for all ranks,
+at the first step and puts Gloo's worker threads in the idle scheduling class: a worker then runs
+only when nothing else on that CPU wants to, and it releases the last collective's tensors late,
+often while the interpreter exits, as a worker does now and then on a loaded machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import signal
 import time
@@ -76,6 +84,8 @@ def main() -> None:
     parser.add_argument("--stream", type=int)
     parser.add_argument("--stall-at", type=int)
     parser.add_argument("--timeout", type=float)
+    parser.add_argument("--exit-check", action="store_true")
+    parser.add_argument("--starve-gloo-workers", action="store_true")
     args = parser.parse_args()
     env_rank = int(os.environ.get("RANK", "0"))
     torch.set_default_dtype(torch.float64)
@@ -103,6 +113,8 @@ def main() -> None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if step == 1:
             draws.append(torch.rand(2))
+            if args.starve_gloo_workers:
+                starve_gloo_workers()
         with open(out / f"steps{rank}.txt", "a") as steps:
             steps.write(f"{step}\n")
         if step == args.sigterm_launcher_at and rank == 1:
@@ -111,6 +123,8 @@ def main() -> None:
         if step == args.stall_at and rank == 1:
             time.sleep(60)
 
+    if args.exit_check:
+        atexit.register(write_thread_names, out / f"threads{env_rank}.txt")
     if args.objective == "map":
         guide, objective = AutoDelta(model), pyro_elbo.ELBO()
     else:
@@ -135,6 +149,20 @@ def main() -> None:
     )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"params": result.params, "history": result.history, "draws": draws}, out / f"rank{rank}.pt")
+
+
+def starve_gloo_workers():
+    cpu = min(os.sched_getaffinity(0))
+    for task in Path("/proc/self/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpu})
+        if (task / "comm").read_text().strip() == "pt_gloo_runloop":
+            os.sched_setscheduler(int(task.name), os.SCHED_IDLE, os.sched_param(0))
+
+
+def write_thread_names(path):
+    """The names of this process's threads (Linux: /proc/self/task), one per line."""
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    path.write_text("\n".join(sorted(names)) + "\n")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,55 @@ def test_a_per_rank_stream_trains_with_num_steps(tmp_path: Path) -> None:
             Data((stream,), steps, epochs, None, ctx)
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="sets threads' CPU and class through Linux's /proc")
+def test_a_finished_run_exits_0_on_every_rank_while_gloo_workers_still_hold_tensors(tmp_path: Path) -> None:
+    """Gloo's worker threads release a collective's tensors a moment after the caller has moved on
+    (the barrier that ends ``fit`` holds the last all-reduce); when the caller's Python object of
+    such a tensor is gone, that release takes the GIL. A worker that got there only while the
+    interpreter finalized was ended by CPython inside the tensor's destructor, and the rank aborted
+    after a finished run ("terminate called without an active exception", exit -6). Here the
+    workers run only when their CPU is otherwise idle, so they release late. While the group
+    outlived ``destroy_process_group`` (``torch.distributed.nn.functional``, imported after
+    ``init_process_group``, held it in default arguments), most such runs aborted; the group must be
+    gone, its threads joined, before the interpreter finalizes."""
+    result = launch(2, tmp_path, "--batch", "4", "--stream", "10", "--starve-gloo-workers", "--exit-check")
+    assert result.returncode == 0, result.stderr
+    assert "terminate called" not in result.stderr
+    for rank in (0, 1):
+        alive = (tmp_path / f"threads{rank}.txt").read_text().split()
+        assert [name for name in alive if "gloo" in name] == [], alive
+
+
+OWN_GROUP = """
+import pathlib, sys
+import pyro, pyro.distributions as dist, torch
+import pyro_elbo
+torch.distributed.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+
+def model(x):
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+pyro_elbo.fit(model, pyro.infer.autoguide.AutoDelta(model), torch.randn(8), num_steps=2, progress=False)
+torch.distributed.destroy_process_group()
+print(sorted((task / "comm").read_text().strip() for task in pathlib.Path("/proc/self/task").iterdir()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists a process's threads through Linux's /proc")
+def test_a_group_the_program_created_is_freed_by_its_own_destroy_process_group_after_fit(tmp_path: Path) -> None:
+    """fit builds an optimizer, which imports ``torch.distributed.nn.functional`` (through
+    ``torch._dynamo``); imported after the program's ``init_process_group``, its default arguments
+    kept the group, and the program's ``destroy_process_group`` left Gloo's threads running into the
+    interpreter's teardown (the abort above). Importing the package first binds them to ``None``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", OWN_GROUP, str(tmp_path / "store")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "gloo" not in result.stdout, result.stdout
+
+
 @pytest.mark.slow  # (a rank stalled for a minute)
 def test_a_stalled_rank_fails_after_the_process_group_timeout(tmp_path: Path) -> None:
     start = time.monotonic()
