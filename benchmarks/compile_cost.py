@@ -19,12 +19,11 @@ grow with the machine's load: run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from time_to_steps import run_child  # a sibling script: runs one child process with an empty cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,14 +72,7 @@ def measure(model: str, example: bool) -> dict[str, object]:
     """One model's operator count and cold compile, in a fresh process with an empty cache."""
     code = CHILD.format(tests=str(ROOT / "tests"), model=model, example=example)
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        lines = out.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else f"exit status {out.returncode}"}
-    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+        return run_child(code, cache, threads=1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,6 +72,13 @@ print(json.dumps({{"stamps": stamps, "total": total, "decision": result.compile_
 def run(model: str, compile_: bool | str, steps: int, cache: str, threads: int) -> dict[str, object]:
     """One ``fit`` in a fresh process; its step time stamps, decision and load averages."""
     code = CHILD.format(tests=str(ROOT / "tests"), model=model, compile=compile_, steps=steps, threads=threads)
+    return run_child(code, cache, threads)
+
+
+def run_child(code: str, cache: str, threads: int) -> dict[str, object]:
+    """Run ``code`` in a fresh Python process with inductor's cache in ``cache``, ``threads``
+    OpenMP threads and this checkout first on the path; the JSON object its last line prints, or
+    ``{"error": ...}`` with the last line of its stderr."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -132,3 +132,17 @@ def unbatched_regression(x: Tensor, y: Tensor) -> None:
 
 def unbatched_regression_guide(x: Tensor, y: Tensor) -> None:
     pyro.sample("w", dist.Normal(torch.zeros(x.shape[-1]), 1.0).to_event(1))
+
+
+def normal_mean_model(x: Tensor) -> None:
+    """A normal mean with a standard normal prior: the smallest model a training step can take."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def normal_mean_guide(x: Tensor) -> None:
+    """A normal guide for :func:`normal_mean_model`'s mean (parameters ``m`` and ``s``)."""
+    m = pyro.param("m", torch.tensor(0.0))
+    s = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
+    pyro.sample("loc", dist.Normal(m, s))

@@ -15,17 +15,8 @@ from pyro_elbo.train.hooks import Hook
 from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import StepInfo
 
-
-def model(x: torch.Tensor) -> None:
-    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
-
-
-def guide(x: torch.Tensor) -> None:
-    m = pyro.param("m", torch.tensor(0.0))
-    s = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("loc", dist.Normal(m, s))
+from models import normal_mean_guide as guide
+from models import normal_mean_model as model
 
 
 def fake_timings(monkeypatch: pytest.MonkeyPatch, eager: float, compiled: float, compile: float) -> None:
@@ -130,22 +121,30 @@ def test_rules() -> None:
     free, busy = IdleCores(2.0, 4.0, 0.3, "/proc/stat"), IdleCores(0.2, 2.0, 0.3, "/proc/stat")
     one_free = IdleCores(1.0, 2.0, 0.3, "/proc/stat")
     loaded = IdleCores(0.0, 2.0, 0.3, "/proc/stat", share=0.4)
-    assert autocompile.plan(100, 0.01, free, None, 2.0, 10.0)[0] == "eager"  # 1 s of eager work < any compile
-    assert autocompile.plan(1000, 0.01, free, None, 2.0, 10.0)[0] == "background"
-    action, why = autocompile.plan(2000, 0.01, free, None, 2.0, 10.0)  # 20 s: twice the compile, at once
+    # operators not counted: a compile is expected to cost 10 s of a core
+    assert autocompile.plan(100, 0.01, free, None, 2.0)[0] == "eager"  # 1 s of eager work < any compile
+    assert autocompile.plan(1000, 0.01, free, None, 2.0)[0] == "background"
+    action, why = autocompile.plan(2000, 0.01, free, None, 2.0)  # 20 s: twice the compile, at once
     assert action == "foreground" and "at least 2× the ~10 s a compile is expected to cost" in why
-    action, why = autocompile.plan(999, 0.01, one_free, None, 2.0, 10.0)  # one idle core is not enough
+    action, why = autocompile.plan(999, 0.01, one_free, None, 2.0)  # one idle core is not enough
     assert action == "eager" and "too few cores were free: 1.00 of 2 cores idle" in why
-    action, why = autocompile.plan(1000, 0.01, busy, None, 2.0, 10.0)  # 10 s: no core to run 10 s beside
+    action, why = autocompile.plan(1000, 0.01, busy, None, 2.0)  # 10 s: no core to run 10 s beside
     assert action == "foreground" and "too few cores were free: 0.20 of 2 cores idle over 0.30 s" in why
-    action, why = autocompile.plan(999, 0.01, busy, None, 2.0, 10.0)
+    action, why = autocompile.plan(999, 0.01, busy, None, 2.0)
     assert action == "eager" and "less than a compile is expected to cost (~10 s)" in why
-    action, why = autocompile.plan(2000, 0.01, loaded, None, 2.0, 10.0)  # 20 s < 10 s / 0.4 of a core
+    action, why = autocompile.plan(2000, 0.01, loaded, None, 2.0)  # 20 s < 10 s / 0.4 of a core
     assert action == "eager" and "(~10 s at the 0.40 of a core this run got: 25 s)" in why
-    assert autocompile.plan(2500, 0.01, loaded, None, 2.0, 10.0)[0] == "foreground"
-    assert autocompile.plan(4000, 0.01, free, None, 2.0, 10.0)[0] == "foreground"  # 40 s ≥ 2 × 10 s
-    action, why = autocompile.plan(1000, 0.01, free, "the 'eager' backend keeps no on-disk cache", 2.0, 10.0)
+    assert autocompile.plan(2500, 0.01, loaded, None, 2.0)[0] == "foreground"
+    assert autocompile.plan(4000, 0.01, free, None, 2.0)[0] == "foreground"  # 40 s ≥ 2 × 10 s
+    action, why = autocompile.plan(1000, 0.01, free, "the 'eager' backend keeps no on-disk cache", 2.0)
     assert action == "foreground" and "no child process: the 'eager' backend" in why
+    # 1000 operators counted: 6.1 s + 1000 × 11.5 ms = 17.6 s expected
+    action, why = autocompile.plan(2000, 0.01, busy, None, 2.0, 1000)  # 20 s: more than one compile, less than two
+    assert action == "foreground" and "too few cores were free" in why
+    action, why = autocompile.plan(1500, 0.01, busy, None, 2.0, 1000)  # 15 s < 17.6 s
+    assert action == "eager" and "less than a compile is expected to cost (~18 s for a step of 1000 operators)" in why
+    action, why = autocompile.plan(3600, 0.01, free, None, 2.0, 1000)  # 36 s ≥ 2 × 17.6 s
+    assert action == "foreground" and "the ~18 s a compile for a step of 1000 operators is expected" in why
     keep, why = autocompile.verdict(100, 0.01, 0.002, 5.0)  # saves 0.8 s over 100 steps < 5 s
     assert keep and "breaks even after 625 steps" in why and "did not pay off" in why
     assert autocompile.verdict(100, 0.01, 0.02, 5.0)[0] is False

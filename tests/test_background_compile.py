@@ -29,20 +29,11 @@ from pyro_elbo.train.state import TrainState
 from pyro_elbo.train.step import StepInfo
 from pyro_elbo.train.steppers import AutoStep
 
+from models import normal_mean_guide as guide
+from models import normal_mean_model as model
+
 #: no run in this file may take longer than this (seconds of wall clock)
 WALL_CAP = 300.0
-
-
-def model(x: torch.Tensor) -> None:
-    loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
-
-
-def guide(x: torch.Tensor) -> None:
-    m = pyro.param("m", torch.tensor(0.0))
-    s = pyro.param("s", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("loc", dist.Normal(m, s))
 
 
 def always_compile(monkeypatch: pytest.MonkeyPatch, idle: float = 2.0) -> None:

@@ -114,14 +114,13 @@ def plan(
     cpu: IdleCores,
     unavailable: str | None,
     min_compile_seconds: float = MIN_COMPILE_SECONDS,
-    expected_seconds: float = EXPECTED_COMPILE_SECONDS,
     operators: int | None = None,
 ) -> tuple[str, str]:
     """Phase 2 of the module docstring: ``"eager"``, ``"background"`` or ``"foreground"``, and
     why. ``remaining`` eager steps of ``eager_seconds``; ``cpu``: the CPU idle beside the run and
     the share of a core the run got (a compile in the foreground is expected to take
-    ``expected_seconds / cpu.share``: :func:`expected_compile_seconds` of the step's
-    ``operators``, when counted); ``unavailable``: why no child process may compile (``None``: one may)."""
+    :func:`expected_compile_seconds` of the step's ``operators`` divided by ``cpu.share``);
+    ``unavailable``: why no child process may compile (``None``: one may)."""
     total = remaining * eager_seconds
     left = f"{remaining} steps left × {1e3 * eager_seconds:.2f} ms = {total:.2f} s eager"
     if total < min_compile_seconds:
@@ -129,6 +128,7 @@ def plan(
             "eager",
             f"compile='auto' stayed eager: {left}, less than a compile costs (≥ {min_compile_seconds:.0f} s)",
         )
+    expected_seconds = expected_compile_seconds(operators)
     expected = expected_seconds / max(cpu.share, 0.05)
     size = "" if operators is None else f" for a step of {operators} operators"
     if total >= LONG_RUN * expected:
@@ -243,14 +243,13 @@ class AutoCompile(Hook):
         worth = unavailable is None and remaining * eager >= MIN_COMPILE_SECONDS
         if worth and self.meter.elapsed() < background.CPU_WINDOW_SECONDS:
             return  # a child may pay: measure the idle CPU a little longer (the steps go on eagerly)
-        expected = expected_compile_seconds(self.auto.operators)
         operators = self.auto.operators
-        action, why = plan(remaining, eager, self.meter.read(), unavailable, MIN_COMPILE_SECONDS, expected, operators)
+        action, why = plan(remaining, eager, self.meter.read(), unavailable, MIN_COMPILE_SECONDS, operators)
         if action == "eager":
             self.phase, state.compile_decision = "done", why
         elif action == "background":
             self.note = why
-            self.auto.compile_in_background(import_first=remaining * eager >= 2 * expected)
+            self.auto.compile_in_background(import_first=remaining * eager >= 2 * expected_compile_seconds(operators))
             self.phase, self.warming_since, self.forked_at = "warming", time.perf_counter(), state.step
         else:
             self.note = why
